@@ -1,0 +1,62 @@
+"""Whole columns as the flat buffers the Rust core reads: Arrow layouts viewed as NumPy
+arrays without copying the data."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from .sources import CONTENTS, IMAGES, ROLES, ROW, Normalized
+
+
+def string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int64, utf-8 bytes) of a string array, honoring its slice offset."""
+    arr = arr.cast(pa.large_string())
+    if arr.null_count:
+        raise ValueError("null in a string column passed to the core")
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1] if bufs[1] else np.zeros(1, np.int64)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return offsets, data
+
+
+def _list_parts(series: pl.Series) -> tuple[np.ndarray, pa.Array]:
+    """(offsets starting at 0, flattened values) of a list column."""
+    lengths = series.list.len().fill_null(0).to_numpy().astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    arrow = series.to_arrow(compat_level=pl.CompatLevel.oldest())
+    if isinstance(arrow, pa.ChunkedArray):
+        arrow = arrow.combine_chunks()
+    return offsets, arrow.flatten()
+
+
+def batch_arguments(norm: Normalized, start: int, length: int) -> tuple:
+    """The arguments of `Compiler.add_batch` (after the source index) for rows
+    start..start+length of a normalized source."""
+    part = norm.frame.slice(start, length)
+    rows = part[ROW].to_numpy().astype(np.uint64, copy=False)
+    turn_offsets, contents = _list_parts(part[CONTENTS])
+    _, roles_arr = _list_parts(part[ROLES])
+    roles = np.asarray(roles_arr.to_numpy(zero_copy_only=False), dtype=np.uint8)
+    content_offsets, content_data = string_buffers(contents)
+    image_offsets, images = _list_parts(part[IMAGES])
+    image_path_offsets, image_path_data = string_buffers(images)
+    fields = []
+    for name in norm.field_names:
+        arrow = part[f"__t_{name}"].to_arrow(compat_level=pl.CompatLevel.oldest())
+        if isinstance(arrow, pa.ChunkedArray):
+            arrow = arrow.combine_chunks()
+        fields.append(string_buffers(arrow))
+    return (
+        rows,
+        turn_offsets,
+        roles,
+        content_offsets,
+        content_data,
+        image_offsets,
+        image_path_offsets,
+        image_path_data,
+        fields,
+    )

@@ -1,0 +1,169 @@
+"""`recipe build`: recipe → normalized sources → Rust core (render, tokenize, mask, mix,
+pack) → release directory. Python orchestrates whole batches; no loop runs per sample."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from . import __version__, _core
+from .buffers import batch_arguments
+from .errors import TokenizerError
+from .hashing import bytes_sha256, file_sha256
+from .model import ModelFiles, resolve_model
+from .recipe import Recipe, _builtin_pool_path, load_pool, load_recipe, to_dict
+from .release import FORMAT, MANIFEST, STATS, InputFile, Manifest, staging, write_json, write_shards
+from .sources import Normalized, normalize
+
+BATCH_ROWS = 8192
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    summary: dict[str, Any]
+    manifest: Manifest
+
+
+def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def make_plan(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> dict[str, Any]:
+    """The resolved build plan the Rust core executes."""
+    from .recipe import resolve_path
+
+    total = recipe.mixture.total
+    mixture: Any = "natural" if isinstance(total, str) else {"samples": total["samples"]}
+    plan_sources = []
+    for i, (spec, norm) in enumerate(zip(recipe.source, sources)):
+        if spec.instructions is None:
+            templates: list[str] = []
+        elif isinstance(spec.instructions, list):
+            templates = list(spec.instructions)
+        else:
+            templates = load_pool(spec.instructions, recipe).templates
+        if spec.layout == "caption" and not templates:
+            templates = load_pool("caption-brief", recipe).templates
+        root = resolve_path(recipe, spec.image_root) if spec.image_root else (norm.files[0].parent if norm.files else None)
+        plan_sources.append(
+            {
+                "name": spec.name,
+                "templates": templates,
+                "fields": norm.field_names,
+                "image_root": str(root) if root else None,
+                "weight": spec.weight,
+                "on_error": spec.on_error,
+            }
+        )
+    image = msgspec.to_builtins(recipe.model.image) if recipe.model.image else None
+    return {
+        "seed": recipe.recipe.seed,
+        "chat_template": model.chat_template,
+        "bos_token": model.bos_token,
+        "eos_token": model.eos_token,
+        "image": image,
+        "seq_len": recipe.output.seq_len,
+        "train_on": recipe.output.train_on,
+        "train_on_eos": recipe.output.train_on_eos,
+        "overlong": recipe.output.overlong,
+        "packing": recipe.output.packing,
+        "shuffle": recipe.output.shuffle,
+        "mixture": mixture,
+        "sources": plan_sources,
+    }
+
+
+def make_compiler(recipe: Recipe, model: ModelFiles, sources: list[Normalized], threads: int = 0) -> Any:
+    plan = make_plan(recipe, model, sources)
+    return _core.Compiler(msgspec.json.encode(plan), str(model.tokenizer_json), threads)
+
+
+def _inputs(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> list[InputFile]:
+    base = recipe.path.parent if recipe.path else Path.cwd()
+
+    def entry(role: str, path: Path) -> InputFile:
+        try:
+            shown = str(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            shown = str(path)
+        return InputFile(role=role, path=shown, sha256=file_sha256(path), bytes=path.stat().st_size)
+
+    items = []
+    if recipe.path:
+        items.append(entry("recipe", recipe.path))
+    items += [entry("tokenizer", f) for f in model.files]
+    for norm in sources:
+        items += [entry(f"source:{norm.spec.name}", f) for f in norm.files]
+    pools = {s.instructions for s in recipe.source if isinstance(s.instructions, str) and s.instructions not in recipe.pool}
+    if any(s.layout == "caption" and s.instructions is None for s in recipe.source):
+        pools.add("caption-brief")
+    for name in sorted(pools):
+        path = _builtin_pool_path(name)
+        if path:
+            items.append(entry(f"pool:{name}", path))
+    return items
+
+
+def build(
+    recipe: str | Path | Recipe,
+    out: str | Path,
+    *,
+    threads: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> BuildResult:
+    """Builds the release of `recipe` into the folder `out`."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    out = Path(out)
+    with staging(out, overwrite) as tmp:
+        model = resolve_model(recipe)
+        sources = [normalize(recipe, i) for i in range(len(recipe.source))]
+        compiler = make_compiler(recipe, model, sources, threads)
+        pad = model.pad_token or model.eos_token
+        pad_id = compiler.token_id(pad) if pad else None
+        if pad_id is None:
+            raise TokenizerError(f"model.tokenizer: pad token {pad!r} is not in the vocabulary")
+
+        bar = _progress(sum(len(s) for s in sources), "tokenize", "sample", progress)
+        with bar:
+            for i, norm in enumerate(sources):
+                bar.set_postfix_str(norm.spec.name)
+                for start in range(0, len(norm), BATCH_ROWS):
+                    args = batch_arguments(norm, start, BATCH_ROWS)
+                    compiler.add_batch(i, *args)
+                    bar.update(min(BATCH_ROWS, len(norm) - start))
+        packed = compiler.finish()
+        summary = msgspec.json.decode(packed.pop("summary"))
+
+        rows = summary["sequences"]
+        with _progress(rows, "write", "seq", progress) as wbar:
+            shards = write_shards(tmp, packed, recipe.output.shard_sequences, wbar)
+
+        recipe_dict = to_dict(recipe)
+        manifest = Manifest(
+            format=FORMAT,
+            mmrecipe_version=__version__,
+            name=recipe.recipe.name,
+            version=recipe.recipe.version,
+            seed=recipe.recipe.seed,
+            recipe=recipe_dict,
+            inputs=_inputs(recipe, model, sources),
+            sources=[s.name for s in recipe.source],
+            chat_template=model.chat_template,
+            seq_len=recipe.output.seq_len,
+            pad_token_id=int(pad_id),
+            shards=shards,
+            totals={k: v for k, v in summary.items() if k != "sources"},
+        )
+        manifest.release_id = bytes_sha256(msgspec.json.encode(manifest))
+        write_json(tmp / STATS, summary)
+        write_json(tmp / MANIFEST, manifest)
+    return BuildResult(path=out, summary=summary, manifest=manifest)

@@ -1,0 +1,149 @@
+"""Release directories: packed shards, `manifest.json` and `stats.json`, written into a
+hidden folder beside the destination and renamed into place only once complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ReleaseError
+from .hashing import file_sha256
+
+FORMAT = "mmrecipe-release/1"
+MANIFEST = "manifest.json"
+STATS = "stats.json"
+DATA = "data"
+ROW_GROUP = 256
+
+
+class InputFile(msgspec.Struct):
+    role: str
+    path: str
+    sha256: str
+    bytes: int
+
+
+class Shard(msgspec.Struct):
+    path: str
+    sha256: str
+    sequences: int
+    tokens: int
+
+
+class Manifest(msgspec.Struct):
+    format: str
+    mmrecipe_version: str
+    name: str
+    version: str
+    seed: int
+    recipe: dict[str, Any]
+    inputs: list[InputFile]
+    sources: list[str]
+    chat_template: str
+    seq_len: int
+    pad_token_id: int
+    shards: list[Shard]
+    totals: dict[str, Any]
+    release_id: str = ""
+
+
+def _list(offsets: np.ndarray, values: np.ndarray, lo: int, hi: int, value_type: pa.DataType) -> pa.Array:
+    off = offsets[lo : hi + 1]
+    vals = values[off[0] : off[-1]]
+    return pa.ListArray.from_arrays(pa.array((off - off[0]).astype(np.int32)), pa.array(vals, type=value_type))
+
+
+def _string_list(offsets: np.ndarray, str_offsets: np.ndarray, data: np.ndarray, lo: int, hi: int) -> pa.Array:
+    off = offsets[lo : hi + 1]
+    s_off = str_offsets[off[0] : off[-1] + 1]
+    strings = pa.LargeStringArray.from_buffers(
+        len(s_off) - 1, pa.py_buffer((s_off - s_off[0]).astype(np.int64)), pa.py_buffer(data[s_off[0] : s_off[-1]].tobytes())
+    )
+    return pa.ListArray.from_arrays(pa.array((off - off[0]).astype(np.int32)), strings.cast(pa.string()))
+
+
+def shard_table(p: dict[str, Any], lo: int, hi: int) -> pa.Table:
+    """Packed rows lo..hi as an Arrow table (one row per packed sequence)."""
+    ro, so, io = p["row_offsets"], p["seg_offsets"], p["img_offsets"]
+    return pa.table(
+        {
+            "input_ids": _list(ro, p["input_ids"], lo, hi, pa.uint32()),
+            "loss_mask": _list(ro, p["loss_mask"], lo, hi, pa.uint8()),
+            "segment_lengths": _list(so, p["seg_lengths"], lo, hi, pa.uint32()),
+            "segment_source": _list(so, p["seg_source"], lo, hi, pa.uint16()),
+            "segment_row": _list(so, p["seg_row"], lo, hi, pa.uint64()),
+            "segment_template": _list(so, p["seg_template"], lo, hi, pa.int32()),
+            "segment_repeat": _list(so, p["seg_repeat"], lo, hi, pa.uint32()),
+            "segment_images": _list(so, p["seg_images"], lo, hi, pa.uint32()),
+            "image_positions": _list(io, p["img_pos"], lo, hi, pa.uint32()),
+            "image_lengths": _list(io, p["img_len"], lo, hi, pa.uint32()),
+            "image_paths": _string_list(io, p["img_path_offsets"], p["img_path_data"], lo, hi),
+        }
+    )
+
+
+@contextmanager
+def staging(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A hidden folder beside `out` to write into; renamed to `out` when the block ends
+    without error, removed otherwise. A reader never sees a half-written release."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ReleaseError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_shards(folder: Path, packed: dict[str, Any], per_shard: int, progress: Any = None) -> list[Shard]:
+    data = folder / DATA
+    data.mkdir()
+    rows = len(packed["row_offsets"]) - 1
+    shards = []
+    for k, lo in enumerate(range(0, max(rows, 1), per_shard)):
+        hi = min(rows, lo + per_shard)
+        name = f"{DATA}/part-{k:05d}.parquet"
+        table = shard_table(packed, lo, hi)
+        pq.write_table(table, folder / name, compression="zstd", row_group_size=ROW_GROUP, write_statistics=False)
+        tokens = int(packed["row_offsets"][hi] - packed["row_offsets"][lo])
+        shards.append(Shard(path=name, sha256=file_sha256(folder / name), sequences=hi - lo, tokens=tokens))
+        if progress is not None:
+            progress.update(hi - lo)
+    return shards
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(value), indent=2) + b"\n")
+
+
+def read_manifest(release: str | Path) -> Manifest:
+    path = Path(release) / MANIFEST
+    if not path.is_file():
+        raise ReleaseError(f"{release} is not a release: no {MANIFEST}")
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Manifest)
+    except msgspec.DecodeError as e:
+        raise ReleaseError(f"{path}: not a valid manifest: {e}") from None
+
+
+def read_stats(release: str | Path) -> dict[str, Any]:
+    return json.loads((Path(release) / STATS).read_text("utf-8"))

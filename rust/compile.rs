@@ -1,0 +1,576 @@
+//! The per-source batch pipeline and the final mix + pack.
+//!
+//! Python hands over whole columns per batch (rows, turns, contents, images, extra
+//! fields); each sample is turned into messages (instruction template applied), rendered,
+//! tokenized and masked in parallel; results are appended in row order, so the output is
+//! the same for any thread count. `finish` computes exact mixture counts, packs, and
+//! returns flat arrays ready to be written as shards.
+
+use crate::error::{Error, Result};
+use crate::instruct::{self, Template};
+use crate::media;
+use crate::mix;
+use crate::pack;
+use crate::plan::{MixturePlan, OnError, Overlong, Packing, Plan, TrainOn};
+use crate::render::{ChatRenderer, Message, Role};
+use crate::rng;
+use crate::tokenize::{Encoded, ImageRun, TextTokenizer};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// A string column as Arrow lays it out: `offsets[i]..offsets[i+1]` into `data`.
+#[derive(Clone, Copy)]
+pub struct StrCol<'a> {
+    pub offsets: &'a [i64],
+    pub data: &'a [u8],
+}
+
+impl<'a> StrCol<'a> {
+    pub fn len(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn check(&self, what: &str) -> Result<()> {
+        let ok = !self.offsets.is_empty()
+            && self.offsets.windows(2).all(|w| w[0] <= w[1])
+            && self.offsets[0] >= 0
+            && (*self.offsets.last().unwrap() as usize) <= self.data.len();
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::plan(what, "malformed string column passed to the core (offsets out of order or out of range)"))
+        }
+    }
+
+    pub fn get(&self, i: usize) -> std::result::Result<&'a str, String> {
+        let (s, e) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
+        std::str::from_utf8(&self.data[s..e]).map_err(|e| format!("not valid UTF-8 ({e})"))
+    }
+}
+
+/// One batch of one source, as columns.
+pub struct Batch<'a> {
+    pub rows: &'a [u64],
+    /// Per sample, the range of its turns: `turn_offsets[i]..turn_offsets[i+1]`.
+    pub turn_offsets: &'a [i64],
+    /// Per turn: 0 system, 1 user, 2 assistant.
+    pub roles: &'a [u8],
+    pub contents: StrCol<'a>,
+    /// Per sample, the range of its images in `images`.
+    pub image_offsets: &'a [i64],
+    pub images: StrCol<'a>,
+    /// Extra per-sample fields for instruction templates, in the plan's order.
+    pub fields: Vec<StrCol<'a>>,
+}
+
+fn check_offsets(offsets: &[i64], n: usize, len: usize, what: &str) -> Result<()> {
+    let ok = offsets.len() == n + 1
+        && offsets[0] == 0
+        && offsets.windows(2).all(|w| w[0] <= w[1])
+        && offsets[n] as usize == len;
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::plan(what, "malformed offsets passed to the core"))
+    }
+}
+
+impl Batch<'_> {
+    fn validate(&self, n_fields: usize) -> Result<()> {
+        let n = self.rows.len();
+        self.contents.check("batch.contents")?;
+        self.images.check("batch.images")?;
+        check_offsets(self.turn_offsets, n, self.roles.len(), "batch.turn_offsets")?;
+        check_offsets(self.image_offsets, n, self.images.len(), "batch.image_offsets")?;
+        if self.contents.len() != self.roles.len() {
+            return Err(Error::plan("batch.contents", "one content per turn expected"));
+        }
+        if self.fields.len() != n_fields {
+            return Err(Error::plan("batch.fields", format!("{n_fields} field columns expected, got {}", self.fields.len())));
+        }
+        for f in &self.fields {
+            f.check("batch.fields")?;
+            if f.len() != n {
+                return Err(Error::plan("batch.fields", "one value per sample expected"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the build keeps of one usable sample.
+#[derive(Debug, Clone, Copy)]
+struct SampleRec {
+    row: u64,
+    tok: u64,
+    len: u32,
+    img: u32,
+    n_img: u32,
+    template: i32,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceStats {
+    pub name: String,
+    pub rows: u64,
+    pub skipped: u64,
+    pub dropped_overlong: u64,
+    pub truncated: u64,
+    pub usable: u64,
+    pub selected: u64,
+    pub tokens: u64,
+    pub trained_tokens: u64,
+    pub images: u64,
+    pub weight: f64,
+    /// The first few skipped rows, with why.
+    pub skipped_examples: Vec<String>,
+}
+
+#[derive(Default)]
+struct Store {
+    samples: Vec<SampleRec>,
+    ids: Vec<u32>,
+    mask: Vec<u8>,
+    images: Vec<ImageRun>,
+    image_paths: String,
+    image_path_ends: Vec<u64>,
+    stats: SourceStats,
+}
+
+/// One processed sample before it joins its source's store.
+struct Done {
+    enc: Encoded,
+    template: i32,
+    image_paths: Vec<usize>,
+    truncated: bool,
+}
+
+enum Outcome {
+    Keep(Done),
+    Overlong,
+}
+
+/// The packed release, as flat arrays (offsets index rows into the flat values).
+#[derive(Default)]
+pub struct Packed {
+    pub row_offsets: Vec<i64>,
+    pub input_ids: Vec<u32>,
+    pub loss_mask: Vec<u8>,
+    pub seg_offsets: Vec<i64>,
+    pub seg_lengths: Vec<u32>,
+    pub seg_source: Vec<u16>,
+    pub seg_row: Vec<u64>,
+    pub seg_template: Vec<i32>,
+    pub seg_repeat: Vec<u32>,
+    pub seg_images: Vec<u32>,
+    pub img_offsets: Vec<i64>,
+    pub img_pos: Vec<u32>,
+    pub img_len: Vec<u32>,
+    pub img_path_offsets: Vec<i64>,
+    pub img_path_data: Vec<u8>,
+    pub summary: Summary,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub sources: Vec<SourceStats>,
+    pub sequences: u64,
+    pub segments: u64,
+    pub tokens: u64,
+    pub trained_tokens: u64,
+    pub seq_len: u32,
+    /// Tokens over sequences × seq_len.
+    pub fill: f64,
+    /// ⌈tokens / seq_len⌉: the fewest sequences any packing could use.
+    pub lower_bound: u64,
+    /// lower_bound / sequences: 1.0 means no packing could do better.
+    pub packing_efficiency: f64,
+}
+
+pub struct Compiler {
+    plan: Plan,
+    renderer: ChatRenderer,
+    tokenizer: TextTokenizer,
+    templates: Vec<Vec<Template>>,
+    source_keys: Vec<u64>,
+    stores: Vec<Store>,
+    pool: rayon::ThreadPool,
+    pool_pid: u32,
+    threads: usize,
+}
+
+fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("mmrecipe-{i}"))
+        .build()
+        .map_err(|e| Error::plan("threads", e.to_string()))
+}
+
+impl Compiler {
+    pub fn new(plan: Plan, tokenizer_path: &str, threads: usize) -> Result<Self> {
+        if plan.seq_len < 2 {
+            return Err(Error::plan("output.seq_len", "must be at least 2"));
+        }
+        let renderer = ChatRenderer::new(&plan.chat_template, plan.bos_token.as_deref(), plan.eos_token.as_deref())?;
+        let tk = TextTokenizer::from_file(tokenizer_path)?;
+        let image = plan.image.as_ref().map(|i| (i.placeholder.as_str(), i.token.as_str(), i.start.as_deref(), i.end.as_deref()));
+        let tokenizer = TextTokenizer::new(tk, image)?;
+        let mut templates = Vec::new();
+        for (s, src) in plan.sources.iter().enumerate() {
+            let mut parsed = Vec::new();
+            for (t, text) in src.templates.iter().enumerate() {
+                let tpl = Template::parse(text).map_err(|m| Error::plan(format!("source[{s}].instructions[{t}]"), m))?;
+                for f in tpl.fields() {
+                    if f != "question" && !src.fields.iter().any(|x| x == f) {
+                        return Err(Error::plan(
+                            format!("source[{s}].instructions[{t}]"),
+                            format!("placeholder {{{f}}} has no field; map it under source[{s}].fields"),
+                        ));
+                    }
+                }
+                parsed.push(tpl);
+            }
+            templates.push(parsed);
+        }
+        let source_keys = plan.sources.iter().map(|s| rng::name_hash(&s.name)).collect();
+        let stores = plan
+            .sources
+            .iter()
+            .map(|s| Store { stats: SourceStats { name: s.name.clone(), weight: s.weight, ..Default::default() }, ..Default::default() })
+            .collect();
+        let threads = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
+        Ok(Compiler {
+            plan,
+            renderer,
+            tokenizer,
+            templates,
+            source_keys,
+            stores,
+            pool: build_pool(threads)?,
+            pool_pid: std::process::id(),
+            threads,
+        })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// Worker threads do not survive a fork (PyTorch DataLoader workers fork): rebuild.
+    fn ensure_pool(&mut self) -> Result<()> {
+        if self.pool_pid != std::process::id() {
+            self.pool = build_pool(self.threads)?;
+            self.pool_pid = std::process::id();
+        }
+        Ok(())
+    }
+
+    /// Renders and tokenizes one conversation (previews and tests; not the build path).
+    pub fn encode_messages(&self, messages: &[Message], image_counts: &[u32]) -> Result<(String, Encoded)> {
+        let rendered = self.renderer.render(messages)?;
+        let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
+        let enc = self
+            .tokenizer
+            .encode(&rendered, &roles, image_counts, self.plan.train_on, self.plan.train_on_eos)
+            .map_err(Error::Template)?;
+        Ok((rendered.text, enc))
+    }
+
+    /// Adds one batch of a source. Returns the number of usable samples it added.
+    pub fn add_batch(&mut self, source: usize, batch: &Batch) -> Result<usize> {
+        if source >= self.stores.len() {
+            return Err(Error::plan("source", format!("no source with index {source}")));
+        }
+        batch.validate(self.plan.sources[source].fields.len())?;
+        self.ensure_pool()?;
+        let n = batch.rows.len();
+        let results: Vec<std::result::Result<Outcome, (&'static str, String)>> =
+            self.pool.install(|| (0..n).into_par_iter().map(|i| self.process(source, batch, i)).collect());
+        let on_error = self.plan.sources[source].on_error;
+        let name = self.plan.sources[source].name.clone();
+        let store = &mut self.stores[source];
+        let before = store.samples.len();
+        for (i, result) in results.into_iter().enumerate() {
+            store.stats.rows += 1;
+            match result {
+                Ok(Outcome::Overlong) => store.stats.dropped_overlong += 1,
+                Ok(Outcome::Keep(done)) => append(store, batch, i, done),
+                Err((field, message)) => {
+                    let row = batch.rows[i];
+                    if on_error == OnError::Fail {
+                        return Err(Error::Data { source: name, row, field: field.to_string(), message });
+                    }
+                    store.stats.skipped += 1;
+                    if store.stats.skipped_examples.len() < 5 {
+                        store.stats.skipped_examples.push(format!("row {row}, field '{field}': {message}"));
+                    }
+                }
+            }
+        }
+        Ok(store.samples.len() - before)
+    }
+
+    fn process(&self, source: usize, batch: &Batch, i: usize) -> std::result::Result<Outcome, (&'static str, String)> {
+        let plan = &self.plan;
+        let src = &plan.sources[source];
+        let row = batch.rows[i];
+        let (t0, t1) = (batch.turn_offsets[i] as usize, batch.turn_offsets[i + 1] as usize);
+        let mut messages = Vec::with_capacity(t1 - t0);
+        let mut template = -1i32;
+        let mut user_turn = 0u64;
+        for t in t0..t1 {
+            let role = Role::from_code(batch.roles[t]).ok_or(("role", format!("unknown role code {}", batch.roles[t])))?;
+            let text = batch.contents.get(t).map_err(|m| ("content", m))?;
+            let content = if role == Role::User && !self.templates[source].is_empty() {
+                let pool = &self.templates[source];
+                let k = instruct::choose(plan.seed, self.source_keys[source], row, user_turn, pool.len());
+                if template < 0 {
+                    template = k as i32;
+                }
+                let lookup = |f: &str| {
+                    if f == "question" {
+                        Some(text)
+                    } else {
+                        let j = src.fields.iter().position(|x| x == f)?;
+                        batch.fields[j].get(i).ok()
+                    }
+                };
+                pool[k].fill(lookup).map_err(|m| ("instructions", m))?
+            } else {
+                text.to_string()
+            };
+            if role == Role::User {
+                user_turn += 1;
+            }
+            messages.push(Message { role, content });
+        }
+        if plan.train_on != TrainOn::All && !messages.iter().any(|m| m.role == Role::Assistant) {
+            return Err(("messages", "the sample has no assistant turn to train on".to_string()));
+        }
+
+        let (i0, i1) = (batch.image_offsets[i] as usize, batch.image_offsets[i + 1] as usize);
+        let mut image_counts = Vec::with_capacity(i1 - i0);
+        if i1 > i0 {
+            let Some(img) = &plan.image else {
+                return Err(("image", "the sample has images but the recipe sets no [model.image]".to_string()));
+            };
+            let root = src.image_root.as_deref().map(Path::new).unwrap_or(Path::new(""));
+            for k in i0..i1 {
+                let rel = batch.images.get(k).map_err(|m| ("image", m))?;
+                let path: PathBuf = root.join(rel);
+                image_counts.push(media::image_tokens(img, &path).map_err(|m| ("image", m))?);
+            }
+            let placed: usize = messages.iter().map(|m| m.content.matches(img.placeholder.as_str()).count()).sum();
+            if placed == 0 {
+                // No placeholder in the text: images go first in the first user turn (LLaVA).
+                let first_user = messages
+                    .iter_mut()
+                    .find(|m| m.role == Role::User)
+                    .ok_or(("image", "the sample has images but no user turn to put them in".to_string()))?;
+                let mut prefix = img.placeholder.repeat(i1 - i0);
+                prefix.push('\n');
+                first_user.content.insert_str(0, &prefix);
+            }
+        }
+
+        let rendered = self.renderer.render(&messages).map_err(|e| ("messages", e.to_string()))?;
+        let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
+        let mut enc = self
+            .tokenizer
+            .encode(&rendered, &roles, &image_counts, plan.train_on, plan.train_on_eos)
+            .map_err(|m| ("messages", m))?;
+        let mut image_paths: Vec<usize> = (i0..i1).collect();
+        let mut truncated = false;
+        if enc.ids.len() > plan.seq_len as usize {
+            match plan.overlong {
+                Overlong::Drop => return Ok(Outcome::Overlong),
+                Overlong::Truncate => {
+                    if !truncate(&mut enc, plan.seq_len as usize, self.tokenizer.image_wrappers()) {
+                        return Ok(Outcome::Overlong);
+                    }
+                    image_paths.truncate(enc.images.len());
+                    truncated = true;
+                }
+            }
+        }
+        if plan.train_on != TrainOn::All && enc.trained() == 0 {
+            return Err(("messages", "no token of the sample is trained (empty responses and no end-of-turn token)".to_string()));
+        }
+        Ok(Outcome::Keep(Done { enc, template, image_paths, truncated }))
+    }
+
+    /// Exact mixture, packing, and the flat arrays of the release.
+    pub fn finish(&mut self) -> Result<Packed> {
+        let plan = &self.plan;
+        for (s, store) in self.stores.iter_mut().enumerate() {
+            store.stats.usable = store.samples.len() as u64;
+            if store.samples.is_empty() {
+                return Err(Error::plan(
+                    format!("source[{s}]"),
+                    format!(
+                        "source '{}' has no usable samples ({} rows, {} skipped, {} over seq_len {})",
+                        store.stats.name, store.stats.rows, store.stats.skipped, store.stats.dropped_overlong, plan.seq_len
+                    ),
+                ));
+            }
+        }
+        let counts: Vec<u64> = match plan.mixture {
+            MixturePlan::Natural => self.stores.iter().map(|s| s.samples.len() as u64).collect(),
+            MixturePlan::Samples(total) => {
+                let weights: Vec<f64> = plan.sources.iter().map(|s| s.weight).collect();
+                mix::largest_remainder(&weights, total)
+            }
+        };
+        // Items in mixture order: (source, pick).
+        let picks: Vec<Vec<mix::Pick>> = self
+            .stores
+            .iter()
+            .enumerate()
+            .map(|(s, store)| {
+                let rows: Vec<u64> = store.samples.iter().map(|r| r.row).collect();
+                mix::select(&rows, counts[s], plan.seed, self.source_keys[s])
+            })
+            .collect();
+        let mut next = vec![0usize; picks.len()];
+        let items: Vec<(u16, mix::Pick)> = mix::interleave(&counts)
+            .into_iter()
+            .map(|s| {
+                let p = picks[s as usize][next[s as usize]];
+                next[s as usize] += 1;
+                (s, p)
+            })
+            .collect();
+        let lengths: Vec<u32> =
+            items.iter().map(|(s, p)| self.stores[*s as usize].samples[p.index as usize].len).collect();
+        let mut bins: Vec<Vec<u32>> = match plan.packing {
+            Packing::Bfd => {
+                let mut bins = pack::best_fit_decreasing(&lengths, plan.seq_len);
+                for b in bins.iter_mut() {
+                    b.sort_unstable(); // segments in mixture order within a row
+                }
+                bins
+            }
+            Packing::None => (0..items.len() as u32).map(|i| vec![i]).collect(),
+        };
+        if plan.shuffle {
+            rng::shuffle(&mut bins, plan.seed, rng::name_hash("mmrecipe/rows"));
+        } else if plan.packing == Packing::Bfd {
+            bins.sort_unstable_by_key(|b| b[0]);
+        }
+
+        for (s, store) in self.stores.iter_mut().enumerate() {
+            store.stats.selected = counts[s];
+        }
+        let mut out = Packed::default();
+        out.row_offsets.push(0);
+        out.seg_offsets.push(0);
+        out.img_offsets.push(0);
+        out.img_path_offsets.push(0);
+        for bin in &bins {
+            for &it in bin {
+                let (s, pick) = items[it as usize];
+                let store = &mut self.stores[s as usize];
+                let rec = store.samples[pick.index as usize];
+                let base = out.input_ids.len() as u32;
+                let (a, b) = (rec.tok as usize, rec.tok as usize + rec.len as usize);
+                out.input_ids.extend_from_slice(&store.ids[a..b]);
+                out.loss_mask.extend_from_slice(&store.mask[a..b]);
+                let trained = store.mask[a..b].iter().filter(|&&m| m != 0).count() as u64;
+                store.stats.tokens += rec.len as u64;
+                store.stats.trained_tokens += trained;
+                store.stats.images += rec.n_img as u64;
+                for k in rec.img as usize..(rec.img + rec.n_img) as usize {
+                    let run = store.images[k];
+                    out.img_pos.push(base + run.pos);
+                    out.img_len.push(run.len);
+                    let start = if k == 0 { 0 } else { store.image_path_ends[k - 1] as usize };
+                    let end = store.image_path_ends[k] as usize;
+                    out.img_path_data.extend_from_slice(&store.image_paths.as_bytes()[start..end]);
+                    out.img_path_offsets.push(out.img_path_data.len() as i64);
+                }
+                out.seg_lengths.push(rec.len);
+                out.seg_source.push(s);
+                out.seg_row.push(rec.row);
+                out.seg_template.push(rec.template);
+                out.seg_repeat.push(pick.repeat);
+                out.seg_images.push(rec.n_img);
+            }
+            out.row_offsets.push(out.input_ids.len() as i64);
+            out.seg_offsets.push(out.seg_lengths.len() as i64);
+            out.img_offsets.push(out.img_pos.len() as i64);
+        }
+        let tokens = out.input_ids.len() as u64;
+        let lower_bound = pack::lower_bound(&lengths, plan.seq_len);
+        let sequences = bins.len() as u64;
+        out.summary = Summary {
+            sources: self.stores.iter().map(|s| s.stats.clone()).collect(),
+            sequences,
+            segments: items.len() as u64,
+            tokens,
+            trained_tokens: out.loss_mask.iter().map(|&m| m as u64).sum(),
+            seq_len: plan.seq_len,
+            fill: if sequences == 0 { 0.0 } else { tokens as f64 / (sequences as f64 * plan.seq_len as f64) },
+            lower_bound,
+            packing_efficiency: if sequences == 0 { 1.0 } else { lower_bound as f64 / sequences as f64 },
+        };
+        Ok(out)
+    }
+}
+
+fn append(store: &mut Store, batch: &Batch, i: usize, done: Done) {
+    let Done { enc, template, image_paths, truncated } = done;
+    let rec = SampleRec {
+        row: batch.rows[i],
+        tok: store.ids.len() as u64,
+        len: enc.ids.len() as u32,
+        img: store.images.len() as u32,
+        n_img: enc.images.len() as u32,
+        template,
+    };
+    store.ids.extend_from_slice(&enc.ids);
+    store.mask.extend_from_slice(&enc.mask);
+    store.images.extend_from_slice(&enc.images);
+    for k in image_paths {
+        // Validated as UTF-8 when the image was read.
+        store.image_paths.push_str(batch.images.get(k).unwrap_or_default());
+        store.image_path_ends.push(store.image_paths.len() as u64);
+    }
+    store.stats.truncated += truncated as u64;
+    store.samples.push(rec);
+}
+
+/// Cuts a sample to at most `max` tokens: never inside an image run, at the end of a
+/// response when one fits; false when nothing trained would remain.
+pub fn truncate(enc: &mut Encoded, max: usize, (wrap_start, wrap_end): (bool, bool)) -> bool {
+    let mut cut = max.min(enc.ids.len());
+    for run in &enc.images {
+        // The run with its start/end wrapper tokens is kept whole or not at all.
+        let s = run.pos as usize - wrap_start as usize;
+        let e = (run.pos + run.len) as usize + wrap_end as usize;
+        if s < cut && cut < e {
+            cut = s;
+        }
+    }
+    // Prefer the end of a trained span (a turn boundary).
+    if let Some(p) = (1..=cut).rev().find(|&p| enc.mask[p - 1] == 1 && (p == enc.ids.len() || enc.mask[p] == 0)) {
+        cut = p;
+    }
+    if !enc.mask[..cut].contains(&1) {
+        return false;
+    }
+    enc.ids.truncate(cut);
+    enc.mask.truncate(cut);
+    enc.offsets.truncate(cut);
+    enc.images.retain(|r| ((r.pos + r.len) as usize + wrap_end as usize) <= cut);
+    true
+}

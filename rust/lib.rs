@@ -1,0 +1,21 @@
+//! mmrecipe core: the per-sample work of a recipe build, in parallel and deterministic.
+//!
+//! Stages, one module each: instruction templates (`instruct`), chat-template rendering
+//! (`render`), tokenization with response-only masks (`tokenize`), image token counts
+//! (`media`), the per-source batch pipeline (`compile`), exact mixtures (`mix`) and
+//! best-fit-decreasing packing (`pack`). The Python binding lives behind the `python`
+//! feature so `cargo test` runs without linking Python.
+
+pub mod compile;
+pub mod error;
+pub mod instruct;
+pub mod media;
+pub mod mix;
+pub mod pack;
+pub mod plan;
+pub mod render;
+pub mod rng;
+pub mod tokenize;
+
+#[cfg(feature = "python")]
+mod python;

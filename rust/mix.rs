@@ -1,0 +1,138 @@
+//! Exact mixtures: weights become integer counts by the largest-remainder method; each
+//! source contributes whole passes over its rows plus a deterministic subset; sources are
+//! interleaved by the greedy deficit rule so every prefix tracks the target shares.
+
+use crate::rng;
+
+/// Integer counts summing to `total`, proportional to `weights` (largest remainder;
+/// ties go to the earlier source).
+pub fn largest_remainder(weights: &[f64], total: u64) -> Vec<u64> {
+    let sum: f64 = weights.iter().sum();
+    if weights.is_empty() || sum <= 0.0 {
+        return vec![0; weights.len()];
+    }
+    let quotas: Vec<f64> = weights.iter().map(|w| w / sum * total as f64).collect();
+    let mut counts: Vec<u64> = quotas.iter().map(|q| q.floor() as u64).collect();
+    let assigned: u64 = counts.iter().sum();
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|&a, &b| {
+        let ra = quotas[a] - quotas[a].floor();
+        let rb = quotas[b] - quotas[b].floor();
+        rb.partial_cmp(&ra).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+    });
+    for &i in order.iter().cycle().take(total.saturating_sub(assigned) as usize) {
+        counts[i] += 1;
+    }
+    counts
+}
+
+/// One selected sample: its index among the source's usable samples and its repeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub index: u32,
+    pub repeat: u32,
+}
+
+/// `count` picks from `n` samples: whole passes in order, then a subset chosen by a keyed
+/// hash of (seed, source, row id), so no row appears twice within one pass.
+pub fn select(row_ids: &[u64], count: u64, seed: u64, source: u64) -> Vec<Pick> {
+    let n = row_ids.len() as u64;
+    if n == 0 {
+        return Vec::new();
+    }
+    let passes = count / n;
+    let rest = (count % n) as usize;
+    let mut picks = Vec::with_capacity(count as usize);
+    for r in 0..passes {
+        picks.extend((0..n as u32).map(|i| Pick { index: i, repeat: r as u32 }));
+    }
+    if rest > 0 {
+        let mut order: Vec<(u64, u32)> = row_ids
+            .iter()
+            .enumerate()
+            .map(|(i, &row)| (rng::keyed(seed, source, row, rng::PURPOSE_SUBSET), i as u32))
+            .collect();
+        order.select_nth_unstable(rest - 1);
+        let mut chosen: Vec<u32> = order[..rest].iter().map(|&(_, i)| i).collect();
+        chosen.sort_unstable();
+        picks.extend(chosen.into_iter().map(|i| Pick { index: i, repeat: passes as u32 }));
+    }
+    picks
+}
+
+/// The source of each position: at every step, the source furthest below its target share
+/// (count × position / total) goes next; ties go to the earlier source.
+pub fn interleave(counts: &[u64]) -> Vec<u16> {
+    let total: u64 = counts.iter().sum();
+    let mut taken = vec![0u64; counts.len()];
+    let mut order = Vec::with_capacity(total as usize);
+    for t in 1..=total {
+        let mut best: Option<(i128, usize)> = None;
+        for (s, (&c, &k)) in counts.iter().zip(&taken).enumerate() {
+            if k >= c {
+                continue;
+            }
+            let deficit = c as i128 * t as i128 - k as i128 * total as i128;
+            if best.is_none_or(|(d, _)| deficit > d) {
+                best = Some((deficit, s));
+            }
+        }
+        let (_, s) = best.expect("some source still has picks left");
+        taken[s] += 1;
+        order.push(s as u16);
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn counts_are_exact(weights in prop::collection::vec(0.01f64..100.0, 1..8), total in 0u64..10_000) {
+            let c = largest_remainder(&weights, total);
+            prop_assert_eq!(c.iter().sum::<u64>(), total);
+            let sum: f64 = weights.iter().sum();
+            for (w, k) in weights.iter().zip(&c) {
+                prop_assert!((*k as f64 - w / sum * total as f64).abs() < 1.0 + 1e-9);
+            }
+        }
+
+        #[test]
+        fn every_prefix_within_one(counts in prop::collection::vec(0u64..200, 1..6)) {
+            let order = interleave(&counts);
+            let total: u64 = counts.iter().sum();
+            prop_assert_eq!(order.len() as u64, total);
+            let mut taken = vec![0u64; counts.len()];
+            for (t, &s) in order.iter().enumerate() {
+                taken[s as usize] += 1;
+                for (k, &c) in taken.iter().zip(&counts) {
+                    let target = c as f64 * (t + 1) as f64 / total as f64;
+                    prop_assert!((*k as f64 - target).abs() < 1.0 + 1e-9, "t={} taken={:?} counts={:?}", t, taken, counts);
+                }
+            }
+            prop_assert_eq!(taken, counts);
+        }
+
+        #[test]
+        fn selection_counts_and_passes(n in 1usize..50, count in 0u64..300, seed in 0u64..5) {
+            let rows: Vec<u64> = (0..n as u64).map(|r| r * 3).collect();
+            let picks = select(&rows, count, seed, 1);
+            prop_assert_eq!(picks.len() as u64, count);
+            let mut seen = std::collections::HashSet::new();
+            for p in &picks {
+                prop_assert!(seen.insert((p.index, p.repeat)), "row twice in one pass");
+                prop_assert!((p.index as usize) < n);
+            }
+        }
+    }
+
+    #[test]
+    fn subset_depends_only_on_its_own_source() {
+        let rows: Vec<u64> = (0..100).collect();
+        assert_eq!(select(&rows, 130, 7, 11), select(&rows, 130, 7, 11));
+        assert_ne!(select(&rows, 130, 7, 11), select(&rows, 130, 7, 12));
+    }
+}

@@ -1,0 +1,137 @@
+//! The build plan: a recipe after Python resolved and validated it, sent across the
+//! boundary as JSON. Unknown fields are rejected so the two sides cannot drift apart.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub seed: u64,
+    /// Jinja source of the chat template (the model's own, or a built-in's text).
+    pub chat_template: String,
+    #[serde(default)]
+    pub bos_token: Option<String>,
+    #[serde(default)]
+    pub eos_token: Option<String>,
+    #[serde(default)]
+    pub image: Option<ImagePlan>,
+    pub seq_len: u32,
+    #[serde(default)]
+    pub train_on: TrainOn,
+    #[serde(default = "yes")]
+    pub train_on_eos: bool,
+    #[serde(default)]
+    pub overlong: Overlong,
+    #[serde(default)]
+    pub packing: Packing,
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+    pub mixture: MixturePlan,
+    pub sources: Vec<SourcePlan>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOn {
+    #[default]
+    Assistant,
+    LastAssistant,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlong {
+    #[default]
+    Drop,
+    Truncate,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Packing {
+    #[default]
+    Bfd,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    #[default]
+    Fail,
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum MixturePlan {
+    /// Every usable row once.
+    Natural,
+    /// Exactly this many samples, split by weight.
+    Samples(u64),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagePlan {
+    /// Text that marks where an image goes (e.g. `<image>`).
+    pub placeholder: String,
+    /// The tokenizer token repeated for each image.
+    pub token: String,
+    /// Fixed tokens per image (LLaVA-style); when absent, computed from the image size.
+    #[serde(default)]
+    pub count: Option<u32>,
+    #[serde(default = "default_patch")]
+    pub patch: u32,
+    #[serde(default = "default_merge")]
+    pub merge: u32,
+    #[serde(default = "default_min_pixels")]
+    pub min_pixels: u64,
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: u64,
+    #[serde(default)]
+    pub start: Option<String>,
+    #[serde(default)]
+    pub end: Option<String>,
+}
+
+fn default_patch() -> u32 {
+    14
+}
+fn default_merge() -> u32 {
+    2
+}
+fn default_min_pixels() -> u64 {
+    56 * 56
+}
+fn default_max_pixels() -> u64 {
+    28 * 28 * 1280
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourcePlan {
+    pub name: String,
+    /// Instruction templates applied to each user turn; empty = use the turn text as is.
+    #[serde(default)]
+    pub templates: Vec<String>,
+    /// Names of the extra per-sample field columns, in the order batches pass them.
+    #[serde(default)]
+    pub fields: Vec<String>,
+    /// Directory that image paths are relative to.
+    #[serde(default)]
+    pub image_root: Option<String>,
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+fn default_weight() -> f64 {
+    1.0
+}

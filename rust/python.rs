@@ -1,0 +1,177 @@
+//! The Python binding (`mmrecipe._core`): a few coarse calls over whole NumPy buffers,
+//! the GIL released while the core works. Errors become `mmrecipe.errors` classes.
+
+use crate::compile::{Batch, Compiler, StrCol};
+use crate::error::Error;
+use crate::plan::Plan;
+use crate::render::{self, Message};
+use numpy::{IntoPyArray, PyReadonlyArray1};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+fn to_py(py: Python<'_>, err: Error) -> PyErr {
+    let class = match &err {
+        Error::Plan { .. } => "RecipeError",
+        Error::Tokenizer(_) => "TokenizerError",
+        Error::Template(_) => "TemplateError",
+        Error::Data { .. } => "DataError",
+    };
+    let build = || -> PyResult<PyErr> {
+        let cls = py.import("mmrecipe.errors")?.getattr(class)?;
+        let exc = cls.call1((err.to_string(),))?;
+        match &err {
+            Error::Data { source, row, field, .. } => {
+                exc.setattr("source", source)?;
+                exc.setattr("row", row)?;
+                exc.setattr("field", field)?;
+            }
+            Error::Plan { key, .. } => exc.setattr("key", key)?,
+            _ => {}
+        }
+        Ok(PyErr::from_value(exc))
+    };
+    build().unwrap_or_else(|e| e)
+}
+
+fn str_col<'a>(offsets: &'a PyReadonlyArray1<'_, i64>, data: &'a PyReadonlyArray1<'_, u8>) -> PyResult<StrCol<'a>> {
+    Ok(StrCol { offsets: offsets.as_slice()?, data: data.as_slice()? })
+}
+
+/// Compiles the samples of a recipe into packed, masked token sequences.
+#[pyclass(module = "mmrecipe._core", name = "Compiler")]
+struct PyCompiler {
+    inner: Compiler,
+}
+
+#[pymethods]
+impl PyCompiler {
+    #[new]
+    #[pyo3(signature = (plan_json, tokenizer_path, threads = 0))]
+    fn new(py: Python<'_>, plan_json: &[u8], tokenizer_path: &str, threads: usize) -> PyResult<Self> {
+        let plan: Plan = serde_json::from_slice(plan_json).map_err(|e| PyValueError::new_err(format!("invalid build plan: {e}")))?;
+        let path = tokenizer_path.to_string();
+        let inner = py.detach(move || Compiler::new(plan, &path, threads)).map_err(|e| to_py(py, e))?;
+        Ok(PyCompiler { inner })
+    }
+
+    /// Adds one batch of source `source`; returns how many usable samples it added.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (source, rows, turn_offsets, roles, content_offsets, content_data, image_offsets, image_path_offsets, image_path_data, fields))]
+    fn add_batch(
+        &mut self,
+        py: Python<'_>,
+        source: usize,
+        rows: PyReadonlyArray1<'_, u64>,
+        turn_offsets: PyReadonlyArray1<'_, i64>,
+        roles: PyReadonlyArray1<'_, u8>,
+        content_offsets: PyReadonlyArray1<'_, i64>,
+        content_data: PyReadonlyArray1<'_, u8>,
+        image_offsets: PyReadonlyArray1<'_, i64>,
+        image_path_offsets: PyReadonlyArray1<'_, i64>,
+        image_path_data: PyReadonlyArray1<'_, u8>,
+        fields: Vec<(PyReadonlyArray1<'_, i64>, PyReadonlyArray1<'_, u8>)>,
+    ) -> PyResult<usize> {
+        let field_cols = fields.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?;
+        let batch = Batch {
+            rows: rows.as_slice()?,
+            turn_offsets: turn_offsets.as_slice()?,
+            roles: roles.as_slice()?,
+            contents: str_col(&content_offsets, &content_data)?,
+            image_offsets: image_offsets.as_slice()?,
+            images: str_col(&image_path_offsets, &image_path_data)?,
+            fields: field_cols,
+        };
+        let inner = &mut self.inner;
+        py.detach(|| inner.add_batch(source, &batch)).map_err(|e| to_py(py, e))
+    }
+
+    /// Mixes and packs everything added; returns flat NumPy arrays and a JSON summary.
+    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let inner = &mut self.inner;
+        let p = py.detach(|| inner.finish()).map_err(|e| to_py(py, e))?;
+        let d = PyDict::new(py);
+        d.set_item("row_offsets", p.row_offsets.into_pyarray(py))?;
+        d.set_item("input_ids", p.input_ids.into_pyarray(py))?;
+        d.set_item("loss_mask", p.loss_mask.into_pyarray(py))?;
+        d.set_item("seg_offsets", p.seg_offsets.into_pyarray(py))?;
+        d.set_item("seg_lengths", p.seg_lengths.into_pyarray(py))?;
+        d.set_item("seg_source", p.seg_source.into_pyarray(py))?;
+        d.set_item("seg_row", p.seg_row.into_pyarray(py))?;
+        d.set_item("seg_template", p.seg_template.into_pyarray(py))?;
+        d.set_item("seg_repeat", p.seg_repeat.into_pyarray(py))?;
+        d.set_item("seg_images", p.seg_images.into_pyarray(py))?;
+        d.set_item("img_offsets", p.img_offsets.into_pyarray(py))?;
+        d.set_item("img_pos", p.img_pos.into_pyarray(py))?;
+        d.set_item("img_len", p.img_len.into_pyarray(py))?;
+        d.set_item("img_path_offsets", p.img_path_offsets.into_pyarray(py))?;
+        d.set_item("img_path_data", p.img_path_data.into_pyarray(py))?;
+        let summary = serde_json::to_string(&p.summary).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        d.set_item("summary", summary)?;
+        Ok(d)
+    }
+
+    /// Renders and tokenizes conversations given as JSON
+    /// (`[{"messages": [{"role", "content"}], "image_counts": [..]}]`). For previews and
+    /// tests; the build path uses `add_batch`. Returns (text, ids, mask, image runs) each.
+    fn encode_chats<'py>(&self, py: Python<'py>, chats_json: &str) -> PyResult<Bound<'py, PyList>> {
+        #[derive(serde::Deserialize)]
+        struct Chat {
+            messages: Vec<Message>,
+            #[serde(default)]
+            image_counts: Vec<u32>,
+        }
+        let chats: Vec<Chat> = serde_json::from_str(chats_json).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let inner = &self.inner;
+        let results = py.detach(|| {
+            use rayon::prelude::*;
+            chats.par_iter().map(|c| inner.encode_messages(&c.messages, &c.image_counts)).collect::<Vec<_>>()
+        });
+        let out = PyList::empty(py);
+        for r in results {
+            let (text, enc) = r.map_err(|e| to_py(py, e))?;
+            let runs: Vec<(u32, u32)> = enc.images.iter().map(|r| (r.pos, r.len)).collect();
+            out.append((text, enc.ids.into_pyarray(py), enc.mask.into_pyarray(py), runs))?;
+        }
+        Ok(out)
+    }
+
+    /// The id of a token, or None.
+    fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.tokenizer().token_id(token)
+    }
+}
+
+/// The Jinja source of a built-in chat template, or None.
+#[pyfunction]
+fn builtin_template(name: &str) -> Option<&'static str> {
+    render::builtin(name)
+}
+
+/// Image tokens for an image of `width` × `height` under the Qwen2-VL rule.
+#[pyfunction]
+#[pyo3(signature = (width, height, patch = 14, merge = 2, min_pixels = 3136, max_pixels = 1003520))]
+fn image_token_count(width: u64, height: u64, patch: u32, merge: u32, min_pixels: u64, max_pixels: u64) -> u32 {
+    let plan = crate::plan::ImagePlan {
+        placeholder: String::new(),
+        token: String::new(),
+        count: None,
+        patch,
+        merge,
+        min_pixels,
+        max_pixels,
+        start: None,
+        end: None,
+    };
+    crate::media::dynamic_count(&plan, width, height)
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyCompiler>()?;
+    m.add_function(wrap_pyfunction!(builtin_template, m)?)?;
+    m.add_function(wrap_pyfunction!(image_token_count, m)?)?;
+    m.add("BUILTIN_TEMPLATES", render::BUILTINS.to_vec())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
