@@ -48,9 +48,13 @@ pub struct Rendered {
 const START_BASE: u32 = 0xF0000; // Supplementary Private Use Area-A
 const END_BASE: u32 = 0x100000; // Supplementary Private Use Area-B
 const MAX_MESSAGES: usize = 0xFFFD;
+// Stand-ins for a message's outer whitespace: whitespace themselves (a trimming template
+// removes them), and recognizable afterwards (telling whether the template kept it).
+const LEAD_WS: char = '\u{2028}';
+const TRAIL_WS: char = '\u{2029}';
 
 fn is_marker(c: char) -> bool {
-    (c as u32) >= START_BASE
+    (c as u32) >= START_BASE || c == LEAD_WS || c == TRAIL_WS
 }
 
 /// Built-in templates for models without one and for alignment data.
@@ -158,7 +162,9 @@ impl ChatRenderer {
             .enumerate()
             .map(|(i, m)| Message { role: m.role, content: wrap(&m.content, i) })
             .collect();
-        let rendered = strip_markers(&self.render_raw(&marked)?, messages);
+        let Some(rendered) = strip_markers(&self.render_raw(&marked)?, messages) else {
+            return search_spans(self.render_raw(messages)?, messages);
+        };
         if messages.iter().any(|m| m.content.trim().is_empty()) {
             // A template may treat an empty message differently from a marked one.
             let plain = self.render_raw(messages)?;
@@ -170,56 +176,66 @@ impl ChatRenderer {
     }
 }
 
+/// (leading whitespace, core, trailing whitespace) of a message; all-whitespace content
+/// is all lead.
+fn split_ws(content: &str) -> (&str, &str, &str) {
+    let lead_len = content.len() - content.trim_start().len();
+    let core = content[lead_len..].trim_end();
+    (&content[..lead_len], core, &content[lead_len + core.len()..])
+}
+
 fn wrap(content: &str, i: usize) -> String {
-    let core = content.trim();
-    let lead = &content[..content.len() - content.trim_start().len()];
-    let trail = &content[content.trim_end().len()..];
-    let mut s = String::with_capacity(content.len() + 8);
-    s.push_str(lead);
+    let (lead, core, trail) = split_ws(content);
+    let mut s = String::with_capacity(core.len() + 16);
+    if !lead.is_empty() {
+        s.push(LEAD_WS);
+    }
     s.push(char::from_u32(START_BASE + i as u32).unwrap());
     s.push_str(core);
     s.push(char::from_u32(END_BASE + i as u32).unwrap());
-    s.push_str(trail);
+    if !trail.is_empty() {
+        s.push(TRAIL_WS);
+    }
     s
 }
 
-/// Strips the markers, recording where each message's core landed, then widens each
-/// span over the content's own outer whitespace when the template kept it.
-fn strip_markers(marked: &str, messages: &[Message]) -> Rendered {
+/// Strips the markers, putting back each message's outer whitespace where the template
+/// kept it, and records each message's span (first occurrence). None when the markers
+/// are not where they were put (the template rearranged content).
+fn strip_markers(marked: &str, messages: &[Message]) -> Option<Rendered> {
     let mut text = String::with_capacity(marked.len());
-    let mut starts = vec![None; messages.len()];
     let mut spans: Vec<Option<(usize, usize)>> = vec![None; messages.len()];
-    for c in marked.chars() {
+    let mut starts: Vec<Option<usize>> = vec![None; messages.len()];
+    let mut chars = marked.chars().peekable();
+    let index = |c: char, base: u32| -> Option<usize> {
         let u = c as u32;
-        if u >= END_BASE {
-            let i = (u - END_BASE) as usize;
-            if i < messages.len() && spans[i].is_none() {
-                if let Some(s) = starts[i] {
-                    spans[i] = Some((s, text.len()));
-                }
+        (u >= base && ((u - base) as usize) < messages.len()).then(|| (u - base) as usize)
+    };
+    while let Some(c) = chars.next() {
+        if c == LEAD_WS {
+            let i = chars.next().and_then(|n| index(n, START_BASE).filter(|_| (n as u32) < END_BASE))?;
+            let begin = text.len();
+            text.push_str(split_ws(&messages[i].content).0);
+            starts[i].get_or_insert(begin);
+        } else if c == TRAIL_WS {
+            return None;
+        } else if (c as u32) >= END_BASE {
+            let i = index(c, END_BASE)?;
+            if chars.peek() == Some(&TRAIL_WS) {
+                chars.next();
+                text.push_str(split_ws(&messages[i].content).2);
             }
-        } else if u >= START_BASE {
-            let i = (u - START_BASE) as usize;
-            if i < messages.len() && starts[i].is_none() {
-                starts[i] = Some(text.len());
+            if spans[i].is_none() {
+                spans[i] = Some((starts[i]?, text.len()));
             }
+        } else if (c as u32) >= START_BASE {
+            let i = index(c, START_BASE)?;
+            starts[i].get_or_insert(text.len());
         } else {
             text.push(c);
         }
     }
-    for (span, m) in spans.iter_mut().zip(messages) {
-        if let Some((s, e)) = span {
-            let lead = &m.content[..m.content.len() - m.content.trim_start().len()];
-            let trail = &m.content[m.content.trim_end().len()..];
-            if !lead.is_empty() && text[..*s].ends_with(lead) {
-                *s -= lead.len();
-            }
-            if !trail.is_empty() && text[*e..].starts_with(trail) {
-                *e += trail.len();
-            }
-        }
-    }
-    Rendered { text, spans }
+    Some(Rendered { text, spans })
 }
 
 /// Fallback: finds each message's content, in order, in the plain render.
@@ -281,6 +297,16 @@ mod tests {
     }
 
     #[test]
+    fn template_whitespace_next_to_trimmed_content_is_not_content() {
+        // The template's own "\n\n" precedes the trimmed content, which began with "\n".
+        let r = ChatRenderer::new(builtin("llama3").unwrap(), None, None).unwrap();
+        let out = r.render(&msgs(&[(Role::User, "q"), (Role::Assistant, "\nX ")])).unwrap();
+        let (s, e) = out.spans[1].unwrap();
+        assert_eq!(&out.text[s..e], "X");
+        assert_eq!(&out.text[s - 2..s], "\n\n");
+    }
+
+    #[test]
     fn empty_message_still_renders() {
         let r = ChatRenderer::new(builtin("chatml").unwrap(), None, None).unwrap();
         let out = r.render(&msgs(&[(Role::User, "q"), (Role::Assistant, "")])).unwrap();
@@ -288,6 +314,15 @@ mod tests {
         let (s, e) = out.spans[1].unwrap();
         assert_eq!(s, e);
         assert_eq!(&out.text[s..], "<|im_end|>\n");
+    }
+
+    #[test]
+    fn whitespace_only_message_is_not_doubled() {
+        let r = ChatRenderer::new(builtin("chatml").unwrap(), None, None).unwrap();
+        let out = r.render(&msgs(&[(Role::User, "q"), (Role::Assistant, " \n ")])).unwrap();
+        assert_eq!(out.text, "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n \n <|im_end|>\n");
+        let (s, e) = out.spans[1].unwrap();
+        assert_eq!(&out.text[s..e], " \n ");
     }
 
     #[test]

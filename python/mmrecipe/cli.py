@@ -86,18 +86,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .builder import make_compiler
-    from .model import resolve_model
-    from .recipe import load_recipe
-    from .sources import normalize
+    from .check import check
 
-    recipe = load_recipe(args.recipe)
-    model = resolve_model(recipe)
-    sources = [normalize(recipe, i) for i in range(len(recipe.source))]
-    make_compiler(recipe, model, sources, threads=1)
-    rows = [[s.spec.name, s.spec.layout, f"{len(s):,}", str(len(s.files)), f"{s.spec.weight:g}"] for s in sources]
+    report = check(args.recipe)
+    rows = [[s.spec.name, s.spec.layout, f"{len(s):,}", str(len(s.files)), f"{s.spec.weight:g}"] for s in report.sources]
     print(_table(rows, ["source", "layout", "rows", "files", "weight"]))
-    print(f"\n{args.recipe}: ok (tokenizer {model.tokenizer_json.parent}, chat template '{model.template_name}')")
+    print(f"\n{args.recipe}: ok (tokenizer {report.model.tokenizer_json.parent}, chat template '{report.model.template_name}')")
     return 0
 
 

@@ -55,6 +55,14 @@ def resolve_model(recipe: Recipe) -> ModelFiles:
         except json.JSONDecodeError as e:
             raise TokenizerError(f"model.tokenizer: {config_path} is not valid JSON: {e}") from None
         files.append(config_path)
+    map_path = folder / "special_tokens_map.json"
+    if map_path.is_file():
+        try:
+            special_map = json.loads(map_path.read_text("utf-8"))
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"model.tokenizer: {map_path} is not valid JSON: {e}") from None
+        for key in ("bos_token", "eos_token", "pad_token"):
+            config.setdefault(key, special_map.get(key))
     name = recipe.model.chat_template
     if name == "model":
         template = _model_template(config, folder)

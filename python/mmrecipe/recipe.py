@@ -110,11 +110,12 @@ def _unknown_keys(data: Any, tp: Any, where: str, out: list[str]) -> None:
     """Collects every unknown key under `data`, with a suggestion for likely typos."""
     fields = _struct_fields(tp)
     if fields is not None and isinstance(data, dict):
-        for key, value in data.items():
+        for key, value in list(data.items()):
             if key not in fields:
                 close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
                 hint = f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(fields)})"
                 out.append(f"{where + '.' if where else ''}{key}: unknown key{hint}")
+                del data[key]  # so the remaining checks can still run
             else:
                 _unknown_keys(value, fields[key], f"{where + '.' if where else ''}{key}", out)
         return
@@ -226,15 +227,13 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         raise RecipeError(f"{where}: not valid TOML: {e}") from None
     problems: list[str] = []
     _unknown_keys(data, Recipe, "", problems)
-    if problems:
-        raise RecipeError(_report(where, problems), key=problems[0].split(":")[0], problems=problems)
     try:
         recipe = msgspec.convert(data, Recipe)
     except msgspec.ValidationError as e:
         key, message = _msgspec_path(e)
-        problems = [f"{key or '(top level)'}: {message}"]
-        raise RecipeError(_report(where, problems), key=key, problems=problems) from None
-    problems = _semantic_problems(recipe)
+        problems.append(f"{key or '(top level)'}: {message}")
+        raise RecipeError(_report(where, problems), key=problems[0].split(":")[0], problems=problems) from None
+    problems += _semantic_problems(recipe)
     if problems:
         raise RecipeError(_report(where, problems), key=problems[0].split(":")[0], problems=problems)
     recipe.path = path

@@ -77,9 +77,15 @@ def _format_of(spec: SourceSpec, path: Path) -> str:
 
 def read_file(spec: SourceSpec, path: Path) -> pl.DataFrame:
     fmt = _format_of(spec, path)
+    if path.stat().st_size == 0:
+        return pl.DataFrame()
     try:
         if fmt == "jsonl":
-            return pl.read_ndjson(path, infer_schema_length=None)
+            try:
+                return pl.read_ndjson(path, infer_schema_length=None)
+            except Exception:
+                _raise_bad_json_line(spec, path)
+                raise
         if fmt == "json":
             frame = pl.read_json(path, infer_schema_length=None)
             if spec.json_key:
@@ -94,6 +100,24 @@ def read_file(spec: SourceSpec, path: Path) -> pl.DataFrame:
         raise
     except Exception as e:  # polars raises several exception types for unreadable input
         raise SourceError(f"source '{spec.name}': cannot read {path} as {fmt}: {e}") from None
+
+
+def _raise_bad_json_line(spec: SourceSpec, path: Path) -> None:
+    """On the error path only: finds the first line that is not a JSON object."""
+    import msgspec
+
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = msgspec.json.decode(line)
+            except msgspec.DecodeError as e:
+                raise SourceError(f"source '{spec.name}': {path}, line {number}: malformed JSON ({e})") from None
+            except UnicodeDecodeError:
+                raise SourceError(f"source '{spec.name}': {path}, line {number}: not UTF-8 text") from None
+            if not isinstance(value, dict):
+                raise SourceError(f"source '{spec.name}': {path}, line {number}: expected a JSON object, got {type(value).__name__}")
 
 
 def read_source(recipe: Recipe, index: int) -> pl.DataFrame:

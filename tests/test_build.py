@@ -1,0 +1,118 @@
+"""End-to-end builds of the bundled demo: what lands on disk, exact counts, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import DEMO, MODEL
+
+from mmrecipe import ReleaseError, build, load_recipe
+from mmrecipe.release import read_manifest
+
+
+def tables(release: Path):
+    m = read_manifest(release)
+    return m, [pq.read_table(release / s.path) for s in m.shards]
+
+
+def test_demo_release_layout_and_counts(demo_release):
+    m, ts = tables(demo_release)
+    stats = json.loads((demo_release / "stats.json").read_text())
+    recipe = load_recipe(DEMO)
+    # Exact mixture: the largest-remainder split of the recipe's total.
+    total = recipe.mixture.total["samples"]
+    weights = np.array([s.weight for s in recipe.source])
+    quotas = weights / weights.sum() * total
+    selected = [s["selected"] for s in stats["sources"]]
+    assert sum(selected) == total
+    assert all(abs(c - q) < 1 for c, q in zip(selected, quotas))
+    # Every segment is accounted for, and no row exceeds seq_len.
+    seg_src = np.concatenate([np.concatenate(t.column("segment_source").to_numpy(zero_copy_only=False)) for t in ts])
+    assert np.bincount(seg_src, minlength=len(selected)).tolist() == selected
+    for t in ts:
+        for ids, lens, mask in zip(t.column("input_ids").to_pylist(), t.column("segment_lengths").to_pylist(), t.column("loss_mask").to_pylist()):
+            assert len(ids) == sum(lens) <= m.seq_len
+            assert len(mask) == len(ids)
+    assert sum(s.sequences for s in m.shards) == stats["sequences"]
+    assert {i.role for i in m.inputs} >= {"recipe", "tokenizer", "source:vqa", "source:chat", "pool:vqa-short"}
+    assert not any(p.name.startswith(".") for p in demo_release.parent.iterdir())  # no staging left
+
+
+def test_image_tokens_are_never_trained_and_match_placeholders(demo_release):
+    m, ts = tables(demo_release)
+    image_id = 49152
+    for t in ts:
+        for row in t.to_pylist():
+            ids = np.array(row["input_ids"])
+            mask = np.array(row["loss_mask"], dtype=bool)
+            assert not mask[ids == image_id].any()
+            # Image token count = Σ per-image counts, each run where the records say.
+            assert (ids == image_id).sum() == sum(row["image_lengths"])
+            for pos, n in zip(row["image_positions"], row["image_lengths"]):
+                assert (ids[pos : pos + n] == image_id).all()
+            assert len(row["image_paths"]) == sum(row["segment_images"])
+
+
+def test_segments_decode_to_conversations(demo_release, hf_tokenizer):
+    m, ts = tables(demo_release)
+    row = ts[0].slice(0, 1).to_pylist()[0]
+    start = 0
+    for n in row["segment_lengths"]:
+        text = hf_tokenizer.decode(row["input_ids"][start : start + n])
+        assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_end|>\n")
+        start += n
+
+
+def test_same_release_for_one_or_two_threads(tmp_path):
+    a = build(DEMO, tmp_path / "a", threads=1, progress=False)
+    b = build(DEMO, tmp_path / "b", threads=2, progress=False)
+    files_a = sorted(p.relative_to(a.path) for p in a.path.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b.path) for p in b.path.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for f in files_a:
+        assert (a.path / f).read_bytes() == (b.path / f).read_bytes(), f
+
+
+def test_existing_release_is_kept_unless_overwrite(tmp_path, demo_release):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(ReleaseError, match="already exists"):
+        build(DEMO, out, progress=False)
+    assert (out / "keep").read_text() == "x"
+    build(DEMO, out, progress=False, overwrite=True)
+    assert (out / "manifest.json").is_file() and not (out / "keep").exists()
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    recipe = tmp_path / "r.toml"
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                    '{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    recipe.write_text(f"""
+[recipe]
+name = "t"
+[model]
+tokenizer = "{MODEL}"
+[[source]]
+name = "chat"
+path = "d.jsonl"
+layout = "conversation"
+""")
+    from mmrecipe import DataError
+
+    with pytest.raises(DataError) as e:
+        build(recipe, tmp_path / "out", progress=False)
+    assert e.value.source == "chat" and e.value.row == 1 and e.value.field == "messages"
+    assert "no assistant turn" in str(e.value)
+    assert list(tmp_path.iterdir()) == [data, recipe] or sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "r.toml"]
+    # With on_error = "skip" the row is counted and the build goes on.
+    recipe.write_text(recipe.read_text() + 'on_error = "skip"\n')
+    result = build(recipe, tmp_path / "out", progress=False)
+    src = result.summary["sources"][0]
+    assert (src["rows"], src["skipped"], src["selected"]) == (2, 1, 1)
+    assert "row 1" in src["skipped_examples"][0]
