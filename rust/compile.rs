@@ -107,6 +107,7 @@ impl Batch<'_> {
 #[derive(Debug, Clone, Copy)]
 struct SampleRec {
     row: u64,
+    part: u16,
     tok: u64,
     len: u32,
     img: u32,
@@ -148,10 +149,12 @@ struct Done {
     template: i32,
     image_paths: Vec<usize>,
     truncated: bool,
+    /// Which piece of a conversation split at turn boundaries (0 otherwise).
+    part: u16,
 }
 
 enum Outcome {
-    Keep(Done),
+    Keep(Vec<Done>),
     Overlong,
 }
 
@@ -165,6 +168,7 @@ pub struct Packed {
     pub seg_lengths: Vec<u32>,
     pub seg_source: Vec<u16>,
     pub seg_row: Vec<u64>,
+    pub seg_part: Vec<u16>,
     pub seg_template: Vec<i32>,
     pub seg_repeat: Vec<u32>,
     pub seg_images: Vec<u32>,
@@ -304,7 +308,11 @@ impl Compiler {
             store.stats.rows += 1;
             match result {
                 Ok(Outcome::Overlong) => store.stats.dropped_overlong += 1,
-                Ok(Outcome::Keep(done)) => append(store, batch, i, done),
+                Ok(Outcome::Keep(done)) => {
+                    for d in done {
+                        append(store, batch, i, d);
+                    }
+                }
                 Err((field, message)) => {
                     let row = batch.rows[i];
                     if on_error == OnError::Fail {
@@ -321,6 +329,64 @@ impl Compiler {
     }
 
     fn process(&self, source: usize, batch: &Batch, i: usize) -> std::result::Result<Outcome, (&'static str, String)> {
+        let plan = &self.plan;
+        let (messages, template, image_counts) = self.sample_messages(source, batch, i)?;
+        let (i0, i1) = (batch.image_offsets[i] as usize, batch.image_offsets[i + 1] as usize);
+        let image_paths: Vec<usize> = (i0..i1).collect();
+        let enc = self.encode(&messages, &image_counts)?;
+        if enc.ids.len() <= plan.seq_len as usize {
+            return self.keep(vec![Done { enc, template, image_paths, truncated: false, part: 0 }]);
+        }
+        match plan.overlong {
+            Overlong::Drop => Ok(Outcome::Overlong),
+            Overlong::Truncate => {
+                let mut enc = enc;
+                if !truncate(&mut enc, plan.seq_len as usize, self.tokenizer.image_wrappers()) {
+                    return Ok(Outcome::Overlong);
+                }
+                let mut image_paths = image_paths;
+                image_paths.truncate(enc.images.len());
+                self.keep(vec![Done { enc, template, image_paths, truncated: true, part: 0 }])
+            }
+            Overlong::SplitTurns => {
+                let parts = self.split_turns(&messages, &image_counts)?;
+                if parts.is_empty() {
+                    return Ok(Outcome::Overlong);
+                }
+                let done = parts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, enc)| Done { enc, template, image_paths: image_paths.clone(), truncated: true, part: k as u16 })
+                    .collect();
+                self.keep(done)
+            }
+        }
+    }
+
+    /// Rendered text, tokens and template of samples of a batch, exactly as a build makes
+    /// them (before overlong handling); for `recipe preview`.
+    pub fn preview(&mut self, source: usize, batch: &Batch) -> Result<Vec<std::result::Result<(String, Encoded, i32), String>>> {
+        batch.validate(self.plan.sources[source].fields.len())?;
+        self.ensure_pool()?;
+        let n = batch.rows.len();
+        Ok(self.pool.install(|| {
+            (0..n)
+                .into_par_iter()
+                .map(|i| {
+                    let (messages, template, counts) = self.sample_messages(source, batch, i).map_err(|(f, m)| format!("{f}: {m}"))?;
+                    let rendered = self.renderer.render(&messages).map_err(|e| e.to_string())?;
+                    let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
+                    let enc = self.tokenizer.encode(&rendered, &roles, &counts, self.plan.train_on, self.plan.train_on_eos)?;
+                    Ok((rendered.text, enc, template))
+                })
+                .collect()
+        }))
+    }
+
+    /// The messages of sample `i` with its instruction template applied and image
+    /// placeholders in place, the template id, and the image token counts.
+    #[allow(clippy::type_complexity)]
+    fn sample_messages(&self, source: usize, batch: &Batch, i: usize) -> std::result::Result<(Vec<Message>, i32, Vec<u32>), (&'static str, String)> {
         let plan = &self.plan;
         let src = &plan.sources[source];
         let row = batch.rows[i];
@@ -382,31 +448,73 @@ impl Compiler {
                 first_user.content.insert_str(0, &prefix);
             }
         }
+        Ok((messages, template, image_counts))
+    }
 
-        let rendered = self.renderer.render(&messages).map_err(|e| ("messages", e.to_string()))?;
+    fn encode(&self, messages: &[Message], image_counts: &[u32]) -> std::result::Result<Encoded, (&'static str, String)> {
+        let rendered = self.renderer.render(messages).map_err(|e| ("messages", e.to_string()))?;
         let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
-        let mut enc = self
-            .tokenizer
-            .encode(&rendered, &roles, &image_counts, plan.train_on, plan.train_on_eos)
-            .map_err(|m| ("messages", m))?;
-        let mut image_paths: Vec<usize> = (i0..i1).collect();
-        let mut truncated = false;
-        if enc.ids.len() > plan.seq_len as usize {
-            match plan.overlong {
-                Overlong::Drop => return Ok(Outcome::Overlong),
-                Overlong::Truncate => {
-                    if !truncate(&mut enc, plan.seq_len as usize, self.tokenizer.image_wrappers()) {
-                        return Ok(Outcome::Overlong);
-                    }
-                    image_paths.truncate(enc.images.len());
-                    truncated = true;
-                }
-            }
-        }
-        if plan.train_on != TrainOn::All && enc.trained() == 0 {
+        self.tokenizer
+            .encode(&rendered, &roles, image_counts, self.plan.train_on, self.plan.train_on_eos)
+            .map_err(|m| ("messages", m))
+    }
+
+    fn keep(&self, done: Vec<Done>) -> std::result::Result<Outcome, (&'static str, String)> {
+        if self.plan.train_on != TrainOn::All && done.iter().any(|d| d.enc.trained() == 0) {
             return Err(("messages", "no token of the sample is trained (empty responses and no end-of-turn token)".to_string()));
         }
-        Ok(Outcome::Keep(Done { enc, template, image_paths, truncated }))
+        Ok(Outcome::Keep(done))
+    }
+
+    /// `overlong = "split_turns"`: the conversation becomes several samples, each a run of
+    /// whole rounds (a user turn and what follows it) that fits, each with the system
+    /// prompt and the sample's images. A round that alone does not fit is dropped.
+    fn split_turns(&self, messages: &[Message], image_counts: &[u32]) -> std::result::Result<Vec<Encoded>, (&'static str, String)> {
+        let max = self.plan.seq_len as usize;
+        let system: Vec<Message> = messages.iter().take_while(|m| m.role == Role::System).cloned().collect();
+        let mut rounds: Vec<Vec<Message>> = Vec::new();
+        for m in &messages[system.len()..] {
+            if m.role == Role::User || rounds.is_empty() {
+                rounds.push(Vec::new());
+            }
+            rounds.last_mut().unwrap().push(m.clone());
+        }
+        let build = |from: usize, to: usize| -> std::result::Result<Encoded, (&'static str, String)> {
+            let mut chunk: Vec<Message> = system.clone();
+            chunk.extend(rounds[from..to].iter().flatten().cloned());
+            if let Some(img) = self.plan.image.as_ref().filter(|_| !image_counts.is_empty()) {
+                let placed: usize = chunk.iter().map(|m| m.content.matches(img.placeholder.as_str()).count()).sum();
+                if placed == 0 {
+                    // Later parts keep the sample's images at the start of their first user turn.
+                    if let Some(u) = chunk.iter_mut().find(|m| m.role == Role::User) {
+                        u.content.insert_str(0, &(img.placeholder.repeat(image_counts.len()) + "\n"));
+                    }
+                }
+            }
+            self.encode(&chunk, image_counts)
+        };
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < rounds.len() {
+            let mut best: Option<(usize, Encoded)> = None;
+            for end in start + 1..=rounds.len() {
+                let enc = build(start, end)?;
+                if enc.ids.len() > max {
+                    break;
+                }
+                best = Some((end, enc));
+            }
+            match best {
+                Some((end, enc)) => {
+                    if enc.trained() > 0 {
+                        parts.push(enc);
+                    }
+                    start = end;
+                }
+                None => start += 1,
+            }
+        }
+        Ok(parts)
     }
 
     /// Exact mixture, packing, and the flat arrays of the release.
@@ -501,6 +609,7 @@ impl Compiler {
                 out.seg_lengths.push(rec.len);
                 out.seg_source.push(s);
                 out.seg_row.push(rec.row);
+                out.seg_part.push(rec.part);
                 out.seg_template.push(rec.template);
                 out.seg_repeat.push(pick.repeat);
                 out.seg_images.push(rec.n_img);
@@ -528,9 +637,10 @@ impl Compiler {
 }
 
 fn append(store: &mut Store, batch: &Batch, i: usize, done: Done) {
-    let Done { enc, template, image_paths, truncated } = done;
+    let Done { enc, template, image_paths, truncated, part } = done;
     let rec = SampleRec {
         row: batch.rows[i],
+        part,
         tok: store.ids.len() as u64,
         len: enc.ids.len() as u32,
         img: store.images.len() as u32,
@@ -573,4 +683,179 @@ pub fn truncate(enc: &mut Encoded, max: usize, (wrap_start, wrap_end): (bool, bo
     enc.offsets.truncate(cut);
     enc.images.retain(|r| ((r.pos + r.len) as usize + wrap_end as usize) <= cut);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/models/smollm2/tokenizer.json");
+
+    fn plan(extra: &str) -> Plan {
+        let template = crate::render::builtin("chatml").unwrap();
+        let json = format!(
+            r#"{{"seed": 3, "chat_template": {}, "eos_token": "<|im_end|>", "seq_len": 64, "mixture": "natural",
+                "sources": [{{"name": "a"}}, {{"name": "b", "templates": ["Q: {{question}}", "{{question}}?"]}}] {extra}}}"#,
+            serde_json::to_string(template).unwrap()
+        );
+        serde_json::from_str(&json).unwrap()
+    }
+
+    /// Owned columns for a batch of conversations given as (role, text) lists.
+    struct Cols {
+        rows: Vec<u64>,
+        turn_offsets: Vec<i64>,
+        roles: Vec<u8>,
+        offsets: Vec<i64>,
+        data: Vec<u8>,
+        image_offsets: Vec<i64>,
+        no_paths: Vec<i64>,
+    }
+
+    fn cols(convs: &[Vec<(u8, &str)>]) -> Cols {
+        let mut c = Cols {
+            rows: (0..convs.len() as u64).collect(),
+            turn_offsets: vec![0],
+            roles: vec![],
+            offsets: vec![0],
+            data: vec![],
+            image_offsets: vec![0; convs.len() + 1],
+            no_paths: vec![0],
+        };
+        for conv in convs {
+            for (r, t) in conv {
+                c.roles.push(*r);
+                c.data.extend_from_slice(t.as_bytes());
+                c.offsets.push(c.data.len() as i64);
+            }
+            c.turn_offsets.push(c.roles.len() as i64);
+        }
+        c
+    }
+
+    fn batch(c: &Cols) -> Batch<'_> {
+        Batch {
+            rows: &c.rows,
+            turn_offsets: &c.turn_offsets,
+            roles: &c.roles,
+            contents: StrCol { offsets: &c.offsets, data: &c.data },
+            image_offsets: &c.image_offsets,
+            images: StrCol { offsets: &c.no_paths, data: &[] },
+            fields: vec![],
+        }
+    }
+
+    fn convs(n: usize) -> Vec<Vec<(u8, &'static str)>> {
+        (0..n).map(|i| vec![(1, "hello there"), (2, if i % 3 == 0 { "short" } else { "a somewhat longer answer here" })]).collect()
+    }
+
+    #[test]
+    fn same_output_for_any_thread_count() {
+        let c = cols(&convs(40));
+        let run = |threads| {
+            let mut comp = Compiler::new(plan(""), TOKENIZER, threads).unwrap();
+            comp.add_batch(0, &batch(&c)).unwrap();
+            comp.add_batch(1, &batch(&c)).unwrap();
+            let p = comp.finish().unwrap();
+            (p.input_ids, p.loss_mask, p.seg_row, p.seg_template, p.row_offsets)
+        };
+        assert_eq!(run(1), run(2));
+        assert_eq!(run(1), run(4));
+    }
+
+    #[test]
+    fn templates_apply_to_user_turns_only_where_configured() {
+        let c = cols(&convs(20));
+        let mut comp = Compiler::new(plan(""), TOKENIZER, 1).unwrap();
+        comp.add_batch(0, &batch(&c)).unwrap();
+        comp.add_batch(1, &batch(&c)).unwrap();
+        let p = comp.finish().unwrap();
+        for (s, t) in p.seg_source.iter().zip(&p.seg_template) {
+            assert_eq!(*s == 1, *t >= 0);
+        }
+        let used: std::collections::HashSet<i32> = p.seg_template.iter().copied().filter(|&t| t >= 0).collect();
+        assert_eq!(used.len(), 2);
+    }
+
+    #[test]
+    fn exact_sample_mixture() {
+        let c = cols(&convs(7));
+        let mut comp = Compiler::new(plan(r#", "packing": "none""#).clone(), TOKENIZER, 2).unwrap();
+        comp.plan.mixture = MixturePlan::Samples(25);
+        comp.add_batch(0, &batch(&c)).unwrap();
+        comp.add_batch(1, &batch(&c)).unwrap();
+        let p = comp.finish().unwrap();
+        let a = p.seg_source.iter().filter(|&&s| s == 0).count();
+        assert_eq!((a, p.seg_source.len()), (13, 25));
+        assert_eq!(p.row_offsets.len(), 26);
+    }
+
+    #[test]
+    fn overlong_policies() {
+        let long: String = "word ".repeat(80);
+        let conv = vec![vec![(1u8, "q1"), (2u8, "a1"), (1, "q2"), (2, long.as_str()), (1, "q3"), (2, "a3")]];
+        let c = cols(&conv);
+        for (policy, samples) in [("drop", 0usize), ("truncate", 1), ("split_turns", 2)] {
+            let mut comp = Compiler::new(plan(&format!(r#", "overlong": "{policy}""#)), TOKENIZER, 1).unwrap();
+            comp.add_batch(0, &batch(&c)).unwrap();
+            let store = &comp.stores[0];
+            assert_eq!(store.samples.len(), samples, "{policy}");
+            for s in &store.samples {
+                assert!(s.len <= 64);
+                let mask = &store.mask[s.tok as usize..(s.tok + s.len as u64) as usize];
+                assert!(mask.contains(&1), "{policy}: a kept sample must train something");
+            }
+        }
+    }
+
+    #[test]
+    fn data_errors_name_the_row_or_skip() {
+        let conv = vec![vec![(1u8, "ok"), (2u8, "fine")], vec![(1u8, "no answer")]];
+        let c = cols(&conv);
+        let mut comp = Compiler::new(plan(""), TOKENIZER, 1).unwrap();
+        let err = comp.add_batch(0, &batch(&c)).unwrap_err();
+        assert!(matches!(err, Error::Data { row: 1, .. }), "{err}");
+        let mut skip = plan("");
+        skip.sources[0].on_error = OnError::Skip;
+        let mut comp = Compiler::new(skip, TOKENIZER, 1).unwrap();
+        assert_eq!(comp.add_batch(0, &batch(&c)).unwrap(), 1);
+        assert_eq!(comp.stores[0].stats.skipped, 1);
+    }
+
+    #[test]
+    fn malformed_columns_are_rejected_not_panicking() {
+        let mut c = cols(&convs(3));
+        c.turn_offsets[2] = 99;
+        let mut comp = Compiler::new(plan(""), TOKENIZER, 1).unwrap();
+        assert!(matches!(comp.add_batch(0, &batch(&c)), Err(Error::Plan { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn truncate_keeps_runs_whole_and_something_trained(
+            mask in prop::collection::vec(0u8..2, 1..200),
+            runs in prop::collection::vec((0u32..180, 1u32..20), 0..4),
+            max in 1usize..200,
+        ) {
+            let n = mask.len();
+            let mut images: Vec<ImageRun> = runs.into_iter().map(|(p, l)| ImageRun { pos: p.min(n as u32 - 1), len: l.min(n as u32 - p.min(n as u32 - 1)) }).collect();
+            images.sort_by_key(|r| r.pos);
+            images.dedup_by(|b, a| b.pos < a.pos + a.len); // non-overlapping runs
+            let mut mask = mask;
+            for r in &images { for k in r.pos..r.pos + r.len { mask[k as usize] = 0; } }
+            let mut enc = Encoded { ids: vec![7; n], mask: mask.clone(), offsets: vec![(0, 0); n], images: images.clone() };
+            if truncate(&mut enc, max, (false, false)) {
+                prop_assert!(enc.ids.len() <= max);
+                prop_assert!(enc.mask.contains(&1));
+                let cut = enc.ids.len() as u32;
+                for r in &images {
+                    prop_assert!(r.pos + r.len <= cut || r.pos >= cut, "cut {} inside run {:?}", cut, r);
+                }
+                prop_assert_eq!(enc.images.len(), images.iter().filter(|r| r.pos + r.len <= cut).count());
+            } else {
+                prop_assert!(!mask[..max.min(n)].contains(&1) || images.iter().any(|r| (r.pos as usize) < max));
+            }
+        }
+    }
 }

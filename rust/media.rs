@@ -32,9 +32,8 @@ pub fn dynamic_count(plan: &ImagePlan, width: u64, height: u64) -> u32 {
 
 /// Tokens for one image: the fixed count, or the dynamic count from its header.
 pub fn image_tokens(plan: &ImagePlan, path: &Path) -> Result<u32, String> {
-    if let Some(n) = plan.count {
-        return Ok(n);
-    }
+    // The header is read even for a fixed count: a missing or broken image is caught here,
+    // with its source and row, not by the training job.
     let size = imagesize::size(path).map_err(|e| match e {
         imagesize::ImageError::IoError(io) => format!("cannot read image {}: {io}", path.display()),
         other => format!("cannot read the size of image {}: {other}", path.display()),
@@ -42,7 +41,7 @@ pub fn image_tokens(plan: &ImagePlan, path: &Path) -> Result<u32, String> {
     if size.width == 0 || size.height == 0 {
         return Err(format!("image {} has zero size", path.display()));
     }
-    Ok(dynamic_count(plan, size.width as u64, size.height as u64))
+    Ok(plan.count.unwrap_or_else(|| dynamic_count(plan, size.width as u64, size.height as u64)))
 }
 
 #[cfg(test)]

@@ -49,6 +49,7 @@ pub enum Overlong {
     #[default]
     Drop,
     Truncate,
+    SplitTurns,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -86,6 +86,54 @@ impl PyCompiler {
         py.detach(|| inner.add_batch(source, &batch)).map_err(|e| to_py(py, e))
     }
 
+    /// Samples of a batch rendered and tokenized as the build would (nothing is kept):
+    /// per sample (text, ids, mask, byte offsets [n, 2], template id, image runs), or an
+    /// error message. Same arguments as `add_batch`.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (source, rows, turn_offsets, roles, content_offsets, content_data, image_offsets, image_path_offsets, image_path_data, fields))]
+    fn preview_batch<'py>(
+        &mut self,
+        py: Python<'py>,
+        source: usize,
+        rows: PyReadonlyArray1<'_, u64>,
+        turn_offsets: PyReadonlyArray1<'_, i64>,
+        roles: PyReadonlyArray1<'_, u8>,
+        content_offsets: PyReadonlyArray1<'_, i64>,
+        content_data: PyReadonlyArray1<'_, u8>,
+        image_offsets: PyReadonlyArray1<'_, i64>,
+        image_path_offsets: PyReadonlyArray1<'_, i64>,
+        image_path_data: PyReadonlyArray1<'_, u8>,
+        fields: Vec<(PyReadonlyArray1<'_, i64>, PyReadonlyArray1<'_, u8>)>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let field_cols = fields.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?;
+        let batch = Batch {
+            rows: rows.as_slice()?,
+            turn_offsets: turn_offsets.as_slice()?,
+            roles: roles.as_slice()?,
+            contents: str_col(&content_offsets, &content_data)?,
+            image_offsets: image_offsets.as_slice()?,
+            images: str_col(&image_path_offsets, &image_path_data)?,
+            fields: field_cols,
+        };
+        let inner = &mut self.inner;
+        if source >= inner.plan().sources.len() {
+            return Err(PyValueError::new_err(format!("no source with index {source}")));
+        }
+        let results = py.detach(|| inner.preview(source, &batch)).map_err(|e| to_py(py, e))?;
+        let out = PyList::empty(py);
+        for r in results {
+            match r {
+                Ok((text, enc, template)) => {
+                    let offsets: Vec<u32> = enc.offsets.iter().flat_map(|&(a, b)| [a, b]).collect();
+                    let runs: Vec<(u32, u32)> = enc.images.iter().map(|r| (r.pos, r.len)).collect();
+                    out.append((text, enc.ids.into_pyarray(py), enc.mask.into_pyarray(py), offsets.into_pyarray(py), template, runs))?;
+                }
+                Err(message) => out.append(message)?,
+            }
+        }
+        Ok(out)
+    }
+
     /// Mixes and packs everything added; returns flat NumPy arrays and a JSON summary.
     fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let inner = &mut self.inner;
@@ -98,6 +146,7 @@ impl PyCompiler {
         d.set_item("seg_lengths", p.seg_lengths.into_pyarray(py))?;
         d.set_item("seg_source", p.seg_source.into_pyarray(py))?;
         d.set_item("seg_row", p.seg_row.into_pyarray(py))?;
+        d.set_item("seg_part", p.seg_part.into_pyarray(py))?;
         d.set_item("seg_template", p.seg_template.into_pyarray(py))?;
         d.set_item("seg_repeat", p.seg_repeat.into_pyarray(py))?;
         d.set_item("seg_images", p.seg_images.into_pyarray(py))?;

@@ -15,6 +15,10 @@ response-masked token sequences for multimodal instruction tuning.
 
   recipe build recipes/demo.toml -o out/demo     build a release
   recipe check recipes/demo.toml                 validate a recipe and its sources
+  recipe verify out/demo --recipe-dir recipes    re-hash a release and its inputs
+  recipe stats out/demo                          realized mixture, tokens, packing
+  recipe diff out/old out/new                    what changed between two releases
+  recipe preview recipes/demo.toml -n 3          see samples with the trained tokens marked
 
 Run `recipe COMMAND --help` for the options of a command."""
 
@@ -37,6 +41,37 @@ CHECK_HELP = """\
 Validates the recipe (every problem at once, with its key path), opens every source,
 resolves every field path on the data, loads the tokenizer and chat template, and prints
 a table of sources. Exits 0 when the recipe is ready to build, 1 otherwise."""
+
+VERIFY_HELP = """\
+Re-hashes every shard listed in RELEASE/manifest.json and names each one that changed or
+is missing, every file in RELEASE/data/ the manifest does not list, and checks that the
+release_id still matches the manifest's content and stats.json its totals.
+
+Inputs (recipe, tokenizer files, sources, pools) are checked only with --recipe-dir: the
+manifest stores their paths relative to the folder of the recipe file the release was
+built from (paths outside it are stored absolute), and not that folder itself, so that a
+release does not depend on where it was built. Exits 0 when everything matches, 1 otherwise.
+
+example:
+  recipe verify out/demo --recipe-dir recipes"""
+
+STATS_HELP = """\
+Per source: the realized share of the packed samples against the target (weight / sum
+of weights; usable rows / all usable rows for a "natural" mixture), samples, tokens,
+trained tokens, images, and the rows the build skipped, dropped as too long or truncated;
+then packing efficiency. Samples, tokens and packing are counted from the shards; numbers
+on which the shards and stats.json disagree are reported on stderr.
+
+example:
+  recipe stats out/demo --plot lengths.png"""
+
+DIFF_HELP = """\
+Compares release A with release B: inputs added, removed or with a changed hash; recipe
+keys that changed (dotted key paths, old -> new); release fields (chat template, seq_len,
+...); per-source samples and tokens; totals. Exits 0 whether or not they differ.
+
+example:
+  recipe diff out/demo-1.0.0 out/demo-1.1.0"""
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -95,6 +130,130 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+PREVIEW_HELP = """\
+Renders the first N samples of each source exactly as a build would (instruction template
+applied, chat template, image tokens) and shows the trained tokens highlighted, the
+template chosen, token counts and image runs.
+
+example:
+  recipe preview recipes/demo.toml -n 2 --source vqa
+  recipe preview recipes/demo.toml --html preview.html"""
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from .preview import preview, to_html, to_terminal
+
+    samples = preview(args.recipe, n=args.n, source=args.source)
+    if args.html:
+        Path(args.html).write_text(to_html(samples, f"mmrecipe preview: {args.recipe}"), "utf-8")
+        print(f"wrote {args.html} ({len(samples)} samples)")
+    else:
+        print(to_terminal(samples, color=sys.stdout.isatty() and not args.no_color))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .inspect import verify
+
+    report = verify(args.release, args.recipe_dir)
+    for problem in report.problems:
+        print(problem)
+    inputs = f"{report.inputs} inputs" if report.inputs is not None else "inputs not checked (no --recipe-dir)"
+    verdict = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"release {report.release_id[:12]}: {report.shards} shard(s), {inputs}: {verdict}")
+    return 0 if report.ok else 1
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    rows = []
+    for s in stats["sources"]:
+        rows.append(
+            [
+                s["name"],
+                f"{s['target_share']:.1%}",
+                f"{s['share']:.1%}",
+                f"{s['selected']:,}",
+                f"{s['tokens']:,}",
+                f"{s['trained_tokens']:,}",
+                f"{s['images']:,}",
+                f"{s['rows']:,}",
+                f"{s['skipped']:,}",
+                f"{s['dropped_overlong']:,}",
+                f"{s['truncated']:,}",
+            ]
+        )
+    header = ["source", "target", "realized", "samples", "tokens", "trained", "images", "rows", "skipped", "too long", "truncated"]
+    return "\n".join(
+        [
+            f"{stats['name']} {stats['version']} (release {stats['release_id'][:12]}, mixture by {stats['mixture']})",
+            "",
+            _table(rows, header),
+            "",
+            f"sequences          {stats['sequences']:,} × {stats['seq_len']:,} tokens ({stats['segments']:,} samples packed)",
+            f"tokens             {stats['tokens']:,} ({stats['trained_tokens']:,} trained, loss-token fraction {stats['trained_tokens'] / max(stats['tokens'], 1):.1%})",
+            f"fill               {stats['fill']:.1%} of sequence capacity",
+            f"packing efficiency {stats['packing_efficiency']:.2%} of the lower bound ({stats['lower_bound']:,} sequences)",
+        ]
+    )
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from .inspect import count_segments, plot_segment_lengths, release_stats
+    from .release import read_manifest
+
+    manifest = read_manifest(args.release)
+    counts = count_segments(args.release, manifest)
+    stats = release_stats(args.release, counts)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    for line in stats["disagreements"]:
+        print(f"warning: {line}", file=sys.stderr)
+    if args.plot:
+        path = plot_segment_lengths(counts, manifest.sources, manifest.seq_len, args.plot)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def format_diff(d: dict[str, Any]) -> str:
+    from .inspect import show
+
+    absent = "(absent)"
+    lines = [f"A {d['a']['path']} (release {d['a']['release_id'][:12]})", f"B {d['b']['path']} (release {d['b']['release_id'][:12]})"]
+    if d["identical"]:
+        return "\n".join([*lines, "", "identical releases"])
+    ins = d["inputs"]
+    lines += ["", "inputs:" if any(ins.values()) else "inputs: unchanged"]
+    lines += [f"  + {i['path']} ({i['role']})" for i in ins["added"]]
+    lines += [f"  - {i['path']} ({i['role']})" for i in ins["removed"]]
+    lines += [f"  ~ {i['path']} ({i['role']}): {i['old'][:12]} -> {i['new'][:12]}" for i in ins["changed"]]
+    for title, changes in (("recipe", d["recipe"]), ("release", d["release"]), ("totals", d["totals"])):
+        lines += ["", f"{title}:" if changes else f"{title}: unchanged"]
+        lines += [f"  {c['key']}: {show(c['old']) if 'old' in c else absent} -> {show(c['new']) if 'new' in c else absent}" for c in changes]
+
+    def pair(v: list[Any]) -> str:
+        old, new = v
+        if old == new:
+            return f"{old:,}" if isinstance(old, int) else str(old)
+        if isinstance(old, int) and isinstance(new, int):
+            return f"{old:,} -> {new:,} ({new - old:+,})"
+        return f"{absent if old is None else old} -> {absent if new is None else new}"
+
+    rows = [[s["name"], pair(s["weight"]), pair(s["selected"]), pair(s["tokens"]), pair(s["trained_tokens"])] for s in d["sources"]]
+    lines += ["", _table(rows, ["source", "weight", "samples", "tokens", "trained"])]
+    return "\n".join(lines)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    import json
+
+    from .inspect import diff_releases
+
+    d = diff_releases(args.a, args.b)
+    print(json.dumps(d, indent=2) if args.json else format_diff(d))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recipe", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
@@ -111,6 +270,27 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a recipe and its sources without building", description=CHECK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("recipe", help="the recipe TOML file")
     c.set_defaults(func=cmd_check)
+    v = sub.add_parser("verify", help="re-hash a release's shards (and inputs) against its manifest", description=VERIFY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("release", help="the release folder")
+    v.add_argument("--recipe-dir", metavar="DIR", help="folder of the recipe file the release was built from (or the recipe file itself): also check the inputs")
+    v.set_defaults(func=cmd_verify)
+    st = sub.add_parser("stats", help="realized mixture vs target, tokens, packing", description=STATS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    st.add_argument("release", help="the release folder")
+    st.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    st.add_argument("--plot", metavar="FILE.png", help="also write a PNG of segment lengths per source (needs matplotlib)")
+    st.set_defaults(func=cmd_stats)
+    d = sub.add_parser("diff", help="what changed between two releases", description=DIFF_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("a", metavar="A", help="the older release folder")
+    d.add_argument("b", metavar="B", help="the newer release folder")
+    d.add_argument("--json", action="store_true", help="print the differences as JSON")
+    d.set_defaults(func=cmd_diff)
+    v = sub.add_parser("preview", help="show rendered samples with trained tokens highlighted", description=PREVIEW_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("recipe", help="the recipe TOML file")
+    v.add_argument("-n", type=int, default=3, help="samples per source (default 3)")
+    v.add_argument("--source", help="only this source")
+    v.add_argument("--html", metavar="FILE", help="write an HTML page instead of printing")
+    v.add_argument("--no-color", action="store_true", help="mark trained text with «» instead of colors")
+    v.set_defaults(func=cmd_preview)
     return p
 
 

@@ -56,7 +56,7 @@ class OutputSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     packing: Literal["bfd", "none"] = "bfd"
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     train_on_eos: bool = True
-    overlong: Literal["drop", "truncate"] = "drop"
+    overlong: Literal["drop", "truncate", "split_turns"] = "drop"
     shuffle: bool = True
     shard_sequences: int = 4096
 

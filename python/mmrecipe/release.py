@@ -81,6 +81,7 @@ def shard_table(p: dict[str, Any], lo: int, hi: int) -> pa.Table:
             "segment_lengths": _list(so, p["seg_lengths"], lo, hi, pa.uint32()),
             "segment_source": _list(so, p["seg_source"], lo, hi, pa.uint16()),
             "segment_row": _list(so, p["seg_row"], lo, hi, pa.uint64()),
+            "segment_part": _list(so, p["seg_part"], lo, hi, pa.uint16()),
             "segment_template": _list(so, p["seg_template"], lo, hi, pa.int32()),
             "segment_repeat": _list(so, p["seg_repeat"], lo, hi, pa.uint32()),
             "segment_images": _list(so, p["seg_images"], lo, hi, pa.uint32()),
