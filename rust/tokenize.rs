@@ -12,7 +12,19 @@ use crate::error::{Error, Result};
 use crate::plan::TrainOn;
 use crate::render::{Rendered, Role};
 use aho_corasick::{AhoCorasick, MatchKind};
-use tokenizers::Tokenizer;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer};
+
+static NEXT_TOKENIZER_ID: AtomicU64 = AtomicU64::new(1);
+const WORD_CACHE_LIMIT: usize = 1 << 18;
+
+thread_local! {
+    /// Per worker thread: pre-tokenized word → (token id, byte length) list, for the
+    /// tokenizer with the given id. Lock-free, unlike the model's shared cache.
+    static WORD_CACHE: RefCell<(u64, HashMap<String, Box<[(u32, u32)]>>)> = RefCell::new((0, HashMap::new()));
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageRun {
@@ -49,6 +61,10 @@ pub struct ImageTokens {
 
 pub struct TextTokenizer {
     tokenizer: Tokenizer,
+    /// Byte-level BPE without a normalizer or non-special added tokens: words are
+    /// tokenized through the per-thread cache instead of building full `Encoding`s.
+    fast: bool,
+    id: u64,
     /// Patterns: the special tokens, then the image placeholder (when set).
     cutter: AhoCorasick,
     special_ids: Vec<u32>,
@@ -110,7 +126,14 @@ impl TextTokenizer {
             .build(&patterns)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let special_ids = specials.iter().map(|(_, id)| *id).collect();
-        Ok(TextTokenizer { tokenizer, cutter, special_ids, image })
+        let fast = byte_level_bpe(&tokenizer);
+        let id = NEXT_TOKENIZER_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(TextTokenizer { tokenizer, fast, id, cutter, special_ids, image })
+    }
+
+    /// Turns the fast path off (tests compare both paths).
+    pub fn set_fast(&mut self, on: bool) {
+        self.fast = on && byte_level_bpe(&self.tokenizer);
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -138,11 +161,48 @@ impl TextTokenizer {
         if text.is_empty() {
             return Ok(());
         }
+        if self.fast {
+            self.encode_words(text, base, out)?;
+            kinds.resize(out.ids.len(), KIND_TEXT);
+            return Ok(());
+        }
         let enc = self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
         out.ids.extend_from_slice(enc.get_ids());
         out.offsets.extend(enc.get_offsets().iter().map(|&(s, e)| ((base + s) as u32, (base + e) as u32)));
         kinds.resize(out.ids.len(), KIND_TEXT);
         Ok(())
+    }
+
+    /// The fast path: pre-tokenize, then each word's tokens from the per-thread cache.
+    /// Byte-level: every original byte is one character of the word, so a token's byte
+    /// length is its character count.
+    fn encode_words(&self, text: &str, base: usize, out: &mut Encoded) -> Result<()> {
+        let err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+        let mut pre = PreTokenizedString::from(text);
+        if let Some(p) = self.tokenizer.get_pre_tokenizer() {
+            p.pre_tokenize(&mut pre).map_err(err)?;
+        }
+        WORD_CACHE.with(|cell| {
+            let mut cache = cell.borrow_mut();
+            if cache.0 != self.id || cache.1.len() > WORD_CACHE_LIMIT {
+                cache.1.clear();
+                cache.0 = self.id;
+            }
+            for (word, (start, _), _) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+                if !cache.1.contains_key(word) {
+                    let toks = self.tokenizer.get_model().tokenize(word).map_err(err)?;
+                    let entry: Box<[(u32, u32)]> = toks.iter().map(|t| (t.id, t.value.chars().count() as u32)).collect();
+                    cache.1.insert(word.to_string(), entry);
+                }
+                let mut pos = (base + start) as u32;
+                for &(id, len) in cache.1[word].iter() {
+                    out.ids.push(id);
+                    out.offsets.push((pos, pos + len));
+                    pos += len;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Tokenizes a rendered conversation. `roles[i]` is the role of the message whose span
@@ -212,6 +272,19 @@ impl TextTokenizer {
     }
 }
 
+/// Whether the fast word path gives exactly `Tokenizer::encode`'s ids: a BPE model
+/// behind a byte-level pre-tokenizer, no normalizer, no non-special added tokens.
+fn byte_level_bpe(tk: &Tokenizer) -> bool {
+    let json = |v: serde_json::Result<serde_json::Value>| v.unwrap_or(serde_json::Value::Null);
+    let normalizer = json(serde_json::to_value(tk.get_normalizer()));
+    let no_normalizer = normalizer.is_null()
+        || (normalizer["type"] == "Sequence" && normalizer["normalizers"].as_array().is_some_and(|a| a.is_empty()));
+    let pre = json(serde_json::to_value(tk.get_pre_tokenizer())).to_string();
+    let is_bpe = matches!(tk.get_model(), tokenizers::ModelWrapper::BPE(_));
+    let only_special_added = tk.get_added_tokens_decoder().values().all(|t| t.special);
+    no_normalizer && pre.contains("\"ByteLevel\"") && is_bpe && only_special_added
+}
+
 const KIND_TEXT: u8 = 0;
 const KIND_SPECIAL: u8 = 1;
 const KIND_IMAGE: u8 = 2;
@@ -261,4 +334,59 @@ fn response_mask(
         }
     }
     mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::{builtin, ChatRenderer, Message};
+    use proptest::prelude::*;
+
+    const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/models/smollm2/tokenizer.json");
+
+    fn pair() -> &'static (TextTokenizer, TextTokenizer) {
+        static PAIR: std::sync::OnceLock<(TextTokenizer, TextTokenizer)> = std::sync::OnceLock::new();
+        PAIR.get_or_init(load_pair)
+    }
+
+    fn load_pair() -> (TextTokenizer, TextTokenizer) {
+        let fast = TextTokenizer::new(TextTokenizer::from_file(TOKENIZER).unwrap(), Some(("<image>", "<image>", None, None))).unwrap();
+        let mut slow = TextTokenizer::new(TextTokenizer::from_file(TOKENIZER).unwrap(), Some(("<image>", "<image>", None, None))).unwrap();
+        assert!(fast.fast, "the bundled tokenizer is byte-level BPE");
+        slow.set_fast(false);
+        (fast, slow)
+    }
+
+    fn renderer() -> &'static ChatRenderer {
+        static R: std::sync::OnceLock<ChatRenderer> = std::sync::OnceLock::new();
+        R.get_or_init(|| ChatRenderer::new(builtin("chatml").unwrap(), None, None).unwrap())
+    }
+
+    proptest! {
+        #[test]
+        fn fast_path_equals_full_encoding(parts in prop::collection::vec(prop::sample::select(vec![
+            "Hello", " world", "  ", "\n", "\n\n", "日本語", "🙂", "café", "12345", "x=1;", "\t", "<|im_end|>", "<image>", "don't", "ÀÉ",
+        ]), 0..30)) {
+            let (fast, slow) = pair();
+            let r = renderer();
+            let msgs = vec![
+                Message { role: Role::User, content: parts.concat() },
+                Message { role: Role::Assistant, content: parts.iter().rev().copied().collect::<String>() },
+            ];
+            let rendered = r.render(&msgs).unwrap();
+            let roles = [Role::User, Role::Assistant];
+            let n = rendered.text.matches("<image>").count();
+            let counts = vec![3u32; n];
+            let a = fast.encode(&rendered, &roles, &counts, TrainOn::Assistant, true).unwrap();
+            let b = slow.encode(&rendered, &roles, &counts, TrainOn::Assistant, true).unwrap();
+            // Offsets may differ inside a multi-byte character (HF widens a partial
+            // character to the whole one); spans are character-aligned, so masks do not.
+            prop_assert_eq!(&a.ids, &b.ids);
+            prop_assert_eq!(&a.mask, &b.mask);
+            prop_assert_eq!(&a.images, &b.images);
+            let image_tokens = a.ids.iter().filter(|&&i| i == 49152).count();
+            prop_assert_eq!(image_tokens, 3 * n);
+            prop_assert!(a.images.iter().all(|r| a.mask[r.pos as usize..(r.pos + r.len) as usize].iter().all(|&m| m == 0)));
+        }
+    }
 }
