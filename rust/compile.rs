@@ -532,23 +532,46 @@ impl Compiler {
                 ));
             }
         }
-        let counts: Vec<u64> = match plan.mixture {
-            MixturePlan::Natural => self.stores.iter().map(|s| s.samples.len() as u64).collect(),
-            MixturePlan::Samples(total) => {
-                let weights: Vec<f64> = plan.sources.iter().map(|s| s.weight).collect();
-                mix::largest_remainder(&weights, total)
+        let sizes: Vec<u64> = self.stores.iter().map(|s| s.samples.len() as u64).collect();
+        let weights: Vec<f64> = plan.sources.iter().map(|s| s.weight).collect();
+        let weights = mix::effective_weights(&weights, &sizes, plan.alpha);
+        let rows_of = |store: &Store| store.samples.iter().map(|r| r.row).collect::<Vec<u64>>();
+        // Items in mixture order: (source, pick).
+        let picks: Vec<Vec<mix::Pick>> = match plan.mixture {
+            MixturePlan::Natural | MixturePlan::Samples(_) => {
+                let counts = match plan.mixture {
+                    MixturePlan::Samples(total) => mix::largest_remainder(&weights, total),
+                    _ => sizes.clone(),
+                };
+                self.stores.iter().enumerate().map(|(s, st)| mix::select(&rows_of(st), counts[s], plan.seed, self.source_keys[s])).collect()
+            }
+            MixturePlan::Tokens(total) => {
+                let targets = mix::largest_remainder(&weights, total);
+                self.stores
+                    .iter()
+                    .enumerate()
+                    .map(|(s, st)| {
+                        let lengths: Vec<u32> = st.samples.iter().map(|r| r.len).collect();
+                        mix::select_tokens(&rows_of(st), &lengths, targets[s], plan.seed, self.source_keys[s])
+                    })
+                    .collect()
             }
         };
-        // Items in mixture order: (source, pick).
-        let picks: Vec<Vec<mix::Pick>> = self
-            .stores
-            .iter()
-            .enumerate()
-            .map(|(s, store)| {
-                let rows: Vec<u64> = store.samples.iter().map(|r| r.row).collect();
-                mix::select(&rows, counts[s], plan.seed, self.source_keys[s])
-            })
-            .collect();
+        for (s, src) in plan.sources.iter().enumerate() {
+            let epochs = picks[s].len() as f64 / sizes[s] as f64;
+            if let Some(max) = src.max_epochs {
+                if epochs > max + 1e-9 {
+                    return Err(Error::plan(
+                        format!("source[{s}].max_epochs"),
+                        format!(
+                            "source '{}' would be repeated {epochs:.2} times ({} samples from {} usable) but max_epochs = {max}; lower its weight or the total, or raise max_epochs",
+                            src.name, picks[s].len(), sizes[s]
+                        ),
+                    ));
+                }
+            }
+        }
+        let counts: Vec<u64> = picks.iter().map(|p| p.len() as u64).collect();
         let mut next = vec![0usize; picks.len()];
         let items: Vec<(u16, mix::Pick)> = mix::interleave(&counts)
             .into_iter()

@@ -60,6 +60,45 @@ pub fn select(row_ids: &[u64], count: u64, seed: u64, source: u64) -> Vec<Pick> 
     picks
 }
 
+/// Shares for temperature sampling: weight × size^alpha (alpha = 0 keeps the weights).
+pub fn effective_weights(weights: &[f64], sizes: &[u64], alpha: f64) -> Vec<f64> {
+    weights.iter().zip(sizes).map(|(w, &n)| if alpha == 0.0 { *w } else { w * (n as f64).powf(alpha) }).collect()
+}
+
+/// Picks whose lengths add up to `target` tokens: whole passes while a pass fits, then
+/// rows in keyed-hash order until the target is reached (the last pick may overshoot).
+pub fn select_tokens(row_ids: &[u64], lengths: &[u32], target: u64, seed: u64, source: u64) -> Vec<Pick> {
+    let pass: u64 = lengths.iter().map(|&l| l as u64).sum();
+    if pass == 0 || target == 0 {
+        return Vec::new();
+    }
+    let passes = target / pass;
+    let mut picks = Vec::new();
+    for r in 0..passes {
+        picks.extend((0..row_ids.len() as u32).map(|i| Pick { index: i, repeat: r as u32 }));
+    }
+    let mut left = target - passes * pass;
+    if left > 0 {
+        let mut order: Vec<(u64, u32)> = row_ids
+            .iter()
+            .enumerate()
+            .map(|(i, &row)| (rng::keyed(seed, source, row, rng::PURPOSE_SUBSET), i as u32))
+            .collect();
+        order.sort_unstable();
+        let mut chosen = Vec::new();
+        for (_, i) in order {
+            if left == 0 {
+                break;
+            }
+            chosen.push(i);
+            left = left.saturating_sub(lengths[i as usize] as u64);
+        }
+        chosen.sort_unstable();
+        picks.extend(chosen.into_iter().map(|i| Pick { index: i, repeat: passes as u32 }));
+    }
+    picks
+}
+
 /// The source of each position: at every step, the source furthest below its target share
 /// (count × position / total) goes next; ties go to the earlier source.
 pub fn interleave(counts: &[u64]) -> Vec<u16> {
@@ -127,6 +166,26 @@ mod tests {
                 prop_assert!((p.index as usize) < n);
             }
         }
+    }
+
+    #[test]
+    fn token_selection_reaches_its_target_by_less_than_one_sample() {
+        let rows: Vec<u64> = (0..50).collect();
+        let lengths: Vec<u32> = (0..50).map(|i| 10 + (i * 37 % 90) as u32).collect();
+        for target in [0u64, 1, 100, 2_999, 3_000, 10_000, 25_432] {
+            let picks = select_tokens(&rows, &lengths, target, 1, 2);
+            let sum: u64 = picks.iter().map(|p| lengths[p.index as usize] as u64).sum();
+            assert!(sum >= target, "{target}");
+            let last = picks.last().map(|p| lengths[p.index as usize] as u64).unwrap_or(0);
+            assert!(sum < target + last.max(1) + 90, "{target}: {sum}");
+        }
+    }
+
+    #[test]
+    fn temperature_flattens_shares() {
+        let w = effective_weights(&[1.0, 1.0], &[100, 10_000], 0.5);
+        assert!((w[1] / w[0] - 10.0).abs() < 1e-9);
+        assert_eq!(effective_weights(&[2.0, 1.0], &[5, 7], 0.0), vec![2.0, 1.0]);
     }
 
     #[test]

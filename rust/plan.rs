@@ -27,6 +27,9 @@ pub struct Plan {
     #[serde(default = "yes")]
     pub shuffle: bool,
     pub mixture: MixturePlan,
+    /// Temperature sampling: a source's share ∝ weight × usable_samples^alpha (0 = weights only).
+    #[serde(default)]
+    pub alpha: f64,
     pub sources: Vec<SourcePlan>,
 }
 
@@ -75,6 +78,9 @@ pub enum MixturePlan {
     Natural,
     /// Exactly this many samples, split by weight.
     Samples(u64),
+    /// This many tokens, split by weight; each source stops at the first sample that
+    /// reaches its share.
+    Tokens(u64),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +137,9 @@ pub struct SourcePlan {
     pub weight: f64,
     #[serde(default)]
     pub on_error: OnError,
+    /// The most passes over this source a mixture may take (exceeding it is an error).
+    #[serde(default)]
+    pub max_epochs: Option<f64>,
 }
 
 fn default_weight() -> f64 {

@@ -21,6 +21,12 @@ from .sources import Normalized, normalize
 
 BATCH_ROWS = 8192
 
+# LLaVA-1.5's wording for short-answer data, appended to the instruction.
+SHORT_ANSWER = {
+    "word": "\nAnswer the question using a single word or phrase.",
+    "sentence": "\nAnswer the question using a single sentence.",
+}
+
 
 @dataclass
 class BuildResult:
@@ -40,7 +46,7 @@ def make_plan(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> d
     from .recipe import resolve_path
 
     total = recipe.mixture.total
-    mixture: Any = "natural" if isinstance(total, str) else {"samples": total["samples"]}
+    mixture: Any = "natural" if isinstance(total, str) else dict(total)
     plan_sources = []
     for i, (spec, norm) in enumerate(zip(recipe.source, sources)):
         if spec.instructions is None:
@@ -51,6 +57,8 @@ def make_plan(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> d
             templates = load_pool(spec.instructions, recipe).templates
         if spec.layout == "caption" and not templates:
             templates = load_pool("caption-brief", recipe).templates
+        if spec.short_answer:
+            templates = [t + SHORT_ANSWER[spec.short_answer] for t in (templates or ["{question}"])]
         root = resolve_path(recipe, spec.image_root) if spec.image_root else (norm.files[0].parent if norm.files else None)
         plan_sources.append(
             {
@@ -60,6 +68,7 @@ def make_plan(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> d
                 "image_root": str(root) if root else None,
                 "weight": spec.weight,
                 "on_error": spec.on_error,
+                "max_epochs": spec.max_epochs,
             }
         )
     image = msgspec.to_builtins(recipe.model.image) if recipe.model.image else None
@@ -76,6 +85,7 @@ def make_plan(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> d
         "packing": recipe.output.packing,
         "shuffle": recipe.output.shuffle,
         "mixture": mixture,
+        "alpha": recipe.mixture.alpha,
         "sources": plan_sources,
     }
 

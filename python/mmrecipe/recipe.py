@@ -62,7 +62,11 @@ class OutputSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
 
 
 class MixtureSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    """`total`: "natural" (every usable row once), { samples = N } or { tokens = N }.
+    `alpha`: temperature sampling, a source's share ∝ weight × rows^alpha."""
+
     total: str | dict[str, int] = "natural"
+    alpha: float = 0.0
 
 
 Layout = Literal["qa", "caption", "conversation", "alpaca"]
@@ -79,6 +83,8 @@ class SourceSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     instructions: str | list[str] | None = None
     image_root: str | None = None
     weight: float = 1.0
+    max_epochs: float | None = None
+    short_answer: Literal["word", "sentence"] | None = None
     on_error: Literal["fail", "skip"] = "fail"
 
 
@@ -152,13 +158,12 @@ def _semantic_problems(r: Recipe) -> list[str]:
             p.append(f"mixture.total: '{total}' is not a mixture total (expected \"natural\" or {{ samples = N }})")
     else:
         keys = set(total)
-        if keys != {"samples"}:
-            p.append(
-                f"mixture.total: expected {{ samples = N }}, got keys {sorted(keys)}"
-                + (" (token totals are not supported yet)" if "tokens" in keys else "")
-            )
-        elif total["samples"] < 1:
-            p.append("mixture.total.samples: must be at least 1")
+        if len(keys) != 1 or not keys <= {"samples", "tokens"}:
+            p.append(f"mixture.total: expected {{ samples = N }} or {{ tokens = N }}, got keys {sorted(keys)}")
+        elif next(iter(total.values())) < 1:
+            p.append(f"mixture.total.{next(iter(keys))}: must be at least 1")
+    if r.mixture.alpha < 0:
+        p.append(f"mixture.alpha: must be >= 0, got {r.mixture.alpha}")
     if not r.source:
         p.append("source: the recipe has no [[source]]")
     seen: dict[str, int] = {}
@@ -170,6 +175,10 @@ def _semantic_problems(r: Recipe) -> list[str]:
             p.append(f"source[{i}].name: must not be empty")
         if not (s.weight > 0):
             p.append(f"source[{i}].weight: must be > 0, got {s.weight}")
+        if s.max_epochs is not None and not (s.max_epochs > 0):
+            p.append(f"source[{i}].max_epochs: must be > 0, got {s.max_epochs}")
+        if s.short_answer and s.layout != "qa":
+            p.append(f"source[{i}].short_answer: only applies to the 'qa' layout")
         required = {"qa": ("question", "answer"), "caption": ("caption",), "alpaca": (), "conversation": ()}[s.layout]
         for f in required:
             if f not in s.fields:
