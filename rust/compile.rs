@@ -14,7 +14,8 @@ use crate::pack;
 use crate::plan::{MixturePlan, OnError, Overlong, Packing, Plan, TrainOn};
 use crate::render::{ChatRenderer, Message, Role};
 use crate::rng;
-use crate::tokenize::{Encoded, ImageRun, TextTokenizer};
+use crate::spill::{Record, Spill};
+use crate::tokenize::{Encoded, TextTokenizer};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -108,8 +109,10 @@ impl Batch<'_> {
 struct SampleRec {
     row: u64,
     part: u16,
-    tok: u64,
+    record: Record,
     len: u32,
+    trained: u32,
+    /// First of its images in the store's image paths.
     img: u32,
     n_img: u32,
     template: i32,
@@ -135,9 +138,6 @@ pub struct SourceStats {
 #[derive(Default)]
 struct Store {
     samples: Vec<SampleRec>,
-    ids: Vec<u32>,
-    mask: Vec<u8>,
-    images: Vec<ImageRun>,
     image_paths: String,
     image_path_ends: Vec<u64>,
     stats: SourceStats,
@@ -177,7 +177,6 @@ pub struct Packed {
     pub img_len: Vec<u32>,
     pub img_path_offsets: Vec<i64>,
     pub img_path_data: Vec<u8>,
-    pub summary: Summary,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -196,8 +195,16 @@ pub struct Summary {
     pub packing_efficiency: f64,
 }
 
+/// The packing decided by `finish`: items (source, pick) and the rows they fill.
+struct Layout {
+    items: Vec<(u16, mix::Pick)>,
+    bins: Vec<Vec<u32>>,
+}
+
 pub struct Compiler {
     plan: Plan,
+    spill: Spill,
+    layout: Option<Layout>,
     renderer: ChatRenderer,
     tokenizer: TextTokenizer,
     templates: Vec<Vec<Template>>,
@@ -217,7 +224,8 @@ fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
 }
 
 impl Compiler {
-    pub fn new(plan: Plan, tokenizer_path: &str, threads: usize) -> Result<Self> {
+    /// `spill_dir`: where tokenized samples wait for packing (None: in memory).
+    pub fn new(plan: Plan, tokenizer_path: &str, threads: usize, spill_dir: Option<&Path>) -> Result<Self> {
         if plan.seq_len < 2 {
             return Err(Error::plan("output.seq_len", "must be at least 2"));
         }
@@ -251,6 +259,8 @@ impl Compiler {
         let threads = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
         Ok(Compiler {
             plan,
+            spill: Spill::new(spill_dir)?,
+            layout: None,
             renderer,
             tokenizer,
             templates,
@@ -302,7 +312,11 @@ impl Compiler {
             self.pool.install(|| (0..n).into_par_iter().map(|i| self.process(source, batch, i)).collect());
         let on_error = self.plan.sources[source].on_error;
         let name = self.plan.sources[source].name.clone();
+        if self.layout.is_some() {
+            return Err(Error::plan("build", "samples added after finish()"));
+        }
         let store = &mut self.stores[source];
+        let spill = &mut self.spill;
         let before = store.samples.len();
         for (i, result) in results.into_iter().enumerate() {
             store.stats.rows += 1;
@@ -310,7 +324,7 @@ impl Compiler {
                 Ok(Outcome::Overlong) => store.stats.dropped_overlong += 1,
                 Ok(Outcome::Keep(done)) => {
                     for d in done {
-                        append(store, batch, i, d);
+                        append(store, spill, batch, i, d)?;
                     }
                 }
                 Err((field, message)) => {
@@ -517,8 +531,8 @@ impl Compiler {
         Ok(parts)
     }
 
-    /// Exact mixture, packing, and the flat arrays of the release.
-    pub fn finish(&mut self) -> Result<Packed> {
+    /// Exact mixture and packing; returns the summary. Rows come from `emit`.
+    pub fn finish(&mut self) -> Result<Summary> {
         let plan = &self.plan;
         for (s, store) in self.stores.iter_mut().enumerate() {
             store.stats.usable = store.samples.len() as u64;
@@ -599,29 +613,55 @@ impl Compiler {
             bins.sort_unstable_by_key(|b| b[0]);
         }
 
-        for (s, store) in self.stores.iter_mut().enumerate() {
-            store.stats.selected = counts[s];
+        let mut sources: Vec<SourceStats> = self.stores.iter().map(|s| s.stats.clone()).collect();
+        let (mut tokens, mut trained) = (0u64, 0u64);
+        for &(s, pick) in &items {
+            let rec = self.stores[s as usize].samples[pick.index as usize];
+            let st = &mut sources[s as usize];
+            st.selected += 1;
+            st.tokens += rec.len as u64;
+            st.trained_tokens += rec.trained as u64;
+            st.images += rec.n_img as u64;
+            tokens += rec.len as u64;
+            trained += rec.trained as u64;
         }
+        let lower_bound = pack::lower_bound(&lengths, plan.seq_len);
+        let sequences = bins.len() as u64;
+        let summary = Summary {
+            sources,
+            sequences,
+            segments: items.len() as u64,
+            tokens,
+            trained_tokens: trained,
+            seq_len: plan.seq_len,
+            fill: if sequences == 0 { 0.0 } else { tokens as f64 / (sequences as f64 * plan.seq_len as f64) },
+            lower_bound,
+            packing_efficiency: if sequences == 0 { 1.0 } else { lower_bound as f64 / sequences as f64 },
+        };
+        self.layout = Some(Layout { items, bins });
+        Ok(summary)
+    }
+
+    /// The packed rows `lo..hi` (after `finish`), as flat arrays; rows are emitted in
+    /// pieces so a release is written without holding it all in memory.
+    pub fn emit(&mut self, lo: usize, hi: usize) -> Result<Packed> {
+        let layout = self.layout.as_ref().ok_or_else(|| Error::plan("build", "emit() before finish()"))?;
+        let hi = hi.min(layout.bins.len());
+        let image_token = self.tokenizer.image_token().unwrap_or(0);
         let mut out = Packed::default();
         out.row_offsets.push(0);
         out.seg_offsets.push(0);
         out.img_offsets.push(0);
         out.img_path_offsets.push(0);
-        for bin in &bins {
+        for bin in &layout.bins[lo.min(hi)..hi] {
             for &it in bin {
-                let (s, pick) = items[it as usize];
-                let store = &mut self.stores[s as usize];
+                let (s, pick) = layout.items[it as usize];
+                let store = &self.stores[s as usize];
                 let rec = store.samples[pick.index as usize];
                 let base = out.input_ids.len() as u32;
-                let (a, b) = (rec.tok as usize, rec.tok as usize + rec.len as usize);
-                out.input_ids.extend_from_slice(&store.ids[a..b]);
-                out.loss_mask.extend_from_slice(&store.mask[a..b]);
-                let trained = store.mask[a..b].iter().filter(|&&m| m != 0).count() as u64;
-                store.stats.tokens += rec.len as u64;
-                store.stats.trained_tokens += trained;
-                store.stats.images += rec.n_img as u64;
-                for k in rec.img as usize..(rec.img + rec.n_img) as usize {
-                    let run = store.images[k];
+                let runs = self.spill.read(rec.record, image_token, &mut out.input_ids, &mut out.loss_mask)?;
+                for (k, run) in runs.iter().enumerate() {
+                    let k = rec.img as usize + k;
                     out.img_pos.push(base + run.pos);
                     out.img_len.push(run.len);
                     let start = if k == 0 { 0 } else { store.image_path_ends[k - 1] as usize };
@@ -641,38 +681,22 @@ impl Compiler {
             out.seg_offsets.push(out.seg_lengths.len() as i64);
             out.img_offsets.push(out.img_pos.len() as i64);
         }
-        let tokens = out.input_ids.len() as u64;
-        let lower_bound = pack::lower_bound(&lengths, plan.seq_len);
-        let sequences = bins.len() as u64;
-        out.summary = Summary {
-            sources: self.stores.iter().map(|s| s.stats.clone()).collect(),
-            sequences,
-            segments: items.len() as u64,
-            tokens,
-            trained_tokens: out.loss_mask.iter().map(|&m| m as u64).sum(),
-            seq_len: plan.seq_len,
-            fill: if sequences == 0 { 0.0 } else { tokens as f64 / (sequences as f64 * plan.seq_len as f64) },
-            lower_bound,
-            packing_efficiency: if sequences == 0 { 1.0 } else { lower_bound as f64 / sequences as f64 },
-        };
         Ok(out)
     }
 }
 
-fn append(store: &mut Store, batch: &Batch, i: usize, done: Done) {
+fn append(store: &mut Store, spill: &mut Spill, batch: &Batch, i: usize, done: Done) -> Result<()> {
     let Done { enc, template, image_paths, truncated, part } = done;
     let rec = SampleRec {
         row: batch.rows[i],
         part,
-        tok: store.ids.len() as u64,
+        record: spill.append(&enc)?,
         len: enc.ids.len() as u32,
-        img: store.images.len() as u32,
+        trained: enc.trained() as u32,
+        img: store.image_path_ends.len() as u32,
         n_img: enc.images.len() as u32,
         template,
     };
-    store.ids.extend_from_slice(&enc.ids);
-    store.mask.extend_from_slice(&enc.mask);
-    store.images.extend_from_slice(&enc.images);
     for k in image_paths {
         // Validated as UTF-8 when the image was read.
         store.image_paths.push_str(batch.images.get(k).unwrap_or_default());
@@ -680,6 +704,7 @@ fn append(store: &mut Store, batch: &Batch, i: usize, done: Done) {
     }
     store.stats.truncated += truncated as u64;
     store.samples.push(rec);
+    Ok(())
 }
 
 /// Cuts a sample to at most `max` tokens: never inside an image run, at the end of a
@@ -711,6 +736,7 @@ pub fn truncate(enc: &mut Encoded, max: usize, (wrap_start, wrap_end): (bool, bo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenize::ImageRun;
     use proptest::prelude::*;
 
     const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/models/smollm2/tokenizer.json");
@@ -777,10 +803,11 @@ mod tests {
     fn same_output_for_any_thread_count() {
         let c = cols(&convs(40));
         let run = |threads| {
-            let mut comp = Compiler::new(plan(""), TOKENIZER, threads).unwrap();
+            let mut comp = Compiler::new(plan(""), TOKENIZER, threads, None).unwrap();
             comp.add_batch(0, &batch(&c)).unwrap();
             comp.add_batch(1, &batch(&c)).unwrap();
-            let p = comp.finish().unwrap();
+            comp.finish().unwrap();
+            let p = comp.emit(0, usize::MAX).unwrap();
             (p.input_ids, p.loss_mask, p.seg_row, p.seg_template, p.row_offsets)
         };
         assert_eq!(run(1), run(2));
@@ -790,10 +817,11 @@ mod tests {
     #[test]
     fn templates_apply_to_user_turns_only_where_configured() {
         let c = cols(&convs(20));
-        let mut comp = Compiler::new(plan(""), TOKENIZER, 1).unwrap();
+        let mut comp = Compiler::new(plan(""), TOKENIZER, 1, None).unwrap();
         comp.add_batch(0, &batch(&c)).unwrap();
         comp.add_batch(1, &batch(&c)).unwrap();
-        let p = comp.finish().unwrap();
+        comp.finish().unwrap();
+            let p = comp.emit(0, usize::MAX).unwrap();
         for (s, t) in p.seg_source.iter().zip(&p.seg_template) {
             assert_eq!(*s == 1, *t >= 0);
         }
@@ -804,11 +832,12 @@ mod tests {
     #[test]
     fn exact_sample_mixture() {
         let c = cols(&convs(7));
-        let mut comp = Compiler::new(plan(r#", "packing": "none""#).clone(), TOKENIZER, 2).unwrap();
+        let mut comp = Compiler::new(plan(r#", "packing": "none""#).clone(), TOKENIZER, 2, None).unwrap();
         comp.plan.mixture = MixturePlan::Samples(25);
         comp.add_batch(0, &batch(&c)).unwrap();
         comp.add_batch(1, &batch(&c)).unwrap();
-        let p = comp.finish().unwrap();
+        comp.finish().unwrap();
+            let p = comp.emit(0, usize::MAX).unwrap();
         let a = p.seg_source.iter().filter(|&&s| s == 0).count();
         assert_eq!((a, p.seg_source.len()), (13, 25));
         assert_eq!(p.row_offsets.len(), 26);
@@ -820,14 +849,13 @@ mod tests {
         let conv = vec![vec![(1u8, "q1"), (2u8, "a1"), (1, "q2"), (2, long.as_str()), (1, "q3"), (2, "a3")]];
         let c = cols(&conv);
         for (policy, samples) in [("drop", 0usize), ("truncate", 1), ("split_turns", 2)] {
-            let mut comp = Compiler::new(plan(&format!(r#", "overlong": "{policy}""#)), TOKENIZER, 1).unwrap();
+            let mut comp = Compiler::new(plan(&format!(r#", "overlong": "{policy}""#)), TOKENIZER, 1, None).unwrap();
             comp.add_batch(0, &batch(&c)).unwrap();
             let store = &comp.stores[0];
             assert_eq!(store.samples.len(), samples, "{policy}");
             for s in &store.samples {
                 assert!(s.len <= 64);
-                let mask = &store.mask[s.tok as usize..(s.tok + s.len as u64) as usize];
-                assert!(mask.contains(&1), "{policy}: a kept sample must train something");
+                assert!(s.trained > 0, "{policy}: a kept sample must train something");
             }
         }
     }
@@ -836,12 +864,12 @@ mod tests {
     fn data_errors_name_the_row_or_skip() {
         let conv = vec![vec![(1u8, "ok"), (2u8, "fine")], vec![(1u8, "no answer")]];
         let c = cols(&conv);
-        let mut comp = Compiler::new(plan(""), TOKENIZER, 1).unwrap();
+        let mut comp = Compiler::new(plan(""), TOKENIZER, 1, None).unwrap();
         let err = comp.add_batch(0, &batch(&c)).unwrap_err();
         assert!(matches!(err, Error::Data { row: 1, .. }), "{err}");
         let mut skip = plan("");
         skip.sources[0].on_error = OnError::Skip;
-        let mut comp = Compiler::new(skip, TOKENIZER, 1).unwrap();
+        let mut comp = Compiler::new(skip, TOKENIZER, 1, None).unwrap();
         assert_eq!(comp.add_batch(0, &batch(&c)).unwrap(), 1);
         assert_eq!(comp.stores[0].stats.skipped, 1);
     }
@@ -850,7 +878,7 @@ mod tests {
     fn malformed_columns_are_rejected_not_panicking() {
         let mut c = cols(&convs(3));
         c.turn_offsets[2] = 99;
-        let mut comp = Compiler::new(plan(""), TOKENIZER, 1).unwrap();
+        let mut comp = Compiler::new(plan(""), TOKENIZER, 1, None).unwrap();
         assert!(matches!(comp.add_batch(0, &batch(&c)), Err(Error::Plan { .. })));
     }
 

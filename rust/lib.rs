@@ -15,6 +15,7 @@ pub mod pack;
 pub mod plan;
 pub mod render;
 pub mod rng;
+pub mod spill;
 pub mod tokenize;
 
 #[cfg(feature = "python")]

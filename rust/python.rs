@@ -47,11 +47,11 @@ struct PyCompiler {
 #[pymethods]
 impl PyCompiler {
     #[new]
-    #[pyo3(signature = (plan_json, tokenizer_path, threads = 0))]
-    fn new(py: Python<'_>, plan_json: &[u8], tokenizer_path: &str, threads: usize) -> PyResult<Self> {
+    #[pyo3(signature = (plan_json, tokenizer_path, threads = 0, spill_dir = None))]
+    fn new(py: Python<'_>, plan_json: &[u8], tokenizer_path: &str, threads: usize, spill_dir: Option<std::path::PathBuf>) -> PyResult<Self> {
         let plan: Plan = serde_json::from_slice(plan_json).map_err(|e| PyValueError::new_err(format!("invalid build plan: {e}")))?;
         let path = tokenizer_path.to_string();
-        let inner = py.detach(move || Compiler::new(plan, &path, threads)).map_err(|e| to_py(py, e))?;
+        let inner = py.detach(move || Compiler::new(plan, &path, threads, spill_dir.as_deref())).map_err(|e| to_py(py, e))?;
         Ok(PyCompiler { inner })
     }
 
@@ -134,10 +134,17 @@ impl PyCompiler {
         Ok(out)
     }
 
-    /// Mixes and packs everything added; returns flat NumPy arrays and a JSON summary.
-    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    /// Mixes and packs everything added; returns the build summary as JSON.
+    fn finish(&mut self, py: Python<'_>) -> PyResult<String> {
         let inner = &mut self.inner;
-        let p = py.detach(|| inner.finish()).map_err(|e| to_py(py, e))?;
+        let summary = py.detach(|| inner.finish()).map_err(|e| to_py(py, e))?;
+        serde_json::to_string(&summary).map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// Packed rows lo..hi (after `finish`) as flat NumPy arrays.
+    fn emit<'py>(&mut self, py: Python<'py>, lo: usize, hi: usize) -> PyResult<Bound<'py, PyDict>> {
+        let inner = &mut self.inner;
+        let p = py.detach(|| inner.emit(lo, hi)).map_err(|e| to_py(py, e))?;
         let d = PyDict::new(py);
         d.set_item("row_offsets", p.row_offsets.into_pyarray(py))?;
         d.set_item("input_ids", p.input_ids.into_pyarray(py))?;
@@ -155,8 +162,6 @@ impl PyCompiler {
         d.set_item("img_len", p.img_len.into_pyarray(py))?;
         d.set_item("img_path_offsets", p.img_path_offsets.into_pyarray(py))?;
         d.set_item("img_path_data", p.img_path_data.into_pyarray(py))?;
-        let summary = serde_json::to_string(&p.summary).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        d.set_item("summary", summary)?;
         Ok(d)
     }
 

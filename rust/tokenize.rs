@@ -140,6 +140,11 @@ impl TextTokenizer {
         &self.tokenizer
     }
 
+    /// The id image placeholders expand to.
+    pub fn image_token(&self) -> Option<u32> {
+        self.image.as_ref().map(|i| i.token)
+    }
+
     /// Whether image runs are wrapped in start / end tokens.
     pub fn image_wrappers(&self) -> (bool, bool) {
         self.image.as_ref().map(|i| (i.start.is_some(), i.end.is_some())).unwrap_or((false, false))

@@ -4,6 +4,7 @@ pack) → release directory. Python orchestrates whole batches; no loop runs per
 from __future__ import annotations
 
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,11 @@ def make_plan(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> d
     }
 
 
-def make_compiler(recipe: Recipe, model: ModelFiles, sources: list[Normalized], threads: int = 0) -> Any:
+def make_compiler(
+    recipe: Recipe, model: ModelFiles, sources: list[Normalized], threads: int = 0, spill_dir: Path | None = None
+) -> Any:
     plan = make_plan(recipe, model, sources)
-    return _core.Compiler(msgspec.json.encode(plan), str(model.tokenizer_json), threads)
+    return _core.Compiler(msgspec.json.encode(plan), str(model.tokenizer_json), threads, str(spill_dir) if spill_dir else None)
 
 
 def _inputs(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> list[InputFile]:
@@ -133,10 +136,10 @@ def build(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out)
-    with staging(out, overwrite) as tmp:
+    with staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{out.name}.spill-") as spill:
         model = resolve_model(recipe)
         sources = [normalize(recipe, i) for i in range(len(recipe.source))]
-        compiler = make_compiler(recipe, model, sources, threads)
+        compiler = make_compiler(recipe, model, sources, threads, Path(spill))
         pad = model.pad_token or model.eos_token
         pad_id = compiler.token_id(pad) if pad else None
         if pad_id is None:
@@ -150,12 +153,13 @@ def build(
                     args = batch_arguments(norm, start, BATCH_ROWS)
                     compiler.add_batch(i, *args)
                     bar.update(min(BATCH_ROWS, len(norm) - start))
-        packed = compiler.finish()
-        summary = msgspec.json.decode(packed.pop("summary"))
+                norm.frame = norm.frame.clear()  # its tokens now live in the compiler's spill
+        summary = msgspec.json.decode(compiler.finish())
 
         rows = summary["sequences"]
         with _progress(rows, "write", "seq", progress) as wbar:
-            shards = write_shards(tmp, packed, recipe.output.shard_sequences, wbar)
+            shards = write_shards(tmp, compiler.emit, rows, recipe.output.shard_sequences, wbar)
+        del compiler
 
         recipe_dict = to_dict(recipe)
         manifest = Manifest(

@@ -8,7 +8,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import msgspec
 import numpy as np
@@ -115,17 +115,17 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_shards(folder: Path, packed: dict[str, Any], per_shard: int, progress: Any = None) -> list[Shard]:
+def write_shards(folder: Path, emit: Callable[[int, int], dict[str, Any]], rows: int, per_shard: int, progress: Any = None) -> list[Shard]:
+    """Writes rows 0..rows, fetched `per_shard` at a time from `emit(lo, hi)`."""
     data = folder / DATA
     data.mkdir()
-    rows = len(packed["row_offsets"]) - 1
     shards = []
     for k, lo in enumerate(range(0, max(rows, 1), per_shard)):
         hi = min(rows, lo + per_shard)
+        packed = emit(lo, hi)
         name = f"{DATA}/part-{k:05d}.parquet"
-        table = shard_table(packed, lo, hi)
-        pq.write_table(table, folder / name, compression="zstd", row_group_size=ROW_GROUP, write_statistics=False)
-        tokens = int(packed["row_offsets"][hi] - packed["row_offsets"][lo])
+        pq.write_table(shard_table(packed, 0, hi - lo), folder / name, compression="zstd", row_group_size=ROW_GROUP, write_statistics=False)
+        tokens = int(packed["row_offsets"][-1])
         shards.append(Shard(path=name, sha256=file_sha256(folder / name), sequences=hi - lo, tokens=tokens))
         if progress is not None:
             progress.update(hi - lo)

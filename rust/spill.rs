@@ -1,0 +1,157 @@
+//! Tokenized samples kept on disk between tokenization and packing, so a build's memory
+//! does not grow with its size. Records are compact: the tokens outside image runs, their
+//! mask, and the runs (image tokens are re-expanded when read back).
+
+use crate::error::{Error, Result};
+use crate::tokenize::{Encoded, ImageRun};
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+pub struct Spill {
+    sink: Sink,
+    len: u64,
+}
+
+enum Sink {
+    Memory(Vec<u8>),
+    File { writer: BufWriter<File>, path: PathBuf, reader: Option<File> },
+}
+
+/// Where a record lies in the spill.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Record {
+    pub offset: u64,
+    pub bytes: u32,
+}
+
+fn io(e: std::io::Error) -> Error {
+    Error::plan("spill", format!("temporary token file: {e}"))
+}
+
+impl Spill {
+    /// In memory when `dir` is None (tests, previews); else a file in `dir`, removed on drop.
+    pub fn new(dir: Option<&Path>) -> Result<Self> {
+        let sink = match dir {
+            None => Sink::Memory(Vec::new()),
+            Some(d) => {
+                let path = d.join(format!("tokens-{}.spill", std::process::id()));
+                let file = File::create(&path).map_err(io)?;
+                Sink::File { writer: BufWriter::with_capacity(1 << 20, file), path, reader: None }
+            }
+        };
+        Ok(Spill { sink, len: 0 })
+    }
+
+    /// Appends one sample; image-run tokens are not stored.
+    pub fn append(&mut self, enc: &Encoded) -> Result<Record> {
+        let in_run = |t: usize| enc.images.iter().any(|r| t >= r.pos as usize && t < (r.pos + r.len) as usize);
+        let keep: Vec<usize> = if enc.images.is_empty() { (0..enc.ids.len()).collect() } else { (0..enc.ids.len()).filter(|&t| !in_run(t)).collect() };
+        let mut buf = Vec::with_capacity(8 + keep.len() * 5 + enc.images.len() * 8);
+        buf.extend_from_slice(&(keep.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&(enc.images.len() as u32).to_le_bytes());
+        for &t in &keep {
+            buf.extend_from_slice(&enc.ids[t].to_le_bytes());
+        }
+        buf.extend(keep.iter().map(|&t| enc.mask[t]));
+        for r in &enc.images {
+            buf.extend_from_slice(&r.pos.to_le_bytes());
+            buf.extend_from_slice(&r.len.to_le_bytes());
+        }
+        let record = Record { offset: self.len, bytes: buf.len() as u32 };
+        match &mut self.sink {
+            Sink::Memory(v) => v.extend_from_slice(&buf),
+            Sink::File { writer, .. } => writer.write_all(&buf).map_err(io)?,
+        }
+        self.len += buf.len() as u64;
+        Ok(record)
+    }
+
+    /// Reads a record back, appending the full token ids and mask to `ids` / `mask`
+    /// (image runs filled with `image_token`), and returns the runs.
+    pub fn read(&mut self, rec: Record, image_token: u32, ids: &mut Vec<u32>, mask: &mut Vec<u8>) -> Result<Vec<ImageRun>> {
+        let mut owned = Vec::new();
+        let bytes: &[u8] = match &mut self.sink {
+            Sink::Memory(v) => &v[rec.offset as usize..(rec.offset + rec.bytes as u64) as usize],
+            Sink::File { writer, path, reader } => {
+                if reader.is_none() {
+                    writer.flush().map_err(io)?;
+                    *reader = Some(File::open(&*path).map_err(io)?);
+                }
+                let r = reader.as_mut().unwrap();
+                r.seek(SeekFrom::Start(rec.offset)).map_err(io)?;
+                owned.resize(rec.bytes as usize, 0);
+                r.read_exact(&mut owned).map_err(io)?;
+                &owned
+            }
+        };
+        let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+        let (n, k) = (word(0) as usize, word(4) as usize);
+        let text_ids = 8;
+        let text_mask = text_ids + 4 * n;
+        let runs_at = text_mask + n;
+        let runs: Vec<ImageRun> = (0..k).map(|j| ImageRun { pos: word(runs_at + 8 * j), len: word(runs_at + 8 * j + 4) }).collect();
+        let base = ids.len();
+        let mut t = 0;
+        for run in runs.iter() {
+            while ids.len() - base < run.pos as usize {
+                ids.push(word(text_ids + 4 * t));
+                mask.push(bytes[text_mask + t]);
+                t += 1;
+            }
+            ids.extend(std::iter::repeat_n(image_token, run.len as usize));
+            mask.extend(std::iter::repeat_n(0u8, run.len as usize));
+        }
+        while t < n {
+            ids.push(word(text_ids + 4 * t));
+            mask.push(bytes[text_mask + t]);
+            t += 1;
+        }
+        Ok(runs)
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        if let Sink::File { path, .. } = &self.sink {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Encoded {
+        Encoded {
+            ids: vec![1, 2, 9, 9, 9, 3, 9, 9, 4],
+            mask: vec![0, 0, 0, 0, 0, 1, 0, 0, 1],
+            offsets: vec![(0, 0); 9],
+            images: vec![ImageRun { pos: 2, len: 3 }, ImageRun { pos: 6, len: 2 }],
+        }
+    }
+
+    #[test]
+    fn round_trip_in_memory_and_on_disk() {
+        let dir = std::env::temp_dir().join(format!("mmrecipe-spill-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for d in [None, Some(dir.as_path())] {
+            let mut spill = Spill::new(d).unwrap();
+            let plain = Encoded { ids: vec![5, 6], mask: vec![1, 0], offsets: vec![(0, 0); 2], images: vec![] };
+            let r1 = spill.append(&sample()).unwrap();
+            let r2 = spill.append(&plain).unwrap();
+            let (mut ids, mut mask) = (Vec::new(), Vec::new());
+            let runs = spill.read(r2, 9, &mut ids, &mut mask).unwrap();
+            assert!(runs.is_empty());
+            let runs = spill.read(r1, 9, &mut ids, &mut mask).unwrap();
+            let s = sample();
+            assert_eq!(ids, [vec![5, 6], s.ids.clone()].concat());
+            assert_eq!(mask, [vec![1, 0], s.mask.clone()].concat());
+            assert_eq!(runs, s.images);
+            assert!(r1.bytes < (s.ids.len() * 5 + 8) as u32, "image tokens are not stored");
+        }
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the spill file is removed");
+        std::fs::remove_dir(&dir).unwrap();
+    }
+}
