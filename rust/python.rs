@@ -196,6 +196,27 @@ impl PyCompiler {
     }
 }
 
+/// Best-fit-decreasing packing of `lengths` into bins of `capacity` (benchmarks, tests):
+/// returns (bin offsets, item indices) with bin b holding items[offsets[b]..offsets[b+1]].
+#[pyfunction]
+fn pack_lengths<'py>(py: Python<'py>, lengths: PyReadonlyArray1<'py, u32>, capacity: u32) -> PyResult<(Bound<'py, numpy::PyArray1<i64>>, Bound<'py, numpy::PyArray1<u32>>)> {
+    let l = lengths.as_slice()?;
+    if let Some(&m) = l.iter().max() {
+        if m > capacity {
+            return Err(PyValueError::new_err(format!("a length of {m} exceeds the capacity {capacity}")));
+        }
+    }
+    let bins = py.detach(|| crate::pack::best_fit_decreasing(l, capacity));
+    let mut offsets = Vec::with_capacity(bins.len() + 1);
+    offsets.push(0i64);
+    let mut items = Vec::with_capacity(l.len());
+    for b in bins {
+        items.extend_from_slice(&b);
+        offsets.push(items.len() as i64);
+    }
+    Ok((offsets.into_pyarray(py), items.into_pyarray(py)))
+}
+
 /// The Jinja source of a built-in chat template, or None.
 #[pyfunction]
 fn builtin_template(name: &str) -> Option<&'static str> {
@@ -225,6 +246,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCompiler>()?;
     m.add_function(wrap_pyfunction!(builtin_template, m)?)?;
     m.add_function(wrap_pyfunction!(image_token_count, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_lengths, m)?)?;
     m.add("BUILTIN_TEMPLATES", render::BUILTINS.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

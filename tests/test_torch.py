@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmrecipe.torch import IGNORE_INDEX, PackedDataset, collate, dataloader
+from mmrecipe.torch import IGNORE_INDEX, PackedDataset, ReleaseSampler, collate, dataloader
 
 
 def test_dataloader_batch_contract(demo_release):
@@ -61,3 +61,75 @@ def test_dataset_indexing(demo_release):
     assert np.array_equal(ds[-1]["input_ids"], ds[len(ds) - 1]["input_ids"])
     with pytest.raises(IndexError):
         ds[len(ds)]
+
+
+@pytest.mark.parametrize("size,world_size", [(31, 4), (100, 3), (8, 8), (5, 1)])
+def test_sampler_ranks_are_disjoint_and_equal(size, world_size):
+    for epoch in (0, 1):
+        parts = []
+        for rank in range(world_size):
+            sampler = ReleaseSampler(size, rank=rank, world_size=world_size, seed=3)
+            sampler.set_epoch(epoch)
+            parts.append(list(sampler))
+            assert len(parts[-1]) == len(sampler) == size // world_size
+        flat = [i for p in parts for i in p]
+        assert len(set(flat)) == len(flat)  # disjoint
+        assert set(flat) <= set(range(size))
+
+
+def test_sampler_is_deterministic_per_epoch_and_differs_across_epochs():
+    def epoch_of(epoch: int, seed: int = 7, rank: int = 1) -> list[int]:
+        s = ReleaseSampler(100, rank=rank, world_size=4, seed=seed)
+        s.set_epoch(epoch)
+        return list(s)
+
+    assert epoch_of(0) == epoch_of(0) and epoch_of(5) == epoch_of(5)
+    assert epoch_of(0) != epoch_of(1)
+    assert epoch_of(0, seed=7) != epoch_of(0, seed=8)
+    # Unshuffled, a rank reads every world_size-th index in order.
+    assert list(ReleaseSampler(10, rank=1, world_size=3, shuffle=False)) == [1, 4, 7]
+    # Without drop_last the last round wraps around: every index is read, all ranks equal.
+    parts = [list(ReleaseSampler(10, rank=r, world_size=3, seed=1, drop_last=False)) for r in range(3)]
+    assert [len(p) for p in parts] == [4, 4, 4] and set(sum(parts, [])) == set(range(10))
+    with pytest.raises(ValueError):
+        ReleaseSampler(10, rank=3, world_size=3)
+
+
+def test_sampler_resumes_mid_epoch():
+    full = ReleaseSampler(50, rank=1, world_size=2, seed=11)
+    full.set_epoch(2)
+    expected = list(full)
+    first = ReleaseSampler(50, rank=1, world_size=2, seed=11)
+    first.set_epoch(2)
+    it = iter(first)
+    head = [next(it) for _ in range(9)]
+    state = first.state_dict()
+    assert state["epoch"] == 2 and state["yielded"] == 9
+
+    resumed = ReleaseSampler(50, rank=1, world_size=2, seed=11)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # a training loop calls this at the top of the resumed epoch
+    assert head + list(resumed) == expected
+    assert list(resumed) == expected  # the next pass over the same epoch starts over
+    resumed.set_epoch(3)
+    assert resumed.state_dict()["yielded"] == 0
+    with pytest.raises(ValueError, match="world_size"):
+        ReleaseSampler(50, rank=0, world_size=4, seed=11).load_state_dict(state)
+
+
+def test_distributed_dataloader_with_workers(demo_release):
+    ds = PackedDataset(demo_release)
+    seen = []
+    for rank in range(2):
+        loader = dataloader(demo_release, batch_size=2, rank=rank, world_size=2, seed=5, num_workers=2)
+        assert isinstance(loader.sampler, ReleaseSampler)
+        loader.sampler.set_epoch(1)
+        order = loader.sampler.indices()
+        rows = [row for batch in loader for row in batch["input_ids"]]
+        assert len(rows) == len(ds) // 2
+        # The batches hold exactly the rows the sampler named, in its order.
+        for row, index in zip(rows, order):
+            n = len(ds[index]["input_ids"])
+            assert torch.equal(row[:n], torch.from_numpy(ds[index]["input_ids"]))
+        seen += order
+    assert len(set(seen)) == len(seen) == 2 * (len(ds) // 2)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ class BuildResult:
     path: Path
     summary: dict[str, Any]
     manifest: Manifest
+    #: Seconds per stage: read (sources → normalized columns), tokenize (render, tokenize,
+    #: mask), pack (mixture + packing), write (shards, hashes, manifest).
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
@@ -137,8 +141,18 @@ def build(
         recipe = load_recipe(recipe)
     out = Path(out)
     with staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{out.name}.spill-") as spill:
+        clock = time.perf_counter()
+        timings: dict[str, float] = {}
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + now - clock
+            clock = now
+
         model = resolve_model(recipe)
         sources = [normalize(recipe, i) for i in range(len(recipe.source))]
+        lap("read")
         compiler = make_compiler(recipe, model, sources, threads, Path(spill))
         pad = model.pad_token or model.eos_token
         pad_id = compiler.token_id(pad) if pad else None
@@ -151,10 +165,13 @@ def build(
                 bar.set_postfix_str(norm.spec.name)
                 for start in range(0, len(norm), BATCH_ROWS):
                     args = batch_arguments(norm, start, BATCH_ROWS)
+                    lap("read")
                     compiler.add_batch(i, *args)
+                    lap("tokenize")
                     bar.update(min(BATCH_ROWS, len(norm) - start))
                 norm.frame = norm.frame.clear()  # its tokens now live in the compiler's spill
         summary = msgspec.json.decode(compiler.finish())
+        lap("pack")
 
         rows = summary["sequences"]
         with _progress(rows, "write", "seq", progress) as wbar:
@@ -180,4 +197,5 @@ def build(
         manifest.release_id = bytes_sha256(msgspec.json.encode(manifest))
         write_json(tmp / STATS, summary)
         write_json(tmp / MANIFEST, manifest)
-    return BuildResult(path=out, summary=summary, manifest=manifest)
+        lap("write")
+    return BuildResult(path=out, summary=summary, manifest=manifest, timings=timings)

@@ -57,7 +57,8 @@ example:
 
 STATS_HELP = """\
 Per source: the realized share of the packed samples against the target (weight / sum
-of weights; usable rows / all usable rows for a "natural" mixture), samples, tokens,
+of weights, or weight x usable^alpha with temperature sampling; usable rows / all usable
+rows for a "natural" mixture; shares of tokens for a { tokens = N } total), samples, tokens,
 trained tokens, images, and the rows the build skipped, dropped as too long or truncated;
 then packing efficiency. Samples, tokens and packing are counted from the shards; numbers
 on which the shards and stats.json disagree are reported on stderr.
@@ -185,7 +186,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     header = ["source", "target", "realized", "samples", "tokens", "trained", "images", "rows", "skipped", "too long", "truncated"]
     return "\n".join(
         [
-            f"{stats['name']} {stats['version']} (release {stats['release_id'][:12]}, mixture by {stats['mixture']})",
+            f"{stats['name']} {stats['version']} (release {stats['release_id'][:12]}); target and realized are shares of the {'tokens' if stats['mixture'] == 'tokens' else 'samples'}"
+            + (f" (alpha {stats['alpha']:g})" if stats["alpha"] else ""),
             "",
             _table(rows, header),
             "",
@@ -227,6 +229,7 @@ def format_diff(d: dict[str, Any]) -> str:
     lines += [f"  + {i['path']} ({i['role']})" for i in ins["added"]]
     lines += [f"  - {i['path']} ({i['role']})" for i in ins["removed"]]
     lines += [f"  ~ {i['path']} ({i['role']}): {i['old'][:12]} -> {i['new'][:12]}" for i in ins["changed"]]
+    lines += [f"  > {i['old']} -> {i['new']} ({i['role']}, same content)" for i in ins["moved"]]
     for title, changes in (("recipe", d["recipe"]), ("release", d["release"]), ("totals", d["totals"])):
         lines += ["", f"{title}:" if changes else f"{title}: unchanged"]
         lines += [f"  {c['key']}: {show(c['old']) if 'old' in c else absent} -> {show(c['new']) if 'new' in c else absent}" for c in changes]

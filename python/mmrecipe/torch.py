@@ -4,18 +4,19 @@ batch contract: `input_ids`, `labels` (-100 off the responses and on each segmen
 token), `position_ids` restarting per segment, `segment_ids`, `attention_mask`,
 `cu_seqlens`/`max_seqlen` for FlashAttention varlen, and per-row image records.
 `collate(..., flatten=True)` gives the padding-free form of transformers'
-`DataCollatorWithFlattening` instead."""
+`DataCollatorWithFlattening` instead. `ReleaseSampler` splits a release across the ranks
+of a distributed job and resumes mid-epoch."""
 
 from __future__ import annotations
 
 import bisect
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence, Sized
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from .release import read_manifest
 
@@ -114,8 +115,8 @@ def collate(
     max_seqlen = int(lengths_all.max()) if len(lengths_all) else 0
     per_row = [_row_arrays(b) for b in batch]
     if flatten:
-        shifts = np.concatenate([[0], np.cumsum([len(b["input_ids"]) for b in batch])[:-1]]) if batch else []
-        seg_offset = np.concatenate([[0], np.cumsum([len(b["segment_lengths"]) for b in batch])[:-1]]) if batch else []
+        shifts: Any = np.concatenate([[0], np.cumsum([len(b["input_ids"]) for b in batch])[:-1]]) if batch else []
+        seg_offset: Any = np.concatenate([[0], np.cumsum([len(b["segment_lengths"]) for b in batch])[:-1]]) if batch else []
         return {
             "input_ids": torch.from_numpy(np.concatenate([b["input_ids"] for b in batch]))[None],
             "labels": torch.from_numpy(np.concatenate([r[0] for r in per_row]))[None],
@@ -163,7 +164,97 @@ class Collator:
         return collate(batch, self.pad_token_id, self.flatten, self.pad_to)
 
 
-def dataloader(release: str | Path, batch_size: int = 8, flatten: bool = False, **kwargs: Any) -> torch.utils.data.DataLoader:
-    """A DataLoader over a release with the right collate function."""
+class ReleaseSampler(Sampler[int]):
+    """The indices of one rank of a distributed job. Every epoch is a permutation of the
+    release drawn from (seed, epoch) alone, so all ranks agree on it without talking; rank
+    r takes positions r, r + world_size, ... of it. With `drop_last` the tail that does not
+    divide evenly is left out, so the ranks' slices are disjoint and equally long; without
+    it the permutation wraps around to fill the last round (a few samples twice), as
+    `DistributedSampler` does.
+
+    Call `set_epoch(epoch)` before each epoch. `state_dict()` records the epoch and how many
+    indices this sampler has yielded in it; `load_state_dict()` makes the next iteration
+    yield exactly the rest. A DataLoader fetches indices ahead of the batches it has handed
+    out (prefetching, worker queues), so to resume at a training step, save
+    `{**sampler.state_dict(), "yielded": batches_done_this_epoch * batch_size}` rather than the sampler's
+    own count."""
+
+    def __init__(
+        self,
+        dataset: Sized | int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
+        size = dataset if isinstance(dataset, int) else len(dataset)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, not {seed}")
+        self.size, self.rank, self.world_size = size, rank, world_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.num_samples = size // world_size if drop_last else -(-size // world_size)
+        self.epoch = 0
+        self.yielded = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        # Setting the epoch already in progress keeps the position, so a resumed run can
+        # call set_epoch at the top of its loop like any other.
+        if epoch != self.epoch:
+            self.epoch, self.yielded = epoch, 0
+
+    def indices(self) -> list[int]:
+        """All of this rank's indices for the current epoch."""
+        if self.shuffle:
+            # One independent stream per (seed, epoch): no two pairs collide.
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist()
+        else:
+            order = list(range(self.size))
+        total = self.num_samples * self.world_size
+        if total > len(order) and order:
+            order += (order * (total // len(order) + 1))[: total - len(order)]
+        return order[self.rank : total : self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        if self.yielded >= self.num_samples:  # a finished epoch iterated again starts over
+            self.yielded = 0
+        for index in self.indices()[self.yielded :]:
+            self.yielded += 1
+            yield index
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded, "seed": self.seed, "world_size": self.world_size, "size": self.size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # A different seed, world size or release would put other samples at each position.
+        for key in ("seed", "world_size", "size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"cannot resume: the saved {key} is {state[key]}, this sampler's is {getattr(self, key)}")
+        self.epoch, self.yielded = int(state["epoch"]), int(state["yielded"])
+
+
+def dataloader(
+    release: str | Path,
+    batch_size: int = 8,
+    flatten: bool = False,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over a release with the right collate function. Given `rank` and
+    `world_size`, it reads through a `ReleaseSampler` (shuffled unless `shuffle=False`,
+    drop_last) reachable as `loader.sampler`: call `loader.sampler.set_epoch(epoch)`."""
     ds = PackedDataset(release)
+    if (rank is None) != (world_size is None):
+        raise ValueError("give both rank and world_size, or neither")
+    if world_size is not None:
+        shuffle = kwargs.pop("shuffle", True)
+        kwargs["sampler"] = ReleaseSampler(ds, rank=int(rank or 0), world_size=world_size, seed=seed, shuffle=shuffle)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=Collator(ds.pad_token_id, flatten), **kwargs)
