@@ -20,3 +20,8 @@ pub mod tokenize;
 
 #[cfg(feature = "python")]
 mod python;
+
+// mimalloc: tokenization allocates and frees many small buffers on every worker thread;
+// glibc malloc spent ~40% of the tokenize stage in malloc/free (bench/RESULTS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -206,14 +206,40 @@ fn strip_markers(marked: &str, messages: &[Message]) -> Option<Rendered> {
     let mut text = String::with_capacity(marked.len());
     let mut spans: Vec<Option<(usize, usize)>> = vec![None; messages.len()];
     let mut starts: Vec<Option<usize>> = vec![None; messages.len()];
-    let mut chars = marked.chars().peekable();
     let index = |c: char, base: u32| -> Option<usize> {
         let u = c as u32;
         (u >= base && ((u - base) as usize) < messages.len()).then(|| (u - base) as usize)
     };
-    while let Some(c) = chars.next() {
+    // Copy the text between markers in bulk; only marker characters go one by one. All
+    // markers encode to UTF-8 starting with 0xE2 (U+2028/9) or 0xF3/0xF4 (planes 15/16).
+    let bytes = marked.as_bytes();
+    let mut rest = 0;
+    let mut chars = std::iter::from_fn(|| {
+        while rest < bytes.len() {
+            let next = bytes[rest..].iter().position(|&b| b == 0xE2 || b >= 0xF3).map_or(bytes.len(), |p| rest + p);
+            if next > rest {
+                let piece = &marked[rest..next];
+                rest = next;
+                return Some(Err(piece));
+            }
+            let c = marked[rest..].chars().next().unwrap();
+            rest += c.len_utf8();
+            return Some(Ok(c));
+        }
+        None
+    })
+    .map(|item| match item {
+        Ok(c) => (c, None),
+        Err(piece) => ('\0', Some(piece)),
+    })
+    .peekable();
+    while let Some((c, piece)) = chars.next() {
+        if let Some(p) = piece {
+            text.push_str(p);
+            continue;
+        }
         if c == LEAD_WS {
-            let i = chars.next().and_then(|n| index(n, START_BASE).filter(|_| (n as u32) < END_BASE))?;
+            let i = chars.next().and_then(|(n, _)| index(n, START_BASE).filter(|_| (n as u32) < END_BASE))?;
             let begin = text.len();
             text.push_str(split_ws(&messages[i].content).0);
             starts[i].get_or_insert(begin);
@@ -221,7 +247,7 @@ fn strip_markers(marked: &str, messages: &[Message]) -> Option<Rendered> {
             return None;
         } else if (c as u32) >= END_BASE {
             let i = index(c, END_BASE)?;
-            if chars.peek() == Some(&TRAIL_WS) {
+            if matches!(chars.peek(), Some((TRAIL_WS, None))) {
                 chars.next();
                 text.push_str(split_ws(&messages[i].content).2);
             }

@@ -124,7 +124,10 @@ def write_shards(folder: Path, emit: Callable[[int, int], dict[str, Any]], rows:
         hi = min(rows, lo + per_shard)
         packed = emit(lo, hi)
         name = f"{DATA}/part-{k:05d}.parquet"
-        pq.write_table(shard_table(packed, 0, hi - lo), folder / name, compression="zstd", row_group_size=ROW_GROUP, write_statistics=False)
+        pq.write_table(
+            shard_table(packed, 0, hi - lo), folder / name, compression="zstd", row_group_size=ROW_GROUP,
+            write_statistics=False, use_dictionary=["image_paths"],  # token ids gain nothing from a dictionary
+        )
         tokens = int(packed["row_offsets"][-1])
         shards.append(Shard(path=name, sha256=file_sha256(folder / name), sequences=hi - lo, tokens=tokens))
         if progress is not None:
