@@ -39,8 +39,13 @@ example:
 
 CHECK_HELP = """\
 Validates the recipe (every problem at once, with its key path), opens every source,
-resolves every field path on the data, loads the tokenizer and chat template, and prints
-a table of sources. Exits 0 when the recipe is ready to build, 1 otherwise."""
+resolves every field path on the data, loads the tokenizer and chat template, opens the
+sources' image files (headers only) and prints a table of sources. Unusable images are an
+error for a source with on_error = "fail" and a warning with on_error = "skip".
+Exits 0 when the recipe is ready to build, 1 otherwise.
+
+example:
+  recipe check recipes/demo.toml --images all"""
 
 VERIFY_HELP = """\
 Re-hashes every shard listed in RELEASE/manifest.json and names each one that changed or
@@ -124,9 +129,17 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import check
 
-    report = check(args.recipe)
-    rows = [[s.spec.name, s.spec.layout, f"{len(s):,}", str(len(s.files)), f"{s.spec.weight:g}"] for s in report.sources]
-    print(_table(rows, ["source", "layout", "rows", "files", "weight"]))
+    report = check(args.recipe, images=args.images)
+    checked = {c.source: c for c in report.images}
+
+    def images(name: str) -> str:
+        c = checked.get(name)
+        return "-" if c is None or c.total == 0 else f"{c.checked - len(c.problems):,}/{c.checked:,} ok" + (f" of {c.total:,}" if c.total > c.checked else "")
+
+    rows = [[s.spec.name, s.spec.layout, f"{len(s):,}", str(len(s.files)), f"{s.spec.weight:g}", images(s.spec.name)] for s in report.sources]
+    print(_table(rows, ["source", "layout", "rows", "files", "weight", "images"]))
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"\n{args.recipe}: ok (tokenizer {report.model.tokenizer_json.parent}, chat template '{report.model.template_name}')")
     return 0
 
@@ -272,6 +285,8 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build)
     c = sub.add_parser("check", help="validate a recipe and its sources without building", description=CHECK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("recipe", help="the recipe TOML file")
+    c.add_argument("--images", choices=["all", "sample", "none"], default="sample",
+                   help="open every image, up to 200 per source (default), or none")
     c.set_defaults(func=cmd_check)
     v = sub.add_parser("verify", help="re-hash a release's shards (and inputs) against its manifest", description=VERIFY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("release", help="the release folder")

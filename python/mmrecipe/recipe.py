@@ -1,10 +1,13 @@
 """The recipe language: TOML parsed into msgspec structs, every problem reported at once
 with its key path (``source[1].fields.answer``), every path resolved against the recipe's
-own folder."""
+own folder. A recipe may derive from another with ``extends = "base.toml"`` (see
+`expand_extends`)."""
 
 from __future__ import annotations
 
 import difflib
+import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -70,14 +73,35 @@ class MixtureSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
 
 
 Layout = Literal["qa", "caption", "conversation", "alpaca"]
+Format = Literal["jsonl", "json", "parquet", "csv"]
+
+# Fields a layout consumes itself; any other mapped field is available to templates.
+RESERVED_FIELDS = frozenset(
+    {"image", "images", "question", "answer", "caption", "conversations", "instruction", "input", "output"}
+)
+
+
+class JoinSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    """A second table joined to the source's rows: each row gets the columns of the one
+    record whose `right_on` equals the row's `left_on` (VQAv2 annotations by
+    question_id, COCO images by image_id = id). `path` defaults to the source's file."""
+
+    left_on: str
+    right_on: str
+    path: str | None = None
+    format: Format | None = None
+    json_key: str | None = None
 
 
 class SourceSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     name: str
     path: str | list[str]
     layout: Layout
-    format: Literal["jsonl", "json", "parquet", "csv"] | None = None
+    format: Format | None = None
     json_key: str | None = None
+    join: JoinSpec | None = None
+    # "image": all questions about one image become one multi-turn conversation (qa only).
+    group_by: Literal["image"] | None = None
     fields: dict[str, str] = {}
     roles: dict[str, str] = {}
     instructions: str | list[str] | None = None
@@ -101,14 +125,19 @@ class Recipe(_Spec, kw_only=True, forbid_unknown_fields=True):
     mixture: MixtureSpec = msgspec.field(default_factory=MixtureSpec)
     source: list[SourceSpec]
     pool: dict[str, PoolSpec] = {}
-    # Set by `load_recipe`, not by the TOML file.
+    # Set by `load_recipe`, not by the TOML file: the recipe file, and the files it
+    # extends (nearest first).
     path: Path | None = None
+    bases: list[Path] = []
+
+
+_NOT_FROM_TOML = ("path", "bases")
 
 
 def _struct_fields(tp: Any) -> dict[str, Any] | None:
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         hints = typing.get_type_hints(tp)
-        return {f: hints[f] for f in tp.__struct_fields__ if not (tp is Recipe and f == "path")}
+        return {f: hints[f] for f in tp.__struct_fields__ if not (tp is Recipe and f in _NOT_FROM_TOML)}
     return None
 
 
@@ -179,6 +208,9 @@ def _semantic_problems(r: Recipe) -> list[str]:
             p.append(f"source[{i}].max_epochs: must be > 0, got {s.max_epochs}")
         if s.short_answer and s.layout != "qa":
             p.append(f"source[{i}].short_answer: only applies to the 'qa' layout")
+        p += _group_by_problems(s, i)
+        if s.join is not None and s.join.path is None and (isinstance(s.path, list) or _is_glob(s.path)):
+            p.append(f"source[{i}].join.path: source '{s.name}' reads several files; name the one file to join")
         required = {"qa": ("question", "answer"), "caption": ("caption",), "alpaca": (), "conversation": ()}[s.layout]
         for f in required:
             if f not in s.fields:
@@ -198,6 +230,26 @@ def _semantic_problems(r: Recipe) -> list[str]:
         if not pool.templates:
             p.append(f"pool.{name}.templates: the pool is empty")
     return p
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def _group_by_problems(s: SourceSpec, i: int) -> list[str]:
+    if s.group_by is None:
+        return []
+    where = f"source[{i}].group_by"
+    if s.layout != "qa":
+        return [f"{where}: only applies to the 'qa' layout (questions about one image become one conversation)"]
+    if "image" not in s.fields:
+        return [f"{where}: grouping by image needs fields.image"]
+    per_question = sorted(k for k in s.fields if k not in RESERVED_FIELDS)
+    if per_question:
+        # One conversation holds many questions, but a template field has one value per sample.
+        return [f"{where}: template fields ({', '.join(per_question)}) cannot be combined with group_by; "
+                "use templates with {question} only, or remove group_by"]
+    return []
 
 
 def pools_dir() -> Path:
@@ -227,26 +279,192 @@ def load_pool(name: str, recipe: Recipe) -> PoolSpec:
         raise RecipeError(f"built-in pool {path}: {e}", key=f"pool.{name}") from None
 
 
-def parse_recipe(text: str, path: Path | None = None) -> Recipe:
-    """Parses recipe TOML; raises RecipeError listing every problem found."""
-    where = str(path) if path else "recipe"
+def _read_toml(text: str, where: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{where}: not valid TOML: {e}") from None
+
+
+def parse_recipe(text: str, path: Path | None = None) -> Recipe:
+    """Parses recipe TOML; raises RecipeError listing every problem found. `extends` is
+    resolved relative to the folder of `path` (the working directory without one)."""
+    where = str(path) if path else "recipe"
+    data = _read_toml(text, where)
     problems: list[str] = []
+    bases: list[Path] = []
+    if "extends" in data:
+        folder = path.parent if path else Path.cwd()
+        data, bases = expand_extends(data, folder, [path.resolve()] if path else [], problems)
+        if bases:
+            where += " (extends " + " -> ".join(str(b) for b in bases) + ")"
+    else:
+        _reject_remove(data, problems)
+    merge_problems = len(problems)
     _unknown_keys(data, Recipe, "", problems)
     try:
         recipe = msgspec.convert(data, Recipe)
     except msgspec.ValidationError as e:
         key, message = _msgspec_path(e)
         problems.append(f"{key or '(top level)'}: {message}")
+        _name_merged_sources(problems, merge_problems, data, bases)
         raise RecipeError(_report(where, problems), key=problems[0].split(":")[0], problems=problems) from None
     problems += _semantic_problems(recipe)
+    _name_merged_sources(problems, merge_problems, data, bases)
     if problems:
         raise RecipeError(_report(where, problems), key=problems[0].split(":")[0], problems=problems)
     recipe.path = path
+    recipe.bases = bases
     return recipe
+
+
+def _name_merged_sources(problems: list[str], start: int, data: dict[str, Any], bases: list[Path]) -> None:
+    """In a merged recipe, source[i] counts the merged sources: name the source, too."""
+    sources = data.get("source")
+    if not bases or not isinstance(sources, list):
+        return
+    for k in range(start, len(problems)):
+        m = re.match(r"source\[(\d+)\]", problems[k])
+        entry = sources[int(m.group(1))] if m and int(m.group(1)) < len(sources) else None
+        if isinstance(entry, dict):
+            problems[k] += f" (source {entry.get('name')!r} of the merged recipe)"
+
+
+# --- extends --------------------------------------------------------------------------
+#
+# A recipe with `extends = "base.toml"` is the base recipe with the extending file merged
+# on top: tables merge key by key, any other value (lists included) is replaced, and
+# `[[source]]` entries match by name: a known name merges into the base entry, a new one
+# is appended, and `{ name = "x", remove = true }` drops the base's source "x" (a later
+# entry named "x" in the same file then defines it anew, nothing of the base kept).
+# `mixture.total` is one value ("natural" or { samples = N }): it is replaced whole.
+# Relative paths written in a base are relative to the base's folder; they are rewritten
+# relative to the extending file's folder before the merge, so every path of the merged
+# recipe resolves against `recipe.path` as usual.
+
+_REPLACED_WHOLE = {("mixture", "total")}
+
+
+def expand_extends(data: dict[str, Any], folder: Path, chain: list[Path], problems: list[str]) -> tuple[dict[str, Any], list[Path]]:
+    """`data` merged over the recipe it extends (recursively), and the base files,
+    nearest first. Merge problems are appended to `problems`; a missing or cyclic
+    base raises RecipeError at once."""
+    ref = data.pop("extends")
+    if not isinstance(ref, str) or not ref.strip():
+        raise RecipeError(f"extends: expected the path of a recipe file, got {ref!r}", key="extends")
+    base_path = (folder / Path(ref).expanduser()).resolve()
+    if base_path in chain:
+        cycle = " -> ".join(str(p) for p in [*chain[chain.index(base_path):], base_path])
+        raise RecipeError(f"extends: the recipes extend each other in a cycle: {cycle}; remove one `extends`", key="extends")
+    try:
+        text = base_path.read_text("utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"extends: base recipe not found: {base_path} (relative paths start at {folder})", key="extends") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"extends: {base_path} is not UTF-8 text ({e})", key="extends") from None
+    base = _read_toml(text, str(base_path))
+    bases = [base_path]
+    if "extends" in base:
+        base, further = expand_extends(base, base_path.parent, [*chain, base_path], problems)
+        bases += further
+    else:
+        _reject_remove(base, problems)
+    _rebase_paths(base, base_path.parent, folder)
+    extending = chain[-1].name if chain else "the recipe"
+    return _merge_recipe(base, data, f"{base_path.name}, extended in {extending}", problems), bases
+
+
+def _rebase(value: Any, old: Path, new: Path) -> Any:
+    """A relative path written in folder `old`, rewritten for folder `new`."""
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        return value
+    try:
+        return os.path.relpath(old / value, new)
+    except ValueError:  # no relative path between them (another drive on Windows)
+        return str(old / value)
+
+
+def _rebase_paths(data: dict[str, Any], old: Path, new: Path) -> None:
+    """Rewrites the path-like keys of a base recipe (model.tokenizer, source paths,
+    image roots, join paths) from the base's folder to the extending file's folder."""
+    if old == new:
+        return
+    model = data.get("model")
+    if isinstance(model, dict) and "tokenizer" in model:
+        model["tokenizer"] = _rebase(model["tokenizer"], old, new)
+    for source in data.get("source", []) if isinstance(data.get("source"), list) else []:
+        if not isinstance(source, dict):
+            continue
+        path = source.get("path")
+        source["path"] = [_rebase(p, old, new) for p in path] if isinstance(path, list) else _rebase(path, old, new)
+        if "image_root" in source:
+            source["image_root"] = _rebase(source["image_root"], old, new)
+        join = source.get("join")
+        if isinstance(join, dict) and "path" in join:
+            join["path"] = _rebase(join["path"], old, new)
+
+
+def _merge_tables(base: dict[str, Any], over: dict[str, Any], at: tuple[str, ...] = ()) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        here = (*at, key)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and here not in _REPLACED_WHOLE:
+            out[key] = _merge_tables(out[key], value, here)
+        else:
+            out[key] = value
+    return out
+
+
+def _merge_recipe(base: dict[str, Any], over: dict[str, Any], names: str, problems: list[str]) -> dict[str, Any]:
+    sources_over = over.pop("source", None)
+    merged = _merge_tables(base, over)
+    if sources_over is not None:
+        merged["source"] = _merge_sources(base.get("source", []), sources_over, names, problems)
+    return merged
+
+
+def _merge_sources(base: Any, over: Any, names: str, problems: list[str]) -> Any:
+    """`names`: "base.toml, extended in derived.toml", for messages."""
+    if not isinstance(base, list) or not isinstance(over, list):
+        return over  # not [[source]] tables: the type check reports it
+    merged = list(base)
+    position = {s.get("name"): i for i, s in enumerate(merged) if isinstance(s, dict)}
+    removed: set[int] = set()
+    for i, entry in enumerate(over):
+        if not isinstance(entry, dict):
+            merged.append(entry)
+            continue
+        name = entry.get("name")
+        if entry.get("remove") is True:
+            problems += _removal_problems(entry, i, name in position, names)
+            if name in position:
+                removed.add(position[name])
+        elif name in position and position[name] not in removed:
+            entry = {k: v for k, v in entry.items() if k != "remove"}
+            merged[position[name]] = _merge_tables(merged[position[name]], entry)
+        else:
+            merged.append({k: v for k, v in entry.items() if k != "remove"})
+    return [s for i, s in enumerate(merged) if i not in removed]
+
+
+def _removal_problems(entry: dict[str, Any], i: int, known: bool, names: str) -> list[str]:
+    base, _, extending = names.partition(", extended in ")
+    where = f"source[{i}]"
+    if not known:
+        return [f"{where}.remove: {base} has no source named {entry.get('name')!r} to remove (in {extending})"]
+    extra = sorted(k for k in entry if k not in ("name", "remove"))
+    if extra:
+        return [f"{where}: a removed source takes only name and remove (also has: {', '.join(extra)}; in {extending})"]
+    return []
+
+
+def _reject_remove(data: dict[str, Any], problems: list[str]) -> None:
+    """`remove = true` only means something in a recipe that extends another."""
+    sources = data.get("source")
+    for i, entry in enumerate(sources if isinstance(sources, list) else []):
+        if isinstance(entry, dict) and "remove" in entry:
+            problems.append(f"source[{i}].remove: only a recipe with `extends` can remove a source")
+            del entry["remove"]
 
 
 def _report(where: str, problems: list[str]) -> str:
@@ -274,7 +492,9 @@ def resolve_path(recipe: Recipe, value: str) -> Path:
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as plain data (for manifests), without the file path."""
-    d = msgspec.to_builtins(msgspec.structs.replace(recipe, path=None))
-    d.pop("path", None)
+    """The recipe as plain data (for manifests), without the file paths; an extending
+    recipe gives its merged form."""
+    d = msgspec.to_builtins(msgspec.structs.replace(recipe, path=None, bases=[]))
+    for key in _NOT_FROM_TOML:
+        d.pop(key, None)
     return d

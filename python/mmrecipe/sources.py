@@ -1,6 +1,8 @@
 """Source readers: files in jsonl / json / parquet / csv, read with polars, normalized to
 one internal form per sample: turns (role code, text), image paths, and the extra fields
-that instruction templates use. Everything is column operations; no Python per row."""
+that instruction templates use. A source may join a second table by key (`join`) and
+fold all questions about one image into one conversation (`group_by = "image"`).
+Everything is column operations; no Python per row."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import polars as pl
 
 from . import fieldpath
-from .errors import RecipeError, SourceError
-from .recipe import Recipe, SourceSpec, resolve_path
+from .errors import DataError, RecipeError, SourceError
+from .recipe import RESERVED_FIELDS, JoinSpec, Recipe, SourceSpec, resolve_path
 
 SYSTEM, USER, ASSISTANT = 0, 1, 2
 DEFAULT_ROLES = {
@@ -26,8 +29,7 @@ DEFAULT_ROLES = {
 }
 ROLE_CODES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
-# Fields a layout consumes itself; any other mapped field is available to templates.
-RESERVED = {"image", "images", "question", "answer", "caption", "conversations", "instruction", "input", "output"}
+RESERVED = RESERVED_FIELDS
 
 ROW, ROLES, CONTENTS, IMAGES = "__row", "__roles", "__contents", "__images"
 
@@ -41,6 +43,8 @@ class Normalized:
     frame: pl.DataFrame
     files: list[Path]
     field_names: list[str] = field(default_factory=list)
+    #: What reading dropped on the way (rows without a join match under on_error = "skip").
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.frame.height
@@ -62,6 +66,26 @@ def source_files(recipe: Recipe, index: int) -> list[Path]:
         else:
             files.append(full)
     return files
+
+
+def join_file(recipe: Recipe, index: int, files: list[Path]) -> Path:
+    """The file a source's `join` reads: `join.path`, else the source's own file."""
+    spec = recipe.source[index]
+    assert spec.join is not None
+    if spec.join.path is None:
+        return files[0]
+    full = resolve_path(recipe, spec.join.path)
+    if not full.is_file():
+        raise SourceError(f"source '{spec.name}' (source[{index}].join.path): file not found: {full}")
+    return full
+
+
+def image_root(recipe: Recipe, index: int, files: list[Path]) -> Path | None:
+    """The folder a source's image paths are relative to (as the build resolves them)."""
+    spec = recipe.source[index]
+    if spec.image_root:
+        return resolve_path(recipe, spec.image_root)
+    return files[0].parent if files else None
 
 
 def _format_of(spec: SourceSpec, path: Path) -> str:
@@ -130,23 +154,23 @@ def read_source(recipe: Recipe, index: int) -> pl.DataFrame:
     return frame
 
 
+def _data_columns(frame: pl.DataFrame) -> str:
+    return ", ".join(c for c in frame.columns if not c.startswith("__"))
+
+
 def _resolve(frame: pl.DataFrame, spec: SourceSpec, index: int, key: str, out: str) -> pl.DataFrame:
     """Adds column `out` holding the field `key` of the source, resolved on the data."""
     text = spec.fields[key]
     where = f"source[{index}].fields.{key}"
     try:
-        path = fieldpath.parse(text)
+        path = fieldpath.parse_field(text)
     except fieldpath.FieldPathError as e:
         raise RecipeError(f"{where}: {e}", key=where) from None
-    if path.column not in frame.columns:
-        raise SourceError(
-            f"{where}: source '{spec.name}' has no column '{path.column}' (columns: {', '.join(frame.columns)})"
-        )
+    for column in path.columns:
+        if column not in frame.columns:
+            raise SourceError(f"{where}: source '{spec.name}' has no column '{column}' (columns: {_data_columns(frame)})")
     try:
-        if path.reducer == "most_common":
-            frame = fieldpath.most_common(frame, path.expr(), out)
-        else:
-            frame = frame.with_columns(path.expr().alias(out))
+        frame = fieldpath.resolve(frame, path, out)
     except pl.exceptions.PolarsError as e:
         raise SourceError(f"{where}: the path '{text}' does not fit source '{spec.name}': {e}") from None
     if frame[out].null_count() == frame.height:
@@ -175,6 +199,11 @@ def normalize(recipe: Recipe, index: int, frame: pl.DataFrame | None = None) -> 
     if frame is None:
         frame = read_source(recipe, index)
     frame = frame.with_row_index(ROW).with_columns(pl.col(ROW).cast(pl.UInt64))
+    notes: list[str] = []
+    if spec.join is not None:
+        joined = join_file(recipe, index, files)
+        frame = _join(frame, spec, index, joined, notes)
+        files = files + [joined] if joined not in files else files
 
     resolved: dict[str, str] = {}
     for key in spec.fields:
@@ -201,9 +230,79 @@ def normalize(recipe: Recipe, index: int, frame: pl.DataFrame | None = None) -> 
 
     frame = frame.with_columns(_images_expr(frame, resolved).alias(IMAGES))
     _check_image_paths(frame, spec)
+    if spec.group_by == "image":
+        _require(frame, resolved["image"], spec, "image")
+        frame = _group_by_image(frame, resolved["image"])
     names = [k for k in spec.fields if k not in RESERVED]
     out = frame.select(ROW, ROLES, CONTENTS, IMAGES, *[_as_text(frame, resolved[k]).fill_null("").alias(f"__t_{k}") for k in names])
-    return Normalized(spec=spec, frame=out, files=files, field_names=names)
+    return Normalized(spec=spec, frame=out, files=files, field_names=names, notes=notes)
+
+
+def _group_by_image(frame: pl.DataFrame, image: str) -> pl.DataFrame:
+    """One row per image: its questions and answers as alternating turns in the order of
+    the original rows (LLaVA-1.5); ROW becomes the group's first original row."""
+    return (
+        frame.sort(ROW)
+        .group_by(pl.col(image).cast(pl.String).alias("__group"), maintain_order=True)
+        .agg(pl.col(ROW).first(), pl.col(ROLES).explode(), pl.col(CONTENTS).explode(), pl.col(IMAGES).first())
+        .drop("__group")
+    )
+
+
+def _join(frame: pl.DataFrame, spec: SourceSpec, index: int, path: Path, notes: list[str]) -> pl.DataFrame:
+    """The source's rows with the columns of their matching record in `path` (a left
+    join on join.left_on = join.right_on; columns the rows already have get `_right`)."""
+    join = spec.join
+    assert join is not None
+    where = f"source[{index}].join"
+    right = read_file(msgspec.structs.replace(spec, format=join.format, json_key=join.json_key), path)
+    if join.left_on not in frame.columns:
+        raise SourceError(f"{where}.left_on: source '{spec.name}' has no column '{join.left_on}' (columns: {_data_columns(frame)})")
+    if join.right_on not in right.columns:
+        raise SourceError(f"{where}.right_on: {path.name} has no column '{join.right_on}' (columns: {', '.join(right.columns)})")
+    right = right.filter(pl.col(join.right_on).is_not_null())  # a null key names no record
+    right = _unique_keys(right, join, where, path).with_columns(pl.lit(True).alias("__matched"))
+    left_key, right_key = _key_types(frame, right, join)
+    joined = frame.join(right, left_on=left_key, right_on=right_key, how="left", maintain_order="left", suffix="_right")
+    missing = joined.filter(pl.col("__matched").is_null())
+    if missing.height:
+        joined = _unmatched(joined, missing, spec, join, path, notes)
+    return joined.drop("__matched")
+
+
+def _unique_keys(right: pl.DataFrame, join: JoinSpec, where: str, path: Path) -> pl.DataFrame:
+    """A joined key must name one record, or rows would silently multiply."""
+    counts = right.group_by(join.right_on).len().filter(pl.col("len") > 1)
+    if counts.height:
+        key, n = counts.row(0)
+        raise SourceError(
+            f"{where}.right_on: '{join.right_on}' = {key!r} appears {n} times in {path.name} "
+            f"({counts.height} keys repeat); join on a column that is unique in the joined file"
+        )
+    return right
+
+
+def _key_types(frame: pl.DataFrame, right: pl.DataFrame, join: JoinSpec) -> tuple[pl.Expr, pl.Expr]:
+    """Join keys of different types (123 and "123") are compared as text."""
+    left, rightk = pl.col(join.left_on), pl.col(join.right_on)
+    if frame.schema[join.left_on] != right.schema[join.right_on]:
+        return left.cast(pl.String), rightk.cast(pl.String)
+    return left, rightk
+
+
+def _unmatched(joined: pl.DataFrame, missing: pl.DataFrame, spec: SourceSpec, join: JoinSpec, path: Path, notes: list[str]) -> pl.DataFrame:
+    """Rows whose key has no record: a data error under the source's on_error policy."""
+    row, key = missing.select(ROW, join.left_on).row(0)
+    what = f"{missing.height} of {joined.height} rows have no record in {path.name} with {join.right_on} = their {join.left_on}"
+    if spec.on_error == "skip":
+        notes.append(f"source '{spec.name}': {what} (first: row {row}, {join.left_on} = {key!r}); skipped")
+        return joined.filter(pl.col("__matched").is_not_null())
+    err = DataError(
+        f"source '{spec.name}', row {row}, field '{join.left_on}': no record in {path.name} with "
+        f"{join.right_on} = {key!r} ({what}); fix the files, or set on_error = \"skip\" to drop such rows"
+    )
+    err.source, err.row, err.field = spec.name, int(row), join.left_on
+    raise err
 
 
 def _images_expr(frame: pl.DataFrame, resolved: dict[str, str]) -> pl.Expr:
@@ -281,7 +380,7 @@ def _conversation(frame: pl.DataFrame, spec: SourceSpec, index: int, resolved: d
 
 
 def _alpaca(frame: pl.DataFrame, spec: SourceSpec, index: int, resolved: dict[str, str]) -> pl.DataFrame:
-    cols = {}
+    cols: dict[str, str] = {}
     for key in ("instruction", "input", "output"):
         if key in resolved:
             cols[key] = resolved[key]

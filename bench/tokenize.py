@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Render + tokenize + mask throughput of the core against the bare HF `tokenizers`
+`encode_batch` over the same rendered texts, in one process.
+
+    python bench/tokenize.py [--n 20000] [--data DIR]
+
+Uses bench/run.py's generated LLaVA-style data (generated if missing). The core runs with 1
+thread and with every core, to show how it scales; `encode_batch` uses its own thread pool.
+Each measurement is the best of two runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402
+
+
+def best_of_two(fn) -> float:
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20_000)
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "mmrecipe-bench")
+    args = ap.parse_args()
+    data = args.data / f"n{args.n}"
+    run.generate(data, args.n)
+    recipe = data / "bench.toml"
+    recipe.write_text(run.RECIPE.format(tokenizer=run.TOKENIZER, data=data))
+
+    from tokenizers import Tokenizer
+
+    from mmrecipe.buffers import batch_arguments
+    from mmrecipe.builder import make_compiler
+    from mmrecipe.model import resolve_model
+    from mmrecipe.recipe import load_recipe
+    from mmrecipe.sources import normalize
+
+    r = load_recipe(recipe)
+    model = resolve_model(r)
+    sources = [normalize(r, i) for i in range(len(r.source))]
+    batches = [(i, batch_arguments(norm, lo, 8192)) for i, norm in enumerate(sources) for lo in range(0, len(norm), 8192)]
+    samples = sum(len(s) for s in sources)
+
+    def core(threads: int) -> float:
+        def once() -> None:
+            comp = make_compiler(r, model, sources, threads=threads)
+            for i, b in batches:
+                comp.add_batch(i, *b)
+
+        return best_of_two(once)
+
+    texts = run.reference_texts(recipe)
+    tok = Tokenizer.from_file(str(run.TOKENIZER / "tokenizer.json"))
+    ref = best_of_two(lambda: tok.encode_batch(texts, add_special_tokens=False))
+    one = core(1)
+    all_cores = core(0)
+    print(f"{samples:,} samples (LLaVA-style conversations + ShareGPT chats), {os.cpu_count()} cores")
+    print(f"  encode_batch (rendered text only)   {ref:7.2f} s  {samples / ref:9,.0f} samples/s")
+    print(f"  core, 1 thread (render+tok+mask)    {one:7.2f} s  {samples / one:9,.0f} samples/s  {ref / one:.2f}x")
+    print(f"  core, all cores                     {all_cores:7.2f} s  {samples / all_cores:9,.0f} samples/s  {ref / all_cores:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
