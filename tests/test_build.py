@@ -116,3 +116,26 @@ layout = "conversation"
     src = result.summary["sources"][0]
     assert (src["rows"], src["skipped"], src["selected"]) == (2, 1, 1)
     assert "row 1" in src["skipped_examples"][0]
+
+
+def test_changing_any_input_changes_the_release_id(tmp_path):
+    import shutil
+
+    from mmrecipe.recipe import load_recipe
+
+    work = tmp_path / "recipes"
+    shutil.copytree(DEMO.parent / "demo", work / "demo")
+    shutil.copytree(MODEL, work / "models" / "smollm2")
+    shutil.copy(DEMO, work / "demo.toml")
+    base = build(work / "demo.toml", tmp_path / "a", progress=False).manifest.release_id
+    assert build(work / "demo.toml", tmp_path / "a2", progress=False).manifest.release_id == base
+    chat = work / "demo" / "data" / "chat.jsonl"
+    chat.write_text(chat.read_text().replace("Canberra", "Canberra.", 1))
+    changed = build(work / "demo.toml", tmp_path / "b", progress=False).manifest
+    assert changed.release_id != base
+    assert any(i.role == "source:chat" for i in changed.inputs)
+    config = work / "models" / "smollm2" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"model_max_length": 8192', '"model_max_length": 8193'))
+    third = build(work / "demo.toml", tmp_path / "c", progress=False).manifest.release_id
+    assert third not in (base, changed.release_id)
+    assert load_recipe(work / "demo.toml").recipe.name == "demo"

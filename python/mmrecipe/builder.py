@@ -115,6 +115,7 @@ def _inputs(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> lis
     items = []
     if recipe.path:
         items.append(entry("recipe", recipe.path))
+    items += [entry("recipe-base", base_file) for base_file in recipe.bases]
     items += [entry("tokenizer", f) for f in model.files]
     for norm in sources:
         items += [entry(f"source:{norm.spec.name}", f) for f in norm.files]
@@ -171,6 +172,8 @@ def build(
                     bar.update(min(BATCH_ROWS, len(norm) - start))
                 norm.frame = norm.frame.clear()  # its tokens now live in the compiler's spill
         summary = msgspec.json.decode(compiler.finish())
+        for stats, norm in zip(summary["sources"], sources):
+            stats["notes"] = list(norm.notes)  # e.g. rows a join left out under on_error = "skip"
         lap("pack")
 
         rows = summary["sequences"]
