@@ -103,7 +103,7 @@ def reference_texts(recipe: Path) -> list[str]:
     r = load_recipe(recipe)
     model = resolve_model(r)
     sources = [normalize(r, i) for i in range(len(r.source))]
-    comp = make_compiler(r, model, sources)
+    comp = make_compiler(r, model)
     texts: list[str] = []
     for i, norm in enumerate(sources):
         for start in range(0, len(norm), 8192):

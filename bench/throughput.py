@@ -2,7 +2,7 @@
 """Render + tokenize + mask throughput of the core against the bare HF `tokenizers`
 `encode_batch` over the same rendered texts, in one process.
 
-    python bench/tokenize.py [--n 20000] [--data DIR]
+    python bench/throughput.py [--n 20000] [--data DIR]
 
 Uses bench/run.py's generated LLaVA-style data (generated if missing). The core runs with 1
 thread and with every core, to show how it scales; `encode_batch` uses its own thread pool.
@@ -57,7 +57,7 @@ def main() -> None:
 
     def core(threads: int) -> float:
         def once() -> None:
-            comp = make_compiler(r, model, sources, threads=threads)
+            comp = make_compiler(r, model, threads=threads)
             for i, b in batches:
                 comp.add_batch(i, *b)
 

@@ -19,7 +19,7 @@ from .hashing import bytes_sha256, file_sha256
 from .model import ModelFiles, resolve_model
 from .recipe import Recipe, _builtin_pool_path, load_pool, load_recipe, to_dict
 from .release import FORMAT, MANIFEST, STATS, InputFile, Manifest, staging, write_json, write_shards
-from .sources import Normalized, normalize
+from .sources import Normalized, normalize, source_files, template_fields
 
 BATCH_ROWS = 8192
 
@@ -46,14 +46,14 @@ def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-def make_plan(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> dict[str, Any]:
-    """The resolved build plan the Rust core executes."""
+def make_plan(recipe: Recipe, model: ModelFiles) -> dict[str, Any]:
+    """The resolved build plan the Rust core executes (needs no source data)."""
     from .recipe import resolve_path
 
     total = recipe.mixture.total
     mixture: Any = "natural" if isinstance(total, str) else dict(total)
     plan_sources = []
-    for i, (spec, norm) in enumerate(zip(recipe.source, sources)):
+    for i, spec in enumerate(recipe.source):
         if spec.instructions is None:
             templates: list[str] = []
         elif isinstance(spec.instructions, list):
@@ -64,12 +64,16 @@ def make_plan(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> d
             templates = load_pool("caption-brief", recipe).templates
         if spec.short_answer:
             templates = [t + SHORT_ANSWER[spec.short_answer] for t in (templates or ["{question}"])]
-        root = resolve_path(recipe, spec.image_root) if spec.image_root else (norm.files[0].parent if norm.files else None)
+        if spec.image_root:
+            root: Path | None = resolve_path(recipe, spec.image_root)
+        else:
+            files = source_files(recipe, i)
+            root = files[0].parent if files else None
         plan_sources.append(
             {
                 "name": spec.name,
                 "templates": templates,
-                "fields": norm.field_names,
+                "fields": template_fields(spec),
                 "image_root": str(root) if root else None,
                 "weight": spec.weight,
                 "on_error": spec.on_error,
@@ -95,10 +99,8 @@ def make_plan(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> d
     }
 
 
-def make_compiler(
-    recipe: Recipe, model: ModelFiles, sources: list[Normalized], threads: int = 0, spill_dir: Path | None = None
-) -> Any:
-    plan = make_plan(recipe, model, sources)
+def make_compiler(recipe: Recipe, model: ModelFiles, threads: int = 0, spill_dir: Path | None = None) -> Any:
+    plan = make_plan(recipe, model)
     return _core.Compiler(msgspec.json.encode(plan), str(model.tokenizer_json), threads, str(spill_dir) if spill_dir else None)
 
 
@@ -152,25 +154,30 @@ def build(
             clock = now
 
         model = resolve_model(recipe)
-        sources = [normalize(recipe, i) for i in range(len(recipe.source))]
-        lap("read")
-        compiler = make_compiler(recipe, model, sources, threads, Path(spill))
+        compiler = make_compiler(recipe, model, threads, Path(spill))
         pad = model.pad_token or model.eos_token
         pad_id = compiler.token_id(pad) if pad else None
         if pad_id is None:
             raise TokenizerError(f"model.tokenizer: pad token {pad!r} is not in the vocabulary")
 
-        bar = _progress(sum(len(s) for s in sources), "tokenize", "sample", progress)
+        # One source at a time: read, tokenize, let go; its tokens wait in the spill.
+        sources: list[Normalized] = []
+        bar = _progress(0, "tokenize", "sample", progress)
         with bar:
-            for i, norm in enumerate(sources):
-                bar.set_postfix_str(norm.spec.name)
+            for i, spec in enumerate(recipe.source):
+                bar.set_postfix_str(f"{spec.name} ({i + 1}/{len(recipe.source)} sources)")
+                norm = normalize(recipe, i)
+                bar.total += len(norm)  # known once the source is read
+                bar.refresh()
+                lap("read")
                 for start in range(0, len(norm), BATCH_ROWS):
                     args = batch_arguments(norm, start, BATCH_ROWS)
                     lap("read")
                     compiler.add_batch(i, *args)
                     lap("tokenize")
                     bar.update(min(BATCH_ROWS, len(norm) - start))
-                norm.frame = norm.frame.clear()  # its tokens now live in the compiler's spill
+                norm.frame = norm.frame.clear()
+                sources.append(norm)
         summary = msgspec.json.decode(compiler.finish())
         for stats, norm in zip(summary["sources"], sources):
             stats["notes"] = list(norm.notes)  # e.g. rows a join left out under on_error = "skip"

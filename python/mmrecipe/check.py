@@ -70,7 +70,7 @@ def check(recipe: str | Path | Recipe, images: ImageMode = "sample") -> CheckRep
         recipe = load_recipe(recipe)
     model = resolve_model(recipe)
     sources = [normalize(recipe, i) for i in range(len(recipe.source))]
-    make_compiler(recipe, model, sources, threads=1)
+    make_compiler(recipe, model, threads=1)
     report = CheckReport(recipe, model, sources, warnings=[n for s in sources for n in s.notes])
     if images != "none":
         report.images = [_check_images(recipe, i, norm, images) for i, norm in enumerate(sources)]

@@ -68,7 +68,7 @@ def preview(recipe: str | Path | Recipe, n: int = 5, source: str | None = None) 
     model = resolve_model(recipe)
     picked = [i for i, s in enumerate(recipe.source) if source is None or s.name == source]
     sources = [normalize(recipe, i) for i in range(len(recipe.source))]
-    compiler = make_compiler(recipe, model, sources, threads=0)
+    compiler = make_compiler(recipe, model, threads=0)
     out = []
     for i in picked:
         norm = sources[i]

@@ -50,6 +50,11 @@ class Normalized:
         return self.frame.height
 
 
+def template_fields(spec: SourceSpec) -> list[str]:
+    """The mapped fields instruction templates may use (those the layout does not consume)."""
+    return [k for k in spec.fields if k not in RESERVED]
+
+
 def source_files(recipe: Recipe, index: int) -> list[Path]:
     spec = recipe.source[index]
     patterns = [spec.path] if isinstance(spec.path, str) else list(spec.path)
@@ -233,7 +238,7 @@ def normalize(recipe: Recipe, index: int, frame: pl.DataFrame | None = None) -> 
     if spec.group_by == "image":
         _require(frame, resolved["image"], spec, "image")
         frame = _group_by_image(frame, resolved["image"])
-    names = [k for k in spec.fields if k not in RESERVED]
+    names = template_fields(spec)
     out = frame.select(ROW, ROLES, CONTENTS, IMAGES, *[_as_text(frame, resolved[k]).fill_null("").alias(f"__t_{k}") for k in names])
     return Normalized(spec=spec, frame=out, files=files, field_names=names, notes=notes)
 
