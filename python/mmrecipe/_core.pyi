@@ -1,0 +1,75 @@
+"""The Rust core of mmrecipe. Few, coarse calls over whole NumPy buffers; the GIL is
+released while it works. Errors are raised as `mmrecipe.errors` classes."""
+
+from typing import Any, final
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["BUILTIN_TEMPLATES", "Compiler", "__version__", "builtin_template", "image_token_count", "pack_lengths"]
+
+BUILTIN_TEMPLATES: list[str]
+__version__: str
+
+@final
+class Compiler:
+    """Renders, tokenizes, masks, mixes and packs the samples of one build.
+
+    `plan_json`: the resolved build plan (see `mmrecipe.builder.make_plan`);
+    `tokenizer_path`: a tokenizer.json; `threads`: 0 for every core (the output is the same
+    for any value); `spill_dir`: where tokenized samples wait for packing (None: memory).
+    """
+
+    def __new__(cls, plan_json: bytes, tokenizer_path: str, threads: int = 0, spill_dir: str | None = None) -> Compiler: ...
+    def add_batch(
+        self,
+        source: int,
+        rows: npt.NDArray[np.uint64],
+        turn_offsets: npt.NDArray[np.int64],
+        roles: npt.NDArray[np.uint8],
+        content_offsets: npt.NDArray[np.int64],
+        content_data: npt.NDArray[np.uint8],
+        image_offsets: npt.NDArray[np.int64],
+        image_path_offsets: npt.NDArray[np.int64],
+        image_path_data: npt.NDArray[np.uint8],
+        fields: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]],
+    ) -> int:
+        """Adds one batch of a source (Arrow-style columns); returns the usable samples added."""
+
+    def preview_batch(
+        self,
+        source: int,
+        rows: npt.NDArray[np.uint64],
+        turn_offsets: npt.NDArray[np.int64],
+        roles: npt.NDArray[np.uint8],
+        content_offsets: npt.NDArray[np.int64],
+        content_data: npt.NDArray[np.uint8],
+        image_offsets: npt.NDArray[np.int64],
+        image_path_offsets: npt.NDArray[np.int64],
+        image_path_data: npt.NDArray[np.uint8],
+        fields: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]],
+    ) -> list[Any]:
+        """Per sample (text, ids, mask, offsets, template, image runs) or an error message."""
+
+    def finish(self) -> str:
+        """Mixes and packs everything added; returns the build summary as JSON."""
+
+    def emit(self, lo: int, hi: int) -> dict[str, npt.NDArray[Any]]:
+        """Packed rows lo..hi as flat arrays (after `finish`)."""
+
+    def encode_chats(self, chats_json: str) -> list[tuple[str, npt.NDArray[np.uint32], npt.NDArray[np.uint8], list[tuple[int, int]]]]:
+        """Renders and tokenizes conversations given as JSON (previews and tests)."""
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token, or None."""
+
+def builtin_template(name: str) -> str | None:
+    """The Jinja source of a built-in chat template (chatml, llama3, vicuna, alpaca, plain)."""
+
+def image_token_count(
+    width: int, height: int, patch: int = 14, merge: int = 2, min_pixels: int = 3136, max_pixels: int = 1003520
+) -> int:
+    """Image tokens for an image of width × height under the Qwen2-VL rule."""
+
+def pack_lengths(lengths: npt.NDArray[np.uint32], capacity: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]]:
+    """Best-fit-decreasing packing: (bin offsets, item indices)."""
