@@ -116,22 +116,31 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def write_shards(folder: Path, emit: Callable[[int, int], dict[str, Any]], rows: int, per_shard: int, progress: Any = None) -> list[Shard]:
-    """Writes rows 0..rows, fetched `per_shard` at a time from `emit(lo, hi)`."""
+    """Writes rows 0..rows into shards of `per_shard` rows, one row group at a time from
+    `emit(lo, hi)`, so memory stays at one row group whatever the shard size."""
     data = folder / DATA
     data.mkdir()
     shards = []
     for k, lo in enumerate(range(0, max(rows, 1), per_shard)):
         hi = min(rows, lo + per_shard)
-        packed = emit(lo, hi)
         name = f"{DATA}/part-{k:05d}.parquet"
-        pq.write_table(
-            shard_table(packed, 0, hi - lo), folder / name, compression="zstd", row_group_size=ROW_GROUP,
-            write_statistics=False, use_dictionary=["image_paths"],  # token ids gain nothing from a dictionary
-        )
-        tokens = int(packed["row_offsets"][-1])
+        tokens = 0
+        writer = None
+        for g in range(lo, max(hi, lo + 1), ROW_GROUP):
+            packed = emit(g, min(hi, g + ROW_GROUP))
+            table = shard_table(packed, 0, len(packed["row_offsets"]) - 1)
+            if writer is None:
+                writer = pq.ParquetWriter(
+                    folder / name, table.schema, compression="zstd", write_statistics=False,
+                    use_dictionary=["image_paths"],  # token ids gain nothing from a dictionary
+                )
+            writer.write_table(table, row_group_size=ROW_GROUP)
+            tokens += int(packed["row_offsets"][-1])
+            if progress is not None:
+                progress.update(table.num_rows)
+        assert writer is not None
+        writer.close()
         shards.append(Shard(path=name, sha256=file_sha256(folder / name), sequences=hi - lo, tokens=tokens))
-        if progress is not None:
-            progress.update(hi - lo)
     return shards
 
 
