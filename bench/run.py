@@ -107,7 +107,7 @@ def reference_texts(recipe: Path) -> list[str]:
     texts: list[str] = []
     for i, norm in enumerate(sources):
         for start in range(0, len(norm), 8192):
-            texts += [x[0] for x in comp.preview_batch(i, *batch_arguments(norm, start, 8192)) if not isinstance(x, str)]
+            texts += [x[0] for x in comp.preview_batch(i, batch_arguments(norm, start, 8192)) if not isinstance(x, str)]
     return texts
 
 

@@ -60,7 +60,7 @@ def main() -> None:
         def once() -> None:
             comp = make_compiler(r, model, threads=threads)
             for i, b in batches:
-                comp.add_batch(i, *b)
+                comp.add_batch(i, b)
 
         return best_of_two(once)
 

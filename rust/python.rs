@@ -38,6 +38,36 @@ fn str_col<'a>(offsets: &'a PyReadonlyArray1<'_, i64>, data: &'a PyReadonlyArray
     Ok(StrCol { offsets: offsets.as_slice()?, data: data.as_slice()? })
 }
 
+/// One batch as NumPy arrays: rows, turn offsets, roles, content offsets and bytes, image
+/// offsets, image path offsets and bytes, and (offsets, bytes) per template field.
+#[derive(FromPyObject)]
+struct BatchColumns<'py>(
+    PyReadonlyArray1<'py, u64>,
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray1<'py, u8>,
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray1<'py, u8>,
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray1<'py, u8>,
+    Vec<(PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, u8>)>,
+);
+
+impl BatchColumns<'_> {
+    /// Views of the arrays, valid while `self` holds them (no copy).
+    fn batch(&self) -> PyResult<Batch<'_>> {
+        Ok(Batch {
+            rows: self.0.as_slice()?,
+            turn_offsets: self.1.as_slice()?,
+            roles: self.2.as_slice()?,
+            contents: str_col(&self.3, &self.4)?,
+            image_offsets: self.5.as_slice()?,
+            images: str_col(&self.6, &self.7)?,
+            fields: self.8.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?,
+        })
+    }
+}
+
 /// Compiles the samples of a recipe into packed, masked token sequences.
 #[pyclass(module = "mmrecipe._core", name = "Compiler")]
 struct PyCompiler {
@@ -55,33 +85,10 @@ impl PyCompiler {
         Ok(PyCompiler { inner })
     }
 
-    /// Adds one batch of source `source`; returns how many usable samples it added.
-    #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (source, rows, turn_offsets, roles, content_offsets, content_data, image_offsets, image_path_offsets, image_path_data, fields))]
-    fn add_batch(
-        &mut self,
-        py: Python<'_>,
-        source: usize,
-        rows: PyReadonlyArray1<'_, u64>,
-        turn_offsets: PyReadonlyArray1<'_, i64>,
-        roles: PyReadonlyArray1<'_, u8>,
-        content_offsets: PyReadonlyArray1<'_, i64>,
-        content_data: PyReadonlyArray1<'_, u8>,
-        image_offsets: PyReadonlyArray1<'_, i64>,
-        image_path_offsets: PyReadonlyArray1<'_, i64>,
-        image_path_data: PyReadonlyArray1<'_, u8>,
-        fields: Vec<(PyReadonlyArray1<'_, i64>, PyReadonlyArray1<'_, u8>)>,
-    ) -> PyResult<usize> {
-        let field_cols = fields.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?;
-        let batch = Batch {
-            rows: rows.as_slice()?,
-            turn_offsets: turn_offsets.as_slice()?,
-            roles: roles.as_slice()?,
-            contents: str_col(&content_offsets, &content_data)?,
-            image_offsets: image_offsets.as_slice()?,
-            images: str_col(&image_path_offsets, &image_path_data)?,
-            fields: field_cols,
-        };
+    /// Adds one batch of source `source` (the columns `mmrecipe.buffers.batch_arguments`
+    /// makes); returns how many usable samples it added.
+    fn add_batch(&mut self, py: Python<'_>, source: usize, columns: BatchColumns<'_>) -> PyResult<usize> {
+        let batch = columns.batch()?;
         let inner = &mut self.inner;
         py.detach(|| inner.add_batch(source, &batch)).map_err(|e| to_py(py, e))
     }
@@ -89,32 +96,8 @@ impl PyCompiler {
     /// Samples of a batch rendered and tokenized as the build would (nothing is kept):
     /// per sample (text, ids, mask, byte offsets [n, 2], template id, image runs), or an
     /// error message. Same arguments as `add_batch`.
-    #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (source, rows, turn_offsets, roles, content_offsets, content_data, image_offsets, image_path_offsets, image_path_data, fields))]
-    fn preview_batch<'py>(
-        &mut self,
-        py: Python<'py>,
-        source: usize,
-        rows: PyReadonlyArray1<'_, u64>,
-        turn_offsets: PyReadonlyArray1<'_, i64>,
-        roles: PyReadonlyArray1<'_, u8>,
-        content_offsets: PyReadonlyArray1<'_, i64>,
-        content_data: PyReadonlyArray1<'_, u8>,
-        image_offsets: PyReadonlyArray1<'_, i64>,
-        image_path_offsets: PyReadonlyArray1<'_, i64>,
-        image_path_data: PyReadonlyArray1<'_, u8>,
-        fields: Vec<(PyReadonlyArray1<'_, i64>, PyReadonlyArray1<'_, u8>)>,
-    ) -> PyResult<Bound<'py, PyList>> {
-        let field_cols = fields.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?;
-        let batch = Batch {
-            rows: rows.as_slice()?,
-            turn_offsets: turn_offsets.as_slice()?,
-            roles: roles.as_slice()?,
-            contents: str_col(&content_offsets, &content_data)?,
-            image_offsets: image_offsets.as_slice()?,
-            images: str_col(&image_path_offsets, &image_path_data)?,
-            fields: field_cols,
-        };
+    fn preview_batch<'py>(&mut self, py: Python<'py>, source: usize, columns: BatchColumns<'_>) -> PyResult<Bound<'py, PyList>> {
+        let batch = columns.batch()?;
         let inner = &mut self.inner;
         if source >= inner.plan().sources.len() {
             return Err(PyValueError::new_err(format!("no source with index {source}")));

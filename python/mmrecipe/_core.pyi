@@ -6,6 +6,20 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
+#: rows, turn offsets, roles, content offsets, content bytes, image offsets, image path
+#: offsets, image path bytes, and (offsets, bytes) per template field.
+_BatchColumns = tuple[
+    npt.NDArray[np.uint64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.uint8],
+    list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]],
+]
+
 __all__ = ["BUILTIN_TEMPLATES", "Compiler", "__version__", "builtin_template", "image_token_count", "pack_lengths"]
 
 BUILTIN_TEMPLATES: list[str]
@@ -21,34 +35,11 @@ class Compiler:
     """
 
     def __new__(cls, plan_json: bytes, tokenizer_path: str, threads: int = 0, spill_dir: str | None = None) -> Compiler: ...
-    def add_batch(
-        self,
-        source: int,
-        rows: npt.NDArray[np.uint64],
-        turn_offsets: npt.NDArray[np.int64],
-        roles: npt.NDArray[np.uint8],
-        content_offsets: npt.NDArray[np.int64],
-        content_data: npt.NDArray[np.uint8],
-        image_offsets: npt.NDArray[np.int64],
-        image_path_offsets: npt.NDArray[np.int64],
-        image_path_data: npt.NDArray[np.uint8],
-        fields: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]],
-    ) -> int:
-        """Adds one batch of a source (Arrow-style columns); returns the usable samples added."""
+    def add_batch(self, source: int, columns: _BatchColumns) -> int:
+        """Adds one batch of a source (the columns `mmrecipe.buffers.batch_arguments`
+        makes); returns the usable samples added."""
 
-    def preview_batch(
-        self,
-        source: int,
-        rows: npt.NDArray[np.uint64],
-        turn_offsets: npt.NDArray[np.int64],
-        roles: npt.NDArray[np.uint8],
-        content_offsets: npt.NDArray[np.int64],
-        content_data: npt.NDArray[np.uint8],
-        image_offsets: npt.NDArray[np.int64],
-        image_path_offsets: npt.NDArray[np.int64],
-        image_path_data: npt.NDArray[np.uint8],
-        fields: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]],
-    ) -> list[Any]:
+    def preview_batch(self, source: int, columns: _BatchColumns) -> list[Any]:
         """Per sample (text, ids, mask, offsets, template, image runs) or an error message."""
 
     def finish(self) -> str:

@@ -173,7 +173,7 @@ def build(
                 for start in range(0, len(norm), BATCH_ROWS):
                     args = batch_arguments(norm, start, BATCH_ROWS)
                     lap("read")
-                    compiler.add_batch(i, *args)
+                    compiler.add_batch(i, args)
                     lap("tokenize")
                     bar.update(min(BATCH_ROWS, len(norm) - start))
                 norm.frame = norm.frame.clear()

@@ -72,7 +72,7 @@ def preview(recipe: str | Path | Recipe, n: int = 5, source: str | None = None) 
     out = []
     for i in picked:
         norm = sources[i]
-        results = compiler.preview_batch(i, *batch_arguments(norm, 0, n))
+        results = compiler.preview_batch(i, batch_arguments(norm, 0, n))
         rows = norm.frame[ROW].head(n).to_list()
         for row, r in zip(rows, results):
             if isinstance(r, str):
