@@ -289,6 +289,13 @@ impl Compiler {
         Ok(())
     }
 
+    /// Renders and tokenizes conversations on the build's thread pool (previews and tests;
+    /// not the build path).
+    pub fn encode_many(&mut self, chats: &[(Vec<Message>, Vec<u32>)]) -> Result<Vec<Result<(String, Encoded)>>> {
+        self.ensure_pool()?;
+        Ok(self.pool.install(|| chats.par_iter().map(|(m, counts)| self.encode_messages(m, counts)).collect()))
+    }
+
     /// Renders and tokenizes one conversation (previews and tests; not the build path).
     pub fn encode_messages(&self, messages: &[Message], image_counts: &[u32]) -> Result<(String, Encoded)> {
         let rendered = self.renderer.render(messages)?;

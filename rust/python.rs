@@ -151,7 +151,7 @@ impl PyCompiler {
     /// Renders and tokenizes conversations given as JSON
     /// (`[{"messages": [{"role", "content"}], "image_counts": [..]}]`). For previews and
     /// tests; the build path uses `add_batch`. Returns (text, ids, mask, image runs) each.
-    fn encode_chats<'py>(&self, py: Python<'py>, chats_json: &str) -> PyResult<Bound<'py, PyList>> {
+    fn encode_chats<'py>(&mut self, py: Python<'py>, chats_json: &str) -> PyResult<Bound<'py, PyList>> {
         #[derive(serde::Deserialize)]
         struct Chat {
             messages: Vec<Message>,
@@ -159,11 +159,9 @@ impl PyCompiler {
             image_counts: Vec<u32>,
         }
         let chats: Vec<Chat> = serde_json::from_str(chats_json).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let inner = &self.inner;
-        let results = py.detach(|| {
-            use rayon::prelude::*;
-            chats.par_iter().map(|c| inner.encode_messages(&c.messages, &c.image_counts)).collect::<Vec<_>>()
-        });
+        let chats: Vec<(Vec<Message>, Vec<u32>)> = chats.into_iter().map(|c| (c.messages, c.image_counts)).collect();
+        let inner = &mut self.inner;
+        let results = py.detach(|| inner.encode_many(&chats)).map_err(|e| to_py(py, e))?;
         let out = PyList::empty(py);
         for r in results {
             let (text, enc) = r.map_err(|e| to_py(py, e))?;
