@@ -70,10 +70,7 @@ pub struct Batch<'a> {
 }
 
 fn check_offsets(offsets: &[i64], n: usize, len: usize, what: &str) -> Result<()> {
-    let ok = offsets.len() == n + 1
-        && offsets[0] == 0
-        && offsets.windows(2).all(|w| w[0] <= w[1])
-        && offsets[n] as usize == len;
+    let ok = offsets.len() == n + 1 && offsets[0] == 0 && offsets.windows(2).all(|w| w[0] <= w[1]) && offsets[n] as usize == len;
     if ok {
         Ok(())
     } else {
@@ -103,6 +100,9 @@ impl Batch<'_> {
         Ok(())
     }
 }
+
+/// One previewed sample: (rendered text, tokens, template id), or why it is unusable.
+pub type Preview = std::result::Result<(String, Encoded, i32), String>;
 
 /// What the build keeps of one usable sample.
 #[derive(Debug, Clone, Copy)]
@@ -254,7 +254,10 @@ impl Compiler {
         let stores = plan
             .sources
             .iter()
-            .map(|s| Store { stats: SourceStats { name: s.name.clone(), weight: s.weight, ..Default::default() }, ..Default::default() })
+            .map(|s| Store {
+                stats: SourceStats { name: s.name.clone(), weight: s.weight, ..Default::default() },
+                ..Default::default()
+            })
             .collect();
         let threads = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
         Ok(Compiler {
@@ -386,7 +389,7 @@ impl Compiler {
 
     /// Rendered text, tokens and template of samples of a batch, exactly as a build makes
     /// them (before overlong handling); for `recipe preview`.
-    pub fn preview(&mut self, source: usize, batch: &Batch) -> Result<Vec<std::result::Result<(String, Encoded, i32), String>>> {
+    pub fn preview(&mut self, source: usize, batch: &Batch) -> Result<Vec<Preview>> {
         batch.validate(self.plan.sources[source].fields.len())?;
         self.ensure_pool()?;
         let n = batch.rows.len();
@@ -394,7 +397,8 @@ impl Compiler {
             (0..n)
                 .into_par_iter()
                 .map(|i| {
-                    let (messages, template, counts) = self.sample_messages(source, batch, i).map_err(|(f, m)| format!("{f}: {m}"))?;
+                    let (messages, template, counts) =
+                        self.sample_messages(source, batch, i).map_err(|(f, m)| format!("{f}: {m}"))?;
                     let rendered = self.renderer.render(&messages).map_err(|e| e.to_string())?;
                     let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
                     let enc = self.tokenizer.encode(&rendered, &roles, &counts, self.plan.train_on, self.plan.train_on_eos)?;
@@ -407,7 +411,12 @@ impl Compiler {
     /// The messages of sample `i` with its instruction template applied and image
     /// placeholders in place, the template id, and the image token counts.
     #[allow(clippy::type_complexity)]
-    fn sample_messages(&self, source: usize, batch: &Batch, i: usize) -> std::result::Result<(Vec<Message>, i32, Vec<u32>), (&'static str, String)> {
+    fn sample_messages(
+        &self,
+        source: usize,
+        batch: &Batch,
+        i: usize,
+    ) -> std::result::Result<(Vec<Message>, i32, Vec<u32>), (&'static str, String)> {
         let plan = &self.plan;
         let src = &plan.sources[source];
         let row = batch.rows[i];
@@ -490,7 +499,11 @@ impl Compiler {
     /// `overlong = "split_turns"`: the conversation becomes several samples, each a run of
     /// whole rounds (a user turn and what follows it) that fits, each with the system
     /// prompt and the sample's images. A round that alone does not fit is dropped.
-    fn split_turns(&self, messages: &[Message], image_counts: &[u32]) -> std::result::Result<Vec<Encoded>, (&'static str, String)> {
+    fn split_turns(
+        &self,
+        messages: &[Message],
+        image_counts: &[u32],
+    ) -> std::result::Result<Vec<Encoded>, (&'static str, String)> {
         let max = self.plan.seq_len as usize;
         let system: Vec<Message> = messages.iter().take_while(|m| m.role == Role::System).cloned().collect();
         let mut rounds: Vec<Vec<Message>> = Vec::new();
@@ -564,7 +577,11 @@ impl Compiler {
                     MixturePlan::Samples(total) => mix::largest_remainder(&weights, total),
                     _ => sizes.clone(),
                 };
-                self.stores.iter().enumerate().map(|(s, st)| mix::select(&rows_of(st), counts[s], plan.seed, self.source_keys[s])).collect()
+                self.stores
+                    .iter()
+                    .enumerate()
+                    .map(|(s, st)| mix::select(&rows_of(st), counts[s], plan.seed, self.source_keys[s]))
+                    .collect()
             }
             MixturePlan::Tokens(total) => {
                 let targets = mix::largest_remainder(&weights, total);
@@ -602,8 +619,7 @@ impl Compiler {
                 (s, p)
             })
             .collect();
-        let lengths: Vec<u32> =
-            items.iter().map(|(s, p)| self.stores[*s as usize].samples[p.index as usize].len).collect();
+        let lengths: Vec<u32> = items.iter().map(|(s, p)| self.stores[*s as usize].samples[p.index as usize].len).collect();
         let mut bins: Vec<Vec<u32>> = match plan.packing {
             Packing::Bfd => {
                 let mut bins = pack::best_fit_decreasing(&lengths, plan.seq_len);
@@ -803,7 +819,9 @@ mod tests {
     }
 
     fn convs(n: usize) -> Vec<Vec<(u8, &'static str)>> {
-        (0..n).map(|i| vec![(1, "hello there"), (2, if i % 3 == 0 { "short" } else { "a somewhat longer answer here" })]).collect()
+        (0..n)
+            .map(|i| vec![(1, "hello there"), (2, if i % 3 == 0 { "short" } else { "a somewhat longer answer here" })])
+            .collect()
     }
 
     #[test]
@@ -828,7 +846,7 @@ mod tests {
         comp.add_batch(0, &batch(&c)).unwrap();
         comp.add_batch(1, &batch(&c)).unwrap();
         comp.finish().unwrap();
-            let p = comp.emit(0, usize::MAX).unwrap();
+        let p = comp.emit(0, usize::MAX).unwrap();
         for (s, t) in p.seg_source.iter().zip(&p.seg_template) {
             assert_eq!(*s == 1, *t >= 0);
         }
@@ -844,7 +862,7 @@ mod tests {
         comp.add_batch(0, &batch(&c)).unwrap();
         comp.add_batch(1, &batch(&c)).unwrap();
         comp.finish().unwrap();
-            let p = comp.emit(0, usize::MAX).unwrap();
+        let p = comp.emit(0, usize::MAX).unwrap();
         let a = p.seg_source.iter().filter(|&&s| s == 0).count();
         assert_eq!((a, p.seg_source.len()), (13, 25));
         assert_eq!(p.row_offsets.len(), 26);

@@ -78,8 +78,15 @@ struct PyCompiler {
 impl PyCompiler {
     #[new]
     #[pyo3(signature = (plan_json, tokenizer_path, threads = 0, spill_dir = None))]
-    fn new(py: Python<'_>, plan_json: &[u8], tokenizer_path: &str, threads: usize, spill_dir: Option<std::path::PathBuf>) -> PyResult<Self> {
-        let plan: Plan = serde_json::from_slice(plan_json).map_err(|e| PyValueError::new_err(format!("invalid build plan: {e}")))?;
+    fn new(
+        py: Python<'_>,
+        plan_json: &[u8],
+        tokenizer_path: &str,
+        threads: usize,
+        spill_dir: Option<std::path::PathBuf>,
+    ) -> PyResult<Self> {
+        let plan: Plan =
+            serde_json::from_slice(plan_json).map_err(|e| PyValueError::new_err(format!("invalid build plan: {e}")))?;
         let path = tokenizer_path.to_string();
         let inner = py.detach(move || Compiler::new(plan, &path, threads, spill_dir.as_deref())).map_err(|e| to_py(py, e))?;
         Ok(PyCompiler { inner })
@@ -109,7 +116,14 @@ impl PyCompiler {
                 Ok((text, enc, template)) => {
                     let offsets: Vec<u32> = enc.offsets.iter().flat_map(|&(a, b)| [a, b]).collect();
                     let runs: Vec<(u32, u32)> = enc.images.iter().map(|r| (r.pos, r.len)).collect();
-                    out.append((text, enc.ids.into_pyarray(py), enc.mask.into_pyarray(py), offsets.into_pyarray(py), template, runs))?;
+                    out.append((
+                        text,
+                        enc.ids.into_pyarray(py),
+                        enc.mask.into_pyarray(py),
+                        offsets.into_pyarray(py),
+                        template,
+                        runs,
+                    ))?;
                 }
                 Err(message) => out.append(message)?,
             }
@@ -177,10 +191,13 @@ impl PyCompiler {
     }
 }
 
+/// (bin offsets, item indices).
+type PackedBins<'py> = (Bound<'py, numpy::PyArray1<i64>>, Bound<'py, numpy::PyArray1<u32>>);
+
 /// Best-fit-decreasing packing of `lengths` into bins of `capacity` (benchmarks, tests):
 /// returns (bin offsets, item indices) with bin b holding items[offsets[b]..offsets[b+1]].
 #[pyfunction]
-fn pack_lengths<'py>(py: Python<'py>, lengths: PyReadonlyArray1<'py, u32>, capacity: u32) -> PyResult<(Bound<'py, numpy::PyArray1<i64>>, Bound<'py, numpy::PyArray1<u32>>)> {
+fn pack_lengths<'py>(py: Python<'py>, lengths: PyReadonlyArray1<'py, u32>, capacity: u32) -> PyResult<PackedBins<'py>> {
     let l = lengths.as_slice()?;
     if let Some(&m) = l.iter().max() {
         if m > capacity {

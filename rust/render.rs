@@ -157,11 +157,8 @@ impl ChatRenderer {
             let text = self.render_raw(messages)?;
             return search_spans(text, messages);
         }
-        let marked: Vec<Message> = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Message { role: m.role, content: wrap(&m.content, i) })
-            .collect();
+        let marked: Vec<Message> =
+            messages.iter().enumerate().map(|(i, m)| Message { role: m.role, content: wrap(&m.content, i) }).collect();
         let Some(rendered) = strip_markers(&self.render_raw(&marked)?, messages) else {
             return search_spans(self.render_raw(messages)?, messages);
         };
@@ -215,18 +212,18 @@ fn strip_markers(marked: &str, messages: &[Message]) -> Option<Rendered> {
     let bytes = marked.as_bytes();
     let mut rest = 0;
     let mut chars = std::iter::from_fn(|| {
-        while rest < bytes.len() {
-            let next = bytes[rest..].iter().position(|&b| b == 0xE2 || b >= 0xF3).map_or(bytes.len(), |p| rest + p);
-            if next > rest {
-                let piece = &marked[rest..next];
-                rest = next;
-                return Some(Err(piece));
-            }
-            let c = marked[rest..].chars().next().unwrap();
-            rest += c.len_utf8();
-            return Some(Ok(c));
+        if rest >= bytes.len() {
+            return None;
         }
-        None
+        let next = bytes[rest..].iter().position(|&b| b == 0xE2 || b >= 0xF3).map_or(bytes.len(), |p| rest + p);
+        if next > rest {
+            let piece = &marked[rest..next];
+            rest = next;
+            return Some(Err(piece));
+        }
+        let c = marked[rest..].chars().next().unwrap();
+        rest += c.len_utf8();
+        Some(Ok(c))
     })
     .map(|item| match item {
         Ok(c) => (c, None),

@@ -46,7 +46,11 @@ impl Spill {
     /// Appends one sample; image-run tokens are not stored.
     pub fn append(&mut self, enc: &Encoded) -> Result<Record> {
         let in_run = |t: usize| enc.images.iter().any(|r| t >= r.pos as usize && t < (r.pos + r.len) as usize);
-        let keep: Vec<usize> = if enc.images.is_empty() { (0..enc.ids.len()).collect() } else { (0..enc.ids.len()).filter(|&t| !in_run(t)).collect() };
+        let keep: Vec<usize> = if enc.images.is_empty() {
+            (0..enc.ids.len()).collect()
+        } else {
+            (0..enc.ids.len()).filter(|&t| !in_run(t)).collect()
+        };
         let mut buf = Vec::with_capacity(8 + keep.len() * 5 + enc.images.len() * 8);
         buf.extend_from_slice(&(keep.len() as u32).to_le_bytes());
         buf.extend_from_slice(&(enc.images.len() as u32).to_le_bytes());
@@ -90,7 +94,8 @@ impl Spill {
         let text_ids = 8;
         let text_mask = text_ids + 4 * n;
         let runs_at = text_mask + n;
-        let runs: Vec<ImageRun> = (0..k).map(|j| ImageRun { pos: word(runs_at + 8 * j), len: word(runs_at + 8 * j + 4) }).collect();
+        let runs: Vec<ImageRun> =
+            (0..k).map(|j| ImageRun { pos: word(runs_at + 8 * j), len: word(runs_at + 8 * j + 4) }).collect();
         let base = ids.len();
         let mut t = 0;
         for run in runs.iter() {

@@ -20,10 +20,13 @@ use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizedString, PreTo
 static NEXT_TOKENIZER_ID: AtomicU64 = AtomicU64::new(1);
 const WORD_CACHE_LIMIT: usize = 1 << 18;
 
+/// (owner tokenizer id, word → [(token id, byte length)]).
+type WordCache = (u64, HashMap<String, Box<[(u32, u32)]>>);
+
 thread_local! {
     /// Per worker thread: pre-tokenized word → (token id, byte length) list, for the
     /// tokenizer with the given id. Lock-free, unlike the model's shared cache.
-    static WORD_CACHE: RefCell<(u64, HashMap<String, Box<[(u32, u32)]>>)> = RefCell::new((0, HashMap::new()));
+    static WORD_CACHE: RefCell<WordCache> = RefCell::new((0, HashMap::new()));
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,8 +358,10 @@ mod tests {
     }
 
     fn load_pair() -> (TextTokenizer, TextTokenizer) {
-        let fast = TextTokenizer::new(TextTokenizer::from_file(TOKENIZER).unwrap(), Some(("<image>", "<image>", None, None))).unwrap();
-        let mut slow = TextTokenizer::new(TextTokenizer::from_file(TOKENIZER).unwrap(), Some(("<image>", "<image>", None, None))).unwrap();
+        let fast =
+            TextTokenizer::new(TextTokenizer::from_file(TOKENIZER).unwrap(), Some(("<image>", "<image>", None, None))).unwrap();
+        let mut slow =
+            TextTokenizer::new(TextTokenizer::from_file(TOKENIZER).unwrap(), Some(("<image>", "<image>", None, None))).unwrap();
         assert!(fast.fast, "the bundled tokenizer is byte-level BPE");
         slow.set_fast(false);
         (fast, slow)

@@ -264,7 +264,7 @@ def two_folders(folder: Path) -> tuple[Path, Path]:
 def test_extends_merges_tables_and_sources_by_name(folder):
     base, other = two_folders(folder)
     (other / "more.jsonl").write_text((folder / "chat.jsonl").read_text())
-    (other / "d.toml").write_text(textwrap.dedent(f"""
+    (other / "d.toml").write_text(textwrap.dedent("""
         extends = "../r.toml"
         [recipe]
         version = "2.0.0"
@@ -273,7 +273,7 @@ def test_extends_merges_tables_and_sources_by_name(folder):
         [[source]]
         name = "vqa"
         weight = 3.0
-        fields = {{ answer = "answers[1]" }}
+        fields = { answer = "answers[1]" }
         [[source]]
         name = "more"
         path = "more.jsonl"
