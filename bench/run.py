@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="build threads (default: all cores)")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "mmrecipe-bench", help="where generated data is cached")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("--no-reference", action="store_true", help="measure the build only (peak RSS at large N)")
     ap.add_argument("--child", nargs=2, metavar=("RECIPE", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--reference", metavar="TEXTS", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -139,6 +140,13 @@ def main() -> None:
     build = json.loads(proc.stdout.strip().splitlines()[-1])
     peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
+    s = build["summary"]
+    if args.no_reference:
+        print(json.dumps({"n_generated": args.n, "samples": sum(x["selected"] for x in s["sources"]), "tokens": s["tokens"],
+                          "build_seconds": round(build["seconds"], 2), "peak_rss_mb": round(peak_rss_mb),
+                          "packing_efficiency": round(s["packing_efficiency"], 4),
+                          "stage_seconds": {k: round(v, 2) for k, v in build["timings"].items()}}, indent=2))
+        return
     # The reference runs in a fresh process too, on the texts the build rendered.
     texts = reference_texts(recipe)
     texts_file = data / "rendered.pkl"

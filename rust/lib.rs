@@ -6,6 +6,7 @@
 //! best-fit-decreasing packing (`pack`). The Python binding lives behind the `python`
 //! feature so `cargo test` runs without linking Python.
 
+pub mod chunks;
 pub mod compile;
 pub mod error;
 pub mod instruct;

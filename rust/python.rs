@@ -215,6 +215,29 @@ fn pack_lengths<'py>(py: Python<'py>, lengths: PyReadonlyArray1<'py, u32>, capac
     Ok((offsets.into_pyarray(py), items.into_pyarray(py)))
 }
 
+/// A JSON Lines file, or a JSON array of records, read as JSON Lines chunks.
+#[pyclass(module = "mmrecipe._core", name = "JsonChunks")]
+struct PyJsonChunks {
+    inner: crate::chunks::JsonChunks,
+}
+
+#[pymethods]
+impl PyJsonChunks {
+    #[new]
+    fn new(path: std::path::PathBuf, array: bool) -> PyResult<Self> {
+        let inner = crate::chunks::JsonChunks::open(&path, array)
+            .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("{}: {e}", path.display())))?;
+        Ok(PyJsonChunks { inner })
+    }
+
+    /// The next chunk of at most `max_records` records as JSON Lines bytes, or None.
+    fn next_chunk<'py>(&mut self, py: Python<'py>, max_records: usize) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+        let inner = &mut self.inner;
+        let chunk = py.detach(|| inner.next_chunk(max_records.max(1))).map_err(PyValueError::new_err)?;
+        Ok(chunk.map(|c| pyo3::types::PyBytes::new(py, &c)))
+    }
+}
+
 /// The Jinja source of a built-in chat template, or None.
 #[pyfunction]
 fn builtin_template(name: &str) -> Option<&'static str> {
@@ -242,6 +265,7 @@ fn image_token_count(width: u64, height: u64, patch: u32, merge: u32, min_pixels
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCompiler>()?;
+    m.add_class::<PyJsonChunks>()?;
     m.add_function(wrap_pyfunction!(builtin_template, m)?)?;
     m.add_function(wrap_pyfunction!(image_token_count, m)?)?;
     m.add_function(wrap_pyfunction!(pack_lengths, m)?)?;

@@ -139,3 +139,53 @@ def test_changing_any_input_changes_the_release_id(tmp_path):
     third = build(work / "demo.toml", tmp_path / "c", progress=False).manifest.release_id
     assert third not in (base, changed.release_id)
     assert load_recipe(work / "demo.toml").recipe.name == "demo"
+
+
+def test_streamed_sources_give_the_same_release(tmp_path, monkeypatch):
+    """Sources read 7 records at a time build exactly what reading them whole builds."""
+    import mmrecipe.builder
+    import mmrecipe.sources
+
+    with monkeypatch.context() as m:
+        m.setattr(mmrecipe.sources, "streamable", lambda recipe, index: False)
+        whole = build(DEMO, tmp_path / "whole", progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(mmrecipe.builder, "BATCH_ROWS", 7)
+        streamed = build(DEMO, tmp_path / "streamed", progress=False)
+    assert streamed.manifest.release_id == whole.manifest.release_id
+    for shard in whole.manifest.shards:
+        assert (whole.path / shard.path).read_bytes() == (streamed.path / shard.path).read_bytes()
+    assert (whole.path / "stats.json").read_bytes() == (streamed.path / "stats.json").read_bytes()
+
+
+def test_field_missing_from_some_records_streams(tmp_path):
+    """A field absent from a whole slice is fine when other slices have it; absent
+    everywhere it is the usual error."""
+    import mmrecipe.builder
+
+    lines = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(10)]
+    lines += [{"question": "q", "answer": "a", "hint": "h"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"""
+[recipe]
+name = "t"
+[model]
+tokenizer = "{MODEL}"
+[[source]]
+name = "qa"
+path = "d.jsonl"
+layout = "qa"
+fields = {{ question = "question", answer = "answer", hint = "hint" }}
+instructions = ["{{question}} ({{hint}})"]
+""")
+    mmrecipe.builder.BATCH_ROWS, saved = 4, mmrecipe.builder.BATCH_ROWS
+    try:
+        assert build(recipe, tmp_path / "ok", progress=False).summary["sources"][0]["selected"] == 11
+        recipe.write_text(recipe.read_text().replace('hint = "hint"', 'hint = "hnit"'))
+        from mmrecipe import SourceError
+
+        with pytest.raises(SourceError, match=r"source\[0\].fields.hint: the path 'hnit' resolves on no row"):
+            build(recipe, tmp_path / "bad", progress=False)
+    finally:
+        mmrecipe.builder.BATCH_ROWS = saved

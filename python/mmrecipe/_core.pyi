@@ -20,7 +20,7 @@ _BatchColumns = tuple[
     list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]],
 ]
 
-__all__ = ["BUILTIN_TEMPLATES", "Compiler", "__version__", "builtin_template", "image_token_count", "pack_lengths"]
+__all__ = ["BUILTIN_TEMPLATES", "Compiler", "JsonChunks", "__version__", "builtin_template", "image_token_count", "pack_lengths"]
 
 BUILTIN_TEMPLATES: list[str]
 __version__: str
@@ -53,6 +53,15 @@ class Compiler:
 
     def token_id(self, token: str) -> int | None:
         """The id of a token, or None."""
+
+@final
+class JsonChunks:
+    """A JSON Lines file (`array=False`) or a JSON array of records (`array=True`), read as
+    JSON Lines chunks without loading the file."""
+
+    def __new__(cls, path: str, array: bool) -> JsonChunks: ...
+    def next_chunk(self, max_records: int) -> bytes | None:
+        """The next chunk of at most `max_records` records, or None at the end."""
 
 def builtin_template(name: str) -> str | None:
     """The Jinja source of a built-in chat template (chatml, llama3, vicuna, alpaca, plain)."""

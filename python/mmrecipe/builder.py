@@ -19,7 +19,7 @@ from .hashing import bytes_sha256, file_sha256
 from .model import ModelFiles, resolve_model
 from .recipe import Recipe, _builtin_pool_path, load_pool, load_recipe, to_dict
 from .release import FORMAT, MANIFEST, STATS, InputFile, Manifest, staging, write_json, write_shards
-from .sources import Normalized, normalize, source_files, template_fields
+from .sources import Normalized, iter_normalized, source_files, template_fields
 
 BATCH_ROWS = 8192
 
@@ -166,17 +166,20 @@ def build(
         with bar:
             for i, spec in enumerate(recipe.source):
                 bar.set_postfix_str(f"{spec.name} ({i + 1}/{len(recipe.source)} sources)")
-                norm = normalize(recipe, i)
-                bar.total += len(norm)  # known once the source is read
-                bar.refresh()
-                lap("read")
-                for start in range(0, len(norm), BATCH_ROWS):
-                    args = batch_arguments(norm, start, BATCH_ROWS)
+                notes: list[str] = []
+                for norm in iter_normalized(recipe, i, BATCH_ROWS):
+                    bar.total += len(norm)  # known as the source is read
+                    bar.refresh()
                     lap("read")
-                    compiler.add_batch(i, args)
-                    lap("tokenize")
-                    bar.update(min(BATCH_ROWS, len(norm) - start))
-                norm.frame = norm.frame.clear()
+                    for start in range(0, len(norm), BATCH_ROWS):
+                        args = batch_arguments(norm, start, BATCH_ROWS)
+                        lap("read")
+                        compiler.add_batch(i, args)
+                        lap("tokenize")
+                        bar.update(min(BATCH_ROWS, len(norm) - start))
+                    notes += norm.notes
+                    norm.frame = norm.frame.clear()
+                norm.notes = notes
                 sources.append(norm)
         summary = msgspec.json.decode(compiler.finish())
         for stats, norm in zip(summary["sources"], sources):

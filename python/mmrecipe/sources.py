@@ -7,13 +7,15 @@ Everything is column operations; no Python per row."""
 from __future__ import annotations
 
 import glob
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import msgspec
 import polars as pl
 
-from . import fieldpath
+from . import _core, fieldpath
 from .errors import DataError, RecipeError, SourceError
 from .recipe import RESERVED_FIELDS, JoinSpec, Recipe, SourceSpec, resolve_path
 
@@ -45,6 +47,8 @@ class Normalized:
     field_names: list[str] = field(default_factory=list)
     #: What reading dropped on the way (rows without a join match under on_error = "skip").
     notes: list[str] = field(default_factory=list)
+    #: Field keys that resolved to a value on at least one row.
+    resolved: set[str] = field(default_factory=set)
 
     def __len__(self) -> int:
         return self.frame.height
@@ -163,8 +167,10 @@ def _data_columns(frame: pl.DataFrame) -> str:
     return ", ".join(c for c in frame.columns if not c.startswith("__"))
 
 
-def _resolve(frame: pl.DataFrame, spec: SourceSpec, index: int, key: str, out: str) -> pl.DataFrame:
-    """Adds column `out` holding the field `key` of the source, resolved on the data."""
+def _resolve(frame: pl.DataFrame, spec: SourceSpec, index: int, key: str, out: str, partial: bool = False) -> pl.DataFrame:
+    """Adds column `out` holding the field `key` of the source, resolved on the data. In a
+    slice of a source (`partial`), a path this slice cannot resolve gives nulls; whether it
+    resolves somewhere is checked over the whole source (`check_resolved`)."""
     text = spec.fields[key]
     where = f"source[{index}].fields.{key}"
     try:
@@ -173,14 +179,60 @@ def _resolve(frame: pl.DataFrame, spec: SourceSpec, index: int, key: str, out: s
         raise RecipeError(f"{where}: {e}", key=where) from None
     for column in path.columns:
         if column not in frame.columns:
+            if partial:
+                return frame.with_columns(pl.lit(None).alias(out))
             raise SourceError(f"{where}: source '{spec.name}' has no column '{column}' (columns: {_data_columns(frame)})")
     try:
         frame = fieldpath.resolve(frame, path, out)
     except pl.exceptions.PolarsError as e:
+        if partial:
+            return frame.with_columns(pl.lit(None).alias(out))
         raise SourceError(f"{where}: the path '{text}' does not fit source '{spec.name}': {e}") from None
-    if frame[out].null_count() == frame.height:
+    if frame[out].null_count() == frame.height and not partial:
         raise SourceError(f"{where}: the path '{text}' resolves on no row of source '{spec.name}'")
     return frame
+
+
+def streamable(recipe: Recipe, index: int) -> bool:
+    """Whether a source can be read a slice at a time: JSON Lines or JSON arrays, with no
+    step that needs all rows at once (joins, group_by, a list under a key)."""
+    spec = recipe.source[index]
+    if spec.group_by is not None or spec.join is not None or spec.json_key:
+        return False
+    return all(_format_of(spec, f) in ("jsonl", "json") for f in source_files(recipe, index))
+
+
+def iter_normalized(recipe: Recipe, index: int, rows: int) -> Iterator[Normalized]:
+    """The source in the internal form, `rows` records at a time when it is streamable
+    (memory then stays flat in the source's size), else all at once."""
+    if not streamable(recipe, index):
+        yield normalize(recipe, index)
+        return
+    spec = recipe.source[index]
+    offset = 0
+    found: set[str] = set()
+    for path in source_files(recipe, index):
+        try:
+            reader = _core.JsonChunks(str(path), _format_of(spec, path) == "json")
+            while (chunk := reader.next_chunk(rows)) is not None:
+                try:
+                    frame = pl.read_ndjson(io.BytesIO(chunk), infer_schema_length=None)
+                except Exception:
+                    if _format_of(spec, path) == "jsonl":
+                        _raise_bad_json_line(spec, path)
+                    raise
+                norm = normalize(recipe, index, frame=frame, row_offset=offset, partial=True)
+                offset += frame.height
+                found |= norm.resolved
+                yield norm
+        except (ValueError, OSError, pl.exceptions.PolarsError) as e:
+            raise SourceError(f"source '{spec.name}': cannot read {path}: {e}") from None
+    if offset == 0:
+        raise SourceError(f"source '{spec.name}': no rows in {', '.join(str(f) for f in source_files(recipe, index))}")
+    for key in spec.fields:
+        if key not in found:
+            where = f"source[{index}].fields.{key}"
+            raise SourceError(f"{where}: the path '{spec.fields[key]}' resolves on no row of source '{spec.name}'")
 
 
 def _as_text(frame: pl.DataFrame, col: str) -> pl.Expr:
@@ -197,13 +249,15 @@ def _require(frame: pl.DataFrame, col: str, spec: SourceSpec, key: str) -> None:
         raise SourceError(f"source '{spec.name}', row {row}, field '{key}' ({spec.fields.get(key, key)}): missing value")
 
 
-def normalize(recipe: Recipe, index: int, frame: pl.DataFrame | None = None) -> Normalized:
-    """Reads source `index` of the recipe and brings it to the internal form."""
+def normalize(recipe: Recipe, index: int, frame: pl.DataFrame | None = None, row_offset: int = 0, partial: bool = False) -> Normalized:
+    """Reads source `index` of the recipe and brings it to the internal form. With `frame`,
+    normalizes those rows (numbered from `row_offset`); `partial` says they are one slice
+    of the source, where a field may be absent without being an error."""
     spec = recipe.source[index]
     files = source_files(recipe, index)
     if frame is None:
         frame = read_source(recipe, index)
-    frame = frame.with_row_index(ROW).with_columns(pl.col(ROW).cast(pl.UInt64))
+    frame = frame.with_row_index(ROW, offset=row_offset).with_columns(pl.col(ROW).cast(pl.UInt64))
     notes: list[str] = []
     if spec.join is not None:
         joined = join_file(recipe, index, files)
@@ -213,7 +267,8 @@ def normalize(recipe: Recipe, index: int, frame: pl.DataFrame | None = None) -> 
     resolved: dict[str, str] = {}
     for key in spec.fields:
         resolved[key] = f"__f_{key}"
-        frame = _resolve(frame, spec, index, key, resolved[key])
+        frame = _resolve(frame, spec, index, key, resolved[key], partial)
+    found = {k for k, col in resolved.items() if frame[col].null_count() < frame.height}
 
     if spec.layout == "conversation":
         frame = _conversation(frame, spec, index, resolved)
@@ -240,7 +295,7 @@ def normalize(recipe: Recipe, index: int, frame: pl.DataFrame | None = None) -> 
         frame = _group_by_image(frame, resolved["image"])
     names = template_fields(spec)
     out = frame.select(ROW, ROLES, CONTENTS, IMAGES, *[_as_text(frame, resolved[k]).fill_null("").alias(f"__t_{k}") for k in names])
-    return Normalized(spec=spec, frame=out, files=files, field_names=names, notes=notes)
+    return Normalized(spec=spec, frame=out.rechunk(), files=files, field_names=names, notes=notes, resolved=found)
 
 
 def _group_by_image(frame: pl.DataFrame, image: str) -> pl.DataFrame:
