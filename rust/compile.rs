@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::instruct::{self, Template};
 use crate::media;
 use crate::mix;
+use crate::overlong;
 use crate::pack;
 use crate::plan::{MixturePlan, OnError, Overlong, Packing, Plan, TrainOn};
 use crate::render::{ChatRenderer, Message, Role};
@@ -365,7 +366,7 @@ impl Compiler {
             Overlong::Drop => Ok(Outcome::Overlong),
             Overlong::Truncate => {
                 let mut enc = enc;
-                if !truncate(&mut enc, plan.seq_len as usize, self.tokenizer.image_wrappers()) {
+                if !overlong::truncate(&mut enc, plan.seq_len as usize, self.tokenizer.image_wrappers()) {
                     return Ok(Outcome::Overlong);
                 }
                 let mut image_paths = image_paths;
@@ -466,17 +467,7 @@ impl Compiler {
                 let path: PathBuf = root.join(rel);
                 image_counts.push(media::image_tokens(img, &path).map_err(|m| ("image", m))?);
             }
-            let placed: usize = messages.iter().map(|m| m.content.matches(img.placeholder.as_str()).count()).sum();
-            if placed == 0 {
-                // No placeholder in the text: images go first in the first user turn (LLaVA).
-                let first_user = messages
-                    .iter_mut()
-                    .find(|m| m.role == Role::User)
-                    .ok_or(("image", "the sample has images but no user turn to put them in".to_string()))?;
-                let mut prefix = img.placeholder.repeat(i1 - i0);
-                prefix.push('\n');
-                first_user.content.insert_str(0, &prefix);
-            }
+            media::place_images(&mut messages, &img.placeholder, i1 - i0).map_err(|m| ("image", m))?;
         }
         Ok((messages, template, image_counts))
     }
@@ -496,59 +487,19 @@ impl Compiler {
         Ok(Outcome::Keep(done))
     }
 
-    /// `overlong = "split_turns"`: the conversation becomes several samples, each a run of
-    /// whole rounds (a user turn and what follows it) that fits, each with the system
-    /// prompt and the sample's images. A round that alone does not fit is dropped.
+    /// `overlong = "split_turns"`, with each part keeping the sample's images.
     fn split_turns(
         &self,
         messages: &[Message],
         image_counts: &[u32],
     ) -> std::result::Result<Vec<Encoded>, (&'static str, String)> {
-        let max = self.plan.seq_len as usize;
-        let system: Vec<Message> = messages.iter().take_while(|m| m.role == Role::System).cloned().collect();
-        let mut rounds: Vec<Vec<Message>> = Vec::new();
-        for m in &messages[system.len()..] {
-            if m.role == Role::User || rounds.is_empty() {
-                rounds.push(Vec::new());
-            }
-            rounds.last_mut().unwrap().push(m.clone());
-        }
-        let build = |from: usize, to: usize| -> std::result::Result<Encoded, (&'static str, String)> {
-            let mut chunk: Vec<Message> = system.clone();
-            chunk.extend(rounds[from..to].iter().flatten().cloned());
+        overlong::split_turns(messages, self.plan.seq_len as usize, |chunk| {
+            let mut chunk = chunk.to_vec();
             if let Some(img) = self.plan.image.as_ref().filter(|_| !image_counts.is_empty()) {
-                let placed: usize = chunk.iter().map(|m| m.content.matches(img.placeholder.as_str()).count()).sum();
-                if placed == 0 {
-                    // Later parts keep the sample's images at the start of their first user turn.
-                    if let Some(u) = chunk.iter_mut().find(|m| m.role == Role::User) {
-                        u.content.insert_str(0, &(img.placeholder.repeat(image_counts.len()) + "\n"));
-                    }
-                }
+                media::place_images(&mut chunk, &img.placeholder, image_counts.len()).map_err(|m| ("image", m))?;
             }
             self.encode(&chunk, image_counts)
-        };
-        let mut parts = Vec::new();
-        let mut start = 0;
-        while start < rounds.len() {
-            let mut best: Option<(usize, Encoded)> = None;
-            for end in start + 1..=rounds.len() {
-                let enc = build(start, end)?;
-                if enc.ids.len() > max {
-                    break;
-                }
-                best = Some((end, enc));
-            }
-            match best {
-                Some((end, enc)) => {
-                    if enc.trained() > 0 {
-                        parts.push(enc);
-                    }
-                    start = end;
-                }
-                None => start += 1,
-            }
-        }
-        Ok(parts)
+        })
     }
 
     /// Exact mixture and packing; returns the summary. Rows come from `emit`.
@@ -730,37 +681,9 @@ fn append(store: &mut Store, spill: &mut Spill, batch: &Batch, i: usize, done: D
     Ok(())
 }
 
-/// Cuts a sample to at most `max` tokens: never inside an image run, at the end of a
-/// response when one fits; false when nothing trained would remain.
-pub fn truncate(enc: &mut Encoded, max: usize, (wrap_start, wrap_end): (bool, bool)) -> bool {
-    let mut cut = max.min(enc.ids.len());
-    for run in &enc.images {
-        // The run with its start/end wrapper tokens is kept whole or not at all.
-        let s = run.pos as usize - wrap_start as usize;
-        let e = (run.pos + run.len) as usize + wrap_end as usize;
-        if s < cut && cut < e {
-            cut = s;
-        }
-    }
-    // Prefer the end of a trained span (a turn boundary).
-    if let Some(p) = (1..=cut).rev().find(|&p| enc.mask[p - 1] == 1 && (p == enc.ids.len() || enc.mask[p] == 0)) {
-        cut = p;
-    }
-    if !enc.mask[..cut].contains(&1) {
-        return false;
-    }
-    enc.ids.truncate(cut);
-    enc.mask.truncate(cut);
-    enc.offsets.truncate(cut);
-    enc.images.retain(|r| ((r.pos + r.len) as usize + wrap_end as usize) <= cut);
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokenize::ImageRun;
-    use proptest::prelude::*;
 
     const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/models/smollm2/tokenizer.json");
 
@@ -905,33 +828,5 @@ mod tests {
         c.turn_offsets[2] = 99;
         let mut comp = Compiler::new(plan(""), TOKENIZER, 1, None).unwrap();
         assert!(matches!(comp.add_batch(0, &batch(&c)), Err(Error::Plan { .. })));
-    }
-
-    proptest! {
-        #[test]
-        fn truncate_keeps_runs_whole_and_something_trained(
-            mask in prop::collection::vec(0u8..2, 1..200),
-            runs in prop::collection::vec((0u32..180, 1u32..20), 0..4),
-            max in 1usize..200,
-        ) {
-            let n = mask.len();
-            let mut images: Vec<ImageRun> = runs.into_iter().map(|(p, l)| ImageRun { pos: p.min(n as u32 - 1), len: l.min(n as u32 - p.min(n as u32 - 1)) }).collect();
-            images.sort_by_key(|r| r.pos);
-            images.dedup_by(|b, a| b.pos < a.pos + a.len); // non-overlapping runs
-            let mut mask = mask;
-            for r in &images { for k in r.pos..r.pos + r.len { mask[k as usize] = 0; } }
-            let mut enc = Encoded { ids: vec![7; n], mask: mask.clone(), offsets: vec![(0, 0); n], images: images.clone() };
-            if truncate(&mut enc, max, (false, false)) {
-                prop_assert!(enc.ids.len() <= max);
-                prop_assert!(enc.mask.contains(&1));
-                let cut = enc.ids.len() as u32;
-                for r in &images {
-                    prop_assert!(r.pos + r.len <= cut || r.pos >= cut, "cut {} inside run {:?}", cut, r);
-                }
-                prop_assert_eq!(enc.images.len(), images.iter().filter(|r| r.pos + r.len <= cut).count());
-            } else {
-                prop_assert!(!mask[..max.min(n)].contains(&1) || images.iter().any(|r| (r.pos as usize) < max));
-            }
-        }
     }
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod instruct;
 pub mod media;
 pub mod mix;
+pub mod overlong;
 pub mod pack;
 pub mod plan;
 pub mod render;

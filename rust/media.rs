@@ -2,7 +2,22 @@
 //! width and height in the file header; pixels are never decoded.
 
 use crate::plan::ImagePlan;
+use crate::render::{Message, Role};
 use std::path::Path;
+
+/// A sample whose text has no image placeholder gets one per image at the start of its
+/// first user turn (the LLaVA convention); text that already places them is left alone.
+pub fn place_images(messages: &mut [Message], placeholder: &str, count: usize) -> Result<(), String> {
+    if count == 0 || messages.iter().any(|m| m.content.contains(placeholder)) {
+        return Ok(());
+    }
+    let first_user = messages
+        .iter_mut()
+        .find(|m| m.role == Role::User)
+        .ok_or_else(|| "the sample has images but no user turn to put them in".to_string())?;
+    first_user.content.insert_str(0, &(placeholder.repeat(count) + "\n"));
+    Ok(())
+}
 
 /// Qwen2-VL `smart_resize`: the (height, width) an image is resized to, multiples of
 /// `factor` = patch × merge, with the pixel count kept within [min_pixels, max_pixels].
