@@ -196,6 +196,25 @@ fn wrap(content: &str, i: usize) -> String {
     s
 }
 
+/// A marked render cut into runs of plain text (copied in bulk) and single characters
+/// that may be markers. Markers encode to UTF-8 starting with 0xE2 (U+2028/9) or
+/// 0xF3/0xF4 (planes 15/16); only characters with such a lead byte come one by one.
+enum Piece<'a> {
+    Text(&'a str),
+    Char(char),
+}
+
+fn pieces(marked: &str) -> impl Iterator<Item = Piece<'_>> {
+    let mut rest = marked;
+    std::iter::from_fn(move || {
+        let c = rest.chars().next()?;
+        let cut = rest.bytes().position(|b| b == 0xE2 || b >= 0xF3).unwrap_or(rest.len());
+        let (piece, len) = if cut > 0 { (Piece::Text(&rest[..cut]), cut) } else { (Piece::Char(c), c.len_utf8()) };
+        rest = &rest[len..];
+        Some(piece)
+    })
+}
+
 /// Strips the markers, putting back each message's outer whitespace where the template
 /// kept it, and records each message's span (first occurrence). None when the markers
 /// are not where they were put (the template rearranged content).
@@ -207,36 +226,18 @@ fn strip_markers(marked: &str, messages: &[Message]) -> Option<Rendered> {
         let u = c as u32;
         (u >= base && ((u - base) as usize) < messages.len()).then(|| (u - base) as usize)
     };
-    // Copy the text between markers in bulk; only marker characters go one by one. All
-    // markers encode to UTF-8 starting with 0xE2 (U+2028/9) or 0xF3/0xF4 (planes 15/16).
-    let bytes = marked.as_bytes();
-    let mut rest = 0;
-    let mut chars = std::iter::from_fn(|| {
-        if rest >= bytes.len() {
-            return None;
-        }
-        let next = bytes[rest..].iter().position(|&b| b == 0xE2 || b >= 0xF3).map_or(bytes.len(), |p| rest + p);
-        if next > rest {
-            let piece = &marked[rest..next];
-            rest = next;
-            return Some(Err(piece));
-        }
-        let c = marked[rest..].chars().next().unwrap();
-        rest += c.len_utf8();
-        Some(Ok(c))
-    })
-    .map(|item| match item {
-        Ok(c) => (c, None),
-        Err(piece) => ('\0', Some(piece)),
-    })
-    .peekable();
-    while let Some((c, piece)) = chars.next() {
-        if let Some(p) = piece {
-            text.push_str(p);
-            continue;
-        }
+    let mut pieces = pieces(marked).peekable();
+    while let Some(piece) = pieces.next() {
+        let c = match piece {
+            Piece::Text(t) => {
+                text.push_str(t);
+                continue;
+            }
+            Piece::Char(c) => c,
+        };
         if c == LEAD_WS {
-            let i = chars.next().and_then(|(n, _)| index(n, START_BASE).filter(|_| (n as u32) < END_BASE))?;
+            let Some(Piece::Char(n)) = pieces.next() else { return None };
+            let i = index(n, START_BASE).filter(|_| (n as u32) < END_BASE)?;
             let begin = text.len();
             text.push_str(split_ws(&messages[i].content).0);
             starts[i].get_or_insert(begin);
@@ -244,8 +245,8 @@ fn strip_markers(marked: &str, messages: &[Message]) -> Option<Rendered> {
             return None;
         } else if (c as u32) >= END_BASE {
             let i = index(c, END_BASE)?;
-            if matches!(chars.peek(), Some((TRAIL_WS, None))) {
-                chars.next();
+            if matches!(pieces.peek(), Some(Piece::Char(TRAIL_WS))) {
+                pieces.next();
                 text.push_str(split_ws(&messages[i].content).2);
             }
             if spans[i].is_none() {

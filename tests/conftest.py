@@ -21,6 +21,15 @@ MODEL = RECIPES / "models" / "smollm2"
 DEMO = RECIPES / "demo.toml"
 
 
+def small_recipe(source: str, model: str = "", output: str = "") -> str:
+    """A recipe on the bundled tokenizer with one [[source]] (TOML body given), plus
+    optional extra [model] lines and an [output] table."""
+    text = f'[recipe]\nname = "t"\n[model]\ntokenizer = "{MODEL}"\n{model}\n'
+    if output:
+        text += f"[output]\n{output}\n"
+    return text + f"[[source]]\n{source}\n"
+
+
 @pytest.fixture(scope="session")
 def demo_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mmrecipe import build

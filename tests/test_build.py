@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import DEMO, MODEL
+from conftest import DEMO, MODEL, small_recipe
 
 from mmrecipe import ReleaseError, build, load_recipe
 from mmrecipe.release import read_manifest
@@ -93,16 +93,7 @@ def test_failed_build_leaves_nothing(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
                     '{"messages": [{"role": "user", "content": "no answer"}]}\n')
-    recipe.write_text(f"""
-[recipe]
-name = "t"
-[model]
-tokenizer = "{MODEL}"
-[[source]]
-name = "chat"
-path = "d.jsonl"
-layout = "conversation"
-""")
+    recipe.write_text(small_recipe('name = "chat"\npath = "d.jsonl"\nlayout = "conversation"'))
     from mmrecipe import DataError
 
     with pytest.raises(DataError) as e:
@@ -167,18 +158,11 @@ def test_field_missing_from_some_records_streams(tmp_path):
     lines += [{"question": "q", "answer": "a", "hint": "h"}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f"""
-[recipe]
-name = "t"
-[model]
-tokenizer = "{MODEL}"
-[[source]]
-name = "qa"
+    recipe.write_text(small_recipe("""name = "qa"
 path = "d.jsonl"
 layout = "qa"
-fields = {{ question = "question", answer = "answer", hint = "hint" }}
-instructions = ["{{question}} ({{hint}})"]
-""")
+fields = { question = "question", answer = "answer", hint = "hint" }
+instructions = ["{question} ({hint})"]"""))
     mmrecipe.builder.BATCH_ROWS, saved = 4, mmrecipe.builder.BATCH_ROWS
     try:
         assert build(recipe, tmp_path / "ok", progress=False).summary["sources"][0]["selected"] == 11

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import DEMO, MODEL, RECIPES
+from conftest import DEMO, MODEL, RECIPES, small_recipe
 from hypothesis import given
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from strategies import conversations
@@ -21,6 +21,7 @@ from mmrecipe.encode import ChatEncoder
 from mmrecipe.recipe import ImageSpec
 
 IMAGE_ID = 49152
+CONV_SOURCE = 'name = "conv"\npath = "c.json"\nlayout = "conversation"'
 _ENCODERS: dict = {}
 
 
@@ -111,17 +112,7 @@ def test_placeholder_mismatch_names_source_and_row(tmp_path):
         {"image": "a.png", "conversations": [{"from": "human", "value": "<image> and <image>"}, {"from": "gpt", "value": "two?"}]},
     ]
     (tmp_path / "c.json").write_text(json.dumps(rows))
-    (tmp_path / "r.toml").write_text(f"""
-[recipe]
-name = "x"
-[model]
-tokenizer = "{MODEL}"
-image = {{ count = 4 }}
-[[source]]
-name = "conv"
-path = "c.json"
-layout = "conversation"
-""")
+    (tmp_path / "r.toml").write_text(small_recipe(CONV_SOURCE, model="image = { count = 4 }"))
     with pytest.raises(DataError) as e:
         build(tmp_path / "r.toml", tmp_path / "out", progress=False)
     assert (e.value.source, e.value.row, e.value.field) == ("conv", 1, "messages")
@@ -137,20 +128,9 @@ def test_split_turns_keeps_the_image_in_every_part(tmp_path):
         turns += [{"from": "gpt", "value": f"Answer {k}: " + "detail " * 40}, {"from": "human", "value": f"More {k}?"}]
     turns.append({"from": "gpt", "value": "Done."})
     (tmp_path / "c.json").write_text(json.dumps([{"image": "a.png", "conversations": turns}]))
-    (tmp_path / "r.toml").write_text(f"""
-[recipe]
-name = "x"
-[model]
-tokenizer = "{MODEL}"
-image = {{ count = 16 }}
-[output]
-seq_len = 200
-overlong = "split_turns"
-[[source]]
-name = "conv"
-path = "c.json"
-layout = "conversation"
-""")
+    (tmp_path / "r.toml").write_text(
+        small_recipe(CONV_SOURCE, model="image = { count = 16 }", output='seq_len = 200\noverlong = "split_turns"')
+    )
     out = build(tmp_path / "r.toml", tmp_path / "out", progress=False)
     rows = [r for s in sorted((out.path / "data").glob("*.parquet")) for r in pq.read_table(s).to_pylist()]
     parts = sorted(p for r in rows for p in r["segment_part"])

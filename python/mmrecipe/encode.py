@@ -11,8 +11,8 @@ import msgspec
 import numpy as np
 
 from . import _core
-from .model import ModelFiles
-from .recipe import ImageSpec, ModelSpec, Recipe, RecipeMeta, SourceSpec
+from .model import ModelFiles, load_model
+from .recipe import ImageSpec
 
 
 @dataclass
@@ -35,14 +35,7 @@ class ChatEncoder:
         train_on: str = "assistant",
         train_on_eos: bool = True,
     ):
-        from .model import resolve_model
-
-        recipe = Recipe(
-            recipe=RecipeMeta(name="encode"),
-            model=ModelSpec(tokenizer=str(Path(tokenizer).resolve()), chat_template=chat_template, image=image),
-            source=[SourceSpec(name="encode", path="-", layout="conversation")],
-        )
-        self.model: ModelFiles = resolve_model(recipe)
+        self.model: ModelFiles = load_model(Path(tokenizer), chat_template)
         plan = {
             "seed": 0,
             "chat_template": self.model.chat_template,

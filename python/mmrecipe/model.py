@@ -41,7 +41,13 @@ def _model_template(config: dict[str, Any], folder: Path) -> str | None:
 
 
 def resolve_model(recipe: Recipe) -> ModelFiles:
-    folder = resolve_path(recipe, recipe.model.tokenizer)
+    """The recipe's tokenizer files and chat template (paths relative to the recipe)."""
+    return load_model(resolve_path(recipe, recipe.model.tokenizer), recipe.model.chat_template)
+
+
+def load_model(folder: Path, chat_template: str = "model") -> ModelFiles:
+    """A tokenizer folder (or tokenizer.json) and the chat template to render with:
+    "model" for the tokenizer's own, or a built-in's name."""
     tok = folder / "tokenizer.json" if folder.is_dir() else folder
     if not tok.is_file():
         raise TokenizerError(f"model.tokenizer: no tokenizer.json at {folder}")
@@ -63,7 +69,7 @@ def resolve_model(recipe: Recipe) -> ModelFiles:
             raise TokenizerError(f"model.tokenizer: {map_path} is not valid JSON: {e}") from None
         for key in ("bos_token", "eos_token", "pad_token"):
             config.setdefault(key, special_map.get(key))
-    name = recipe.model.chat_template
+    name = chat_template
     if name == "model":
         template = _model_template(config, folder)
         if template is None:

@@ -159,7 +159,7 @@ def read_source(recipe: Recipe, index: int) -> pl.DataFrame:
     frames = [read_file(spec, f) for f in files]
     frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
     if frame.height == 0:
-        raise SourceError(f"source '{spec.name}': no rows in {', '.join(str(f) for f in files)}")
+        raise _no_rows(spec, files)
     return frame
 
 
@@ -189,7 +189,7 @@ def _resolve(frame: pl.DataFrame, spec: SourceSpec, index: int, key: str, out: s
             return frame.with_columns(pl.lit(None).alias(out))
         raise SourceError(f"{where}: the path '{text}' does not fit source '{spec.name}': {e}") from None
     if frame[out].null_count() == frame.height and not partial:
-        raise SourceError(f"{where}: the path '{text}' resolves on no row of source '{spec.name}'")
+        raise _resolves_on_no_row(spec, index, key)
     return frame
 
 
@@ -209,9 +209,10 @@ def iter_normalized(recipe: Recipe, index: int, rows: int) -> Iterator[Normalize
         yield normalize(recipe, index)
         return
     spec = recipe.source[index]
+    files = source_files(recipe, index)
     offset = 0
     found: set[str] = set()
-    for path in source_files(recipe, index):
+    for path in files:
         try:
             reader = _core.JsonChunks(str(path), _format_of(spec, path) == "json")
             while (chunk := reader.next_chunk(rows)) is not None:
@@ -221,18 +222,25 @@ def iter_normalized(recipe: Recipe, index: int, rows: int) -> Iterator[Normalize
                     if _format_of(spec, path) == "jsonl":
                         _raise_bad_json_line(spec, path)
                     raise
-                norm = normalize(recipe, index, frame=frame, row_offset=offset, partial=True)
+                norm = normalize(recipe, index, frame=frame, row_offset=offset, partial=True, files=files)
                 offset += frame.height
                 found |= norm.resolved
                 yield norm
         except (ValueError, OSError, pl.exceptions.PolarsError) as e:
             raise SourceError(f"source '{spec.name}': cannot read {path}: {e}") from None
     if offset == 0:
-        raise SourceError(f"source '{spec.name}': no rows in {', '.join(str(f) for f in source_files(recipe, index))}")
+        raise _no_rows(spec, files)
     for key in spec.fields:
         if key not in found:
-            where = f"source[{index}].fields.{key}"
-            raise SourceError(f"{where}: the path '{spec.fields[key]}' resolves on no row of source '{spec.name}'")
+            raise _resolves_on_no_row(spec, index, key)
+
+
+def _no_rows(spec: SourceSpec, files: list[Path]) -> SourceError:
+    return SourceError(f"source '{spec.name}': no rows in {', '.join(str(f) for f in files)}")
+
+
+def _resolves_on_no_row(spec: SourceSpec, index: int, key: str) -> SourceError:
+    return SourceError(f"source[{index}].fields.{key}: the path '{spec.fields[key]}' resolves on no row of source '{spec.name}'")
 
 
 def _as_text(frame: pl.DataFrame, col: str) -> pl.Expr:
@@ -249,12 +257,21 @@ def _require(frame: pl.DataFrame, col: str, spec: SourceSpec, key: str) -> None:
         raise SourceError(f"source '{spec.name}', row {row}, field '{key}' ({spec.fields.get(key, key)}): missing value")
 
 
-def normalize(recipe: Recipe, index: int, frame: pl.DataFrame | None = None, row_offset: int = 0, partial: bool = False) -> Normalized:
+def normalize(
+    recipe: Recipe,
+    index: int,
+    frame: pl.DataFrame | None = None,
+    row_offset: int = 0,
+    partial: bool = False,
+    files: list[Path] | None = None,
+) -> Normalized:
     """Reads source `index` of the recipe and brings it to the internal form. With `frame`,
     normalizes those rows (numbered from `row_offset`); `partial` says they are one slice
-    of the source, where a field may be absent without being an error."""
+    of the source, where a field may be absent without being an error. `files`: the
+    source's files when the caller has them already."""
     spec = recipe.source[index]
-    files = source_files(recipe, index)
+    if files is None:
+        files = source_files(recipe, index)
     if frame is None:
         frame = read_source(recipe, index)
     frame = frame.with_row_index(ROW, offset=row_offset).with_columns(pl.col(ROW).cast(pl.UInt64))
