@@ -38,6 +38,11 @@ impl<'a> StrCol<'a> {
     }
 
     fn check(&self, what: &str) -> Result<()> {
+        self.check_str().map_err(|message| Error::plan(what, message))
+    }
+
+    /// Offsets in order and inside the data: a malformed column is an error, not a panic.
+    pub fn check_str(&self) -> std::result::Result<(), String> {
         let ok = !self.offsets.is_empty()
             && self.offsets.windows(2).all(|w| w[0] <= w[1])
             && self.offsets[0] >= 0
@@ -45,7 +50,7 @@ impl<'a> StrCol<'a> {
         if ok {
             Ok(())
         } else {
-            Err(Error::plan(what, "malformed string column passed to the core (offsets out of order or out of range)"))
+            Err("malformed string column passed to the core (offsets out of order or out of range)".into())
         }
     }
 

@@ -3,8 +3,9 @@
 //! Stages, one module each: instruction templates (`instruct`), chat-template rendering
 //! (`render`), tokenization with response-only masks (`tokenize`), image token counts
 //! (`media`), the per-source batch pipeline (`compile`), exact mixtures (`mix`) and
-//! best-fit-decreasing packing (`pack`). The Python binding lives behind the `python`
-//! feature so `cargo test` runs without linking Python.
+//! best-fit-decreasing packing (`pack`); for the LLM stages, per-row prompts and cache
+//! keys (`prompts`) and the parsing of generated conversations (`replies`). The Python
+//! binding lives behind the `python` feature so `cargo test` runs without linking Python.
 
 pub mod chunks;
 pub mod compile;
@@ -15,7 +16,9 @@ pub mod mix;
 pub mod overlong;
 pub mod pack;
 pub mod plan;
+pub mod prompts;
 pub mod render;
+pub mod replies;
 pub mod rng;
 pub mod spill;
 pub mod tokenize;

@@ -262,6 +262,72 @@ fn image_token_count(width: u64, height: u64, patch: u32, merge: u32, min_pixels
     crate::media::dynamic_count(&plan, width, height)
 }
 
+/// Per-row text from templates (`mmrecipe.lengthen`): row i takes one of `templates`,
+/// chosen by (seed, stream, rows[i]), filled from the columns named `names`. Returns
+/// (offsets, bytes) of the filled strings.
+#[pyfunction]
+fn fill_templates<'py>(
+    py: Python<'py>,
+    templates: Vec<String>,
+    seed: u64,
+    stream: &str,
+    rows: PyReadonlyArray1<'py, u64>,
+    names: Vec<String>,
+    columns: Vec<(PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, u8>)>,
+) -> PyResult<(Bound<'py, numpy::PyArray1<i64>>, Bound<'py, numpy::PyArray1<u8>>)> {
+    let rows = rows.as_slice()?;
+    let cols = columns
+        .iter()
+        .map(|(o, d)| str_col(o, d))
+        .collect::<PyResult<Vec<_>>>()?;
+    let (offsets, data) =
+        py.detach(|| crate::prompts::fill(&templates, seed, stream, rows, &names, &cols)).map_err(PyValueError::new_err)?;
+    Ok((offsets.into_pyarray(py), data.into_pyarray(py)))
+}
+
+/// Hex SHA-256 of `prefix` + each string of (offsets, bytes): 64 ASCII bytes per row.
+#[pyfunction]
+fn content_keys<'py>(
+    py: Python<'py>,
+    prefix: &[u8],
+    offsets: PyReadonlyArray1<'py, i64>,
+    data: PyReadonlyArray1<'py, u8>,
+) -> PyResult<Bound<'py, numpy::PyArray1<u8>>> {
+    let column = str_col(&offsets, &data)?;
+    let keys = py.detach(|| crate::prompts::keys(prefix, column)).map_err(PyValueError::new_err)?;
+    Ok(keys.into_pyarray(py))
+}
+
+type Arr<'py, T> = Bound<'py, numpy::PyArray1<T>>;
+
+/// Parses a column of LLM replies (`mmrecipe.stages`): row i is handled as `states[i]`
+/// says (0 a finished reply, 1 cut at max_tokens, 2 no reply). Returns (valid, turn
+/// offsets, roles, content offsets, content bytes, reason offsets, reason bytes).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn parse_replies<'py>(
+    py: Python<'py>,
+    offsets: PyReadonlyArray1<'py, i64>,
+    data: PyReadonlyArray1<'py, u8>,
+    states: PyReadonlyArray1<'py, u8>,
+    format: &str,
+    min_turns: usize,
+) -> PyResult<(Arr<'py, u8>, Arr<'py, i64>, Arr<'py, u8>, Arr<'py, i64>, Arr<'py, u8>, Arr<'py, i64>, Arr<'py, u8>)> {
+    let texts = str_col(&offsets, &data)?;
+    let states = states.as_slice()?;
+    let format = crate::replies::Format::parse(format).map_err(PyValueError::new_err)?;
+    let p = py.detach(|| crate::replies::parse_column(texts, states, format, min_turns)).map_err(PyValueError::new_err)?;
+    Ok((
+        p.valid.into_pyarray(py),
+        p.turn_offsets.into_pyarray(py),
+        p.roles.into_pyarray(py),
+        p.content_offsets.into_pyarray(py),
+        p.content.into_pyarray(py),
+        p.reason_offsets.into_pyarray(py),
+        p.reasons.into_pyarray(py),
+    ))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCompiler>()?;
@@ -269,6 +335,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(builtin_template, m)?)?;
     m.add_function(wrap_pyfunction!(image_token_count, m)?)?;
     m.add_function(wrap_pyfunction!(pack_lengths, m)?)?;
+    m.add_function(wrap_pyfunction!(fill_templates, m)?)?;
+    m.add_function(wrap_pyfunction!(content_keys, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_replies, m)?)?;
     m.add("BUILTIN_TEMPLATES", render::BUILTINS.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

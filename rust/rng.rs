@@ -6,6 +6,7 @@
 pub const PURPOSE_TEMPLATE: u64 = 0x7465_6d70;
 pub const PURPOSE_SUBSET: u64 = 0x7375_6273;
 pub const PURPOSE_SHUFFLE: u64 = 0x7368_7566;
+pub const PURPOSE_LENGTHEN: u64 = 0x6c65_6e67;
 
 /// SplitMix64 finalizer: a bijective 64-bit mixer with full avalanche.
 #[inline]

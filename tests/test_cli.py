@@ -54,3 +54,31 @@ def test_check_prints_sources():
     r = run("check", str(DEMO))
     assert r.returncode == 0, r.stderr
     assert "llava" in r.stdout and "conversation" in r.stdout and "ok" in r.stdout
+
+
+def test_llm_demo_build_and_check_report_the_llm_tables(tmp_path):
+    demo_llm = DEMO.with_name("demo-llm.toml")
+    r = run("build", str(demo_llm), "-o", str(tmp_path / "demo-llm"), "--offline", "--quiet")
+    assert r.returncode == 0, r.stderr
+    table = r.stdout[r.stdout.index("llm table"):]
+    assert "from cache" in table and "calls made" in table and "failed" in table
+    assert "lengthen.rephrase" in table and "generate.conversations" in table
+    assert "note: lengthen.rephrase: 149 of 149 answers lengthened" in r.stdout
+    c = run("check", str(demo_llm))
+    assert c.returncode == 0, c.stderr
+    rows = {line.split()[0]: line.split() for line in c.stdout.splitlines() if line.startswith(("lengthen.", "generate."))}
+    assert rows["lengthen.rephrase"][-1] == "0" and rows["generate.conversations"][-1] == "0", c.stdout  # nothing to call
+    b = run("build", "--help")
+    assert "--offline" in b.stdout and "--retry-failed" in b.stdout
+
+
+def test_offline_build_missing_calls_is_a_clear_error(tmp_path):
+    recipe = tmp_path / "r.toml"
+    shutil.copytree(DEMO.parent / "demo", tmp_path / "demo", ignore=shutil.ignore_patterns("cache"))
+    shutil.copytree(DEMO.parent / "models", tmp_path / "models")
+    shutil.copy(DEMO, tmp_path / "demo.toml")
+    shutil.copy(DEMO.with_name("demo-llm.toml"), recipe)
+    r = run("build", str(recipe), "-o", str(tmp_path / "out"), "--offline", "--quiet")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "lengthen.rephrase: 149 of 149 calls for source 'vqa' are not in the cache" in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -48,6 +48,7 @@ def folder(tmp_path: Path) -> Path:
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "ctx.jsonl").write_text('{"caption": "a cat", "image": "a.png"}\n')
     return tmp_path
 
 
@@ -60,6 +61,15 @@ def write(folder: Path, text: str) -> Path:
 def test_base_recipe_is_valid(folder):
     report = check(write(folder, BASE))
     assert [len(s) for s in report.sources] == [1, 1]
+
+
+LENGTHEN = '\n[lengthen.rephrase]\nmodel = "m"\nprompt = "{question} {answer}"\n'
+GENERATE = '\n[[generate]]\nname = "g"\npath = "ctx.jsonl"\nmodel = "m"\nfields = { caption = "caption" }\ncontext = "{caption}"\n'
+
+
+def lengthen(text: str, name: str = "rephrase", table: str = LENGTHEN) -> str:
+    """The base recipe with its vqa source lengthened by [lengthen.NAME] (`table`)."""
+    return text.replace('image_root = "."', f'image_root = "."\nlengthen = "{name}"') + table
 
 
 # (what is changed, the replacement, the error class, text the message must contain)
@@ -100,6 +110,27 @@ BROKEN = [
     ("extends a missing file", lambda t: 'extends = "base.toml"\n' + t, RecipeError, "extends: base recipe not found"),
     ("join without keys", lambda t: t.replace('image_root = "."', 'image_root = "."\njoin = { path = "vqa.jsonl" }'), RecipeError, "source[1].join: Object missing required field `left_on`"),
     ("unknown role", lambda t: t, None, None),  # replaced in its own test below
+    # LLM stages
+    ("lengthen names no table", lambda t: lengthen(t, "rephrse"), RecipeError, "source[1].lengthen: no [lengthen.rephrse] table (did you mean 'rephrase'?)"),
+    ("lengthen a conversation", lambda t: t.replace('layout = "conversation"', 'layout = "conversation"\nlengthen = "rephrase"') + LENGTHEN, RecipeError, "source[0].lengthen: only a 'qa' source has short answers"),
+    ("lengthen prompt field unmapped", lambda t: lengthen(t, table=LENGTHEN.replace("{answer}", "{caption}")), RecipeError, "source[1].lengthen: lengthen.rephrase uses {caption}, which source 'vqa' does not map"),
+    ("lengthen with short_answer", lambda t: lengthen(t.replace('image_root = "."', 'image_root = "."\nshort_answer = "word"')), RecipeError, "a lengthened answer is not short"),
+    ("llm lengthen without prompt", lambda t: lengthen(t, table='\n[lengthen.rephrase]\nmodel = "m"\n'), RecipeError, 'lengthen.rephrase.prompt: method "llm" needs a prompt'),
+    ("llm lengthen without model", lambda t: lengthen(t, table=LENGTHEN.replace('model = "m"', "")), RecipeError, "lengthen.rephrase.model: name the model"),
+    ("llm endpoint not a url", lambda t: lengthen(t, table=LENGTHEN + 'endpoint = "localhost:8080"\n'), RecipeError, "lengthen.rephrase.endpoint: expected an http:// or https:// URL"),
+    ("llm zero concurrency", lambda t: lengthen(t, table=LENGTHEN + "concurrency = 0\n"), RecipeError, "lengthen.rephrase.concurrency: must be at least 1"),
+    ("lengthen bad on_error", lambda t: lengthen(t, table=LENGTHEN + 'on_error = "skip"\n'), RecipeError, "lengthen.rephrase.on_error"),
+    ("misspelled lengthen key", lambda t: lengthen(t, table=LENGTHEN + 'temprature = 0.2\n'), RecipeError, "lengthen.rephrase.temprature: unknown key (did you mean 'temperature'?)"),
+    ("template lengthen without templates", lambda t: lengthen(t, table='\n[lengthen.rephrase]\nmethod = "template"\n'), RecipeError, 'method "template" needs one of templates'),
+    ("template lengthen unknown pool", lambda t: lengthen(t, table='\n[lengthen.rephrase]\nmethod = "template"\npool = "answer-sentense"\n'), RecipeError, "lengthen.rephrase.pool: no pool named 'answer-sentense'"),
+    ("generate name clash", lambda t: t + GENERATE.replace('name = "g"', 'name = "chat"'), RecipeError, "generate[0].name: 'chat' is already the name of a source"),
+    ("generate context field unmapped", lambda t: t + GENERATE.replace('context = "{caption}"', 'context = "{caption} {boxes}"'), RecipeError, "generate[0].context: uses {boxes}, which fields does not map"),
+    ("generate without context", lambda t: t + GENERATE.replace('context = "{caption}"\n', ""), RecipeError, "generate[0]: Object missing required field `context`"),
+    ("generate bad reply format", lambda t: t + GENERATE + 'reply = "xml"\n', RecipeError, "generate[0].reply"),
+    ("generate zero conversations", lambda t: t + GENERATE + "conversations = 0\n", RecipeError, "generate[0].conversations: must be at least 1"),
+    ("generate context file missing", lambda t: t + GENERATE.replace("ctx.jsonl", "nope.jsonl"), SourceError, "(generate[0].path): file not found"),
+    ("generate seeds file missing", lambda t: t + GENERATE + 'seeds = "nope.jsonl"\n', SourceError, "generate[0].seeds: file not found"),
+    ("generate field on no column", lambda t: t + GENERATE.replace('caption = "caption"', 'caption = "captoin"'), SourceError, "generate[0].fields.caption: source 'g' has no column 'captoin'"),
 ]
 
 
@@ -112,7 +143,7 @@ def test_broken_recipes(folder, name, change, error, text):
 
 
 def test_corpus_size():
-    assert len([b for b in BROKEN if b[2]]) >= 25
+    assert len([b for b in BROKEN if b[2]]) >= 50
 
 
 def test_all_problems_reported_at_once(folder):
@@ -158,7 +189,7 @@ def test_paths_resolve_relative_to_the_recipe(folder, monkeypatch, tmp_path_fact
 # the tiny copies in tests/fixtures/data/ (same formats, same layout).
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SHIPPED = sorted(p for p in RECIPES.glob("*.toml") if p.name != "demo.toml")
+SHIPPED = sorted(p for p in RECIPES.glob("*.toml") if not p.name.startswith("demo"))
 
 
 def on_fixtures(shipped: Path, out: Path, samples: int = 40) -> Path:

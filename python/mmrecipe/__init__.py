@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
     DataError,
+    LLMError,
     MMRecipeError,
     RecipeError,
     ReleaseError,
@@ -23,6 +24,7 @@ from .builder import BuildResult, build  # noqa: E402
 __all__ = [
     "BuildResult",
     "DataError",
+    "LLMError",
     "MMRecipeError",
     "Recipe",
     "RecipeError",

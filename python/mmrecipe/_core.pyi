@@ -20,7 +20,18 @@ _BatchColumns = tuple[
     list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]],
 ]
 
-__all__ = ["BUILTIN_TEMPLATES", "Compiler", "JsonChunks", "__version__", "builtin_template", "image_token_count", "pack_lengths"]
+__all__ = [
+    "BUILTIN_TEMPLATES",
+    "Compiler",
+    "JsonChunks",
+    "__version__",
+    "builtin_template",
+    "content_keys",
+    "fill_templates",
+    "image_token_count",
+    "pack_lengths",
+    "parse_replies",
+]
 
 BUILTIN_TEMPLATES: list[str]
 __version__: str
@@ -73,3 +84,34 @@ def image_token_count(
 
 def pack_lengths(lengths: npt.NDArray[np.uint32], capacity: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]]:
     """Best-fit-decreasing packing: (bin offsets, item indices)."""
+
+def fill_templates(
+    templates: list[str],
+    seed: int,
+    stream: str,
+    rows: npt.NDArray[np.uint64],
+    names: list[str],
+    columns: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+    """Per row i, one of `templates` chosen by (seed, stream, rows[i]), its `{name}`
+    placeholders filled from the string columns (offsets, bytes) named `names`; returns
+    the filled strings as (offsets, bytes). Raises ValueError naming a bad template."""
+
+def content_keys(prefix: bytes, offsets: npt.NDArray[np.int64], data: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """Lower-case hex SHA-256 of `prefix` + each string of (offsets, bytes), 64 bytes per row."""
+
+def parse_replies(
+    offsets: npt.NDArray[np.int64], data: npt.NDArray[np.uint8], states: npt.NDArray[np.uint8], format: str, min_turns: int
+) -> tuple[
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.uint8],
+]:
+    """Parses a column of LLM replies ("qa" or "json" `format`), row i as `states[i]` says
+    (0 a finished reply, 1 cut at max_tokens, 2 no reply). Returns (valid, turn offsets,
+    roles, content offsets, content bytes, reason offsets, reason bytes): a row's turns,
+    or why its reply is no conversation of at least `min_turns` exchanges."""

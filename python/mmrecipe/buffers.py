@@ -21,6 +21,17 @@ def string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets, data
 
 
+def arrow(series: pl.Series) -> pa.Array:
+    """A polars column as one contiguous Arrow array."""
+    out = series.to_arrow(compat_level=pl.CompatLevel.oldest())
+    return out.combine_chunks() if isinstance(out, pa.ChunkedArray) else out
+
+
+def strings(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
+    """A large string array over (offsets, utf-8 bytes) as the core returns them."""
+    return pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
 def _list_parts(series: pl.Series) -> tuple[np.ndarray, pa.Array]:
     """(offsets starting at 0, flattened values) of a list column."""
     lengths = series.list.len().fill_null(0).to_numpy().astype(np.int64)

@@ -18,8 +18,9 @@ from .errors import TokenizerError
 from .hashing import bytes_sha256, file_sha256
 from .model import ModelFiles, resolve_model
 from .recipe import Recipe, _builtin_pool_path, load_pool, load_recipe, to_dict
-from .release import FORMAT, MANIFEST, STATS, InputFile, Manifest, staging, write_json, write_shards
+from .release import FORMAT, MANIFEST, STATS, InputFile, Manifest, spill_prefix, staging, write_json, write_shards
 from .sources import Normalized, iter_normalized, source_files, template_fields
+from .stages import LLMStages
 
 BATCH_ROWS = 8192
 
@@ -38,6 +39,8 @@ class BuildResult:
     #: Seconds per stage: read (sources → normalized columns), tokenize (render, tokenize,
     #: mask), pack (mixture + packing), write (shards, hashes, manifest).
     timings: dict[str, float] = field(default_factory=dict)
+    #: Per LLM table: rows, served from the cache, calls made, failed, missing.
+    llm: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
@@ -104,7 +107,7 @@ def make_compiler(recipe: Recipe, model: ModelFiles, threads: int = 0, spill_dir
     return _core.Compiler(msgspec.json.encode(plan), str(model.tokenizer_json), threads, str(spill_dir) if spill_dir else None)
 
 
-def _inputs(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> list[InputFile]:
+def _inputs(recipe: Recipe, model: ModelFiles, sources: list[Normalized], stages: LLMStages) -> list[InputFile]:
     base = recipe.path.parent if recipe.path else Path.cwd()
 
     def entry(role: str, path: Path) -> InputFile:
@@ -128,6 +131,14 @@ def _inputs(recipe: Recipe, model: ModelFiles, sources: list[Normalized]) -> lis
         path = _builtin_pool_path(name)
         if path:
             items.append(entry(f"pool:{name}", path))
+    used = {s.lengthen for s in recipe.source if s.lengthen}
+    lengthen_pools = {t.pool for name, t in recipe.lengthen.items() if t.pool and t.pool not in recipe.pool and name in used}
+    for name in sorted(lengthen_pools - pools):
+        path = _builtin_pool_path(name)
+        if path:
+            items.append(entry(f"pool:{name}", path))
+    # The call caches (a release rebuilds from them without the endpoint) and seed examples.
+    items += [entry(role, path) for role, path in sorted(stages.used.items()) if path.is_file()]
     return items
 
 
@@ -138,12 +149,17 @@ def build(
     threads: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    offline: bool = False,
+    retry_failed: bool = False,
 ) -> BuildResult:
-    """Builds the release of `recipe` into the folder `out`."""
+    """Builds the release of `recipe` into the folder `out`. LLM stages call their
+    endpoints only for what their caches lack; `offline` makes no call at all (and fails
+    naming what is missing), `retry_failed` asks again for calls recorded as failed."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out)
-    with staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{out.name}.spill-") as spill:
+    stages = LLMStages(recipe, mode="offline" if offline else "online", retry_failed=retry_failed, progress=progress)
+    with stages, staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=spill_prefix(out)) as spill:
         clock = time.perf_counter()
         timings: dict[str, float] = {}
 
@@ -167,7 +183,7 @@ def build(
             for i, spec in enumerate(recipe.source):
                 bar.set_postfix_str(f"{spec.name} ({i + 1}/{len(recipe.source)} sources)")
                 notes: list[str] = []
-                for norm in iter_normalized(recipe, i, BATCH_ROWS):
+                for norm in iter_normalized(recipe, i, BATCH_ROWS, stages):
                     bar.total += len(norm)  # known as the source is read
                     bar.refresh()
                     lap("read")
@@ -183,7 +199,8 @@ def build(
                 sources.append(norm)
         summary = msgspec.json.decode(compiler.finish())
         for stats, norm in zip(summary["sources"], sources):
-            stats["notes"] = list(norm.notes)  # e.g. rows a join left out under on_error = "skip"
+            # e.g. rows a join left out under on_error = "skip", answers an LLM lengthened
+            stats["notes"] = list(norm.notes) + stages.notes(norm.spec.name)
         lap("pack")
 
         rows = summary["sequences"]
@@ -199,7 +216,7 @@ def build(
             version=recipe.recipe.version,
             seed=recipe.recipe.seed,
             recipe=recipe_dict,
-            inputs=_inputs(recipe, model, sources),
+            inputs=_inputs(recipe, model, sources, stages),
             sources=[s.name for s in recipe.source],
             chat_template=model.chat_template,
             seq_len=recipe.output.seq_len,
@@ -211,4 +228,4 @@ def build(
         write_json(tmp / STATS, summary)
         write_json(tmp / MANIFEST, manifest)
         lap("write")
-    return BuildResult(path=out, summary=summary, manifest=manifest, timings=timings)
+    return BuildResult(path=out, summary=summary, manifest=manifest, timings=timings, llm=stages.summary())

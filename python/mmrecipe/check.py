@@ -15,6 +15,7 @@ from .builder import make_compiler
 from .errors import DataError
 from .model import ModelFiles, resolve_model
 from .recipe import Recipe, load_recipe
+from .stages import LLMStages
 from .sources import IMAGES, ROW, Normalized, image_root, normalize
 
 ImageMode = Literal["all", "sample", "none"]
@@ -57,6 +58,8 @@ class CheckReport:
     images: list[ImageCheck] = field(default_factory=list)
     #: Problems the build would skip rather than fail on (on_error = "skip").
     warnings: list[str] = field(default_factory=list)
+    #: Per LLM table: rows, served from the cache, missing (a build would call for those).
+    llm: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def check(recipe: str | Path | Recipe, images: ImageMode = "sample") -> CheckReport:
@@ -64,14 +67,16 @@ def check(recipe: str | Path | Recipe, images: ImageMode = "sample") -> CheckRep
     path), loads the tokenizer and compiles the chat template and instruction templates,
     then opens the sources' image files (`images`: "all", "sample" — up to
     SAMPLE_IMAGES per source, evenly spread over the rows — or "none").
+    LLM stages make no calls: the report counts what their caches hold and lack.
     Raises the first `MMRecipeError` found; recipe-level problems are reported together,
     and so are unusable images of every source with on_error = "fail"."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     model = resolve_model(recipe)
-    sources = [normalize(recipe, i) for i in range(len(recipe.source))]
+    with LLMStages(recipe, mode="cache", progress=False) as stages:  # no calls: what the caches hold
+        sources = [normalize(recipe, i, stages=stages) for i in range(len(recipe.source))]
     make_compiler(recipe, model, threads=1)
-    report = CheckReport(recipe, model, sources, warnings=[n for s in sources for n in s.notes])
+    report = CheckReport(recipe, model, sources, warnings=[n for s in sources for n in s.notes], llm=stages.summary())
     if images != "none":
         report.images = [_check_images(recipe, i, norm, images) for i, norm in enumerate(sources)]
         _raise_or_warn(report)

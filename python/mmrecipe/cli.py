@@ -29,19 +29,28 @@ but the responses, mixes the sources to exact counts and packs the samples into
 sequences of output.seq_len tokens (best-fit decreasing). The release is written to a
 hidden folder beside OUT and renamed into place only when complete.
 
+LLM stages ([lengthen.NAME] tables and [[generate]]) call their endpoint only for what
+their cache (cache/TABLE.jsonl beside the recipe, or `cache = ...`) lacks, `concurrency`
+calls at a time; every finished call is written to the cache at once, so an interrupted
+build loses none. The cache is an input of the release: with it, the release rebuilds
+byte for byte with the endpoint off (--offline makes sure nothing is called).
+
 Layout of a release:
   OUT/manifest.json        recipe, content hashes of every input, shards, totals
   OUT/stats.json           per-source counts, tokens, trained tokens, packing efficiency
   OUT/data/part-*.parquet  one row per packed sequence
 
 example:
-  recipe build recipes/demo.toml -o out/demo --threads 2"""
+  recipe build recipes/demo.toml -o out/demo --threads 2
+  recipe build recipes/demo-llm.toml -o out/demo-llm --offline"""
 
 CHECK_HELP = """\
 Validates the recipe (every problem at once, with its key path), opens every source,
 resolves every field path on the data, loads the tokenizer and chat template, opens the
 sources' image files (headers only) and prints a table of sources. Unusable images are an
-error for a source with on_error = "fail" and a warning with on_error = "skip".
+error for a source with on_error = "fail" and a warning with on_error = "skip". LLM
+tables are not called: the check counts the rows their caches hold and the calls a
+build would still make.
 Exits 0 when the recipe is ready to build, 1 otherwise.
 
 example:
@@ -120,10 +129,28 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     out = Path(args.out) if args.out else Path("out") / f"{recipe.recipe.name}-{recipe.recipe.version}"
-    result = build(recipe, out, threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
+    result = build(
+        recipe, out, threads=args.threads, overwrite=args.overwrite, progress=not args.quiet,
+        offline=args.offline, retry_failed=args.retry_failed,
+    )
     print(f"built {recipe.recipe.name} {recipe.recipe.version} (release {result.manifest.release_id[:12]})")
     print(format_summary(result.summary, out))
+    if result.llm:
+        print("\n" + format_llm(result.llm))
+    for source in result.summary["sources"]:
+        for note in source.get("notes", []):
+            print(f"note: {note}")
     return 0
+
+
+def format_llm(counts: dict[str, dict[str, int]], check: bool = False) -> str:
+    """Per LLM table: rows, served from the cache, calls made, failed (or, for `check`,
+    what a build would still call for)."""
+    if check:
+        rows = [[t, f"{c['rows']:,}", f"{c['cached']:,}", f"{c['missing']:,}"] for t, c in counts.items()]
+        return _table(rows, ["llm table", "rows", "in cache", "to call"])
+    rows = [[t, f"{c['rows']:,}", f"{c['cached']:,}", f"{c['called']:,}", f"{c['failed']:,}"] for t, c in counts.items()]
+    return _table(rows, ["llm table", "rows", "from cache", "calls made", "failed"])
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -138,6 +165,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     rows = [[s.spec.name, s.spec.layout, f"{len(s):,}", str(len(s.files)), f"{s.spec.weight:g}", images(s.spec.name)] for s in report.sources]
     print(_table(rows, ["source", "layout", "rows", "files", "weight", "images"]))
+    if report.llm:
+        print("\n" + format_llm(report.llm, check=True))
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"\n{args.recipe}: ok (tokenizer {report.model.tokenizer_json.parent}, chat template '{report.model.template_name}')")
@@ -282,6 +311,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("-j", "--threads", type=int, default=0, help="worker threads (default: all cores); the release is identical for any value")
     b.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new release is complete)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    b.add_argument("--offline", action="store_true",
+                   help="make no LLM calls: lengthening and generation come from their caches, and a call "
+                        "missing from a cache is an error that names it")
+    b.add_argument("--retry-failed", action="store_true",
+                   help="ask the endpoint again for calls recorded in a cache as failed (on_error = keep or drop)")
     b.set_defaults(func=cmd_build)
     c = sub.add_parser("check", help="validate a recipe and its sources without building", description=CHECK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("recipe", help="the recipe TOML file")

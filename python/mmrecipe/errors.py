@@ -42,3 +42,9 @@ class TemplateError(MMRecipeError):
 
 class ReleaseError(MMRecipeError):
     """A release directory is missing, incomplete, or would be overwritten."""
+
+
+class LLMError(MMRecipeError):
+    """An LLM stage cannot go on: the endpoint is unreachable or refuses the request, a
+    call failed under on_error = "fail", or an --offline build needs a call that is not
+    in the cache."""

@@ -109,6 +109,8 @@ class SourceSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     weight: float = 1.0
     max_epochs: float | None = None
     short_answer: Literal["word", "sentence"] | None = None
+    # A [lengthen.NAME] table that rewrites this source's answers (qa only).
+    lengthen: str | None = None
     on_error: Literal["fail", "skip"] = "fail"
 
 
@@ -118,6 +120,64 @@ class PoolSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     task: str = ""
 
 
+class LLMSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    """An OpenAI-compatible chat endpoint and how to call it. Everything that shapes a
+    reply (model, system prompt, sampling parameters) is part of each call's cache key;
+    how it is called (endpoint, concurrency, timeout, retries) is not."""
+
+    endpoint: str = "http://127.0.0.1:8080/v1"
+    model: str | None = None
+    # The name of an environment variable holding the API key (never the key itself).
+    api_key_env: str | None = None
+    system: str | None = None
+    temperature: float = 0.7
+    top_p: float | None = None
+    max_tokens: int = 256
+    # Sent with each call; default: the recipe seed.
+    seed: int | None = None
+    concurrency: int = 4
+    timeout: float = 120.0
+    retries: int = 3
+    backoff: float = 1.0
+    # JSON Lines of finished calls, relative to the recipe; default cache/<table>.jsonl.
+    cache: str | None = None
+
+
+class LengthenSpec(LLMSpec, kw_only=True, forbid_unknown_fields=True):
+    """`[lengthen.NAME]`: rewrite a qa source's short answers. method "llm" asks the
+    endpoint with `prompt` filled from the row's fields; method "template" restates the
+    answer with a sentence template from `templates` or `pool`, chosen per row."""
+
+    method: Literal["llm", "template"] = "llm"
+    prompt: str | None = None
+    templates: list[str] | None = None
+    pool: str | None = None
+    # A failed call: keep the original answer, drop the sample, or stop the build.
+    on_error: Literal["keep", "drop", "fail"] = "keep"
+
+
+class GenerateSpec(LLMSpec, kw_only=True, forbid_unknown_fields=True):
+    """`[[generate]]`: conversations written by an LLM from symbolic image context
+    (captions, boxes) and hand-written seed examples, LLaVA-style; the result is a
+    conversation source named `name`, mixed like any other."""
+
+    name: str
+    path: str | list[str]
+    format: Format | None = None
+    fields: dict[str, str] = {}
+    # The user turn of each call: a template over `fields`.
+    context: str
+    # JSON Lines of examples: {"context": ..., "conversation": [{from, value}, ...]}.
+    seeds: str | None = None
+    reply: Literal["qa", "json"] = "qa"
+    min_turns: int = 1
+    conversations: int = 1
+    image_root: str | None = None
+    weight: float = 1.0
+    max_epochs: float | None = None
+    on_error: Literal["drop", "fail"] = "drop"
+
+
 class Recipe(_Spec, kw_only=True, forbid_unknown_fields=True):
     recipe: RecipeMeta
     model: ModelSpec
@@ -125,6 +185,8 @@ class Recipe(_Spec, kw_only=True, forbid_unknown_fields=True):
     mixture: MixtureSpec = msgspec.field(default_factory=MixtureSpec)
     source: list[SourceSpec]
     pool: dict[str, PoolSpec] = {}
+    lengthen: dict[str, LengthenSpec] = {}
+    generate: list[GenerateSpec] = []
     # Set by `load_recipe`, not by the TOML file: the recipe file, and the files it
     # extends (nearest first).
     path: Path | None = None
@@ -173,6 +235,23 @@ def _msgspec_path(err: msgspec.ValidationError) -> tuple[str, str]:
     message, _, at = text.partition(" - at `")
     key = at.rstrip("`").removeprefix("$").lstrip(".")
     return key, message
+
+
+def _name_table_key(key: str, data: dict[str, Any]) -> str:
+    """msgspec writes a key of a top-level table of tables as `[...]`
+    (`lengthen[...].on_error`): name the entry that fails (`lengthen.rephrase.on_error`)."""
+    head, sep, rest = key.partition("[...]")
+    hint = typing.get_type_hints(Recipe).get(head) if sep else None
+    tables = data.get(head)
+    if hint is None or typing.get_origin(hint) is not dict or not isinstance(tables, dict):
+        return key
+    value_type = typing.get_args(hint)[1]
+    for name, value in tables.items():
+        try:
+            msgspec.convert(value, value_type)
+        except msgspec.ValidationError:
+            return f"{head}.{name}{rest}"
+    return key
 
 
 def _semantic_problems(r: Recipe) -> list[str]:
@@ -229,7 +308,130 @@ def _semantic_problems(r: Recipe) -> list[str]:
     for name, pool in r.pool.items():
         if not pool.templates:
             p.append(f"pool.{name}.templates: the pool is empty")
+    p += _lengthen_problems(r)
+    p += _generate_problems(r, seen)
     return p
+
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+
+
+def placeholders(template: str) -> list[str]:
+    """The `{field}` names of a template (`{{` and `}}` are literal braces)."""
+    return [m.group(1).strip() for m in _PLACEHOLDER.finditer(template) if m.group(1) is not None]
+
+
+def _llm_problems(spec: LLMSpec, where: str) -> list[str]:
+    p = []
+    if not spec.model:
+        p.append(f"{where}.model: name the model the endpoint serves")
+    if not re.match(r"https?://", spec.endpoint):
+        p.append(f"{where}.endpoint: expected an http:// or https:// URL, got {spec.endpoint!r}")
+    for key, low in (("concurrency", 1), ("max_tokens", 1), ("retries", 0)):
+        if getattr(spec, key) < low:
+            p.append(f"{where}.{key}: must be at least {low}, got {getattr(spec, key)}")
+    for key in ("timeout", "backoff"):
+        if not getattr(spec, key) >= 0 or (key == "timeout" and spec.timeout == 0):
+            p.append(f"{where}.{key}: must be {'> 0' if key == 'timeout' else '>= 0'}, got {getattr(spec, key)}")
+    if spec.temperature < 0:
+        p.append(f"{where}.temperature: must be >= 0, got {spec.temperature}")
+    return p
+
+
+def lengthen_fields(spec: SourceSpec) -> list[str]:
+    """The placeholders a lengthening prompt or template may use on a qa source."""
+    return ["question", "answer", *[k for k in spec.fields if k not in ("question", "answer")]]
+
+
+def _lengthen_problems(r: Recipe) -> list[str]:
+    p: list[str] = []
+    for name, spec in r.lengthen.items():
+        where = f"lengthen.{name}"
+        if spec.method == "llm":
+            if not spec.prompt:
+                p.append(f"{where}.prompt: method \"llm\" needs a prompt, e.g. \"Question: {{question}}\\nAnswer: {{answer}}\\nRewrite the answer as one sentence.\"")
+            if spec.templates is not None or spec.pool is not None:
+                p.append(f"{where}: templates and pool belong to method \"template\"")
+            p += _llm_problems(spec, where)
+        else:
+            if spec.prompt is not None:
+                p.append(f"{where}.prompt: method \"template\" takes templates or pool, not a prompt")
+            if (spec.templates is None) == (spec.pool is None):
+                p.append(f"{where}: method \"template\" needs one of templates = [...] or pool = \"answer-sentence\"")
+            elif spec.templates is not None and not spec.templates:
+                p.append(f"{where}.templates: the list is empty")
+            elif spec.pool is not None and spec.pool not in r.pool and _builtin_pool_path(spec.pool) is None:
+                p.append(f"{where}.pool: no pool named '{spec.pool}' (built-in: {', '.join(builtin_pools())})")
+            if spec.on_error == "drop":
+                p.append(f"{where}.on_error: a template cannot fail; on_error applies to method \"llm\"")
+    for i, s in enumerate(r.source):
+        if s.lengthen is None:
+            continue
+        where = f"source[{i}].lengthen"
+        if s.lengthen not in r.lengthen:
+            close = difflib.get_close_matches(s.lengthen, list(r.lengthen), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (tables: {', '.join(r.lengthen) or 'none; add [lengthen.NAME]'})"
+            p.append(f"{where}: no [lengthen.{s.lengthen}] table{hint}")
+            continue
+        if s.layout != "qa":
+            p.append(f"{where}: only a 'qa' source has short answers to lengthen (source '{s.name}' is '{s.layout}')")
+            continue
+        if s.short_answer:
+            p.append(f"{where}: a lengthened answer is not short; remove short_answer from source '{s.name}'")
+        spec = r.lengthen[s.lengthen]
+        texts = [spec.prompt or ""] if spec.method == "llm" else list(spec.templates or [])
+        known = lengthen_fields(s)
+        for t in texts:
+            for f in placeholders(t):
+                if f not in known:
+                    p.append(f"{where}: lengthen.{s.lengthen} uses {{{f}}}, which source '{s.name}' does not map (fields: {', '.join(known)})")
+    return p
+
+
+def _generate_problems(r: Recipe, names: dict[str, int]) -> list[str]:
+    p: list[str] = []
+    for j, g in enumerate(r.generate):
+        where = f"generate[{j}]"
+        if g.name in names:
+            p.append(f"{where}.name: '{g.name}' is already the name of a source")
+        names.setdefault(g.name, j)
+        if not g.name.strip():
+            p.append(f"{where}.name: must not be empty")
+        p += _llm_problems(g, where)
+        for f in placeholders(g.context):
+            if f not in g.fields:
+                p.append(f"{where}.context: uses {{{f}}}, which fields does not map (fields: {', '.join(g.fields) or 'none'})")
+        if not placeholders(g.context):
+            p.append(f"{where}.context: the template uses no field, so every call would be the same")
+        for key in ("min_turns", "conversations"):
+            if getattr(g, key) < 1:
+                p.append(f"{where}.{key}: must be at least 1, got {getattr(g, key)}")
+        if not (g.weight > 0):
+            p.append(f"{where}.weight: must be > 0, got {g.weight}")
+        if g.max_epochs is not None and not (g.max_epochs > 0):
+            p.append(f"{where}.max_epochs: must be > 0, got {g.max_epochs}")
+    return p
+
+
+def generated_source(g: GenerateSpec) -> SourceSpec:
+    """The conversation source a [[generate]] table becomes."""
+    image = {k: v for k, v in g.fields.items() if k in ("image", "images")}
+    return SourceSpec(
+        name=g.name, path=g.path, layout="conversation", format=g.format, fields=image,
+        image_root=g.image_root, weight=g.weight, max_epochs=g.max_epochs,
+    )
+
+
+def generator_of(recipe: Recipe, index: int) -> tuple[int, GenerateSpec] | None:
+    """(j, generate[j]) when source `index` is written by [[generate]] j."""
+    j = index - (len(recipe.source) - len(recipe.generate))
+    return (j, recipe.generate[j]) if 0 <= j < len(recipe.generate) else None
+
+
+def source_key(recipe: Recipe, index: int) -> str:
+    """The recipe key of source `index`, for messages: source[i] or generate[j]."""
+    gen = generator_of(recipe, index)
+    return f"generate[{gen[0]}]" if gen else f"source[{index}]"
 
 
 def _is_glob(pattern: str) -> bool:
@@ -306,6 +508,7 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         recipe = msgspec.convert(data, Recipe)
     except msgspec.ValidationError as e:
         key, message = _msgspec_path(e)
+        key = _name_table_key(key, data)
         problems.append(f"{key or '(top level)'}: {message}")
         _name_merged_sources(problems, merge_problems, data, bases)
         raise RecipeError(_report(where, problems), key=problems[0].split(":")[0], problems=problems) from None
@@ -315,6 +518,8 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         raise RecipeError(_report(where, problems), key=problems[0].split(":")[0], problems=problems)
     recipe.path = path
     recipe.bases = bases
+    # [[generate]] tables become conversation sources after the written ones.
+    recipe.source = [*recipe.source, *(generated_source(g) for g in recipe.generate)]
     return recipe
 
 
@@ -402,6 +607,18 @@ def _rebase_paths(data: dict[str, Any], old: Path, new: Path) -> None:
         join = source.get("join")
         if isinstance(join, dict) and "path" in join:
             join["path"] = _rebase(join["path"], old, new)
+    for spec in (data.get("lengthen") or {}).values() if isinstance(data.get("lengthen"), dict) else []:
+        if isinstance(spec, dict) and "cache" in spec:
+            spec["cache"] = _rebase(spec["cache"], old, new)
+    for spec in data.get("generate", []) if isinstance(data.get("generate"), list) else []:
+        if not isinstance(spec, dict):
+            continue
+        for key in ("cache", "seeds", "image_root"):
+            if key in spec:
+                spec[key] = _rebase(spec[key], old, new)
+        if "path" in spec:
+            path = spec["path"]
+            spec["path"] = [_rebase(p, old, new) for p in path] if isinstance(path, list) else _rebase(path, old, new)
 
 
 def _merge_tables(base: dict[str, Any], over: dict[str, Any], at: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -494,7 +711,8 @@ def resolve_path(recipe: Recipe, value: str) -> Path:
 def to_dict(recipe: Recipe) -> dict[str, Any]:
     """The recipe as plain data (for manifests), without the file paths; an extending
     recipe gives its merged form."""
-    d = msgspec.to_builtins(msgspec.structs.replace(recipe, path=None, bases=[]))
+    written = recipe.source[: len(recipe.source) - len(recipe.generate)]
+    d = msgspec.to_builtins(msgspec.structs.replace(recipe, path=None, bases=[], source=written))
     for key in _NOT_FROM_TOML:
         d.pop(key, None)
     return d

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,6 +101,7 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
     if out.exists() and not overwrite:
         raise ReleaseError(f"{out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -113,6 +115,32 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def spill_prefix(out: Path) -> str:
+    """The prefix of the build's spill folder beside `out` (with the pid, so that a later
+    build can tell it is stale)."""
+    return f".{out.name}.spill-{os.getpid()}-"
+
+
+def remove_stale(out: Path) -> None:
+    """Removes what a killed build of `out` left beside it: its partial release, spill
+    folder or replaced release, when the process that made them is gone."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(partial|old|spill)-(\d+)(-.*)?$")
+    for entry in out.parent.iterdir():
+        m = pattern.match(entry.name)
+        if m and not _alive(int(m.group(2))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_shards(folder: Path, emit: Callable[[int, int], dict[str, Any]], rows: int, per_shard: int, progress: Any = None) -> list[Shard]:

@@ -10,14 +10,17 @@ import glob
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import msgspec
 import polars as pl
 
 from . import _core, fieldpath
 from .errors import DataError, RecipeError, SourceError
-from .recipe import RESERVED_FIELDS, JoinSpec, Recipe, SourceSpec, resolve_path
+from .recipe import RESERVED_FIELDS, JoinSpec, Recipe, SourceSpec, generator_of, resolve_path, source_key
+
+if TYPE_CHECKING:
+    from .stages import LLMStages
 
 SYSTEM, USER, ASSISTANT = 0, 1, 2
 DEFAULT_ROLES = {
@@ -61,6 +64,7 @@ def template_fields(spec: SourceSpec) -> list[str]:
 
 def source_files(recipe: Recipe, index: int) -> list[Path]:
     spec = recipe.source[index]
+    at = source_key(recipe, index)
     patterns = [spec.path] if isinstance(spec.path, str) else list(spec.path)
     files: list[Path] = []
     for pat in patterns:
@@ -68,10 +72,10 @@ def source_files(recipe: Recipe, index: int) -> list[Path]:
         if any(ch in pat for ch in "*?["):
             matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True))
             if not matches:
-                raise SourceError(f"source '{spec.name}' (source[{index}].path): no file matches '{pat}'")
+                raise SourceError(f"source '{spec.name}' ({at}.path): no file matches '{pat}'")
             files.extend(matches)
         elif not full.is_file():
-            raise SourceError(f"source '{spec.name}' (source[{index}].path): file not found: {full}")
+            raise SourceError(f"source '{spec.name}' ({at}.path): file not found: {full}")
         else:
             files.append(full)
     return files
@@ -80,12 +84,13 @@ def source_files(recipe: Recipe, index: int) -> list[Path]:
 def join_file(recipe: Recipe, index: int, files: list[Path]) -> Path:
     """The file a source's `join` reads: `join.path`, else the source's own file."""
     spec = recipe.source[index]
+    at = source_key(recipe, index)
     assert spec.join is not None
     if spec.join.path is None:
         return files[0]
     full = resolve_path(recipe, spec.join.path)
     if not full.is_file():
-        raise SourceError(f"source '{spec.name}' (source[{index}].join.path): file not found: {full}")
+        raise SourceError(f"source '{spec.name}' ({at}.join.path): file not found: {full}")
     return full
 
 
@@ -144,11 +149,13 @@ def _raise_bad_json_line(spec: SourceSpec, path: Path) -> None:
             if not line.strip():
                 continue
             try:
+                line.decode("utf-8")  # checked first: msgspec versions report bad UTF-8 differently
+            except UnicodeDecodeError:
+                raise SourceError(f"source '{spec.name}': {path}, line {number}: not UTF-8 text") from None
+            try:
                 value = msgspec.json.decode(line)
             except msgspec.DecodeError as e:
                 raise SourceError(f"source '{spec.name}': {path}, line {number}: malformed JSON ({e})") from None
-            except UnicodeDecodeError:
-                raise SourceError(f"source '{spec.name}': {path}, line {number}: not UTF-8 text") from None
             if not isinstance(value, dict):
                 raise SourceError(f"source '{spec.name}': {path}, line {number}: expected a JSON object, got {type(value).__name__}")
 
@@ -167,12 +174,12 @@ def _data_columns(frame: pl.DataFrame) -> str:
     return ", ".join(c for c in frame.columns if not c.startswith("__"))
 
 
-def _resolve(frame: pl.DataFrame, spec: SourceSpec, index: int, key: str, out: str, partial: bool = False) -> pl.DataFrame:
+def _resolve(frame: pl.DataFrame, spec: SourceSpec, at: str, key: str, out: str, partial: bool = False) -> pl.DataFrame:
     """Adds column `out` holding the field `key` of the source, resolved on the data. In a
     slice of a source (`partial`), a path this slice cannot resolve gives nulls; whether it
     resolves somewhere is checked over the whole source (`check_resolved`)."""
     text = spec.fields[key]
-    where = f"source[{index}].fields.{key}"
+    where = f"{at}.fields.{key}"
     try:
         path = fieldpath.parse_field(text)
     except fieldpath.FieldPathError as e:
@@ -189,7 +196,7 @@ def _resolve(frame: pl.DataFrame, spec: SourceSpec, index: int, key: str, out: s
             return frame.with_columns(pl.lit(None).alias(out))
         raise SourceError(f"{where}: the path '{text}' does not fit source '{spec.name}': {e}") from None
     if frame[out].null_count() == frame.height and not partial:
-        raise _resolves_on_no_row(spec, index, key)
+        raise _resolves_on_no_row(spec, at, key)
     return frame
 
 
@@ -202,11 +209,11 @@ def streamable(recipe: Recipe, index: int) -> bool:
     return all(_format_of(spec, f) in ("jsonl", "json") for f in source_files(recipe, index))
 
 
-def iter_normalized(recipe: Recipe, index: int, rows: int) -> Iterator[Normalized]:
+def iter_normalized(recipe: Recipe, index: int, rows: int, stages: LLMStages | None = None) -> Iterator[Normalized]:
     """The source in the internal form, `rows` records at a time when it is streamable
     (memory then stays flat in the source's size), else all at once."""
     if not streamable(recipe, index):
-        yield normalize(recipe, index)
+        yield normalize(recipe, index, stages=stages)
         return
     spec = recipe.source[index]
     files = source_files(recipe, index)
@@ -222,7 +229,7 @@ def iter_normalized(recipe: Recipe, index: int, rows: int) -> Iterator[Normalize
                     if _format_of(spec, path) == "jsonl":
                         _raise_bad_json_line(spec, path)
                     raise
-                norm = normalize(recipe, index, frame=frame, row_offset=offset, partial=True, files=files)
+                norm = normalize(recipe, index, frame=frame, row_offset=offset, partial=True, files=files, stages=stages)
                 offset += frame.height
                 found |= norm.resolved
                 yield norm
@@ -232,15 +239,15 @@ def iter_normalized(recipe: Recipe, index: int, rows: int) -> Iterator[Normalize
         raise _no_rows(spec, files)
     for key in spec.fields:
         if key not in found:
-            raise _resolves_on_no_row(spec, index, key)
+            raise _resolves_on_no_row(spec, source_key(recipe, index), key)
 
 
 def _no_rows(spec: SourceSpec, files: list[Path]) -> SourceError:
     return SourceError(f"source '{spec.name}': no rows in {', '.join(str(f) for f in files)}")
 
 
-def _resolves_on_no_row(spec: SourceSpec, index: int, key: str) -> SourceError:
-    return SourceError(f"source[{index}].fields.{key}: the path '{spec.fields[key]}' resolves on no row of source '{spec.name}'")
+def _resolves_on_no_row(spec: SourceSpec, at: str, key: str) -> SourceError:
+    return SourceError(f"{at}.fields.{key}: the path '{spec.fields[key]}' resolves on no row of source '{spec.name}'")
 
 
 def _as_text(frame: pl.DataFrame, col: str) -> pl.Expr:
@@ -248,6 +255,19 @@ def _as_text(frame: pl.DataFrame, col: str) -> pl.Expr:
     if isinstance(dtype, pl.List):
         return pl.col(col).list.eval(pl.element().cast(pl.String)).list.join("\n")
     return pl.col(col).cast(pl.String)
+
+
+def _context_text(frame: pl.DataFrame, col: str) -> pl.Expr:
+    """A context field as text for a prompt: lists one item per line, records as JSON
+    (COCO boxes: {"category": "dog", "bbox": [..]})."""
+    dtype = frame.schema[col]
+    if isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.Struct):
+        return pl.col(col).list.eval(pl.element().struct.json_encode()).list.join("\n")
+    if isinstance(dtype, pl.Struct):
+        return pl.col(col).struct.json_encode()
+    if isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.List):
+        return pl.col(col).list.eval(pl.element().cast(pl.List(pl.String)).list.join(", ")).list.join("\n")
+    return _as_text(frame, col)
 
 
 def _require(frame: pl.DataFrame, col: str, spec: SourceSpec, key: str) -> None:
@@ -264,12 +284,15 @@ def normalize(
     row_offset: int = 0,
     partial: bool = False,
     files: list[Path] | None = None,
+    stages: LLMStages | None = None,
 ) -> Normalized:
     """Reads source `index` of the recipe and brings it to the internal form. With `frame`,
     normalizes those rows (numbered from `row_offset`); `partial` says they are one slice
     of the source, where a field may be absent without being an error. `files`: the
-    source's files when the caller has them already."""
+    source's files when the caller has them already. `stages` runs answer lengthening
+    and conversation generation (default: served from their caches only, no calls)."""
     spec = recipe.source[index]
+    at = source_key(recipe, index)
     if files is None:
         files = source_files(recipe, index)
     if frame is None:
@@ -278,20 +301,32 @@ def normalize(
     notes: list[str] = []
     if spec.join is not None:
         joined = join_file(recipe, index, files)
-        frame = _join(frame, spec, index, joined, notes)
+        frame = _join(frame, spec, at, joined, notes)
         files = files + [joined] if joined not in files else files
 
     resolved: dict[str, str] = {}
     for key in spec.fields:
         resolved[key] = f"__f_{key}"
-        frame = _resolve(frame, spec, index, key, resolved[key], partial)
+        frame = _resolve(frame, spec, at, key, resolved[key], partial)
     found = {k for k, col in resolved.items() if frame[col].null_count() < frame.height}
 
+    generated = generator_of(recipe, index)
+    if generated is not None:
+        # The LLM writes this source's conversations from the context fields.
+        j, g = generated
+        context_spec = msgspec.structs.replace(spec, fields=g.fields)
+        context: dict[str, pl.Expr] = {}
+        for key in g.fields:
+            frame = _resolve(frame, context_spec, at, key, f"__g_{key}", partial)
+            context[key] = _context_text(frame, f"__g_{key}")
+        frame = _stages(stages, recipe).generate(frame, recipe, index, context)
     if spec.layout == "conversation":
-        frame = _conversation(frame, spec, index, resolved)
+        frame = _conversation(frame, spec, at, resolved)
     elif spec.layout == "qa":
         for key in ("question", "answer"):
             _require(frame, resolved[key], spec, key)
+        if spec.lengthen is not None:
+            frame = _stages(stages, recipe).lengthen(frame, recipe, index, {k: _as_text(frame, c) for k, c in resolved.items()}, resolved["answer"])
         frame = frame.with_columns(
             pl.lit([USER, ASSISTANT], dtype=pl.List(pl.UInt8)).alias(ROLES),
             pl.concat_list(_as_text(frame, resolved["question"]), _as_text(frame, resolved["answer"])).alias(CONTENTS),
@@ -303,7 +338,7 @@ def normalize(
             pl.concat_list(pl.lit(""), _as_text(frame, resolved["caption"])).alias(CONTENTS),
         )
     elif spec.layout == "alpaca":
-        frame = _alpaca(frame, spec, index, resolved)
+        frame = _alpaca(frame, spec, at, resolved)
 
     frame = frame.with_columns(_images_expr(frame, resolved).alias(IMAGES))
     _check_image_paths(frame, spec)
@@ -313,6 +348,14 @@ def normalize(
     names = template_fields(spec)
     out = frame.select(ROW, ROLES, CONTENTS, IMAGES, *[_as_text(frame, resolved[k]).fill_null("").alias(f"__t_{k}") for k in names])
     return Normalized(spec=spec, frame=out.rechunk(), files=files, field_names=names, notes=notes, resolved=found)
+
+
+def _stages(stages: LLMStages | None, recipe: Recipe) -> LLMStages:
+    if stages is not None:
+        return stages
+    from .stages import LLMStages
+
+    return LLMStages(recipe, mode="cache", progress=False)
 
 
 def _group_by_image(frame: pl.DataFrame, image: str) -> pl.DataFrame:
@@ -326,12 +369,12 @@ def _group_by_image(frame: pl.DataFrame, image: str) -> pl.DataFrame:
     )
 
 
-def _join(frame: pl.DataFrame, spec: SourceSpec, index: int, path: Path, notes: list[str]) -> pl.DataFrame:
+def _join(frame: pl.DataFrame, spec: SourceSpec, at: str, path: Path, notes: list[str]) -> pl.DataFrame:
     """The source's rows with the columns of their matching record in `path` (a left
     join on join.left_on = join.right_on; columns the rows already have get `_right`)."""
     join = spec.join
     assert join is not None
-    where = f"source[{index}].join"
+    where = f"{at}.join"
     right = read_file(msgspec.structs.replace(spec, format=join.format, json_key=join.json_key), path)
     if join.left_on not in frame.columns:
         raise SourceError(f"{where}.left_on: source '{spec.name}' has no column '{join.left_on}' (columns: {_data_columns(frame)})")
@@ -404,14 +447,14 @@ def _check_image_paths(frame: pl.DataFrame, spec: SourceSpec) -> None:
         )
 
 
-def _conversation(frame: pl.DataFrame, spec: SourceSpec, index: int, resolved: dict[str, str]) -> pl.DataFrame:
+def _conversation(frame: pl.DataFrame, spec: SourceSpec, at: str, resolved: dict[str, str]) -> pl.DataFrame:
     if "conversations" in resolved:
         col = resolved["conversations"]
     else:
         found = [c for c in ("conversations", "messages", "conversation") if c in frame.columns]
         if not found:
             raise SourceError(
-                f"source '{spec.name}' (source[{index}].fields.conversations): no 'conversations' or 'messages' column; "
+                f"source '{spec.name}' ({at}.fields.conversations): no 'conversations' or 'messages' column; "
                 f"map the conversation column with fields.conversations (columns: {', '.join(c for c in frame.columns if not c.startswith('__'))})"
             )
         col = found[0]
@@ -430,7 +473,7 @@ def _conversation(frame: pl.DataFrame, spec: SourceSpec, index: int, resolved: d
     mapping = {**DEFAULT_ROLES, **spec.roles}
     for k, v in spec.roles.items():
         if v not in ROLE_CODES:
-            raise RecipeError(f"source[{index}].roles.{k}: '{v}' is not a role (system, user, assistant)", key=f"source[{index}].roles.{k}")
+            raise RecipeError(f"{at}.roles.{k}: '{v}' is not a role (system, user, assistant)", key=f"{at}.roles.{k}")
     codes = {k: ROLE_CODES[v] for k, v in mapping.items()}
     turns = frame.select(ROW, pl.col(col).alias("__t")).explode("__t")
     raw_roles = turns.select(ROW, pl.col("__t").struct.field(role_key).alias("r"))
@@ -439,7 +482,7 @@ def _conversation(frame: pl.DataFrame, spec: SourceSpec, index: int, resolved: d
         row, role = unknown.row(0)
         raise SourceError(
             f"source '{spec.name}', row {row}, field '{col}[*].{role_key}': unknown role '{role}'; "
-            f"map it with source[{index}].roles = {{ {role} = \"user\" }}"
+            f"map it with {at}.roles = {{ {role} = \"user\" }}"
         )
     role_expr = pl.element().struct.field(role_key).replace_strict(codes, return_dtype=pl.UInt8, default=None)
     text_expr = pl.element().struct.field(text_key).cast(pl.String)
@@ -456,7 +499,7 @@ def _conversation(frame: pl.DataFrame, spec: SourceSpec, index: int, resolved: d
     return frame
 
 
-def _alpaca(frame: pl.DataFrame, spec: SourceSpec, index: int, resolved: dict[str, str]) -> pl.DataFrame:
+def _alpaca(frame: pl.DataFrame, spec: SourceSpec, at: str, resolved: dict[str, str]) -> pl.DataFrame:
     cols: dict[str, str] = {}
     for key in ("instruction", "input", "output"):
         if key in resolved:
@@ -464,7 +507,7 @@ def _alpaca(frame: pl.DataFrame, spec: SourceSpec, index: int, resolved: dict[st
         elif key in frame.columns:
             cols[key] = key
         elif key != "input":
-            raise SourceError(f"source '{spec.name}' (source[{index}].fields.{key}): no '{key}' column")
+            raise SourceError(f"source '{spec.name}' ({at}.fields.{key}): no '{key}' column")
     for key in ("instruction", "output"):
         _require(frame, cols[key], spec, key)
     prompt = pl.col(cols["instruction"]).cast(pl.String)

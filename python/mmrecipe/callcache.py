@@ -1,0 +1,102 @@
+"""The call cache: an append-only JSON Lines file with one record per finished LLM call,
+keyed by the SHA-256 of what shaped the reply (model, messages, sampling parameters).
+Every record is written and fsync'd as its call finishes, so a build killed mid-way
+loses no finished call; a torn last line (the kill came mid-write) is ignored on read
+and cut off before the next append. The last record of a key wins (a failed call
+asked again with --retry-failed appends its new outcome)."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from pathlib import Path
+
+import msgspec
+import polars as pl
+
+from .errors import LLMError
+
+
+class Record(msgspec.Struct, omit_defaults=True):
+    key: str
+    table: str
+    model: str
+    #: The row's own part of the request (the filled prompt or context), for auditing.
+    prompt: str
+    response: str | None = None
+    #: "stop", or "length" when the reply was cut at max_tokens.
+    finish: str | None = None
+    #: Why the call failed (a failed call under on_error = "keep" or "drop").
+    error: str | None = None
+
+
+SCHEMA = {"key": pl.String, "response": pl.String, "finish": pl.String, "error": pl.String}
+
+
+class CallCache:
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._file: io.BufferedWriter | None = None
+        self._complete = 0  # bytes up to the last full line
+        self._pending: list[Record] = []
+        self.frame = self._load()
+
+    def _load(self) -> pl.DataFrame:
+        if not self.path.is_file():
+            return pl.DataFrame(schema=SCHEMA)
+        data = self.path.read_bytes()
+        self._complete = data.rfind(b"\n") + 1
+        body = data[: self._complete]
+        if not body.strip():
+            return pl.DataFrame(schema=SCHEMA)
+        try:
+            frame = pl.read_ndjson(io.BytesIO(body), schema={**SCHEMA, "table": pl.String})
+        except Exception:
+            self._raise_bad_line(body)
+            raise
+        if frame["key"].null_count():
+            self._raise_bad_line(body)
+        return frame.select(list(SCHEMA)).unique("key", keep="last", maintain_order=True)
+
+    def _raise_bad_line(self, body: bytes) -> None:
+        decoder = msgspec.json.Decoder(Record)
+        for number, line in enumerate(body.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                decoder.decode(line)
+            except msgspec.DecodeError as e:
+                raise LLMError(f"{self.path}, line {number}: not a call record ({e}); the cache file is damaged") from None
+
+    def append(self, record: Record) -> None:
+        """Writes one record and makes it durable before returning."""
+        line = msgspec.json.encode(record) + b"\n"
+        with self._lock:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "ab")
+                if self._file.tell() > self._complete:
+                    self._file.truncate(self._complete)  # a torn line from a killed build
+                    self._file.seek(self._complete)
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._pending.append(record)
+
+    def refresh(self) -> None:
+        """Adds the records appended since the last refresh to `frame`."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if pending:
+            new = pl.DataFrame(
+                {k: [getattr(r, k) for r in pending] for k in SCHEMA}, schema=SCHEMA
+            )
+            self.frame = pl.concat([self.frame, new]).unique("key", keep="last", maintain_order=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
