@@ -29,7 +29,11 @@ pub fn fill(
         .collect::<Result<Vec<_>, _>>()?;
     for (k, t) in parsed.iter().enumerate() {
         if let Some(f) = t.fields().find(|f| !names.iter().any(|n| n == f)) {
-            return Err(format!("template {k} ({:?}) uses {{{f}}}, which is not a field here (fields: {})", templates[k], names.join(", ")));
+            return Err(format!(
+                "template {k} ({:?}) uses {{{f}}}, which is not a field here (fields: {})",
+                templates[k],
+                names.join(", ")
+            ));
         }
     }
     for (name, c) in names.iter().zip(columns) {
@@ -127,7 +131,8 @@ mod tests {
     #[test]
     fn unknown_placeholder_is_named() {
         let (ao, ad) = column(&["a"]);
-        let err = fill(&["{caption}".into()], 0, "s", &[0], &["answer".into()], &[StrCol { offsets: &ao, data: &ad }]).unwrap_err();
+        let err =
+            fill(&["{caption}".into()], 0, "s", &[0], &["answer".into()], &[StrCol { offsets: &ao, data: &ad }]).unwrap_err();
         assert!(err.contains("{caption}"), "{err}");
     }
 

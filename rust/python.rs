@@ -262,6 +262,8 @@ fn image_token_count(width: u64, height: u64, patch: u32, merge: u32, min_pixels
     crate::media::dynamic_count(&plan, width, height)
 }
 
+type Arr<'py, T> = Bound<'py, numpy::PyArray1<T>>;
+
 /// Per-row text from templates (`mmrecipe.lengthen`): row i takes one of `templates`,
 /// chosen by (seed, stream, rows[i]), filled from the columns named `names`. Returns
 /// (offsets, bytes) of the filled strings.
@@ -274,12 +276,9 @@ fn fill_templates<'py>(
     rows: PyReadonlyArray1<'py, u64>,
     names: Vec<String>,
     columns: Vec<(PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, u8>)>,
-) -> PyResult<(Bound<'py, numpy::PyArray1<i64>>, Bound<'py, numpy::PyArray1<u8>>)> {
+) -> PyResult<(Arr<'py, i64>, Arr<'py, u8>)> {
     let rows = rows.as_slice()?;
-    let cols = columns
-        .iter()
-        .map(|(o, d)| str_col(o, d))
-        .collect::<PyResult<Vec<_>>>()?;
+    let cols = columns.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?;
     let (offsets, data) =
         py.detach(|| crate::prompts::fill(&templates, seed, stream, rows, &names, &cols)).map_err(PyValueError::new_err)?;
     Ok((offsets.into_pyarray(py), data.into_pyarray(py)))
@@ -297,8 +296,6 @@ fn content_keys<'py>(
     let keys = py.detach(|| crate::prompts::keys(prefix, column)).map_err(PyValueError::new_err)?;
     Ok(keys.into_pyarray(py))
 }
-
-type Arr<'py, T> = Bound<'py, numpy::PyArray1<T>>;
 
 /// Parses a column of LLM replies (`mmrecipe.stages`): row i is handled as `states[i]`
 /// says (0 a finished reply, 1 cut at max_tokens, 2 no reply). Returns (valid, turn

@@ -52,17 +52,11 @@ impl Reply {
     }
 }
 
-// A turn marker at the start of a line: "Question:", "**Answer:**", "## User:", "Q:" ...
-static MARKER: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)^\s*(?:\*\*|##\s*)?(question|answer|q|a|user|human|assistant|gpt)\s*(?:\*\*)?\s*:\s*(?:\*\*)?\s?(.*)$").unwrap()
-});
-// A line of === or --- between exchanges.
-static SEPARATOR: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\s*(?:={3,}|-{3,})\s*$").unwrap());
 // A reply wrapped in a Markdown code fence.
 static FENCE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?s)^\s*```[a-zA-Z]*\s*\n(.*?)\n\s*```\s*$").unwrap());
 
 fn role_of(name: &str) -> Option<u8> {
-    match name.to_lowercase().as_str() {
+    match name.to_ascii_lowercase().as_str() {
         "question" | "q" | "user" | "human" => Some(USER),
         "answer" | "a" | "assistant" | "gpt" => Some(ASSISTANT),
         _ => None,
@@ -94,7 +88,10 @@ pub fn parse(text: &str, format: Format, min_turns: usize, reply: Reply) -> Resu
     }
     let pairs = turns.len() / 2;
     if pairs < min_turns {
-        return Err(format!("{pairs} question-answer pair{}, fewer than min_turns = {min_turns}", if pairs == 1 { "" } else { "s" }));
+        return Err(format!(
+            "{pairs} question-answer pair{}, fewer than min_turns = {min_turns}",
+            if pairs == 1 { "" } else { "s" }
+        ));
     }
     Ok(turns)
 }
@@ -102,11 +99,10 @@ pub fn parse(text: &str, format: Format, min_turns: usize, reply: Reply) -> Resu
 fn parse_qa(text: &str) -> Turns {
     let mut turns: Turns = Vec::new();
     for line in text.lines() {
-        if let Some(m) = MARKER.captures(line) {
-            let role = role_of(&m[1]).expect("the marker pattern only matches known roles");
-            turns.push((role, m[2].to_string()));
+        if let Some((role, rest)) = marker(line) {
+            turns.push((role, rest.to_string()));
         } else if let Some(last) = turns.last_mut() {
-            if !SEPARATOR.is_match(line) {
+            if !is_separator(line) {
                 last.1.push('\n');
                 last.1.push_str(line);
             }
@@ -114,6 +110,35 @@ fn parse_qa(text: &str) -> Turns {
         // Text before the first marker ("Sure! Here is a conversation:") is not a turn.
     }
     turns.into_iter().map(|(role, content)| (role, content.trim().to_string())).collect()
+}
+
+/// A turn marker at the start of a line ("Question:", "**Answer:**", "## User:", "Q:"):
+/// the role and the rest of the line. Matched by hand, not by a regex: every line of
+/// every reply goes through here.
+fn marker(line: &str) -> Option<(u8, &str)> {
+    let mut s = line.trim_start();
+    if let Some(rest) = s.strip_prefix("**") {
+        s = rest;
+    } else if let Some(rest) = s.strip_prefix("##") {
+        s = rest.trim_start();
+    }
+    let word_len = s.bytes().take_while(u8::is_ascii_alphabetic).count();
+    if word_len == 0 || word_len > "assistant".len() {
+        return None;
+    }
+    let role = role_of(&s[..word_len])?;
+    let mut s = s[word_len..].trim_start();
+    if let Some(rest) = s.strip_prefix("**") {
+        s = rest.trim_start();
+    }
+    let s = s.strip_prefix(':')?.trim_start();
+    Some((role, s.strip_prefix("**").unwrap_or(s)))
+}
+
+/// A line of three or more `=` or `-` between exchanges.
+fn is_separator(line: &str) -> bool {
+    let t = line.trim();
+    t.len() >= 3 && (t.bytes().all(|b| b == b'=') || t.bytes().all(|b| b == b'-'))
 }
 
 fn parse_json(text: &str) -> Result<Turns, String> {
@@ -239,8 +264,26 @@ mod tests {
 
     #[test]
     fn qa_reply_with_preamble_separators_and_continuations() {
-        let text = "Sure, here it is.\nQuestion: What?\nAnswer: A dog.\n===\n**Q:** Any cat?\nA: Yes,\none cat.\nQuestion: left over";
-        assert_eq!(qa(text).unwrap(), t(&[(USER, "What?"), (ASSISTANT, "A dog."), (USER, "Any cat?"), (ASSISTANT, "Yes,\none cat.")]));
+        let text =
+            "Sure, here it is.\nQuestion: What?\nAnswer: A dog.\n===\n**Q:** Any cat?\nA: Yes,\none cat.\nQuestion: left over";
+        assert_eq!(
+            qa(text).unwrap(),
+            t(&[(USER, "What?"), (ASSISTANT, "A dog."), (USER, "Any cat?"), (ASSISTANT, "Yes,\none cat.")])
+        );
+    }
+
+    #[test]
+    fn markers_in_their_spellings() {
+        for line in ["Question: x", "  question :x", "**Q:** x", "**Question**: x", "## User: x", "HUMAN:  x", "Q:x"] {
+            assert_eq!(marker(line).map(|(role, rest)| (role, rest.trim())), Some((USER, "x")), "{line}");
+        }
+        for line in ["Answer: x", "A: x", "gpt: x", "Assistant:x"] {
+            assert_eq!(marker(line).map(|m| m.0), Some(ASSISTANT), "{line}");
+        }
+        for line in ["Questions: x", "Answer x", "What: x", "Qué: x", "", "**", "answering: x", "Q. x"] {
+            assert_eq!(marker(line), None, "{line}");
+        }
+        assert!(is_separator(" === ") && is_separator("-----") && !is_separator("==") && !is_separator("=-="));
     }
 
     #[test]

@@ -183,3 +183,44 @@ def test_truncated_reply_loses_its_last_exchange(turns):
 def test_malformed_qa_replies(text, why):
     with pytest.raises(replies.Malformed, match=why):
         replies.parse(text, "qa", min_turns=1)
+
+
+# The "qa" format defined independently, as the regular expressions it was first written
+# with; the core matches markers by hand and must read every reply the same way.
+REF_MARKER = re.compile(r"^\s*(?:\*\*|##\s*)?(question|answer|q|a|user|human|assistant|gpt)\s*(?:\*\*)?\s*:\s*(?:\*\*)?\s?(.*)$", re.I)
+REF_SEPARATOR = re.compile(r"^\s*(?:={3,}|-{3,})\s*$")
+
+
+def reference_parse(text: str) -> list[tuple[str, str]] | None:
+    turns: list[list[str]] = []
+    for line in text.split("\n"):
+        m = REF_MARKER.match(line)
+        if m:
+            turns.append(["user" if m.group(1).lower() in ("question", "q", "user", "human") else "assistant", m.group(2)])
+        elif turns and not REF_SEPARATOR.match(line):
+            turns[-1][1] += "\n" + line
+    out = [(role, content.strip()) for role, content in turns]
+    if out and out[-1][0] == "user":
+        out.pop()
+    alternating = all(role == ("user" if i % 2 == 0 else "assistant") and content for i, (role, content) in enumerate(out))
+    return out if len(out) // 2 >= 1 and alternating else None
+
+
+marker_line = st.tuples(
+    st.sampled_from(["", " ", "**", "## ", "##"]),
+    st.sampled_from(["Question", "answer", "Q", "a", "User", "HUMAN", "gpt", "Assistant", "Questions", "Qué", "A1"]),
+    st.sampled_from(["", " ", "**", " **"]),
+    st.sampled_from([":", "", ";"]),
+    st.sampled_from(["", " ", "**", " ** ", "  "]),
+    st.text(alphabet=" abé*:=-", max_size=8),
+).map("".join)
+reply_line = st.one_of(marker_line, st.sampled_from(["===", "---", " ==== ", "==", "-=-", ""]), st.text(alphabet=" ab:*=-é#", max_size=10))
+
+
+@given(st.lists(reply_line, max_size=10).map("\n".join))
+def test_qa_parser_reads_replies_as_the_reference_does(text):
+    try:
+        got = replies.parse(text, "qa", min_turns=1)
+    except replies.Malformed:
+        got = None
+    assert got == reference_parse(text)
