@@ -285,3 +285,28 @@ def test_shipped_llm_demo_builds_offline_from_its_caches(tmp_path):
     assert notes["conversations"][0].startswith("generate.conversations: ")
     roles = {i.role for i in result.manifest.inputs}
     assert {"cache:lengthen.rephrase", "cache:generate.conversations", "seeds:generate.conversations"} <= roles
+
+
+def test_builds_sharing_a_cache_keep_each_others_lines(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmrecipe.callcache import CallCache, Record
+
+    path = tmp_path / "shared.jsonl"
+    a, b = CallCache(path), CallCache(path)  # both read the file before either writes
+
+    def record(key: str) -> Record:
+        return Record(key=key, table="t", model="m", prompt="p " * 50, response="r " * 200)
+
+    a.append(record("a0"))
+    b.append(record("b0"))
+    with open(path, "ab") as f:
+        f.write(b'{"key": "torn", "tab')  # a third build, killed mid-write
+    a.append(record("a1"))
+    with ThreadPoolExecutor(4) as pool:  # two open files, two threads each
+        list(pool.map(lambda k: (a if k % 2 else b).append(record(f"x{k}")), range(200)))
+    a.close()
+    b.close()
+    keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
+    assert keys[:3] == ["a0", "b0", "a1"] and sorted(keys[3:]) == sorted(f"x{k}" for k in range(200))
+    assert set(CallCache(path).frame["key"]) == set(keys)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import msgspec
 import polars as pl
@@ -34,12 +36,26 @@ class Record(msgspec.Struct, omit_defaults=True):
 SCHEMA = {"key": pl.String, "response": pl.String, "finish": pl.String, "error": pl.String}
 
 
+@contextmanager
+def _locked(file: io.BufferedWriter) -> Iterator[None]:
+    """An exclusive advisory lock on the file, where the platform has one."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+
+
 class CallCache:
     def __init__(self, path: Path):
         self.path = path
         self._lock = threading.Lock()
         self._file: io.BufferedWriter | None = None
-        self._complete = 0  # bytes up to the last full line
         self._pending: list[Record] = []
         self.frame = self._load()
 
@@ -47,8 +63,7 @@ class CallCache:
         if not self.path.is_file():
             return pl.DataFrame(schema=SCHEMA)
         data = self.path.read_bytes()
-        self._complete = data.rfind(b"\n") + 1
-        body = data[: self._complete]
+        body = data[: data.rfind(b"\n") + 1]  # a torn last line is not a record
         if not body.strip():
             return pl.DataFrame(schema=SCHEMA)
         try:
@@ -71,19 +86,38 @@ class CallCache:
                 raise LLMError(f"{self.path}, line {number}: not a call record ({e}); the cache file is damaged") from None
 
     def append(self, record: Record) -> None:
-        """Writes one record and makes it durable before returning."""
+        """Writes one record and makes it durable before returning. The file is locked
+        for the write, so builds that share a cache append whole lines."""
         line = msgspec.json.encode(record) + b"\n"
         with self._lock:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "ab")
-                if self._file.tell() > self._complete:
-                    self._file.truncate(self._complete)  # a torn line from a killed build
-                    self._file.seek(self._complete)
-            self._file.write(line)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            with _locked(self._file):
+                if self._last_byte() != b"\n":
+                    self._cut_torn_line()
+                self._file.write(line)
+                self._file.flush()
+                os.fsync(self._file.fileno())
             self._pending.append(record)
+
+    def _last_byte(self) -> bytes:
+        size = os.fstat(self._file.fileno()).st_size  # type: ignore[union-attr]
+        if size == 0:
+            return b"\n"
+        with open(self.path, "rb") as f:
+            f.seek(size - 1)
+            return f.read(1)
+
+    def _cut_torn_line(self) -> None:
+        """Cuts a last line left without its newline by a build killed mid-write (whole
+        lines that other builds appended since this one read the file stay)."""
+        with open(self.path, "rb") as f:
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            self._file.truncate(end)  # type: ignore[union-attr]
+        self._file.seek(0, os.SEEK_END)  # type: ignore[union-attr]
 
     def refresh(self) -> None:
         """Adds the records appended since the last refresh to `frame`."""
