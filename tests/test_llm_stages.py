@@ -167,7 +167,7 @@ def test_on_error_keep_and_drop_record_failures_and_retry_failed(tmp_path, stub)
     assert result.llm["lengthen.r"]["failed"] == 1
     assert answers(keep, mode="offline")[3] == "thing 3"  # the original answer
     stats = json.loads((tmp_path / "keep" / "stats.json").read_text())["sources"][0]
-    assert stats["notes"] == ["lengthen.r: 11 of 12 answers lengthened, 1 kept as they were after failed calls"]
+    assert stats["notes"] == ["lengthen.r: 11 of 12 answers lengthened, 1 kept as it was after failed calls"]
     failed = [r for r in cache_lines(tmp_path) if r.get("error")]
     assert len(failed) == 1 and "HTTP 500" in failed[0]["error"]
     # The recorded failure is final: an offline rebuild reproduces the release.

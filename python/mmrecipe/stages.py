@@ -90,15 +90,15 @@ class LLMStages:
             if table.startswith("lengthen."):
                 text = f"{table}: {get('lengthened')} of {get('rows')} answers lengthened"
                 if get("kept"):
-                    text += f", {get('kept')} kept as they were after failed calls"
+                    text += f", {_n(get('kept'), 'kept as it was', 'kept as they were')} after failed calls"
                 if get("dropped"):
-                    text += f", {get('dropped')} samples dropped after failed calls"
+                    text += f", {_n(get('dropped'), 'sample')} dropped after failed calls"
             else:
                 text = f"{table}: {get('generated')} conversations from {get('rows')} calls"
                 if get("malformed"):
-                    text += f", {get('malformed')} malformed replies dropped (first: {self.first_malformed[table]})"
+                    text += f", {_n(get('malformed'), 'malformed reply', 'malformed replies')} dropped (first: {self.first_malformed[table]})"
                 if get("failed"):
-                    text += f", {get('failed')} failed calls dropped"
+                    text += f", {_n(get('failed'), 'failed call')} dropped"
             if get("missing"):
                 text += f", {get('missing')} not in the cache"
             out.append(text)
@@ -309,6 +309,11 @@ class LLMStages:
             f"(first: row {first['row']}: {first['reason']}); on_error = \"fail\". Use --retry-failed to ask again "
             f"for calls recorded as failed, or on_error = {other}."
         )
+
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    """`count` with the singular or the plural."""
+    return f"{count} {one if count == 1 else many or one + 's'}"
 
 
 def _fill(templates: list[str], seed: int, stream: str, rows: pl.Series, values: pl.DataFrame) -> pl.Series:
