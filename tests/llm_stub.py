@@ -31,6 +31,8 @@ class Stub:
     #: When set, the first `barrier.parties` requests wait for each other (shows concurrency).
     barrier: threading.Barrier | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
+    #: The Authorization header of each request ("" when there was none).
+    auth: list[str] = field(default_factory=list)
     attempts: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
@@ -55,6 +57,7 @@ class Stub:
                 prompt = body["messages"][-1]["content"]
                 with stub.lock:
                     stub.requests.append(body)
+                    stub.auth.append(self.headers.get("authorization", ""))
                     stub.attempts[prompt] += 1
                     attempt = stub.attempts[prompt]
                 if stub.barrier is not None:

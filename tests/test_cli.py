@@ -70,6 +70,8 @@ def test_llm_demo_build_and_check_report_the_llm_tables(tmp_path):
     assert rows["lengthen.rephrase"][-1] == "0" and rows["generate.conversations"][-1] == "0", c.stdout  # nothing to call
     b = run("build", "--help")
     assert "--offline" in b.stdout and "--retry-failed" in b.stdout
+    both = run("build", str(demo_llm), "--offline", "--retry-failed")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
 def test_offline_build_missing_calls_is_a_clear_error(tmp_path):

@@ -87,6 +87,13 @@ def test_conversations_from_context_and_seeds(tmp_path, stub):
     }
 
 
+def test_context_from_a_json_file_under_a_key(tmp_path, stub):
+    stub.behave = qa_reply
+    path = generate_recipe(tmp_path, stub, extra='path = "ctx.json"\njson_key = "images"')
+    (tmp_path / "ctx.json").write_text(json.dumps({"info": {}, "images": CONTEXTS}))
+    assert [r[0] for r in generated(path)] == [0, 1, 2, 4, 5]
+
+
 def test_generated_source_builds_mixes_and_rebuilds_offline(tmp_path, stub):
     stub.behave = qa_reply
     path = generate_recipe(tmp_path, stub, extra="conversations = 2\nweight = 3")

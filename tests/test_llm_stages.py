@@ -5,7 +5,6 @@ HTTP errors, malformed replies, each on_error policy, concurrency and a killed b
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import ROOT, small_recipe
+from conftest import small_recipe
 from llm_stub import Stub
 
 from mmrecipe import LLMError, build, load_recipe
@@ -200,6 +199,19 @@ def test_fatal_http_status_and_unreachable_endpoint(tmp_path, stub):
         build(path, tmp_path / "out", progress=False)
 
 
+def test_api_key_comes_from_the_named_environment_variable(tmp_path, stub, monkeypatch):
+    qa_rows(tmp_path, 2)
+    recipe = lengthen_recipe(tmp_path, stub, table='api_key_env = "MMRECIPE_TEST_KEY"')
+    monkeypatch.delenv("MMRECIPE_TEST_KEY", raising=False)
+    with pytest.raises(LLMError, match=r"lengthen.r.api_key_env: the environment variable MMRECIPE_TEST_KEY is not set"):
+        answers(recipe)
+    monkeypatch.setenv("MMRECIPE_TEST_KEY", "sk-test")
+    answers(recipe)
+    assert stub.auth == ["Bearer sk-test"] * 2
+    # The key is not part of the release or the cache.
+    assert "sk-test" not in (tmp_path / "cache" / "lengthen.r.jsonl").read_text()
+
+
 def test_calls_run_concurrently(tmp_path, stub):
     qa_rows(tmp_path)
     # The first three requests wait for each other: a client that sends one call at a
@@ -255,8 +267,7 @@ def test_killed_build_loses_no_finished_call(tmp_path, stub):
     stub.delay = 0.15
     recipe = lengthen_recipe(tmp_path, stub, table="concurrency = 1")
     cache = tmp_path / "cache" / "lengthen.r.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
-    proc = subprocess.Popen([sys.executable, "-m", "mmrecipe", "build", str(recipe), "-o", str(tmp_path / "out"), "-q"], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "mmrecipe", "build", str(recipe), "-o", str(tmp_path / "out"), "-q"])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not cache.exists() or cache.read_text().count("\n") < 5):
         time.sleep(0.02)
@@ -278,7 +289,9 @@ def test_killed_build_loses_no_finished_call(tmp_path, stub):
 def test_shipped_llm_demo_builds_offline_from_its_caches(tmp_path):
     from conftest import RECIPES
 
-    result = build(RECIPES / "demo-llm.toml", tmp_path / "demo-llm", progress=False, offline=True)
+    result = build(RECIPES / "demo-llm.toml", tmp_path / "demo-llm", progress=False, offline=True, threads=1)
+    build(RECIPES / "demo-llm.toml", tmp_path / "demo-llm-2", progress=False, offline=True, threads=2)
+    assert same_release(tmp_path / "demo-llm", tmp_path / "demo-llm-2")  # any thread count
     assert {t: c["called"] for t, c in result.llm.items()} == {"lengthen.rephrase": 0, "generate.conversations": 0}
     notes = {s["name"]: s["notes"] for s in result.summary["sources"]}
     assert notes["vqa"][0].startswith("lengthen.rephrase: 149 of 149 answers lengthened")

@@ -311,11 +311,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("-j", "--threads", type=int, default=0, help="worker threads (default: all cores); the release is identical for any value")
     b.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new release is complete)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    b.add_argument("--offline", action="store_true",
-                   help="make no LLM calls: lengthening and generation come from their caches, and a call "
-                        "missing from a cache is an error that names it")
-    b.add_argument("--retry-failed", action="store_true",
-                   help="ask the endpoint again for calls recorded in a cache as failed (on_error = keep or drop)")
+    calls = b.add_mutually_exclusive_group()
+    calls.add_argument("--offline", action="store_true",
+                       help="make no LLM calls: lengthening and generation come from their caches, and a call "
+                            "missing from a cache is an error that names it")
+    calls.add_argument("--retry-failed", action="store_true",
+                       help="ask the endpoint again for calls recorded in a cache as failed (on_error = keep or drop)")
     b.set_defaults(func=cmd_build)
     c = sub.add_parser("check", help="validate a recipe and its sources without building", description=CHECK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("recipe", help="the recipe TOML file")

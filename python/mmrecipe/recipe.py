@@ -164,6 +164,8 @@ class GenerateSpec(LLMSpec, kw_only=True, forbid_unknown_fields=True):
     name: str
     path: str | list[str]
     format: Format | None = None
+    # For a JSON file whose records are a list under a key.
+    json_key: str | None = None
     fields: dict[str, str] = {}
     # The user turn of each call: a template over `fields`.
     context: str
@@ -417,7 +419,7 @@ def generated_source(g: GenerateSpec) -> SourceSpec:
     """The conversation source a [[generate]] table becomes."""
     image = {k: v for k, v in g.fields.items() if k in ("image", "images")}
     return SourceSpec(
-        name=g.name, path=g.path, layout="conversation", format=g.format, fields=image,
+        name=g.name, path=g.path, layout="conversation", format=g.format, json_key=g.json_key, fields=image,
         image_root=g.image_root, weight=g.weight, max_epochs=g.max_epochs,
     )
 
