@@ -93,6 +93,28 @@ def test_lengthened_answers_are_the_replies_and_rebuild_offline(tmp_path, stub):
     assert note == [f"lengthen.r: {N} of {N} answers lengthened"]
 
 
+def test_release_follows_the_cache_content_not_its_order(tmp_path, stub):
+    from mmrecipe.inspect import verify
+
+    qa_rows(tmp_path)
+    recipe = lengthen_recipe(tmp_path, stub)
+    build(recipe, tmp_path / "a", progress=False)
+    cache = tmp_path / "cache" / "lengthen.r.jsonl"
+    lines = cache.read_text().splitlines(keepends=True)
+    # The calls finished in another order (concurrency): same content, same release.
+    cache.write_text("".join(reversed(lines)))
+    assert verify(tmp_path / "a", recipe_dir=tmp_path).problems == []
+    build(recipe, tmp_path / "b", progress=False, offline=True)
+    assert same_release(tmp_path / "a", tmp_path / "b")
+    # A changed reply is a changed input: verify names the cache, the release id moves.
+    record = json.loads(lines[0])
+    cache.write_text("".join(lines[1:]) + json.dumps({**record, "response": "edited"}) + "\n")
+    problems = verify(tmp_path / "a", recipe_dir=tmp_path).problems
+    assert [p.path for p in problems] == ["cache/lengthen.r.jsonl (cache:lengthen.r)"]
+    other = build(recipe, tmp_path / "c", progress=False, offline=True)
+    assert other.manifest.release_id != json.loads((tmp_path / "a" / "manifest.json").read_text())["release_id"]
+
+
 def test_cache_key_covers_what_shapes_the_reply(tmp_path, stub):
     qa_rows(tmp_path)
     answers(lengthen_recipe(tmp_path, stub))

@@ -14,6 +14,7 @@ import msgspec
 
 from . import __version__, _core
 from .buffers import batch_arguments
+from .callcache import CACHE_ROLE, cache_digest
 from .errors import TokenizerError
 from .hashing import bytes_sha256, file_sha256
 from .model import ModelFiles, resolve_model
@@ -115,6 +116,9 @@ def _inputs(recipe: Recipe, model: ModelFiles, sources: list[Normalized], stages
             shown = str(path.resolve().relative_to(base.resolve()))
         except ValueError:
             shown = str(path)
+        if role.startswith(CACHE_ROLE):  # its content, not the order calls finished in
+            sha256, size = cache_digest(path)
+            return InputFile(role=role, path=shown, sha256=sha256, bytes=size)
         return InputFile(role=role, path=shown, sha256=file_sha256(path), bytes=path.stat().st_size)
 
     items = []

@@ -18,6 +18,10 @@ import msgspec
 import polars as pl
 
 from .errors import LLMError
+from .hashing import bytes_sha256
+
+#: The manifest role of a call cache: "cache:TABLE".
+CACHE_ROLE = "cache:"
 
 
 class Record(msgspec.Struct, omit_defaults=True):
@@ -134,3 +138,19 @@ class CallCache:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+def cache_digest(path: Path) -> tuple[str, int]:
+    """sha256 and size of the cache's content in a canonical form: each key's last record
+    (key, response, finish, error), sorted by key, every field length-prefixed. Two
+    caches that hold the same calls hash the same whatever order the calls finished in;
+    the release id follows what the calls answered, not how they were scheduled."""
+
+    def field(name: str) -> pl.Expr:
+        value = pl.col(name)
+        return pl.when(value.is_null()).then(pl.lit("-")).otherwise(pl.concat_str(pl.lit("+"), value.str.len_bytes().cast(pl.String), pl.lit(":"), value))
+
+    frame = CallCache(path).frame.sort("key")
+    line = pl.concat_str([pl.col("key"), field("response"), field("finish"), field("error")], separator="\t")
+    data = (frame.select(line.str.join("\n")).item() or "").encode() if frame.height else b""
+    return bytes_sha256(data), len(data)

@@ -15,7 +15,8 @@ import msgspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from .errors import ReleaseError
+from .callcache import CACHE_ROLE, cache_digest
+from .errors import LLMError, ReleaseError
 from .hashing import bytes_sha256, file_sha256
 from .release import DATA, MANIFEST, STATS, Manifest, read_manifest, read_stats
 
@@ -58,14 +59,20 @@ def _short(sha: str) -> str:
     return sha[:12]
 
 
-def _check_file(path: Path, shown: str, sha256: str, size: int | None, problems: list[Problem]) -> None:
+def _check_file(path: Path, shown: str, sha256: str, size: int | None, problems: list[Problem], role: str = "") -> None:
     if not path.is_file():
         problems.append(Problem("missing", shown, "listed in the manifest but not found"))
         return
-    actual = file_sha256(path)
+    if role.startswith(CACHE_ROLE):  # a call cache is hashed by its content (see cache_digest)
+        try:
+            actual, now = cache_digest(path)
+        except LLMError as e:
+            problems.append(Problem("changed", shown, str(e)))
+            return
+    else:
+        actual, now = file_sha256(path), path.stat().st_size
     if actual != sha256:
         # The size says whether bytes were edited in place or the file was cut or grown.
-        now = path.stat().st_size
         sizes = f", {now:,} bytes (manifest: {size:,})" if size is not None and now != size else ""
         problems.append(Problem("changed", shown, f"sha256 {_short(actual)}… (manifest: {_short(sha256)}…){sizes}"))
 
@@ -121,7 +128,7 @@ def verify(release: str | Path, recipe_dir: str | Path | None = None) -> VerifyR
         base = recipe_folder(recipe_dir)
         for item in manifest.inputs:
             path = Path(item.path)
-            _check_file(path if path.is_absolute() else base / path, f"{item.path} ({item.role})", item.sha256, item.bytes, problems)
+            _check_file(path if path.is_absolute() else base / path, f"{item.path} ({item.role})", item.sha256, item.bytes, problems, item.role)
         report.inputs = len(manifest.inputs)
     return report
 

@@ -21,7 +21,7 @@ import polars as pl
 
 from . import _core, replies
 from .buffers import arrow, string_buffers, strings
-from .callcache import CallCache, Record
+from .callcache import CACHE_ROLE, CallCache, Record
 from .errors import LLMError
 from .llm import CallFailed, ChatClient, EndpointUnreachable, call_params
 from .recipe import GenerateSpec, LengthenSpec, LLMSpec, Recipe, generator_of, lengthen_fields, load_pool, resolve_path
@@ -207,7 +207,7 @@ class LLMStages:
         path = resolve_path(self.recipe, spec.cache or f"cache/{table}.jsonl").resolve()
         if path not in self._caches:
             self._caches[path] = CallCache(path)
-        self.used[f"cache:{table}"] = path
+        self.used[f"{CACHE_ROLE}{table}"] = path
         return self._caches[path]
 
     def _ask(
