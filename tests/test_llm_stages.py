@@ -308,6 +308,27 @@ def test_killed_build_loses_no_finished_call(tmp_path, stub):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
+def test_interrupt_stops_the_retries_and_keeps_finished_calls(tmp_path, stub):
+    qa_rows(tmp_path, 30)
+    # Rows 0-9 answer; the others fail with 500s and would be retried for minutes
+    # (backoff 4 s, doubling, five retries: over a minute in all).
+    stub.behave = lambda p, k: "LONG " + p if any(f"item {i}?" in p for i in range(10)) else "500"
+    recipe = lengthen_recipe(tmp_path, stub, table="retries = 5\nbackoff = 4\nconcurrency = 2")
+    # Ctrl-C's default handler, whatever the test runner's own disposition of SIGINT is.
+    command = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from mmrecipe.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", command, "build", str(recipe), "-o", str(tmp_path / "out"), "-q"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(n > 1 for n in list(stub.attempts.values())) < 1:
+        time.sleep(0.02)  # until some call is waiting to retry
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)  # far less than one backoff schedule
+    assert proc.returncode == 130 and "interrupted; no release was written" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    kept = [json.loads(line) for line in (tmp_path / "cache" / "lengthen.r.jsonl").read_text().splitlines()]
+    assert kept and all(r["response"].startswith("LONG") for r in kept)  # finished calls, no failure recorded
+
+
 def test_shipped_llm_demo_builds_offline_from_its_caches(tmp_path):
     from conftest import RECIPES
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import random
-import time
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,11 @@ class CallFailed(Exception):
 
 class EndpointUnreachable(CallFailed):
     """No connection could be made at all."""
+
+
+class Stopped(Exception):
+    """The build is stopping (interrupted, or another call failed for good): no new
+    attempt is made."""
 
 
 @dataclass(frozen=True)
@@ -90,14 +95,19 @@ class ChatClient:
     def close(self) -> None:
         self.http.close()
 
-    def complete(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Reply:
+    def complete(self, messages: list[dict[str, str]], params: dict[str, Any], stop: threading.Event | None = None) -> Reply:
+        """The reply to one call; raises CallFailed after the retries, LLMError when the
+        endpoint refuses the request itself, Stopped once `stop` is set."""
         body = {"model": self.spec.model, "messages": messages, **params}
         reason = ""
         retry_after: float | None = None
+        stop = stop or threading.Event()
         for attempt in range(self.spec.retries + 1):
-            if attempt:
-                time.sleep(self._backoff(attempt, retry_after))
-                retry_after = None
+            if attempt and stop.wait(self._backoff(attempt, retry_after)):
+                raise Stopped()
+            if stop.is_set():
+                raise Stopped()
+            retry_after = None
             try:
                 response = self.http.post(self.url, json=body)
             except httpx.ConnectError as e:

@@ -23,7 +23,7 @@ from . import _core, replies
 from .buffers import arrow, string_buffers, strings
 from .callcache import CACHE_ROLE, CallCache, Record
 from .errors import LLMError
-from .llm import CallFailed, ChatClient, EndpointUnreachable, call_params
+from .llm import CallFailed, ChatClient, EndpointUnreachable, Stopped, call_params
 from .recipe import GenerateSpec, LengthenSpec, LLMSpec, Recipe, generator_of, lengthen_fields, load_pool, resolve_path
 
 Mode = Literal["online", "offline", "cache"]
@@ -261,7 +261,7 @@ class LLMStages:
         def one(key: str, text: str, row: int) -> None:
             messages = [*prefix, {"role": "user", "content": text}]
             try:
-                reply = client.complete(messages, params)
+                reply = client.complete(messages, params, stop)
                 record = Record(key=key, table=table, model=spec.model or "", prompt=text, response=reply.text, finish=reply.finish)
             except EndpointUnreachable as e:
                 raise LLMError(
@@ -281,12 +281,21 @@ class LLMStages:
                 bar.update(1)
                 bar.set_postfix_str(f"from cache {counts.cached:,}, failed {self._call_failures[table]:,}", refresh=False)
 
+        stop = threading.Event()
         futures = [pool.submit(one, key, text, row) for key, text, row in todo.select("key", "text", "row").iter_rows()]
         try:
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for fut in done:
-                fut.result()  # re-raises the first fatal error
+            pending = set(futures)
+            while pending:
+                # Woken now and then: a signal may land on a worker thread, and Ctrl-C
+                # only reaches the main thread when it runs.
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                for fut in done:
+                    if fut.exception() is not None and not isinstance(fut.exception(), Stopped):
+                        fut.result()  # re-raises the first fatal error
         finally:
+            # On a fatal error or Ctrl-C: nothing new starts, no call retries; a call in
+            # flight may still finish, and its record is kept.
+            stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _bar(self, table: str, more: int) -> Any:
