@@ -60,8 +60,9 @@ def parse_column(texts: pl.Series, states: np.ndarray, fmt: str, min_turns: int)
     speakers = pa.compute.take(pa.array(["", "human", "gpt"]), pa.array(roles))
     turns = pa.StructArray.from_arrays([speakers, strings(content_offsets, content).cast(pa.string())], names=["from", "value"])
     lists = pa.LargeListArray.from_arrays(pa.array(turn_offsets), turns, mask=pa.array(valid == 0))
-    why = pl.from_arrow(strings(reason_offsets, reason_data)).cast(pl.String)
-    return pl.from_arrow(lists).cast(CONVERSATION), pl.select(pl.when(why != "").then(why)).to_series()  # type: ignore[union-attr]
+    conversations = pl.Series("conversations", lists).cast(CONVERSATION)
+    why = pl.Series("reason", strings(reason_offsets, reason_data)).cast(pl.String)
+    return conversations, pl.select(pl.when(why != "").then(why)).to_series()
 
 
 class Seed(msgspec.Struct, forbid_unknown_fields=True):
