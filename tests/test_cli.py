@@ -83,4 +83,5 @@ def test_offline_build_missing_calls_is_a_clear_error(tmp_path):
     r = run("build", str(recipe), "-o", str(tmp_path / "out"), "--offline", "--quiet")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "lengthen.rephrase: 149 of 149 calls for source 'vqa' are not in the cache" in r.stderr
+    assert "(145 distinct prompts) and --offline makes no calls (first: row 0)" in r.stderr
     assert not (tmp_path / "out").exists()

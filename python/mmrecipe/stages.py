@@ -228,9 +228,12 @@ class LLMStages:
         counts.rows += got.height
         counts.cached += got.height - int(need.sum())
         if need.any() and self.mode == "offline":
-            first = got.filter(need).row(0, named=True)
+            lacking = got.filter(need)
+            first = lacking.row(0, named=True)
+            distinct = lacking["key"].n_unique()
+            repeats = f" ({distinct} distinct prompts)" if distinct < lacking.height else ""
             raise LLMError(
-                f"{where}: {int(need.sum())} of {got.height} calls for source '{source}' are not in the cache {cache.path} "
+                f"{where}: {lacking.height} of {got.height} calls for source '{source}' are not in the cache {cache.path}{repeats} "
                 f"and --offline makes no calls (first: row {first['row']}). Build once with the endpoint up to fill the cache."
             )
         if need.any() and self.mode == "online":
