@@ -37,10 +37,7 @@ def _list_parts(series: pl.Series) -> tuple[np.ndarray, pa.Array]:
     lengths = series.list.len().fill_null(0).to_numpy().astype(np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    arrow = series.to_arrow(compat_level=pl.CompatLevel.oldest())
-    if isinstance(arrow, pa.ChunkedArray):
-        arrow = arrow.combine_chunks()
-    return offsets, arrow.flatten()
+    return offsets, arrow(series).flatten()
 
 
 def batch_arguments(norm: Normalized, start: int, length: int) -> tuple:
@@ -56,10 +53,7 @@ def batch_arguments(norm: Normalized, start: int, length: int) -> tuple:
     image_path_offsets, image_path_data = string_buffers(images)
     fields = []
     for name in norm.field_names:
-        arrow = part[f"__t_{name}"].to_arrow(compat_level=pl.CompatLevel.oldest())
-        if isinstance(arrow, pa.ChunkedArray):
-            arrow = arrow.combine_chunks()
-        fields.append(string_buffers(arrow))
+        fields.append(string_buffers(arrow(part[f"__t_{name}"])))
     return (
         rows,
         turn_offsets,
