@@ -332,9 +332,10 @@ def _llm_problems(spec: LLMSpec, where: str) -> list[str]:
     for key, low in (("concurrency", 1), ("max_tokens", 1), ("retries", 0)):
         if getattr(spec, key) < low:
             p.append(f"{where}.{key}: must be at least {low}, got {getattr(spec, key)}")
-    for key in ("timeout", "backoff"):
-        if not getattr(spec, key) >= 0 or (key == "timeout" and spec.timeout == 0):
-            p.append(f"{where}.{key}: must be {'> 0' if key == 'timeout' else '>= 0'}, got {getattr(spec, key)}")
+    if not spec.timeout > 0:  # `not >` also catches NaN
+        p.append(f"{where}.timeout: must be > 0, got {spec.timeout}")
+    if not spec.backoff >= 0:
+        p.append(f"{where}.backoff: must be >= 0, got {spec.backoff}")
     if spec.temperature < 0:
         p.append(f"{where}.temperature: must be >= 0, got {spec.temperature}")
     return p

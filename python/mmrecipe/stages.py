@@ -24,7 +24,7 @@ from .buffers import arrow, string_buffers, strings
 from .callcache import CACHE_ROLE, CallCache, Record
 from .errors import LLMError
 from .llm import CallFailed, ChatClient, EndpointUnreachable, Stopped, call_params
-from .recipe import GenerateSpec, LengthenSpec, LLMSpec, Recipe, generator_of, lengthen_fields, load_pool, resolve_path
+from .recipe import GenerateSpec, LLMSpec, Recipe, generator_of, lengthen_fields, load_pool, resolve_path
 
 Mode = Literal["online", "offline", "cache"]
 ROW = "__row"
@@ -61,6 +61,7 @@ class LLMStages:
         self._clients: dict[str, ChatClient] = {}
         self._bars: dict[str, Any] = {}
         self._call_failures: Counter[str] = Counter()
+        self._prefixes: dict[str, list[dict[str, str]]] = {}
 
     def __enter__(self) -> LLMStages:
         return self
@@ -124,13 +125,13 @@ class LLMStages:
         prompts = _fill([t.prompt], self._seed(t), spec.name, rows, values)
         system = [{"role": "system", "content": t.system}] if t.system else []
         got = self._ask(table, f"lengthen.{spec.lengthen}", t, system, prompts, rows, spec.name, self._seed(t))
-        text = got["response"].str.strip_chars()
+        reply = got["response"].str.strip_chars()
         reason = (
             pl.when(pl.col("error").is_not_null()).then(pl.col("error"))
             .when(pl.col("finish") == "length").then(pl.lit(f"the reply was cut at max_tokens = {t.max_tokens}"))
             .when(pl.col("response").str.strip_chars().fill_null("") == "").then(pl.lit("the reply is empty"))
         )
-        got = got.with_columns(reason.alias("reason"), text.alias("text"))
+        got = got.with_columns(reason.alias("reason"), reply.alias("reply"))
         failed = got["reason"].is_not_null() & ~got["missing"]
         self.counts[table].failed += int(failed.sum())
         if t.on_error == "fail" and failed.any():
@@ -139,7 +140,7 @@ class LLMStages:
         ok = ~failed & ~missing
         o[f"{table} lengthened"] += int(ok.sum())
         o[f"{table} missing"] += int(missing.sum())
-        new = pl.when(ok).then(got["text"]).otherwise(values["answer"])
+        new = pl.when(ok).then(got["reply"]).otherwise(values["answer"])
         frame = frame.with_columns(pl.select(new).to_series().alias(answer))
         if t.on_error == "drop":
             o[f"{table} dropped"] += int(failed.sum())
@@ -190,6 +191,12 @@ class LLMStages:
         return out
 
     def _seed_messages(self, g: GenerateSpec, where: str) -> list[dict[str, str]]:
+        """System prompt and seed examples, read once per build (not per batch)."""
+        if g.name not in self._prefixes:
+            self._prefixes[g.name] = self._read_seed_messages(g, where)
+        return self._prefixes[g.name]
+
+    def _read_seed_messages(self, g: GenerateSpec, where: str) -> list[dict[str, str]]:
         messages = [{"role": "system", "content": g.system}] if g.system else []
         if g.seeds:
             path = resolve_path(self.recipe, g.seeds)
@@ -256,7 +263,6 @@ class LLMStages:
     ) -> None:
         client = self._client(table, spec, where)
         on_error = getattr(spec, "on_error", "fail")
-        alternatives = '"drop"' if isinstance(spec, GenerateSpec) else '"keep" or "drop"'
         pool = ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix="mmrecipe-llm")
         bar = self._bar(table, todo.height)
         lock = threading.Lock()
@@ -274,7 +280,7 @@ class LLMStages:
                 if on_error == "fail":
                     raise LLMError(
                         f"{where}: the call for source '{source}', row {row} failed: {e.reason} (on_error = \"fail\"; "
-                        f"{alternatives} would record it and go on)"
+                        f"{_other_policies(spec)} would record it and go on)"
                     ) from None
                 record = Record(key=key, table=table, model=spec.model or "", prompt=text, error=e.reason)
             cache.append(record)  # durable before the call counts as done
@@ -315,12 +321,16 @@ class LLMStages:
 
     def _raise_failed(self, table: str, spec: LLMSpec, failed: pl.DataFrame, source: str) -> None:
         first = failed.row(0, named=True)
-        other = '"drop"' if isinstance(spec, GenerateSpec) else '"keep" / "drop"'
         raise LLMError(
             f"{table}: {failed.height} call{'s' if failed.height > 1 else ''} for source '{source}' failed "
             f"(first: row {first['row']}: {first['reason']}); on_error = \"fail\". Use --retry-failed to ask again "
-            f"for calls recorded as failed, or on_error = {other}."
+            f"for calls recorded as failed, or on_error = {_other_policies(spec)}."
         )
+
+
+def _other_policies(spec: LLMSpec) -> str:
+    """The on_error values that record a failed call and go on."""
+    return '"drop"' if isinstance(spec, GenerateSpec) else '"keep" or "drop"'
 
 
 def _n(count: int, one: str, many: str | None = None) -> str:
