@@ -31,10 +31,11 @@ import msgspec
 import numpy as np
 import polars as pl
 
-from mmrecipe import load_recipe, replies
-from mmrecipe.callcache import Record
-from mmrecipe.sources import normalize
-from mmrecipe.stages import LLMStages
+from mmrecipe import load_recipe, resolve
+from mmrecipe.builder import normalize_source
+from mmrecipe.llm import replies
+from mmrecipe.llm.cache import Record
+from mmrecipe.llm.stages import LLMStages
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "recipes" / "models" / "smollm2"
@@ -59,7 +60,7 @@ def recipe_text(lengthen: bool) -> str:
 def fill_cache(folder: Path) -> None:
     """Runs the stage once in "cache" mode, watching which calls it asks for, then writes
     a cache that answers all of them."""
-    recipe = load_recipe(folder / "len.toml")
+    recipe = resolve(load_recipe(folder / "len.toml"))
     asked: list[pl.DataFrame] = []
     real_ask = LLMStages._ask
 
@@ -68,7 +69,7 @@ def fill_cache(folder: Path) -> None:
         return asked[-1]
 
     with mock.patch.object(LLMStages, "_ask", watch), LLMStages(recipe, mode="cache", progress=False) as stages:
-        normalize(recipe, 0, stages=stages)
+        normalize_source(recipe, 0, stages)
     (folder / "cache").mkdir(exist_ok=True)
     encoder = msgspec.json.Encoder()
     with open(folder / "cache" / "lengthen.r.jsonl", "wb") as f:
@@ -117,14 +118,14 @@ def main() -> None:
         (folder / "plain.toml").write_text(recipe_text(False))
         (folder / "len.toml").write_text(recipe_text(True))
         fill_cache(folder)
-        plain, lengthened = load_recipe(folder / "plain.toml"), load_recipe(folder / "len.toml")
+        plain, lengthened = resolve(load_recipe(folder / "plain.toml")), resolve(load_recipe(folder / "len.toml"))
 
         def offline() -> None:
             with LLMStages(lengthened, mode="offline", progress=False) as stages:
-                normalize(lengthened, 0, stages=stages)
+                normalize_source(lengthened, 0, stages)
             assert stages.counts["lengthen.r"].cached == args.n
 
-        base = best_of(args.runs, lambda: normalize(plain, 0))
+        base = best_of(args.runs, lambda: normalize_source(plain, 0))
         served = best_of(args.runs, offline)
         print(f"lengthen, {args.n:,} rows served from the cache:")
         print(f"  normalize without lengthening  {base:7.3f} s")

@@ -94,20 +94,17 @@ def reference(texts_file: Path) -> None:
 
 def reference_texts(recipe: Path) -> list[str]:
     """The rendered text of every sample, as the build renders it (not timed)."""
-    from mmrecipe.buffers import batch_arguments
-    from mmrecipe.builder import make_compiler
-    from mmrecipe.model import resolve_model
-    from mmrecipe.recipe import load_recipe
-    from mmrecipe.sources import normalize
+    from mmrecipe.builder import normalize_source
+    from mmrecipe.compile import batch_columns, make_compiler
+    from mmrecipe.recipe import load_recipe, resolve
 
-    r = load_recipe(recipe)
-    model = resolve_model(r)
-    sources = [normalize(r, i) for i in range(len(r.source))]
-    comp = make_compiler(r, model)
+    r = resolve(load_recipe(recipe))
+    sources = [normalize_source(r, s.index) for s in r.sources]
+    comp = make_compiler(r)
     texts: list[str] = []
     for i, norm in enumerate(sources):
         for start in range(0, len(norm), 8192):
-            texts += [x[0] for x in comp.preview_batch(i, batch_arguments(norm, start, 8192)) if not isinstance(x, str)]
+            texts += [x[0] for x in comp.preview_batch(i, batch_columns(norm, start, 8192)) if not isinstance(x, str)]
     return texts
 
 

@@ -44,21 +44,18 @@ def main() -> None:
     recipe = data / "bench.toml"
     recipe.write_text(run.RECIPE.format(tokenizer=run.TOKENIZER, data=data))
 
-    from mmrecipe.buffers import batch_arguments
-    from mmrecipe.builder import make_compiler
-    from mmrecipe.model import resolve_model
-    from mmrecipe.recipe import load_recipe
-    from mmrecipe.sources import normalize
+    from mmrecipe.builder import normalize_source
+    from mmrecipe.compile import batch_columns, make_compiler
+    from mmrecipe.recipe import load_recipe, resolve
 
-    r = load_recipe(recipe)
-    model = resolve_model(r)
-    sources = [normalize(r, i) for i in range(len(r.source))]
-    batches = [(i, batch_arguments(norm, lo, 8192)) for i, norm in enumerate(sources) for lo in range(0, len(norm), 8192)]
+    r = resolve(load_recipe(recipe))
+    sources = [normalize_source(r, s.index) for s in r.sources]
+    batches = [(i, batch_columns(norm, lo, 8192)) for i, norm in enumerate(sources) for lo in range(0, len(norm), 8192)]
     samples = sum(len(s) for s in sources)
 
     def core(threads: int) -> float:
         def once() -> None:
-            comp = make_compiler(r, model, threads=threads)
+            comp = make_compiler(r, threads=threads)
             for i, b in batches:
                 comp.add_batch(i, b)
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import DEMO, MODEL, small_recipe
 
 from mmrecipe import ReleaseError, build, load_recipe
-from mmrecipe.release import read_manifest
+from mmrecipe.release.format import read_manifest
 
 
 def tables(release: Path):
@@ -135,10 +135,10 @@ def test_changing_any_input_changes_the_release_id(tmp_path):
 def test_streamed_sources_give_the_same_release(tmp_path, monkeypatch):
     """Sources read 7 records at a time build exactly what reading them whole builds."""
     import mmrecipe.builder
-    import mmrecipe.sources
+    from mmrecipe.recipe.plan import SourcePlan
 
     with monkeypatch.context() as m:
-        m.setattr(mmrecipe.sources, "streamable", lambda recipe, index: False)
+        m.setattr(SourcePlan, "streamable", property(lambda self: False))
         whole = build(DEMO, tmp_path / "whole", progress=False)
     with monkeypatch.context() as m:
         m.setattr(mmrecipe.builder, "BATCH_ROWS", 7)

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mmrecipe import fieldpath
-from mmrecipe.fieldpath import STAR, FieldFormat, FieldPath, FieldPathError
+from mmrecipe.sources import fieldpath
+from mmrecipe.sources.fieldpath import STAR, FieldFormat, FieldPath, FieldPathError
 
 names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_\-]{0,6}", fullmatch=True)
 steps = st.one_of(names, st.integers(-20, 20), st.just(STAR))

@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 from llm_stub import Stub
 
 from mmrecipe import LLMError, SourceError, build, load_recipe
-from mmrecipe import replies
-from mmrecipe.sources import CONTENTS, IMAGES, ROLES, ROW, normalize
-from mmrecipe.stages import LLMStages
+from mmrecipe.llm import replies
+from mmrecipe.builder import normalize_source
+from mmrecipe.recipe import resolve
+from mmrecipe.sources.columns import CONTENTS, IMAGES, ROLES, ROW
+from mmrecipe.llm.stages import LLMStages
 
 CONTEXTS = [
     {"image": f"img{i}.png", "captions": [f"caption {i} one", f"caption {i} two"], "boxes": [{"label": "dog", "bbox": [i, 2, 3, 4]}]}
@@ -62,9 +64,9 @@ def generate_recipe(folder: Path, stub: Stub, extra: str = "") -> Path:
 
 
 def generated(path: Path, mode: str = "online") -> list[tuple[int, list[int], list[str], list[str]]]:
-    recipe = load_recipe(path)
-    with LLMStages(recipe, mode=mode, progress=False) as stages:
-        norm = normalize(recipe, 1, stages=stages)
+    plan = resolve(load_recipe(path))
+    with LLMStages(plan, mode=mode, progress=False) as stages:
+        norm = normalize_source(plan, 1, stages)
     return list(norm.frame.select(ROW, ROLES, CONTENTS, IMAGES).iter_rows())
 
 

@@ -18,8 +18,10 @@ from conftest import small_recipe
 from llm_stub import Stub
 
 from mmrecipe import LLMError, build, load_recipe
-from mmrecipe.sources import CONTENTS, ROW, normalize
-from mmrecipe.stages import LLMStages
+from mmrecipe.builder import normalize_rows, normalize_source
+from mmrecipe.recipe import resolve
+from mmrecipe.sources.columns import CONTENTS, ROW
+from mmrecipe.llm.stages import LLMStages
 
 N = 12
 
@@ -55,9 +57,9 @@ lengthen = "r"
 
 
 def answers(recipe_path: Path, mode: str = "online", **kw) -> dict[int, str]:
-    recipe = load_recipe(recipe_path)
-    with LLMStages(recipe, mode=mode, progress=False, **kw) as stages:
-        norm = normalize(recipe, 0, stages=stages)
+    plan = resolve(load_recipe(recipe_path))
+    with LLMStages(plan, mode=mode, progress=False, **kw) as stages:
+        norm = normalize_source(plan, 0, stages)
     return {row: turns[1] for row, turns in norm.frame.select(ROW, CONTENTS).iter_rows()}
 
 
@@ -94,7 +96,7 @@ def test_lengthened_answers_are_the_replies_and_rebuild_offline(tmp_path, stub):
 
 
 def test_release_follows_the_cache_content_not_its_order(tmp_path, stub):
-    from mmrecipe.inspect import verify
+    from mmrecipe.release.verify import verify
 
     qa_rows(tmp_path)
     recipe = lengthen_recipe(tmp_path, stub)
@@ -251,9 +253,9 @@ def test_template_lengthening_is_offline_and_keyed_by_row(tmp_path, stub):
     path.write_text(text[:start] + '[lengthen.r]\nmethod = "template"\npool = "answer-sentence"\n')
     got = answers(path)
     assert stub.requests == []
-    from mmrecipe.recipe import load_pool
+    from mmrecipe.recipe.pools import load_pool
 
-    templates = load_pool("answer-sentence", load_recipe(path)).templates
+    templates = load_pool("answer-sentence", load_recipe(path).pool).templates
     used = set()
     for row, answer in got.items():
         matches = [t for t in templates if t.format(answer=f"thing {row % 5}", question=f"What is item {row}?") == answer]
@@ -261,9 +263,10 @@ def test_template_lengthening_is_offline_and_keyed_by_row(tmp_path, stub):
         used.add(matches[0])
     assert len(used) == len(templates)
     # The choice is a function of the row, not of its position in a batch.
-    recipe = load_recipe(path)
+    plan = resolve(load_recipe(path))
     frame = pl.read_ndjson(tmp_path / "vqa.jsonl").slice(150, 10)
-    norm = normalize(recipe, 0, frame=frame, row_offset=150, partial=True)
+    with LLMStages(plan, mode="cache", progress=False) as stages:
+        norm = normalize_rows(plan.sources[0], stages, frame, 150, partial=True)
     assert {r: t[1] for r, t in norm.frame.select(ROW, CONTENTS).iter_rows()} == {r: got[r] for r in range(150, 160)}
 
 
@@ -346,7 +349,7 @@ def test_shipped_llm_demo_builds_offline_from_its_caches(tmp_path):
 def test_builds_sharing_a_cache_keep_each_others_lines(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from mmrecipe.callcache import CallCache, Record
+    from mmrecipe.llm.cache import CallCache, Record
 
     path = tmp_path / "shared.jsonl"
     a, b = CallCache(path), CallCache(path)  # both read the file before either writes

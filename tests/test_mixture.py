@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmrecipe import RecipeError, build
-from mmrecipe.release import read_manifest
+from mmrecipe.release.format import read_manifest
 
 
 def largest_remainder(weights: list[float], total: int) -> list[int]:

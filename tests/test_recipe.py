@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mmrecipe import MMRecipeError, RecipeError, SourceError, TemplateError, TokenizerError, load_recipe, parse_recipe
 from mmrecipe.check import check
-from mmrecipe.recipe import to_dict
+from mmrecipe.builder import recipe_data as to_dict
 
 BASE = f"""
 [recipe]
@@ -236,7 +236,7 @@ def test_every_shipped_recipe_checks_and_builds_on_fixtures(shipped, tmp_path):
     assert all(not c.problems for c in report.images) and not report.warnings
     result = build(derived, tmp_path / "out", progress=False)
     selected = {s["name"]: s["selected"] for s in result.summary["sources"]}
-    assert sum(selected.values()) == 40 and set(selected) == {s.name for s in report.recipe.source}
+    assert sum(selected.values()) == 40 and set(selected) == {s.name for s in report.plan.sources}
 
 
 def test_instructblip_uses_several_pools():
@@ -326,8 +326,8 @@ def test_extends_paths_of_the_base_stay_relative_to_the_base(folder, monkeypatch
     (other / "d.toml").write_text('extends = "../r.toml"\n')
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
     report = check(other / "d.toml")
-    assert [s.files[0].resolve() for s in report.sources] == [(folder / "chat.jsonl").resolve(), (folder / "vqa.jsonl").resolve()]
-    assert report.recipe.source[1].image_root == ".."  # rewritten from "." in the base's folder
+    assert [s.files[0].resolve() for s in report.plan.sources] == [(folder / "chat.jsonl").resolve(), (folder / "vqa.jsonl").resolve()]
+    assert report.plan.recipe.source[1].image_root == ".."  # rewritten from "." in the base's folder
     # A path the extending recipe writes is relative to the extending recipe.
     (other / "chat.jsonl").write_text("")
     (other / "e.toml").write_text('extends = "../r.toml"\n[[source]]\nname = "chat"\npath = "chat.jsonl"\n')

@@ -14,7 +14,7 @@ from conftest import DEMO, RECIPES
 
 from mmrecipe import ReleaseError, build
 from mmrecipe.cli import main
-from mmrecipe.release import read_manifest, read_stats
+from mmrecipe.release.format import read_manifest, read_stats
 
 
 def recipe(capsys, *args: str) -> tuple[int, str, str]:
@@ -196,7 +196,7 @@ def test_diff_names_the_changed_key_and_counts(capsys, demo_release, tmp_path):
 
 
 def test_recipe_dir_must_exist(demo_release, tmp_path):
-    from mmrecipe.inspect import verify
+    from mmrecipe.release.verify import verify
 
     with pytest.raises(ReleaseError, match="--recipe-dir"):
         verify(demo_release, tmp_path / "nope")

@@ -13,7 +13,8 @@ from conftest import MODEL
 from mmrecipe import DataError, RecipeError, SourceError, load_recipe
 from mmrecipe.check import SAMPLE_IMAGES, check
 from mmrecipe.cli import main
-from mmrecipe.sources import ASSISTANT, CONTENTS, IMAGES, ROLES, ROW, USER, normalize
+from mmrecipe.builder import normalize_source as normalize
+from mmrecipe.sources.columns import ASSISTANT, CONTENTS, IMAGES, ROLES, ROW, USER
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
 VQAV2 = FIXTURES / "vqav2"
@@ -79,7 +80,7 @@ def test_vqav2_questions_join_their_annotations(tmp_path):
     # The annotations file lists the records in another order: answers follow the key.
     assert [c[1] for c in frame[CONTENTS].to_list()] == [by_id[q["question_id"]]["multiple_choice_answer"] for q in questions]
     assert frame[IMAGES].to_list() == [[f"{q['image_id']:012d}.jpg"] for q in questions]
-    assert [f.name for f in n.files] == ["v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json"]
+    assert [f.name for f in n.source.all_files] == ["v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json"]
 
 
 def test_coco_captions_join_their_image_records_in_the_same_file(tmp_path):
@@ -88,7 +89,7 @@ def test_coco_captions_join_their_image_records_in_the_same_file(tmp_path):
     names = {im["id"]: im["file_name"] for im in data["images"]}
     assert n.frame[IMAGES].to_list() == [[names[a["image_id"]]] for a in data["annotations"]]
     assert [c[1] for c in n.frame[CONTENTS].to_list()] == [a["caption"] for a in data["annotations"]]
-    assert len(n.files) == 1
+    assert len(n.source.all_files) == 1
 
 
 def write_pair(folder: Path, questions: list[dict], annotations: list[dict]) -> None:

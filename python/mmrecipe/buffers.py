@@ -7,8 +7,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from .sources import CONTENTS, IMAGES, ROLES, ROW, Normalized
-
 
 def string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(offsets int64, utf-8 bytes) of a string array, honoring its slice offset."""
@@ -30,38 +28,3 @@ def arrow(series: pl.Series) -> pa.Array:
 def strings(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
     """A large string array over (offsets, utf-8 bytes) as the core returns them."""
     return pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
-
-
-def _list_parts(series: pl.Series) -> tuple[np.ndarray, pa.Array]:
-    """(offsets starting at 0, flattened values) of a list column."""
-    lengths = series.list.len().fill_null(0).to_numpy().astype(np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return offsets, arrow(series).flatten()
-
-
-def batch_arguments(norm: Normalized, start: int, length: int) -> tuple:
-    """The arguments of `Compiler.add_batch` (after the source index) for rows
-    start..start+length of a normalized source."""
-    part = norm.frame.slice(start, length)
-    rows = part[ROW].to_numpy().astype(np.uint64, copy=False)
-    turn_offsets, contents = _list_parts(part[CONTENTS])
-    _, roles_arr = _list_parts(part[ROLES])
-    roles = np.asarray(roles_arr.to_numpy(zero_copy_only=False), dtype=np.uint8)
-    content_offsets, content_data = string_buffers(contents)
-    image_offsets, images = _list_parts(part[IMAGES])
-    image_path_offsets, image_path_data = string_buffers(images)
-    fields = []
-    for name in norm.field_names:
-        fields.append(string_buffers(arrow(part[f"__t_{name}"])))
-    return (
-        rows,
-        turn_offsets,
-        roles,
-        content_offsets,
-        content_data,
-        image_offsets,
-        image_path_offsets,
-        image_path_data,
-        fields,
-    )

@@ -1,5 +1,12 @@
-"""`recipe build`: recipe → normalized sources → Rust core (render, tokenize, mask, mix,
-pack) → release directory. Python orchestrates whole batches; no loop runs per sample."""
+"""`recipe build`, and the one place that knows the order of the pipeline:
+
+    recipe ──resolve──▶ Plan
+      for each source:  read ─▶ fields resolved ─▶ LLM stages ─▶ layout ─▶ core.add_batch
+                        (a slice at a time when the source streams; tokens spill to disk)
+      core.finish():    exact mixture, interleave, packing (on lengths only)
+      core.emit():      packed rows ─▶ shards ─▶ manifest.json + stats.json ─▶ renamed into place
+
+Python orchestrates whole batches; no loop runs per sample."""
 
 from __future__ import annotations
 
@@ -8,28 +15,26 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import msgspec
 
-from . import __version__, _core
-from .buffers import batch_arguments
-from .callcache import CACHE_ROLE, cache_digest
+from . import __version__
+from .compile import batch_columns, make_compiler
 from .errors import TokenizerError
 from .hashing import bytes_sha256, file_sha256
-from .model import ModelFiles, resolve_model
-from .recipe import Recipe, _builtin_pool_path, load_pool, load_recipe, to_dict
-from .release import FORMAT, MANIFEST, STATS, InputFile, Manifest, spill_prefix, staging, write_json, write_shards
-from .sources import Normalized, iter_normalized, source_files, template_fields
-from .stages import LLMStages
+from .llm.cache import cache_digest
+from .llm.stages import LLMStages
+from .recipe import Plan, Recipe, SourcePlan, load_recipe, resolve
+from .recipe.plan import CACHE_ROLE
+from .release.format import FORMAT, MANIFEST, STATS, InputFile, Manifest
+from .release.write import spill_prefix, staging, write_json, write_shards
+from .sources.columns import Normalized
+from .sources.fields import as_text, require, resolve_rows, resolves_on_no_row
+from .sources.layouts import to_internal
+from .sources.read import read_all, read_slices
 
 BATCH_ROWS = 8192
-
-# LLaVA-1.5's wording for short-answer data, appended to the instruction.
-SHORT_ANSWER = {
-    "word": "\nAnswer the question using a single word or phrase.",
-    "sentence": "\nAnswer the question using a single sentence.",
-}
 
 
 @dataclass
@@ -50,104 +55,94 @@ def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-def make_plan(recipe: Recipe, model: ModelFiles) -> dict[str, Any]:
-    """The resolved build plan the Rust core executes (needs no source data)."""
-    from .recipe import resolve_path
-
-    total = recipe.mixture.total
-    mixture: Any = "natural" if isinstance(total, str) else dict(total)
-    plan_sources = []
-    for i, spec in enumerate(recipe.source):
-        if spec.instructions is None:
-            templates: list[str] = []
-        elif isinstance(spec.instructions, list):
-            templates = list(spec.instructions)
-        else:
-            templates = load_pool(spec.instructions, recipe).templates
-        if spec.layout == "caption" and not templates:
-            templates = load_pool("caption-brief", recipe).templates
-        if spec.short_answer:
-            templates = [t + SHORT_ANSWER[spec.short_answer] for t in (templates or ["{question}"])]
-        if spec.image_root:
-            root: Path | None = resolve_path(recipe, spec.image_root)
-        else:
-            files = source_files(recipe, i)
-            root = files[0].parent if files else None
-        plan_sources.append(
-            {
-                "name": spec.name,
-                "templates": templates,
-                "fields": template_fields(spec),
-                "image_root": str(root) if root else None,
-                "weight": spec.weight,
-                "on_error": spec.on_error,
-                "max_epochs": spec.max_epochs,
-            }
-        )
-    image = msgspec.to_builtins(recipe.model.image) if recipe.model.image else None
-    return {
-        "seed": recipe.recipe.seed,
-        "chat_template": model.chat_template,
-        "bos_token": model.bos_token,
-        "eos_token": model.eos_token,
-        "image": image,
-        "seq_len": recipe.output.seq_len,
-        "train_on": recipe.output.train_on,
-        "train_on_eos": recipe.output.train_on_eos,
-        "overlong": recipe.output.overlong,
-        "packing": recipe.output.packing,
-        "shuffle": recipe.output.shuffle,
-        "mixture": mixture,
-        "alpha": recipe.mixture.alpha,
-        "sources": plan_sources,
-    }
+def normalized(source: SourcePlan, stages: LLMStages, rows: int = BATCH_ROWS) -> Iterator[Normalized]:
+    """The source in the internal form, `rows` records at a time when it streams (memory
+    then stays flat in the source's size), else all at once: read, fields resolved, LLM
+    stages, layout."""
+    if not source.streamable:
+        yield normalize_rows(source, stages, read_all(source), 0, partial=False)
+        return
+    offset, found = 0, set()
+    for frame in read_slices(source, rows):
+        norm = normalize_rows(source, stages, frame, offset, partial=True)
+        offset += frame.height
+        found |= norm.resolved
+        yield norm
+    for key in source.spec.fields:
+        if key not in found:
+            raise resolves_on_no_row(source.spec, source.key, key)
 
 
-def make_compiler(recipe: Recipe, model: ModelFiles, threads: int = 0, spill_dir: Path | None = None) -> Any:
-    plan = make_plan(recipe, model)
-    return _core.Compiler(msgspec.json.encode(plan), str(model.tokenizer_json), threads, str(spill_dir) if spill_dir else None)
+def normalize_source(recipe: Recipe | Plan, index: int, stages: LLMStages | None = None) -> Normalized:
+    """Every row of source `index` in the internal form, read whole (checks, previews,
+    tests). Without `stages`, LLM stages serve what their caches hold and call nothing."""
+    plan = recipe if isinstance(recipe, Plan) else resolve(recipe)
+    if stages is None:
+        with LLMStages(plan, mode="cache", progress=False) as own:
+            return normalize_source(plan, index, own)
+    source = plan.sources[index]
+    return normalize_rows(source, stages, read_all(source), 0, partial=False)
 
 
-def _inputs(recipe: Recipe, model: ModelFiles, sources: list[Normalized], stages: LLMStages) -> list[InputFile]:
-    base = recipe.path.parent if recipe.path else Path.cwd()
+def normalize_rows(source: SourcePlan, stages: LLMStages, frame: Any, offset: int, partial: bool) -> Normalized:
+    rows = resolve_rows(source, frame, offset, partial)
+    if source.generate is not None:  # the LLM writes this source's conversations
+        rows.frame = stages.generate(rows.frame, source, rows.context)
+    elif source.lengthen is not None:
+        for key in ("question", "answer"):
+            require(rows.frame, rows.resolved[key], source.spec, key)
+        texts = {k: as_text(rows.frame, c) for k, c in rows.resolved.items()}
+        rows.frame = stages.lengthen(rows.frame, source, texts, rows.resolved["answer"])
+    return to_internal(rows)
 
-    def entry(role: str, path: Path) -> InputFile:
+
+def input_files(plan: Plan) -> list[InputFile]:
+    """The plan's inputs with their content hashes (call caches by their content, so the
+    order calls finished in does not change the release), paths relative to the recipe."""
+    base = plan.folder.resolve()
+    items = []
+    for ref in plan.inputs:
+        path = ref.path
+        if ref.role.startswith(CACHE_ROLE) or ref.role.startswith("seeds:"):
+            if not path.is_file():
+                continue  # a table whose cache was never written
         try:
-            shown = str(path.resolve().relative_to(base.resolve()))
+            shown = str(path.resolve().relative_to(base))
         except ValueError:
             shown = str(path)
-        if role.startswith(CACHE_ROLE):  # its content, not the order calls finished in
+        if ref.role.startswith(CACHE_ROLE):
             sha256, size = cache_digest(path)
-            return InputFile(role=role, path=shown, sha256=sha256, bytes=size)
-        return InputFile(role=role, path=shown, sha256=file_sha256(path), bytes=path.stat().st_size)
-
-    items = []
-    if recipe.path:
-        items.append(entry("recipe", recipe.path))
-    items += [entry("recipe-base", base_file) for base_file in recipe.bases]
-    items += [entry("tokenizer", f) for f in model.files]
-    for norm in sources:
-        items += [entry(f"source:{norm.spec.name}", f) for f in norm.files]
-    pools = {s.instructions for s in recipe.source if isinstance(s.instructions, str) and s.instructions not in recipe.pool}
-    if any(s.layout == "caption" and s.instructions is None for s in recipe.source):
-        pools.add("caption-brief")
-    for name in sorted(pools):
-        path = _builtin_pool_path(name)
-        if path:
-            items.append(entry(f"pool:{name}", path))
-    used = {s.lengthen for s in recipe.source if s.lengthen}
-    lengthen_pools = {t.pool for name, t in recipe.lengthen.items() if t.pool and t.pool not in recipe.pool and name in used}
-    for name in sorted(lengthen_pools - pools):
-        path = _builtin_pool_path(name)
-        if path:
-            items.append(entry(f"pool:{name}", path))
-    # The call caches (a release rebuilds from them without the endpoint) and seed examples.
-    items += [entry(role, path) for role, path in sorted(stages.used.items()) if path.is_file()]
+        else:
+            sha256, size = file_sha256(path), path.stat().st_size
+        items.append(InputFile(role=ref.role, path=shown, sha256=sha256, bytes=size))
     return items
 
 
+def recipe_data(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data (for manifests), without the file paths; an extending
+    recipe gives its merged form."""
+    d = msgspec.to_builtins(msgspec.structs.replace(recipe, path=None, bases=[]))
+    for key in ("path", "bases"):
+        d.pop(key, None)
+    return d
+
+
+# The core's emitted names before the release vocabulary was shared (see release.format).
+_CORE_NAMES = {
+    "seg_offsets": "segment_offsets", "seg_lengths": "segment_lengths", "seg_source": "segment_source",
+    "seg_row": "segment_row", "seg_part": "segment_part", "seg_template": "segment_template",
+    "seg_repeat": "segment_repeat", "seg_images": "segment_images", "img_offsets": "image_offsets",
+    "img_pos": "image_positions", "img_len": "image_lengths", "img_path_offsets": "image_path_offsets",
+    "img_path_data": "image_path_data",
+}
+
+
+def _emit(compiler: Any) -> Any:
+    return lambda lo, hi: {_CORE_NAMES.get(k, k): v for k, v in compiler.emit(lo, hi).items()}
+
+
 def build(
-    recipe: str | Path | Recipe,
+    recipe: str | Path | Recipe | Plan,
     out: str | Path,
     *,
     threads: int = 0,
@@ -159,77 +154,79 @@ def build(
     """Builds the release of `recipe` into the folder `out`. LLM stages call their
     endpoints only for what their caches lack; `offline` makes no call at all (and fails
     naming what is missing), `retry_failed` asks again for calls recorded as failed."""
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
+    plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
     out = Path(out)
-    stages = LLMStages(recipe, mode="offline" if offline else "online", retry_failed=retry_failed, progress=progress)
+    stages = LLMStages(plan, mode="offline" if offline else "online", retry_failed=retry_failed, progress=progress)
     with stages, staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=spill_prefix(out)) as spill:
-        clock = time.perf_counter()
         timings: dict[str, float] = {}
+        clock = [time.perf_counter()]
 
         def lap(stage: str) -> None:
-            nonlocal clock
             now = time.perf_counter()
-            timings[stage] = timings.get(stage, 0.0) + now - clock
-            clock = now
+            timings[stage] = timings.get(stage, 0.0) + now - clock[0]
+            clock[0] = now
 
-        model = resolve_model(recipe)
-        compiler = make_compiler(recipe, model, threads, Path(spill))
-        pad = model.pad_token or model.eos_token
+        compiler = make_compiler(plan, threads, Path(spill))
+        pad = plan.model.pad_token or plan.model.eos_token
         pad_id = compiler.token_id(pad) if pad else None
         if pad_id is None:
             raise TokenizerError(f"model.tokenizer: pad token {pad!r} is not in the vocabulary")
-
-        # One source at a time: read, tokenize, let go; its tokens wait in the spill.
-        sources: list[Normalized] = []
-        bar = _progress(0, "tokenize", "sample", progress)
-        with bar:
-            for i, spec in enumerate(recipe.source):
-                bar.set_postfix_str(f"{spec.name} ({i + 1}/{len(recipe.source)} sources)")
-                notes: list[str] = []
-                for norm in iter_normalized(recipe, i, BATCH_ROWS, stages):
-                    bar.total += len(norm)  # known as the source is read
-                    bar.refresh()
-                    lap("read")
-                    for start in range(0, len(norm), BATCH_ROWS):
-                        args = batch_arguments(norm, start, BATCH_ROWS)
-                        lap("read")
-                        compiler.add_batch(i, args)
-                        lap("tokenize")
-                        bar.update(min(BATCH_ROWS, len(norm) - start))
-                    notes += norm.notes
-                    norm.frame = norm.frame.clear()
-                norm.notes = notes
-                sources.append(norm)
+        notes = _tokenize(plan, stages, compiler, lap, progress)
         summary = msgspec.json.decode(compiler.finish())
-        for stats, norm in zip(summary["sources"], sources):
+        for stats, source in zip(summary["sources"], plan.sources):
             # e.g. rows a join left out under on_error = "skip", answers an LLM lengthened
-            stats["notes"] = list(norm.notes) + stages.notes(norm.spec.name)
+            stats["notes"] = notes[source.index] + stages.notes(source.name)
         lap("pack")
-
         rows = summary["sequences"]
         with _progress(rows, "write", "seq", progress) as wbar:
-            shards = write_shards(tmp, compiler.emit, rows, recipe.output.shard_sequences, wbar)
+            shards = write_shards(tmp, _emit(compiler), rows, plan.recipe.output.shard_sequences, wbar)
         del compiler
-
-        recipe_dict = to_dict(recipe)
-        manifest = Manifest(
-            format=FORMAT,
-            mmrecipe_version=__version__,
-            name=recipe.recipe.name,
-            version=recipe.recipe.version,
-            seed=recipe.recipe.seed,
-            recipe=recipe_dict,
-            inputs=_inputs(recipe, model, sources, stages),
-            sources=[s.name for s in recipe.source],
-            chat_template=model.chat_template,
-            seq_len=recipe.output.seq_len,
-            pad_token_id=int(pad_id),
-            shards=shards,
-            totals={k: v for k, v in summary.items() if k != "sources"},
-        )
-        manifest.release_id = bytes_sha256(msgspec.json.encode(manifest))
+        manifest = _manifest(plan, int(pad_id), shards, summary)
         write_json(tmp / STATS, summary)
         write_json(tmp / MANIFEST, manifest)
         lap("write")
     return BuildResult(path=out, summary=summary, manifest=manifest, timings=timings, llm=stages.summary())
+
+
+def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: bool) -> list[list[str]]:
+    """Reads and tokenizes one source at a time (its tokens wait in the spill); returns
+    each source's notes."""
+    notes: list[list[str]] = []
+    with _progress(0, "tokenize", "sample", progress) as bar:
+        for source in plan.sources:
+            bar.set_postfix_str(f"{source.name} ({source.index + 1}/{len(plan.sources)} sources)")
+            found: list[str] = []
+            for norm in normalized(source, stages, BATCH_ROWS):
+                bar.total += len(norm)  # known as the source is read
+                bar.refresh()
+                lap("read")
+                for start in range(0, len(norm), BATCH_ROWS):
+                    columns = batch_columns(norm, start, BATCH_ROWS)
+                    lap("read")
+                    compiler.add_batch(source.index, columns)
+                    lap("tokenize")
+                    bar.update(min(BATCH_ROWS, len(norm) - start))
+                found += norm.notes
+            notes.append(found)
+    return notes
+
+
+def _manifest(plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any]) -> Manifest:
+    recipe = plan.recipe
+    manifest = Manifest(
+        format=FORMAT,
+        mmrecipe_version=__version__,
+        name=recipe.recipe.name,
+        version=recipe.recipe.version,
+        seed=recipe.recipe.seed,
+        recipe=recipe_data(recipe),
+        inputs=input_files(plan),
+        sources=[s.name for s in plan.sources],
+        chat_template=plan.model.chat_template,
+        seq_len=recipe.output.seq_len,
+        pad_token_id=pad_id,
+        shards=shards,
+        totals={k: v for k, v in summary.items() if k != "sources"},
+    )
+    manifest.release_id = bytes_sha256(msgspec.json.encode(manifest))
+    return manifest

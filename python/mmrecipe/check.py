@@ -11,12 +11,13 @@ from typing import Literal
 
 import polars as pl
 
-from .builder import make_compiler
+from .builder import normalize_source
+from .compile import make_compiler
 from .errors import DataError
-from .model import ModelFiles, resolve_model
-from .recipe import Recipe, load_recipe
-from .stages import LLMStages
-from .sources import IMAGES, ROW, Normalized, image_root, normalize
+from .llm.stages import LLMStages
+from .recipe import Plan, Recipe, load_recipe, resolve
+from .recipe.model import ModelFiles
+from .sources.columns import IMAGES, ROW, Normalized
 
 ImageMode = Literal["all", "sample", "none"]
 
@@ -52,7 +53,7 @@ class ImageCheck:
 
 @dataclass
 class CheckReport:
-    recipe: Recipe
+    plan: Plan
     model: ModelFiles
     sources: list[Normalized]
     images: list[ImageCheck] = field(default_factory=list)
@@ -62,7 +63,7 @@ class CheckReport:
     llm: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def check(recipe: str | Path | Recipe, images: ImageMode = "sample") -> CheckReport:
+def check(recipe: str | Path | Recipe | Plan, images: ImageMode = "sample") -> CheckReport:
     """Validates the recipe, reads and normalizes every source (resolving every field
     path), loads the tokenizer and compiles the chat template and instruction templates,
     then opens the sources' image files (`images`: "all", "sample" — up to
@@ -70,31 +71,29 @@ def check(recipe: str | Path | Recipe, images: ImageMode = "sample") -> CheckRep
     LLM stages make no calls: the report counts what their caches hold and lack.
     Raises the first `MMRecipeError` found; recipe-level problems are reported together,
     and so are unusable images of every source with on_error = "fail"."""
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    model = resolve_model(recipe)
-    with LLMStages(recipe, mode="cache", progress=False) as stages:  # no calls: what the caches hold
-        sources = [normalize(recipe, i, stages=stages) for i in range(len(recipe.source))]
-    make_compiler(recipe, model, threads=1)
-    report = CheckReport(recipe, model, sources, warnings=[n for s in sources for n in s.notes], llm=stages.summary())
+    plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
+    with LLMStages(plan, mode="cache", progress=False) as stages:  # no calls: what the caches hold
+        sources = [normalize_source(plan, source.index, stages) for source in plan.sources]
+    make_compiler(plan, threads=1)
+    report = CheckReport(plan, plan.model, sources, warnings=[n for s in sources for n in s.notes], llm=stages.summary())
     if images != "none":
-        report.images = [_check_images(recipe, i, norm, images) for i, norm in enumerate(sources)]
+        report.images = [_check_images(norm, images) for norm in sources]
         _raise_or_warn(report)
     return report
 
 
-def _check_images(recipe: Recipe, index: int, norm: Normalized, mode: ImageMode) -> ImageCheck:
+def _check_images(norm: Normalized, mode: ImageMode) -> ImageCheck:
     paths = norm.frame.select(ROW, IMAGES).explode(IMAGES).drop_nulls(IMAGES)
     total = paths.height
     if mode == "sample" and total > SAMPLE_IMAGES:
         # Evenly spread over the rows, so the same recipe always checks the same images.
         picks = pl.int_range(SAMPLE_IMAGES, eager=True, dtype=pl.Int64) * total // SAMPLE_IMAGES
         paths = paths[picks.to_list()]
-    root = image_root(recipe, index, norm.files) or Path()
+    root = norm.source.image_root or Path()
     rows_and_paths = paths.rows()
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
         found = list(pool.map(lambda rp: _image_problem(root, *rp), rows_and_paths))
-    return ImageCheck(norm.spec.name, norm.spec.on_error, total, len(rows_and_paths), [p for p in found if p])
+    return ImageCheck(norm.source.name, norm.source.spec.on_error, total, len(rows_and_paths), [p for p in found if p])
 
 
 def _image_problem(root: Path, row: int, rel: str) -> ImageProblem | None:

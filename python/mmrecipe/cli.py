@@ -163,7 +163,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         c = checked.get(name)
         return "-" if c is None or c.total == 0 else f"{c.checked - len(c.problems):,}/{c.checked:,} ok" + (f" of {c.total:,}" if c.total > c.checked else "")
 
-    rows = [[s.spec.name, s.spec.layout, f"{len(s):,}", str(len(s.files)), f"{s.spec.weight:g}", images(s.spec.name)] for s in report.sources]
+    rows = [[s.source.name, s.source.spec.layout, f"{len(s):,}", str(len(s.source.all_files)), f"{s.source.spec.weight:g}", images(s.source.name)] for s in report.sources]
     print(_table(rows, ["source", "layout", "rows", "files", "weight", "images"]))
     if report.llm:
         print("\n" + format_llm(report.llm, check=True))
@@ -196,7 +196,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .inspect import verify
+    from .release.verify import verify
 
     report = verify(args.release, args.recipe_dir)
     for problem in report.problems:
@@ -244,8 +244,8 @@ def format_stats(stats: dict[str, Any]) -> str:
 def cmd_stats(args: argparse.Namespace) -> int:
     import json
 
-    from .inspect import count_segments, plot_segment_lengths, release_stats
-    from .release import read_manifest
+    from .release.stats import count_segments, plot_segment_lengths, release_stats
+    from .release.format import read_manifest
 
     manifest = read_manifest(args.release)
     counts = count_segments(args.release, manifest)
@@ -260,7 +260,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def format_diff(d: dict[str, Any]) -> str:
-    from .inspect import show
+    from .release.diff import show
 
     absent = "(absent)"
     lines = [f"A {d['a']['path']} (release {d['a']['release_id'][:12]})", f"B {d['b']['path']} (release {d['b']['release_id'][:12]})"]
@@ -292,7 +292,7 @@ def format_diff(d: dict[str, Any]) -> str:
 def cmd_diff(args: argparse.Namespace) -> int:
     import json
 
-    from .inspect import diff_releases
+    from .release.diff import diff_releases
 
     d = diff_releases(args.a, args.b)
     print(json.dumps(d, indent=2) if args.json else format_diff(d))

@@ -11,8 +11,8 @@ import msgspec
 import numpy as np
 
 from . import _core
-from .model import ModelFiles, load_model
-from .recipe import ImageSpec
+from .recipe.model import ModelFiles, load_model
+from .recipe.schema import ImageSpec
 
 
 @dataclass

@@ -48,3 +48,8 @@ class LLMError(MMRecipeError):
     """An LLM stage cannot go on: the endpoint is unreachable or refuses the request, a
     call failed under on_error = "fail", or an --offline build needs a call that is not
     in the cache."""
+
+
+def recipe_error(message: str, key: str | None = None, problems: list[str] | None = None) -> RecipeError:
+    """A RecipeError naming the recipe key `key` (and every problem found, if several)."""
+    return RecipeError(message, key=key, problems=problems)

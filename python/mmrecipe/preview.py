@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .buffers import batch_arguments
-from .builder import make_compiler
+from .builder import normalized
+from .compile import batch_columns, make_compiler
 from .errors import RecipeError
-from .model import resolve_model
-from .recipe import Recipe, load_recipe
-from .sources import ROW, normalize
+from .llm.stages import LLMStages
+from .recipe import Plan, Recipe, load_recipe, resolve
+from .sources.columns import ROW
 
 
 @dataclass
@@ -59,27 +59,27 @@ class PreviewSample:
         )
 
 
-def preview(recipe: str | Path | Recipe, n: int = 5, source: str | None = None) -> list[PreviewSample]:
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    names = [s.name for s in recipe.source]
+def preview(recipe: str | Path | Recipe | Plan, n: int = 5, source: str | None = None) -> list[PreviewSample]:
+    """The first `n` samples of each source (or of `source`) as the build renders them;
+    LLM stages serve what their caches hold and make no calls."""
+    plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
+    names = [s.name for s in plan.sources]
     if source is not None and source not in names:
         raise RecipeError(f"--source: no source named '{source}' (sources: {', '.join(names)})")
-    model = resolve_model(recipe)
-    picked = [i for i, s in enumerate(recipe.source) if source is None or s.name == source]
-    sources = [normalize(recipe, i) for i in range(len(recipe.source))]
-    compiler = make_compiler(recipe, model, threads=0)
+    picked = [s for s in plan.sources if source is None or s.name == source]
+    compiler = make_compiler(plan, threads=0)
     out = []
-    for i in picked:
-        norm = sources[i]
-        results = compiler.preview_batch(i, batch_arguments(norm, 0, n))
+    with LLMStages(plan, mode="cache", progress=False) as stages:
+        firsts = [next(iter(normalized(s, stages))) for s in picked]
+    for norm in firsts:
+        results = compiler.preview_batch(norm.source.index, batch_columns(norm, 0, n))
         rows = norm.frame[ROW].head(n).to_list()
         for row, r in zip(rows, results):
             if isinstance(r, str):
-                out.append(PreviewSample(norm.spec.name, row, -1, "", np.zeros(0), np.zeros(0), np.zeros((0, 2)), [], error=r))
+                out.append(PreviewSample(norm.source.name, row, -1, "", np.zeros(0), np.zeros(0), np.zeros((0, 2)), [], error=r))
                 continue
             text, ids, mask, offsets, template, runs = r
-            out.append(PreviewSample(norm.spec.name, row, template, text, ids, mask, offsets.reshape(-1, 2), list(runs)))
+            out.append(PreviewSample(norm.source.name, row, template, text, ids, mask, offsets.reshape(-1, 2), list(runs)))
     return out
 
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .release import read_manifest
+from .release.format import read_manifest
 
 IGNORE_INDEX = -100
 

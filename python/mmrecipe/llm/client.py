@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import msgspec
 
-from .errors import LLMError
-from .recipe import LLMSpec
+from ..errors import LLMError
+from ..recipe.schema import LLMSpec
 
 # Statuses that say the request itself is wrong for this endpoint: no retry, no point
 # in asking again for other rows either.

@@ -17,11 +17,8 @@ from typing import Iterator
 import msgspec
 import polars as pl
 
-from .errors import LLMError
-from .hashing import bytes_sha256
-
-#: The manifest role of a call cache: "cache:TABLE".
-CACHE_ROLE = "cache:"
+from ..errors import LLMError
+from ..hashing import bytes_sha256
 
 
 class Record(msgspec.Struct, omit_defaults=True):

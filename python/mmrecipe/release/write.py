@@ -1,9 +1,9 @@
-"""Release directories: packed shards, `manifest.json` and `stats.json`, written into a
-hidden folder beside the destination and renamed into place only once complete."""
+"""Writing a release: packed shards from the core's emitted columns, one row group at a
+time, into a hidden folder beside the destination that is renamed into place only once
+complete (a reader never sees a half-written release)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -16,45 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ReleaseError
-from .hashing import file_sha256
-
-FORMAT = "mmrecipe-release/1"
-MANIFEST = "manifest.json"
-STATS = "stats.json"
-DATA = "data"
-ROW_GROUP = 256
-
-
-class InputFile(msgspec.Struct):
-    role: str
-    path: str
-    sha256: str
-    bytes: int
-
-
-class Shard(msgspec.Struct):
-    path: str
-    sha256: str
-    sequences: int
-    tokens: int
-
-
-class Manifest(msgspec.Struct):
-    format: str
-    mmrecipe_version: str
-    name: str
-    version: str
-    seed: int
-    recipe: dict[str, Any]
-    inputs: list[InputFile]
-    sources: list[str]
-    chat_template: str
-    seq_len: int
-    pad_token_id: int
-    shards: list[Shard]
-    totals: dict[str, Any]
-    release_id: str = ""
+from ..errors import ReleaseError
+from ..hashing import file_sha256
+from .format import COLUMNS, DATA, OFFSETS, ROW_GROUP, Shard
 
 
 def _list(offsets: np.ndarray, values: np.ndarray, lo: int, hi: int, value_type: pa.DataType) -> pa.Array:
@@ -73,24 +37,16 @@ def _string_list(offsets: np.ndarray, str_offsets: np.ndarray, data: np.ndarray,
 
 
 def shard_table(p: dict[str, Any], lo: int, hi: int) -> pa.Table:
-    """Packed rows lo..hi as an Arrow table (one row per packed sequence)."""
-    ro, so, io = p["row_offsets"], p["seg_offsets"], p["img_offsets"]
-    return pa.table(
-        {
-            "input_ids": _list(ro, p["input_ids"], lo, hi, pa.uint32()),
-            "loss_mask": _list(ro, p["loss_mask"], lo, hi, pa.uint8()),
-            "segment_lengths": _list(so, p["seg_lengths"], lo, hi, pa.uint32()),
-            "segment_source": _list(so, p["seg_source"], lo, hi, pa.uint16()),
-            "segment_row": _list(so, p["seg_row"], lo, hi, pa.uint64()),
-            "segment_part": _list(so, p["seg_part"], lo, hi, pa.uint16()),
-            "segment_template": _list(so, p["seg_template"], lo, hi, pa.int32()),
-            "segment_repeat": _list(so, p["seg_repeat"], lo, hi, pa.uint32()),
-            "segment_images": _list(so, p["seg_images"], lo, hi, pa.uint32()),
-            "image_positions": _list(io, p["img_pos"], lo, hi, pa.uint32()),
-            "image_lengths": _list(io, p["img_len"], lo, hi, pa.uint32()),
-            "image_paths": _string_list(io, p["img_path_offsets"], p["img_path_data"], lo, hi),
-        }
-    )
+    """Packed rows lo..hi of the core's emitted columns as an Arrow table (one row per
+    packed sequence, the columns of `format.COLUMNS`)."""
+    table = {}
+    for col in COLUMNS:
+        offsets = p[OFFSETS[col.per]]
+        if col.type == pa.string():
+            table[col.name] = _string_list(offsets, p[f"{col.name[:-1]}_offsets"], p[f"{col.name[:-1]}_data"], lo, hi)
+        else:
+            table[col.name] = _list(offsets, p[col.name], lo, hi, col.type)
+    return pa.table(table)
 
 
 @contextmanager
@@ -174,17 +130,3 @@ def write_shards(folder: Path, emit: Callable[[int, int], dict[str, Any]], rows:
 
 def write_json(path: Path, value: Any) -> None:
     path.write_bytes(msgspec.json.format(msgspec.json.encode(value), indent=2) + b"\n")
-
-
-def read_manifest(release: str | Path) -> Manifest:
-    path = Path(release) / MANIFEST
-    if not path.is_file():
-        raise ReleaseError(f"{release} is not a release: no {MANIFEST}")
-    try:
-        return msgspec.json.decode(path.read_bytes(), type=Manifest)
-    except msgspec.DecodeError as e:
-        raise ReleaseError(f"{path}: not a valid manifest: {e}") from None
-
-
-def read_stats(release: str | Path) -> dict[str, Any]:
-    return json.loads((Path(release) / STATS).read_text("utf-8"))

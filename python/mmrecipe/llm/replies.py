@@ -15,9 +15,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from . import _core
-from .buffers import arrow, string_buffers, strings
-from .errors import SourceError
+from .. import _core
+from ..buffers import arrow, string_buffers, strings
+from ..errors import SourceError
 
 Turn = tuple[Literal["user", "assistant"], str]
 

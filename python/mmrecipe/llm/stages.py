@@ -19,15 +19,17 @@ import msgspec
 import numpy as np
 import polars as pl
 
-from . import _core, replies
-from .buffers import arrow, string_buffers, strings
-from .callcache import CACHE_ROLE, CallCache, Record
-from .errors import LLMError
-from .llm import CallFailed, ChatClient, EndpointUnreachable, Stopped, call_params
-from .recipe import GenerateSpec, LLMSpec, Recipe, generator_of, lengthen_fields, load_pool, resolve_path
+from .. import _core
+from ..buffers import arrow, string_buffers, strings
+from ..errors import LLMError
+from ..recipe.plan import GeneratePlan, Plan, SourcePlan
+from ..recipe.schema import GenerateSpec, LLMSpec
+from ..sources.columns import ROW
+from . import replies
+from .cache import CallCache, Record
+from .client import CallFailed, ChatClient, EndpointUnreachable, Stopped, call_params
 
 Mode = Literal["online", "offline", "cache"]
-ROW = "__row"
 
 
 @dataclass
@@ -45,8 +47,11 @@ class TableCounts:
 
 
 class LLMStages:
-    def __init__(self, recipe: Recipe, mode: Mode = "online", retry_failed: bool = False, progress: bool = True):
-        self.recipe = recipe
+    """The LLM tables of one build (or check, or preview), with their caches, clients
+    and progress bars; `lengthen` and `generate` run on a source's resolved rows."""
+
+    def __init__(self, plan: Plan, mode: Mode = "online", retry_failed: bool = False, progress: bool = True):
+        self.plan = plan
         self.mode = mode
         self.retry_failed = retry_failed
         self.progress = progress
@@ -55,8 +60,6 @@ class LLMStages:
         self.outcomes: dict[str, Counter[str]] = defaultdict(Counter)
         #: generate table → its first malformed reply's context row and why, for the notes.
         self.first_malformed: dict[str, str] = {}
-        #: role → file: the caches and seed files this build read (inputs of the release).
-        self.used: dict[str, Path] = {}
         self._caches: dict[Path, CallCache] = {}
         self._clients: dict[str, ChatClient] = {}
         self._bars: dict[str, Any] = {}
@@ -107,24 +110,23 @@ class LLMStages:
 
     # --- lengthening ----------------------------------------------------------------
 
-    def lengthen(self, frame: pl.DataFrame, recipe: Recipe, index: int, fields: dict[str, pl.Expr], answer: str) -> pl.DataFrame:
+    def lengthen(self, frame: pl.DataFrame, source: SourcePlan, fields: dict[str, pl.Expr], answer: str) -> pl.DataFrame:
         """`frame` with column `answer` rewritten (and rows dropped under on_error = "drop")."""
-        spec = recipe.source[index]
-        assert spec.lengthen is not None
-        table, t = f"lengthen.{spec.lengthen}", recipe.lengthen[spec.lengthen]
-        names = lengthen_fields(spec)
+        spec, plan = source.spec, source.lengthen
+        assert plan is not None
+        table, t = plan.table, plan.spec
+        names = plan.fields
         values = frame.select(**{n: fields[n].fill_null("") for n in names})
         rows = frame[ROW]
         o = self.outcomes[spec.name]
         o[f"{table} rows"] += frame.height
         if t.method == "template":
-            templates = t.templates or load_pool(t.pool or "", recipe).templates
             o[f"{table} lengthened"] += frame.height
-            return frame.with_columns(_fill(templates, self._seed(t), spec.name, rows, values).alias(answer))
-        assert t.prompt is not None
-        prompts = _fill([t.prompt], self._seed(t), spec.name, rows, values)
+            return frame.with_columns(_fill(plan.templates, plan.seed, spec.name, rows, values).alias(answer))
+        assert t.prompt is not None and plan.cache is not None
+        prompts = _fill([t.prompt], plan.seed, spec.name, rows, values)
         system = [{"role": "system", "content": t.system}] if t.system else []
-        got = self._ask(table, f"lengthen.{spec.lengthen}", t, system, prompts, rows, spec.name, self._seed(t))
+        got = self._ask(table, table, t, plan.cache, system, prompts, rows, spec.name, plan.seed)
         reply = got["response"].str.strip_chars()
         reason = (
             pl.when(pl.col("error").is_not_null()).then(pl.col("error"))
@@ -150,22 +152,21 @@ class LLMStages:
 
     # --- generation -----------------------------------------------------------------
 
-    def generate(self, frame: pl.DataFrame, recipe: Recipe, index: int, context: dict[str, pl.Expr]) -> pl.DataFrame:
+    def generate(self, frame: pl.DataFrame, source: SourcePlan, context: dict[str, pl.Expr]) -> pl.DataFrame:
         """`frame` with a `conversations` column written by the LLM; a row whose call
         failed or whose reply is malformed is dropped. With conversations = n > 1, each
         context row gives n calls (seeds seed..seed+n-1), numbered row × n + k."""
-        found = generator_of(recipe, index)
-        assert found is not None
-        j, g = found
-        table, where = f"generate.{g.name}", f"generate[{j}]"
+        plan = source.generate
+        assert plan is not None
+        g, table, where = plan.spec, plan.table, plan.key
         values = frame.select(**{k: context[k].fill_null("") for k in g.fields})
         rows = frame[ROW]
-        contexts = _fill([g.context], self._seed(g), g.name, rows, values)
-        prefix = self._seed_messages(g, where)
+        contexts = _fill([g.context], plan.seed, g.name, rows, values)
+        prefix = self._seed_messages(plan)
         o = self.outcomes[g.name]
         parts = []
         for k in range(g.conversations):
-            got = self._ask(table, where, g, prefix, contexts, rows, g.name, self._seed(g) + k)
+            got = self._ask(table, where, g, plan.cache, prefix, contexts, rows, g.name, plan.seed + k)
             failed = got["error"].is_not_null() & ~got["missing"]
             self.counts[table].failed += int(failed.sum())
             if g.on_error == "fail" and failed.any():
@@ -190,42 +191,34 @@ class LLMStages:
         o[f"{table} generated"] += out.height
         return out
 
-    def _seed_messages(self, g: GenerateSpec, where: str) -> list[dict[str, str]]:
+    def _seed_messages(self, plan: GeneratePlan) -> list[dict[str, str]]:
         """System prompt and seed examples, read once per build (not per batch)."""
-        if g.name not in self._prefixes:
-            self._prefixes[g.name] = self._read_seed_messages(g, where)
-        return self._prefixes[g.name]
-
-    def _read_seed_messages(self, g: GenerateSpec, where: str) -> list[dict[str, str]]:
-        messages = [{"role": "system", "content": g.system}] if g.system else []
-        if g.seeds:
-            path = resolve_path(self.recipe, g.seeds)
-            for context, reply in replies.load_seeds(path, g.reply, where):
-                messages += [{"role": "user", "content": context}, {"role": "assistant", "content": reply}]
-            self.used[f"seeds:generate.{g.name}"] = path
-        return messages
+        if plan.table not in self._prefixes:
+            g = plan.spec
+            messages = [{"role": "system", "content": g.system}] if g.system else []
+            if plan.seeds is not None:
+                for context, reply in replies.load_seeds(plan.seeds, g.reply, plan.key):
+                    messages += [{"role": "user", "content": context}, {"role": "assistant", "content": reply}]
+            self._prefixes[plan.table] = messages
+        return self._prefixes[plan.table]
 
     # --- calls ----------------------------------------------------------------------
 
-    def _seed(self, spec: LLMSpec) -> int:
-        return spec.seed if spec.seed is not None else self.recipe.recipe.seed
-
-    def _cache(self, table: str, spec: LLMSpec) -> CallCache:
-        path = resolve_path(self.recipe, spec.cache or f"cache/{table}.jsonl").resolve()
+    def _cache(self, path: Path) -> CallCache:
         if path not in self._caches:
             self._caches[path] = CallCache(path)
-        self.used[f"{CACHE_ROLE}{table}"] = path
         return self._caches[path]
 
     def _ask(
-        self, table: str, where: str, spec: LLMSpec, prefix: list[dict[str, str]], texts: pl.Series, rows: pl.Series, source: str, seed: int
+        self, table: str, where: str, spec: LLMSpec, cache_path: Path, prefix: list[dict[str, str]], texts: pl.Series, rows: pl.Series,
+        source: str, seed: int,
     ) -> pl.DataFrame:
         """Per row: response, finish, error (from the cache or a new call) and whether the
         cache had nothing for it (`missing`, in a run that makes no calls)."""
         params = call_params(spec, seed)
         head = msgspec.json.encode({"format": 1, "model": spec.model, "params": params, "messages": prefix}) + b"\n"
         keys = _keys(head, texts)
-        cache = self._cache(table, spec)
+        cache = self._cache(cache_path)
         counts = self.counts.setdefault(table, TableCounts())
         asked = pl.DataFrame({"key": keys, "text": texts, "row": rows})
         got = asked.join(cache.frame, on="key", how="left", maintain_order="left")

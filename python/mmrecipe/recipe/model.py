@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _core
-from .errors import TokenizerError
-from .recipe import Recipe, resolve_path
+import msgspec
+
+from .. import _core
+from ..errors import TokenizerError
 
 
-@dataclass
-class ModelFiles:
+class ModelFiles(msgspec.Struct, frozen=True):
     tokenizer_json: Path
     chat_template: str
     template_name: str
@@ -38,11 +37,6 @@ def _model_template(config: dict[str, Any], folder: Path) -> str | None:
         named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
         tpl = named.get("default")
     return tpl if isinstance(tpl, str) else None
-
-
-def resolve_model(recipe: Recipe) -> ModelFiles:
-    """The recipe's tokenizer files and chat template (paths relative to the recipe)."""
-    return load_model(resolve_path(recipe, recipe.model.tokenizer), recipe.model.chat_template)
 
 
 def load_model(folder: Path, chat_template: str = "model") -> ModelFiles:

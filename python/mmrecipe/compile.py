@@ -1,0 +1,97 @@
+"""The boundary to the Rust core: the plan as the core's JSON plan, and a normalized
+source's rows as whole NumPy buffers with named fields. Few, coarse calls:
+
+    Plan ──core_plan()──▶ JSON ──▶ _core.Compiler(plan, tokenizer.json, threads, spill)
+    Normalized rows ──batch_columns()──▶ {rows, turn_offsets, roles, contents…} ──▶ add_batch
+    finish() ──▶ summary JSON        emit(lo, hi) ──▶ release columns (release.format)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from . import _core
+from .buffers import arrow, string_buffers
+from .recipe.plan import Plan
+from .sources.columns import CONTENTS, IMAGES, ROLES, ROW, Normalized, template_column
+
+
+def core_plan(plan: Plan) -> dict[str, Any]:
+    """The build plan the Rust core executes (it needs no source data)."""
+    recipe = plan.recipe
+    total = recipe.mixture.total
+    mixture: Any = "natural" if isinstance(total, str) else dict(total)
+    sources = [
+        {
+            "name": s.name,
+            "templates": s.templates,
+            "fields": s.template_fields,
+            "image_root": str(s.image_root) if s.image_root else None,
+            "weight": s.spec.weight,
+            "on_error": s.spec.on_error,
+            "max_epochs": s.spec.max_epochs,
+        }
+        for s in plan.sources
+    ]
+    image = msgspec.to_builtins(recipe.model.image) if recipe.model.image else None
+    return {
+        "seed": recipe.recipe.seed,
+        "chat_template": plan.model.chat_template,
+        "bos_token": plan.model.bos_token,
+        "eos_token": plan.model.eos_token,
+        "image": image,
+        "seq_len": recipe.output.seq_len,
+        "train_on": recipe.output.train_on,
+        "train_on_eos": recipe.output.train_on_eos,
+        "overlong": recipe.output.overlong,
+        "packing": recipe.output.packing,
+        "shuffle": recipe.output.shuffle,
+        "mixture": mixture,
+        "alpha": recipe.mixture.alpha,
+        "sources": sources,
+    }
+
+
+def make_compiler(plan: Plan, threads: int = 0, spill_dir: Path | None = None) -> Any:
+    """The core's compiler for `plan`: render, tokenize, mask, mix, pack (rayon, GIL released)."""
+    encoded = msgspec.json.encode(core_plan(plan))
+    return _core.Compiler(encoded, str(plan.model.tokenizer_json), threads, str(spill_dir) if spill_dir else None)
+
+
+def _list_parts(series: pl.Series) -> tuple[np.ndarray, pa.Array]:
+    """(offsets starting at 0, flattened values) of a list column."""
+    lengths = series.list.len().fill_null(0).to_numpy().astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, arrow(series).flatten()
+
+
+def batch_columns(norm: Normalized, start: int, length: int) -> tuple:
+    """The columns `Compiler.add_batch` takes (after the source index) for rows
+    start..start+length of a normalized source."""
+    part = norm.frame.slice(start, length)
+    rows = part[ROW].to_numpy().astype(np.uint64, copy=False)
+    turn_offsets, contents = _list_parts(part[CONTENTS])
+    _, roles_arr = _list_parts(part[ROLES])
+    roles = np.asarray(roles_arr.to_numpy(zero_copy_only=False), dtype=np.uint8)
+    content_offsets, content_data = string_buffers(contents)
+    image_offsets, images = _list_parts(part[IMAGES])
+    image_path_offsets, image_path_data = string_buffers(images)
+    fields = [string_buffers(arrow(part[template_column(name)])) for name in norm.source.template_fields]
+    return (
+        rows,
+        turn_offsets,
+        roles,
+        content_offsets,
+        content_data,
+        image_offsets,
+        image_path_offsets,
+        image_path_data,
+        fields,
+    )

@@ -1,0 +1,279 @@
+"""A checked recipe resolved once into an immutable `Plan`: every path absolute, source
+files found (globs expanded) with their formats, pools loaded into each source's
+templates, [[generate]] tables materialized as sources, image roots decided, LLM tables
+resolved (cache file, seed, templates), the model's files and chat template loaded, and
+the list of inputs whose content the release records.
+
+    Recipe ──resolve()──▶ Plan
+                            ├─ model: ModelFiles (tokenizer.json, chat template, tokens)
+                            ├─ sources: [SourcePlan] (written sources, then generated ones)
+                            │     files, formats, join, templates, image_root,
+                            │     lengthen: LengthenPlan | None, generate: GeneratePlan | None
+                            └─ inputs: [InputRef] (role, file): hashed into the manifest
+
+Everything after this module reads the plan and never goes back to the recipe."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import msgspec
+
+from ..errors import SourceError
+from .model import ModelFiles, load_model
+from .pools import builtin_pool_path, load_pool
+from .schema import RESERVED_FIELDS, GenerateSpec, LengthenSpec, Recipe, SourceSpec
+from .validate import is_glob, lengthen_fields
+
+# LLaVA-1.5's wording for short-answer data, appended to the instruction.
+SHORT_ANSWER = {
+    "word": "\nAnswer the question using a single word or phrase.",
+    "sentence": "\nAnswer the question using a single sentence.",
+}
+# The role prefix of a call cache among the inputs: hashed by content, not by bytes.
+CACHE_ROLE = "cache:"
+FORMATS = ("jsonl", "json", "parquet", "csv")
+
+
+class InputRef(msgspec.Struct, frozen=True):
+    """A file the release depends on; `role` says how (recipe, tokenizer, source:NAME …)."""
+
+    role: str
+    path: Path
+
+
+class JoinPlan(msgspec.Struct, frozen=True):
+    file: Path
+    format: str
+    json_key: str | None
+    left_on: str
+    right_on: str
+
+
+class LengthenPlan(msgspec.Struct, frozen=True):
+    """A [lengthen.NAME] table as one source uses it."""
+
+    table: str  # "lengthen.NAME": the name in counts, caches and notes
+    spec: LengthenSpec
+    seed: int
+    fields: list[str]  # placeholders the prompt or templates may use
+    templates: list[str]  # method "template": the sentence templates
+    cache: Path | None  # method "llm": the call cache
+
+
+class GeneratePlan(msgspec.Struct, frozen=True):
+    """A [[generate]] table: the LLM writes its source's conversations."""
+
+    table: str  # "generate.NAME"
+    key: str  # "generate[j]", for messages
+    spec: GenerateSpec
+    seed: int
+    seeds: Path | None
+    cache: Path
+
+
+class SourcePlan(msgspec.Struct, frozen=True):
+    index: int
+    name: str
+    key: str  # the recipe key for messages: "source[i]" or "generate[j]"
+    spec: SourceSpec
+    files: list[Path]
+    formats: list[str]  # per file
+    join: JoinPlan | None
+    templates: list[str]  # instruction templates, short-answer wording included
+    template_fields: list[str]  # mapped fields templates may use
+    image_root: Path | None
+    lengthen: LengthenPlan | None = None
+    generate: GeneratePlan | None = None
+
+    @property
+    def streamable(self) -> bool:
+        """Whether the source can be read a slice at a time: JSON Lines or JSON arrays,
+        with no step that needs all rows at once (joins, group_by, a list under a key)."""
+        spec = self.spec
+        if spec.group_by is not None or spec.join is not None or spec.json_key:
+            return False
+        return all(f in ("jsonl", "json") for f in self.formats)
+
+    @property
+    def all_files(self) -> list[Path]:
+        """The source's files and the file it joins, each once."""
+        if self.join is None or self.join.file in self.files:
+            return list(self.files)
+        return [*self.files, self.join.file]
+
+
+class Plan(msgspec.Struct, frozen=True):
+    recipe: Recipe
+    folder: Path  # the recipe's folder: relative paths start here
+    model: ModelFiles
+    sources: list[SourcePlan]
+    inputs: list[InputRef]
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.recipe.seed
+
+    def source(self, name: str) -> SourcePlan:
+        return next(s for s in self.sources if s.name == name)
+
+
+def resolve(recipe: Recipe) -> Plan:
+    """The plan of a checked recipe. Raises SourceError for a source file that is missing
+    and TokenizerError for an unusable tokenizer folder."""
+    folder = recipe.path.parent if recipe.path is not None else Path.cwd()
+    model = load_model(path_in(folder, recipe.model.tokenizer), recipe.model.chat_template)
+    written = [_source(recipe, folder, i, spec, f"source[{i}]") for i, spec in enumerate(recipe.source)]
+    generated = [
+        _generated(recipe, folder, len(written) + j, j, g) for j, g in enumerate(recipe.generate)
+    ]
+    sources = written + generated
+    return Plan(recipe=recipe, folder=folder, model=model, sources=sources, inputs=_inputs(recipe, model, sources))
+
+
+def path_in(folder: Path, value: str) -> Path:
+    """A path written in the recipe, relative to the recipe's folder."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else folder / p
+
+
+def _files(spec: SourceSpec, key: str, folder: Path) -> list[Path]:
+    patterns = [spec.path] if isinstance(spec.path, str) else list(spec.path)
+    files: list[Path] = []
+    for pat in patterns:
+        full = path_in(folder, pat)
+        if is_glob(pat):
+            matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True))
+            if not matches:
+                raise SourceError(f"source '{spec.name}' ({key}.path): no file matches '{pat}'")
+            files.extend(matches)
+        elif not full.is_file():
+            raise SourceError(f"source '{spec.name}' ({key}.path): file not found: {full}")
+        else:
+            files.append(full)
+    return files
+
+
+def format_of(name: str, declared: str | None, path: Path) -> str:
+    if declared:
+        return declared
+    ext = path.suffix.lower().lstrip(".")
+    if ext in ("jsonl", "ndjson"):
+        return "jsonl"
+    if ext in FORMATS:
+        return ext
+    raise SourceError(f"source '{name}': cannot tell the format of {path.name}; set format = \"jsonl\" | \"json\" | \"parquet\" | \"csv\"")
+
+
+def _join(spec: SourceSpec, key: str, folder: Path, files: list[Path]) -> JoinPlan | None:
+    join = spec.join
+    if join is None:
+        return None
+    if join.path is None:
+        file = files[0]
+    else:
+        file = path_in(folder, join.path)
+        if not file.is_file():
+            raise SourceError(f"source '{spec.name}' ({key}.join.path): file not found: {file}")
+    fmt = format_of(spec.name, join.format, file)
+    return JoinPlan(file=file, format=fmt, json_key=join.json_key, left_on=join.left_on, right_on=join.right_on)
+
+
+def _templates(recipe: Recipe, spec: SourceSpec) -> list[str]:
+    if spec.instructions is None:
+        templates: list[str] = []
+    elif isinstance(spec.instructions, list):
+        templates = list(spec.instructions)
+    else:
+        templates = load_pool(spec.instructions, recipe.pool).templates
+    if spec.layout == "caption" and not templates:
+        templates = load_pool("caption-brief", recipe.pool).templates
+    if spec.short_answer:
+        templates = [t + SHORT_ANSWER[spec.short_answer] for t in (templates or ["{question}"])]
+    return templates
+
+
+def _source(recipe: Recipe, folder: Path, index: int, spec: SourceSpec, key: str, generate: GeneratePlan | None = None) -> SourcePlan:
+    files = _files(spec, key, folder)
+    root = path_in(folder, spec.image_root) if spec.image_root else (files[0].parent if files else None)
+    return SourcePlan(
+        index=index,
+        name=spec.name,
+        key=key,
+        spec=spec,
+        files=files,
+        formats=[format_of(spec.name, spec.format, f) for f in files],
+        join=_join(spec, key, folder, files),
+        templates=_templates(recipe, spec),
+        template_fields=[k for k in spec.fields if k not in RESERVED_FIELDS],
+        image_root=root,
+        lengthen=_lengthen(recipe, folder, spec),
+        generate=generate,
+    )
+
+
+def _seed(recipe: Recipe, spec: LengthenSpec | GenerateSpec) -> int:
+    return spec.seed if spec.seed is not None else recipe.recipe.seed
+
+
+def _lengthen(recipe: Recipe, folder: Path, spec: SourceSpec) -> LengthenPlan | None:
+    if spec.lengthen is None:
+        return None
+    table, t = f"lengthen.{spec.lengthen}", recipe.lengthen[spec.lengthen]
+    if t.method == "template":
+        templates = t.templates or load_pool(t.pool or "", recipe.pool).templates
+        return LengthenPlan(table=table, spec=t, seed=_seed(recipe, t), fields=lengthen_fields(spec), templates=templates, cache=None)
+    cache = path_in(folder, t.cache or f"cache/{table}.jsonl").resolve()
+    return LengthenPlan(table=table, spec=t, seed=_seed(recipe, t), fields=lengthen_fields(spec), templates=[], cache=cache)
+
+
+def _generated(recipe: Recipe, folder: Path, index: int, j: int, g: GenerateSpec) -> SourcePlan:
+    """The conversation source a [[generate]] table becomes."""
+    table = f"generate.{g.name}"
+    plan = GeneratePlan(
+        table=table,
+        key=f"generate[{j}]",
+        spec=g,
+        seed=_seed(recipe, g),
+        seeds=path_in(folder, g.seeds) if g.seeds else None,
+        cache=path_in(folder, g.cache or f"cache/{table}.jsonl").resolve(),
+    )
+    image = {k: v for k, v in g.fields.items() if k in ("image", "images")}
+    spec = SourceSpec(
+        name=g.name, path=g.path, layout="conversation", format=g.format, json_key=g.json_key, fields=image,
+        image_root=g.image_root, weight=g.weight, max_epochs=g.max_epochs,
+    )
+    return _source(recipe, folder, index, spec, plan.key, generate=plan)
+
+
+def _inputs(recipe: Recipe, model: ModelFiles, sources: list[SourcePlan]) -> list[InputRef]:
+    """The files whose content the release records, in manifest order."""
+    items: list[InputRef] = []
+    if recipe.path:
+        items.append(InputRef("recipe", recipe.path))
+    items += [InputRef("recipe-base", base) for base in recipe.bases]
+    items += [InputRef("tokenizer", f) for f in model.files]
+    for s in sources:
+        items += [InputRef(f"source:{s.name}", f) for f in s.all_files]
+    written = recipe.source
+    pools = {s.instructions for s in written if isinstance(s.instructions, str) and s.instructions not in recipe.pool}
+    if any(s.layout == "caption" and s.instructions is None for s in written):
+        pools.add("caption-brief")
+    used = {s.lengthen for s in written if s.lengthen}
+    lengthen_pools = {t.pool for name, t in recipe.lengthen.items() if t.pool and t.pool not in recipe.pool and name in used}
+    for name in [*sorted(pools), *sorted(lengthen_pools - pools)]:
+        path = builtin_pool_path(name)
+        if path:
+            items.append(InputRef(f"pool:{name}", path))
+    # The call caches (a release rebuilds from them without the endpoint) and seed examples.
+    llm: dict[str, Path] = {}
+    for s in sources:
+        if s.lengthen is not None and s.lengthen.cache is not None:
+            llm[f"{CACHE_ROLE}{s.lengthen.table}"] = s.lengthen.cache
+        if s.generate is not None:
+            llm[f"{CACHE_ROLE}{s.generate.table}"] = s.generate.cache
+            if s.generate.seeds is not None:
+                llm[f"seeds:{s.generate.table}"] = s.generate.seeds
+    items += [InputRef(role, path) for role, path in sorted(llm.items())]
+    return items

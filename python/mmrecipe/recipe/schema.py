@@ -1,0 +1,182 @@
+"""The recipe language as typed structs: what a TOML recipe may say, with defaults. Parsing
+and checking live in `load` and `validate`; `plan` resolves a checked recipe once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+class _Spec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class RecipeMeta(_Spec, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    version: str = "0.0.0"
+    seed: int = 0
+    description: str = ""
+
+
+class ImageSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    """How images become tokens: `count` per image, or computed from the image size."""
+
+    placeholder: str = "<image>"
+    token: str = "<image>"
+    count: int | None = None
+    patch: int = 14
+    merge: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    start: str | None = None
+    end: str | None = None
+
+
+class ModelSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    tokenizer: str
+    chat_template: str = "model"
+    image: ImageSpec | None = None
+
+
+class OutputSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    seq_len: int = 4096
+    packing: Literal["bfd", "none"] = "bfd"
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    train_on_eos: bool = True
+    overlong: Literal["drop", "truncate", "split_turns"] = "drop"
+    shuffle: bool = True
+    shard_sequences: int = 4096
+
+
+class MixtureSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    """`total`: "natural" (every usable row once), { samples = N } or { tokens = N }.
+    `alpha`: temperature sampling, a source's share ∝ weight × rows^alpha."""
+
+    total: str | dict[str, int] = "natural"
+    alpha: float = 0.0
+
+
+Layout = Literal["qa", "caption", "conversation", "alpaca"]
+Format = Literal["jsonl", "json", "parquet", "csv"]
+
+# Fields a layout consumes itself; any other mapped field is available to templates.
+RESERVED_FIELDS = frozenset(
+    {"image", "images", "question", "answer", "caption", "conversations", "instruction", "input", "output"}
+)
+
+
+class JoinSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    """A second table joined to the source's rows: each row gets the columns of the one
+    record whose `right_on` equals the row's `left_on` (VQAv2 annotations by
+    question_id, COCO images by image_id = id). `path` defaults to the source's file."""
+
+    left_on: str
+    right_on: str
+    path: str | None = None
+    format: Format | None = None
+    json_key: str | None = None
+
+
+class SourceSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    path: str | list[str]
+    layout: Layout
+    format: Format | None = None
+    json_key: str | None = None
+    join: JoinSpec | None = None
+    # "image": all questions about one image become one multi-turn conversation (qa only).
+    group_by: Literal["image"] | None = None
+    fields: dict[str, str] = {}
+    roles: dict[str, str] = {}
+    instructions: str | list[str] | None = None
+    image_root: str | None = None
+    weight: float = 1.0
+    max_epochs: float | None = None
+    short_answer: Literal["word", "sentence"] | None = None
+    # A [lengthen.NAME] table that rewrites this source's answers (qa only).
+    lengthen: str | None = None
+    on_error: Literal["fail", "skip"] = "fail"
+
+
+class PoolSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    templates: list[str]
+    description: str = ""
+    task: str = ""
+
+
+class LLMSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    """An OpenAI-compatible chat endpoint and how to call it. Everything that shapes a
+    reply (model, system prompt, sampling parameters) is part of each call's cache key;
+    how it is called (endpoint, concurrency, timeout, retries) is not."""
+
+    endpoint: str = "http://127.0.0.1:8080/v1"
+    model: str | None = None
+    # The name of an environment variable holding the API key (never the key itself).
+    api_key_env: str | None = None
+    system: str | None = None
+    temperature: float = 0.7
+    top_p: float | None = None
+    max_tokens: int = 256
+    # Sent with each call; default: the recipe seed.
+    seed: int | None = None
+    concurrency: int = 4
+    timeout: float = 120.0
+    retries: int = 3
+    backoff: float = 1.0
+    # JSON Lines of finished calls, relative to the recipe; default cache/<table>.jsonl.
+    cache: str | None = None
+
+
+class LengthenSpec(LLMSpec, kw_only=True, forbid_unknown_fields=True):
+    """`[lengthen.NAME]`: rewrite a qa source's short answers. method "llm" asks the
+    endpoint with `prompt` filled from the row's fields; method "template" restates the
+    answer with a sentence template from `templates` or `pool`, chosen per row."""
+
+    method: Literal["llm", "template"] = "llm"
+    prompt: str | None = None
+    templates: list[str] | None = None
+    pool: str | None = None
+    # A failed call: keep the original answer, drop the sample, or stop the build.
+    on_error: Literal["keep", "drop", "fail"] = "keep"
+
+
+class GenerateSpec(LLMSpec, kw_only=True, forbid_unknown_fields=True):
+    """`[[generate]]`: conversations written by an LLM from symbolic image context
+    (captions, boxes) and hand-written seed examples, LLaVA-style; the result is a
+    conversation source named `name`, mixed like any other."""
+
+    name: str
+    path: str | list[str]
+    format: Format | None = None
+    # For a JSON file whose records are a list under a key.
+    json_key: str | None = None
+    fields: dict[str, str] = {}
+    # The user turn of each call: a template over `fields`.
+    context: str
+    # JSON Lines of examples: {"context": ..., "conversation": [{from, value}, ...]}.
+    seeds: str | None = None
+    reply: Literal["qa", "json"] = "qa"
+    min_turns: int = 1
+    conversations: int = 1
+    image_root: str | None = None
+    weight: float = 1.0
+    max_epochs: float | None = None
+    on_error: Literal["drop", "fail"] = "drop"
+
+
+class Recipe(_Spec, kw_only=True, forbid_unknown_fields=True):
+    recipe: RecipeMeta
+    model: ModelSpec
+    output: OutputSpec = msgspec.field(default_factory=OutputSpec)
+    mixture: MixtureSpec = msgspec.field(default_factory=MixtureSpec)
+    source: list[SourceSpec]
+    pool: dict[str, PoolSpec] = {}
+    lengthen: dict[str, LengthenSpec] = {}
+    generate: list[GenerateSpec] = []
+    # Set by `load_recipe`, not by the TOML file: the recipe file, and the files it
+    # extends (nearest first).
+    path: Path | None = None
+    bases: list[Path] = []
+
+

@@ -1,0 +1,275 @@
+"""Every problem of a recipe at once, each with its key path (``source[1].fields.answer``)
+and what was expected: unknown keys (with a suggestion for typos), types, and the rules
+that span keys."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .pools import builtin_pool_path, builtin_pools
+from .schema import RESERVED_FIELDS, LLMSpec, Recipe, SourceSpec
+
+_NOT_FROM_TOML = ("path", "bases")
+
+
+def _struct_fields(tp: Any) -> dict[str, Any] | None:
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        hints = typing.get_type_hints(tp)
+        return {f: hints[f] for f in tp.__struct_fields__ if not (tp is Recipe and f in _NOT_FROM_TOML)}
+    return None
+
+
+def unknown_keys(data: Any, tp: Any, where: str, out: list[str]) -> None:
+    """Collects every unknown key under `data`, with a suggestion for likely typos."""
+    fields = _struct_fields(tp)
+    if fields is not None and isinstance(data, dict):
+        for key, value in list(data.items()):
+            if key not in fields:
+                close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(fields)})"
+                out.append(f"{where + '.' if where else ''}{key}: unknown key{hint}")
+                del data[key]  # so the remaining checks can still run
+            else:
+                unknown_keys(value, fields[key], f"{where + '.' if where else ''}{key}", out)
+        return
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is list and isinstance(data, list):
+        for i, item in enumerate(data):
+            unknown_keys(item, args[0], f"{where}[{i}]", out)
+    elif origin is dict and isinstance(data, dict) and len(args) == 2:
+        for k, v in data.items():
+            unknown_keys(v, args[1], f"{where}.{k}", out)
+    elif args:  # unions: check against the struct member, if any
+        for a in args:
+            if _struct_fields(a) is not None and isinstance(data, dict):
+                unknown_keys(data, a, where, out)
+
+
+def msgspec_path(err: msgspec.ValidationError) -> tuple[str, str]:
+    text = str(err)
+    message, _, at = text.partition(" - at `")
+    key = at.rstrip("`").removeprefix("$").lstrip(".")
+    return key, message
+
+
+def name_table_key(key: str, data: dict[str, Any]) -> str:
+    """msgspec writes a key of a top-level table of tables as `[...]`
+    (`lengthen[...].on_error`): name the entry that fails (`lengthen.rephrase.on_error`)."""
+    head, sep, rest = key.partition("[...]")
+    hint = typing.get_type_hints(Recipe).get(head) if sep else None
+    tables = data.get(head)
+    if hint is None or typing.get_origin(hint) is not dict or not isinstance(tables, dict):
+        return key
+    value_type = typing.get_args(hint)[1]
+    for name, value in tables.items():
+        try:
+            msgspec.convert(value, value_type)
+        except msgspec.ValidationError:
+            return f"{head}.{name}{rest}"
+    return key
+
+
+def semantic_problems(r: Recipe) -> list[str]:
+    p: list[str] = []
+    if r.output.seq_len < 16:
+        p.append(f"output.seq_len: {r.output.seq_len} is too short (at least 16)")
+    if r.output.shard_sequences < 1:
+        p.append("output.shard_sequences: must be at least 1")
+    total = r.mixture.total
+    if isinstance(total, str):
+        if total != "natural":
+            p.append(f"mixture.total: '{total}' is not a mixture total (expected \"natural\" or {{ samples = N }})")
+    else:
+        keys = set(total)
+        if len(keys) != 1 or not keys <= {"samples", "tokens"}:
+            p.append(f"mixture.total: expected {{ samples = N }} or {{ tokens = N }}, got keys {sorted(keys)}")
+        elif next(iter(total.values())) < 1:
+            p.append(f"mixture.total.{next(iter(keys))}: must be at least 1")
+    if r.mixture.alpha < 0:
+        p.append(f"mixture.alpha: must be >= 0, got {r.mixture.alpha}")
+    if not r.source:
+        p.append("source: the recipe has no [[source]]")
+    seen: dict[str, int] = {}
+    for i, s in enumerate(r.source):
+        if s.name in seen:
+            p.append(f"source[{i}].name: duplicate source name '{s.name}' (also source[{seen[s.name]}])")
+        seen.setdefault(s.name, i)
+        if not s.name.strip():
+            p.append(f"source[{i}].name: must not be empty")
+        if not (s.weight > 0):
+            p.append(f"source[{i}].weight: must be > 0, got {s.weight}")
+        if s.max_epochs is not None and not (s.max_epochs > 0):
+            p.append(f"source[{i}].max_epochs: must be > 0, got {s.max_epochs}")
+        if s.short_answer and s.layout != "qa":
+            p.append(f"source[{i}].short_answer: only applies to the 'qa' layout")
+        p += _group_by_problems(s, i)
+        if s.join is not None and s.join.path is None and (isinstance(s.path, list) or is_glob(s.path)):
+            p.append(f"source[{i}].join.path: source '{s.name}' reads several files; name the one file to join")
+        required = {"qa": ("question", "answer"), "caption": ("caption",), "alpaca": (), "conversation": ()}[s.layout]
+        for f in required:
+            if f not in s.fields:
+                p.append(f"source[{i}].fields.{f}: the '{s.layout}' layout needs a '{f}' field path")
+        if isinstance(s.instructions, str) and s.instructions not in r.pool and builtin_pool_path(s.instructions) is None:
+            names = sorted(set(r.pool) | set(builtin_pools()))
+            close = difflib.get_close_matches(s.instructions, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known pools: {', '.join(names)})"
+            p.append(f"source[{i}].instructions: no pool named '{s.instructions}'{hint}")
+    if r.model.image is not None:
+        img = r.model.image
+        if img.count is not None and img.count < 1:
+            p.append("model.image.count: must be at least 1")
+        if img.count is None and (img.patch < 1 or img.merge < 1):
+            p.append("model.image: patch and merge must be at least 1")
+    for name, pool in r.pool.items():
+        if not pool.templates:
+            p.append(f"pool.{name}.templates: the pool is empty")
+    p += _lengthen_problems(r)
+    p += _generate_problems(r, seen)
+    return p
+
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+
+
+def placeholders(template: str) -> list[str]:
+    """The `{field}` names of a template (`{{` and `}}` are literal braces)."""
+    return [m.group(1).strip() for m in _PLACEHOLDER.finditer(template) if m.group(1) is not None]
+
+
+def _llm_problems(spec: LLMSpec, where: str) -> list[str]:
+    p = []
+    if not spec.model:
+        p.append(f"{where}.model: name the model the endpoint serves")
+    if not re.match(r"https?://", spec.endpoint):
+        p.append(f"{where}.endpoint: expected an http:// or https:// URL, got {spec.endpoint!r}")
+    for key, low in (("concurrency", 1), ("max_tokens", 1), ("retries", 0)):
+        if getattr(spec, key) < low:
+            p.append(f"{where}.{key}: must be at least {low}, got {getattr(spec, key)}")
+    if not spec.timeout > 0:  # `not >` also catches NaN
+        p.append(f"{where}.timeout: must be > 0, got {spec.timeout}")
+    if not spec.backoff >= 0:
+        p.append(f"{where}.backoff: must be >= 0, got {spec.backoff}")
+    if spec.temperature < 0:
+        p.append(f"{where}.temperature: must be >= 0, got {spec.temperature}")
+    return p
+
+
+def lengthen_fields(spec: SourceSpec) -> list[str]:
+    """The placeholders a lengthening prompt or template may use on a qa source."""
+    return ["question", "answer", *[k for k in spec.fields if k not in ("question", "answer")]]
+
+
+def _lengthen_problems(r: Recipe) -> list[str]:
+    p: list[str] = []
+    for name, spec in r.lengthen.items():
+        where = f"lengthen.{name}"
+        if spec.method == "llm":
+            if not spec.prompt:
+                p.append(f"{where}.prompt: method \"llm\" needs a prompt, e.g. \"Question: {{question}}\\nAnswer: {{answer}}\\nRewrite the answer as one sentence.\"")
+            if spec.templates is not None or spec.pool is not None:
+                p.append(f"{where}: templates and pool belong to method \"template\"")
+            p += _llm_problems(spec, where)
+        else:
+            if spec.prompt is not None:
+                p.append(f"{where}.prompt: method \"template\" takes templates or pool, not a prompt")
+            if (spec.templates is None) == (spec.pool is None):
+                p.append(f"{where}: method \"template\" needs one of templates = [...] or pool = \"answer-sentence\"")
+            elif spec.templates is not None and not spec.templates:
+                p.append(f"{where}.templates: the list is empty")
+            elif spec.pool is not None and spec.pool not in r.pool and builtin_pool_path(spec.pool) is None:
+                p.append(f"{where}.pool: no pool named '{spec.pool}' (built-in: {', '.join(builtin_pools())})")
+            if spec.on_error == "drop":
+                p.append(f"{where}.on_error: a template cannot fail; on_error applies to method \"llm\"")
+    for i, s in enumerate(r.source):
+        if s.lengthen is None:
+            continue
+        where = f"source[{i}].lengthen"
+        if s.lengthen not in r.lengthen:
+            close = difflib.get_close_matches(s.lengthen, list(r.lengthen), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (tables: {', '.join(r.lengthen) or 'none; add [lengthen.NAME]'})"
+            p.append(f"{where}: no [lengthen.{s.lengthen}] table{hint}")
+            continue
+        if s.layout != "qa":
+            p.append(f"{where}: only a 'qa' source has short answers to lengthen (source '{s.name}' is '{s.layout}')")
+            continue
+        if s.short_answer:
+            p.append(f"{where}: a lengthened answer is not short; remove short_answer from source '{s.name}'")
+        spec = r.lengthen[s.lengthen]
+        texts = [spec.prompt or ""] if spec.method == "llm" else list(spec.templates or [])
+        known = lengthen_fields(s)
+        for t in texts:
+            for f in placeholders(t):
+                if f not in known:
+                    p.append(f"{where}: lengthen.{s.lengthen} uses {{{f}}}, which source '{s.name}' does not map (fields: {', '.join(known)})")
+    return p
+
+
+def _generate_problems(r: Recipe, names: dict[str, int]) -> list[str]:
+    p: list[str] = []
+    for j, g in enumerate(r.generate):
+        where = f"generate[{j}]"
+        if g.name in names:
+            p.append(f"{where}.name: '{g.name}' is already the name of a source")
+        names.setdefault(g.name, j)
+        if not g.name.strip():
+            p.append(f"{where}.name: must not be empty")
+        p += _llm_problems(g, where)
+        for f in placeholders(g.context):
+            if f not in g.fields:
+                p.append(f"{where}.context: uses {{{f}}}, which fields does not map (fields: {', '.join(g.fields) or 'none'})")
+        if not placeholders(g.context):
+            p.append(f"{where}.context: the template uses no field, so every call would be the same")
+        for key in ("min_turns", "conversations"):
+            if getattr(g, key) < 1:
+                p.append(f"{where}.{key}: must be at least 1, got {getattr(g, key)}")
+        if not (g.weight > 0):
+            p.append(f"{where}.weight: must be > 0, got {g.weight}")
+        if g.max_epochs is not None and not (g.max_epochs > 0):
+            p.append(f"{where}.max_epochs: must be > 0, got {g.max_epochs}")
+    return p
+
+def is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def _group_by_problems(s: SourceSpec, i: int) -> list[str]:
+    if s.group_by is None:
+        return []
+    where = f"source[{i}].group_by"
+    if s.layout != "qa":
+        return [f"{where}: only applies to the 'qa' layout (questions about one image become one conversation)"]
+    if "image" not in s.fields:
+        return [f"{where}: grouping by image needs fields.image"]
+    per_question = sorted(k for k in s.fields if k not in RESERVED_FIELDS)
+    if per_question:
+        # One conversation holds many questions, but a template field has one value per sample.
+        return [f"{where}: template fields ({', '.join(per_question)}) cannot be combined with group_by; "
+                "use templates with {question} only, or remove group_by"]
+    return []
+
+
+
+def name_merged_sources(problems: list[str], start: int, data: dict[str, Any], bases: list[Path]) -> None:
+    """In a merged recipe, source[i] counts the merged sources: name the source, too."""
+    sources = data.get("source")
+    if not bases or not isinstance(sources, list):
+        return
+    for k in range(start, len(problems)):
+        m = re.match(r"source\[(\d+)\]", problems[k])
+        entry = sources[int(m.group(1))] if m and int(m.group(1)) < len(sources) else None
+        if isinstance(entry, dict):
+            problems[k] += f" (source {entry.get('name')!r} of the merged recipe)"
+
+
+
+def report(where: str, problems: list[str]) -> str:
+    head = f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the recipe"
+    return head + "\n" + "\n".join(f"  - {p}" for p in problems)
+

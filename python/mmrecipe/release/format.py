@@ -1,0 +1,99 @@
+"""The release format, in one place: the files of a release, the manifest's fields, and
+the one column vocabulary of the shards that the Rust emitter, the writer, verify, stats,
+diff and the torch reader all use.
+
+    out/NAME/
+      manifest.json            Manifest: the resolved recipe, every input's sha256, shards
+      stats.json               the build summary: per source and in total
+      data/part-NNNNN.parquet  one row per packed sequence, the columns of COLUMNS
+
+Each column is a list per packed row. Its values are cut into rows by one of three
+offset arrays the core emits: `row_offsets` (one entry per token), `segment_offsets`
+(one per packed sample) or `image_offsets` (one per image)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import msgspec
+import pyarrow as pa
+
+from ..errors import ReleaseError
+
+FORMAT = "mmrecipe-release/1"
+MANIFEST = "manifest.json"
+STATS = "stats.json"
+DATA = "data"
+ROW_GROUP = 256
+
+
+class Column(NamedTuple):
+    name: str
+    type: pa.DataType  # the Arrow type of the list's values
+    per: Literal["token", "segment", "image"]  # which offsets cut it into rows
+    meaning: str
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("input_ids", pa.uint32(), "token", "token ids of the packed sequence"),
+    Column("loss_mask", pa.uint8(), "token", "1 where the token is trained (a response token)"),
+    Column("segment_lengths", pa.uint32(), "segment", "tokens of each packed sample, in order"),
+    Column("segment_source", pa.uint16(), "segment", "index of the sample's source in manifest.sources"),
+    Column("segment_row", pa.uint64(), "segment", "the sample's row in its source"),
+    Column("segment_part", pa.uint16(), "segment", "part of a conversation split at turns (0 if whole)"),
+    Column("segment_template", pa.int32(), "segment", "instruction template chosen (-1: none)"),
+    Column("segment_repeat", pa.uint32(), "segment", "pass over an upsampled source (0 for the first)"),
+    Column("segment_images", pa.uint32(), "segment", "images in the sample"),
+    Column("image_positions", pa.uint32(), "image", "first token of each image run"),
+    Column("image_lengths", pa.uint32(), "image", "tokens of each image run"),
+    Column("image_paths", pa.string(), "image", "each image's path, relative to its source's image root"),
+)
+COLUMN_NAMES = tuple(c.name for c in COLUMNS)
+OFFSETS = {"token": "row_offsets", "segment": "segment_offsets", "image": "image_offsets"}
+
+
+class InputFile(msgspec.Struct):
+    role: str
+    path: str
+    sha256: str
+    bytes: int
+
+
+class Shard(msgspec.Struct):
+    path: str
+    sha256: str
+    sequences: int
+    tokens: int
+
+
+class Manifest(msgspec.Struct):
+    format: str
+    mmrecipe_version: str
+    name: str
+    version: str
+    seed: int
+    recipe: dict[str, Any]
+    inputs: list[InputFile]
+    sources: list[str]
+    chat_template: str
+    seq_len: int
+    pad_token_id: int
+    shards: list[Shard]
+    totals: dict[str, Any]
+    release_id: str = ""
+
+
+def read_manifest(release: str | Path) -> Manifest:
+    path = Path(release) / MANIFEST
+    if not path.is_file():
+        raise ReleaseError(f"{release} is not a release: no {MANIFEST}")
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Manifest)
+    except msgspec.DecodeError as e:
+        raise ReleaseError(f"{path}: not a valid manifest: {e}") from None
+
+
+def read_stats(release: str | Path) -> dict[str, Any]:
+    return json.loads((Path(release) / STATS).read_text("utf-8"))

@@ -1,0 +1,125 @@
+"""`recipe verify`: do a release's files still hash to what its manifest says, and (given
+the recipe's folder) do its inputs?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from ..errors import LLMError, ReleaseError
+from ..hashing import bytes_sha256, file_sha256
+from ..llm.cache import cache_digest
+from ..recipe.plan import CACHE_ROLE
+from .format import DATA, MANIFEST, STATS, read_manifest, read_stats
+
+
+@dataclass
+class Problem:
+    kind: str  # "changed", "missing", "extra" or "inconsistent"
+    path: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind:<12} {self.path}: {self.detail}"
+
+
+@dataclass
+class VerifyReport:
+    release: Path
+    release_id: str
+    shards: int
+    inputs: int | None  # None: the inputs were not checked (no recipe folder given)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def expected_release_id(manifest_bytes: bytes) -> str:
+    """The release id the builder gives this manifest: sha256 of its compact JSON with
+    `release_id` empty. Decoded generically (not into `Manifest`) so that a field this
+    version does not know still counts."""
+    raw = msgspec.json.decode(manifest_bytes)
+    raw["release_id"] = ""
+    return bytes_sha256(msgspec.json.encode(raw))
+
+
+def _short(sha: str) -> str:
+    return sha[:12]
+
+
+def _check_file(path: Path, shown: str, sha256: str, size: int | None, problems: list[Problem], role: str = "") -> None:
+    if not path.is_file():
+        problems.append(Problem("missing", shown, "listed in the manifest but not found"))
+        return
+    if role.startswith(CACHE_ROLE):  # a call cache is hashed by its content (see cache_digest)
+        try:
+            actual, now = cache_digest(path)
+        except LLMError as e:
+            problems.append(Problem("changed", shown, str(e)))
+            return
+    else:
+        actual, now = file_sha256(path), path.stat().st_size
+    if actual != sha256:
+        # The size says whether bytes were edited in place or the file was cut or grown.
+        sizes = f", {now:,} bytes (manifest: {size:,})" if size is not None and now != size else ""
+        problems.append(Problem("changed", shown, f"sha256 {_short(actual)}… (manifest: {_short(sha256)}…){sizes}"))
+
+
+def recipe_folder(path: str | Path) -> Path:
+    """The folder input paths are relative to: `path` itself, or its folder when `path` is
+    the recipe file."""
+    p = Path(path)
+    if p.is_file():
+        return p.parent
+    if not p.is_dir():
+        raise ReleaseError(f"--recipe-dir {p}: no such folder or recipe file")
+    return p
+
+
+def verify(release: str | Path, recipe_dir: str | Path | None = None) -> VerifyReport:
+    """Re-hashes every shard (and, given the folder of the recipe, every input) against
+    the manifest, and names each file that differs, is missing or is not listed."""
+    release = Path(release)
+    manifest = read_manifest(release)
+    manifest_bytes = (release / MANIFEST).read_bytes()
+    report = VerifyReport(release, manifest.release_id, len(manifest.shards), None)
+    problems = report.problems
+
+    expected = expected_release_id(manifest_bytes)
+    if expected != manifest.release_id:
+        problems.append(Problem("changed", MANIFEST, f"release_id {_short(manifest.release_id)}… does not match its content ({_short(expected)}…)"))
+
+    for shard in manifest.shards:
+        _check_file(release / shard.path, shard.path, shard.sha256, None, problems)
+    listed = {Path(s.path) for s in manifest.shards}
+    data = release / DATA
+    if data.is_dir():
+        for path in sorted(data.rglob("*")):
+            rel = path.relative_to(release)
+            if path.is_file() and rel not in listed:
+                problems.append(Problem("extra", rel.as_posix(), "in data/ but not in the manifest"))
+
+    stats_path = release / STATS
+    if not stats_path.is_file():
+        problems.append(Problem("missing", STATS, "the build summary is missing"))
+    else:
+        try:
+            totals = {k: v for k, v in read_stats(release).items() if k != "sources"}
+        except ValueError:  # not JSON any more
+            totals = None
+            problems.append(Problem("changed", STATS, "not valid JSON"))
+        if totals is not None and totals != manifest.totals:
+            keys = sorted(k for k in totals.keys() | manifest.totals.keys() if totals.get(k) != manifest.totals.get(k))
+            problems.append(Problem("inconsistent", STATS, f"totals differ from the manifest's: {', '.join(keys)}"))
+
+    if recipe_dir is not None:
+        base = recipe_folder(recipe_dir)
+        for item in manifest.inputs:
+            path = Path(item.path)
+            _check_file(path if path.is_absolute() else base / path, f"{item.path} ({item.role})", item.sha256, item.bytes, problems, item.role)
+        report.inputs = len(manifest.inputs)
+    return report

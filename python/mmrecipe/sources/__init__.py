@@ -1,0 +1,3 @@
+"""Sources: files read (`read`), field paths resolved (`fieldpath`, `fields`), second tables
+joined (`joins`), and one function per layout turning rows into the internal form
+(`layouts`, `columns`)."""

@@ -1,0 +1,96 @@
+"""Source files to polars frames: jsonl / json / parquet / csv, whole or (JSON Lines and
+JSON arrays) a slice of records at a time, which keeps memory flat in a source's size."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterator
+
+import msgspec
+import polars as pl
+
+from .. import _core
+from ..errors import SourceError
+from ..recipe.plan import SourcePlan
+
+
+def read_file(name: str, path: Path, fmt: str, json_key: str | None = None) -> pl.DataFrame:
+    """All rows of one file of source `name` (for messages)."""
+    if path.stat().st_size == 0:
+        return pl.DataFrame()
+    try:
+        if fmt == "jsonl":
+            try:
+                return pl.read_ndjson(path, infer_schema_length=None)
+            except Exception:
+                raise_bad_json_line(name, path)
+                raise
+        if fmt == "json":
+            frame = pl.read_json(path, infer_schema_length=None)
+            if json_key:
+                if json_key not in frame.columns:
+                    raise SourceError(f"source '{name}': {path.name} has no top-level key '{json_key}' (json_key)")
+                frame = frame.select(pl.col(json_key).explode()).unnest(json_key)
+            return frame
+        if fmt == "parquet":
+            return pl.read_parquet(path)
+        return pl.read_csv(path, infer_schema_length=None)
+    except SourceError:
+        raise
+    except Exception as e:  # polars raises several exception types for unreadable input
+        raise SourceError(f"source '{name}': cannot read {path} as {fmt}: {e}") from None
+
+
+def raise_bad_json_line(name: str, path: Path) -> None:
+    """On the error path only: finds the first line that is not a JSON object."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                line.decode("utf-8")  # checked first: msgspec versions report bad UTF-8 differently
+            except UnicodeDecodeError:
+                raise SourceError(f"source '{name}': {path}, line {number}: not UTF-8 text") from None
+            try:
+                value = msgspec.json.decode(line)
+            except msgspec.DecodeError as e:
+                raise SourceError(f"source '{name}': {path}, line {number}: malformed JSON ({e})") from None
+            if not isinstance(value, dict):
+                raise SourceError(f"source '{name}': {path}, line {number}: expected a JSON object, got {type(value).__name__}")
+
+
+def read_all(source: SourcePlan) -> pl.DataFrame:
+    """Every row of the source's files (one frame; columns a file lacks are null)."""
+    spec = source.spec
+    frames = [read_file(spec.name, f, fmt, spec.json_key) for f, fmt in zip(source.files, source.formats)]
+    frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+    if frame.height == 0:
+        raise no_rows(source)
+    return frame
+
+
+def read_slices(source: SourcePlan, rows: int) -> Iterator[pl.DataFrame]:
+    """A streamable source, `rows` records at a time, in file order."""
+    name = source.name
+    total = 0
+    for path, fmt in zip(source.files, source.formats):
+        try:
+            reader = _core.JsonChunks(str(path), fmt == "json")
+            while (chunk := reader.next_chunk(rows)) is not None:
+                try:
+                    frame = pl.read_ndjson(io.BytesIO(chunk), infer_schema_length=None)
+                except Exception:
+                    if fmt == "jsonl":
+                        raise_bad_json_line(name, path)
+                    raise
+                total += frame.height
+                yield frame
+        except (ValueError, OSError, pl.exceptions.PolarsError) as e:
+            raise SourceError(f"source '{name}': cannot read {path}: {e}") from None
+    if total == 0:
+        raise no_rows(source)
+
+
+def no_rows(source: SourcePlan) -> SourceError:
+    return SourceError(f"source '{source.name}': no rows in {', '.join(str(f) for f in source.files)}")
