@@ -78,14 +78,21 @@ def test_same_release_for_one_or_two_threads(tmp_path):
 
 
 def test_existing_release_is_kept_unless_overwrite(tmp_path, demo_release):
+    import shutil
+
     out = tmp_path / "r"
-    out.mkdir()
+    shutil.copytree(demo_release, out)
     (out / "keep").write_text("x")
     with pytest.raises(ReleaseError, match="already exists"):
         build(DEMO, out, progress=False)
     assert (out / "keep").read_text() == "x"
-    build(DEMO, out, progress=False, overwrite=True)
+    build(DEMO, out, progress=False, overwrite=True)  # a release may be replaced
     assert (out / "manifest.json").is_file() and not (out / "keep").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(ReleaseError, match="is not a release"):  # a user's folder may not
+        build(DEMO, tmp_path / "mine", progress=False, overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "x"
 
 
 def test_failed_build_leaves_nothing(tmp_path):

@@ -404,3 +404,14 @@ def test_extends_reports_every_problem_of_the_merged_recipe(folder):
 def test_remove_needs_extends(folder):
     with pytest.raises(RecipeError, match=r"source\[0\]\.remove: only a recipe with `extends`"):
         load_recipe(write(folder, BASE.replace('name = "chat"', 'name = "chat"\nremove = true')))
+
+
+def test_extends_replaces_the_image_rule_whole(folder):
+    """A child's grid rule must not merge under the base's fixed count (count would win)."""
+    _, other = two_folders(folder)
+    child = other / "grid.toml"
+    child.write_text('extends = "../r.toml"\n[model]\nimage = { placeholder = "<image>", token = "<image>", patch = 14, merge = 2 }\n')
+    image = load_recipe(child).model.image
+    assert image is not None and image.count is None and (image.patch, image.merge) == (14, 2)
+    # Other tables still merge key by key: the base's tokenizer stays.
+    assert load_recipe(child).model.tokenizer == load_recipe(folder / "r.toml").model.tokenizer

@@ -10,6 +10,7 @@ Python orchestrates whole batches; no loop runs per sample."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -27,7 +28,9 @@ from .llm.cache import cache_digest
 from .llm.stages import LLMStages
 from .recipe import Plan, Recipe, SourcePlan, load_recipe, resolve
 from .recipe.plan import CACHE_ROLE
+from .recipe.pools import BUILTIN_PREFIX, pools_dir
 from .release.format import FORMAT, MANIFEST, STATS, InputFile, Manifest
+from .release.guard import check_destination, lock
 from .release.write import spill_prefix, staging, write_json, write_shards
 from .sources.columns import Normalized
 from .sources.fields import as_text, require, resolve_rows, resolves_on_no_row
@@ -96,6 +99,15 @@ def normalize_rows(source: SourcePlan, stages: LLMStages, frame: Any, offset: in
     return to_internal(rows)
 
 
+def protected_paths(plan: Plan) -> list[Path]:
+    """What a release may never replace or hold: every input file, the tokenizer's and
+    the recipe's folders, and every source's image root."""
+    paths = [ref.path for ref in plan.inputs]
+    paths += [plan.folder, plan.model.tokenizer_json.parent]
+    paths += [s.image_root for s in plan.sources if s.image_root is not None]
+    return paths
+
+
 def input_files(plan: Plan) -> list[InputFile]:
     """The plan's inputs with their content hashes (call caches by their content, so the
     order calls finished in does not change the release), paths relative to the recipe."""
@@ -106,16 +118,25 @@ def input_files(plan: Plan) -> list[InputFile]:
         if ref.role.startswith(CACHE_ROLE) or ref.role.startswith("seeds:"):
             if not path.is_file():
                 continue  # a table whose cache was never written
-        try:
-            shown = str(path.resolve().relative_to(base))
-        except ValueError:
-            shown = str(path)
+        shown = _shown_path(ref.role, path, base)
         if ref.role.startswith(CACHE_ROLE):
             sha256, size = cache_digest(path)
         else:
             sha256, size = file_sha256(path), path.stat().st_size
         items.append(InputFile(role=ref.role, path=shown, sha256=sha256, bytes=size))
     return items
+
+
+def _shown_path(role: str, path: Path, base: Path) -> str:
+    """How the manifest names an input: a built-in pool by its name in the package (not
+    where mmrecipe is installed), anything else relative to the recipe's folder, so the
+    release id follows content, not the paths of this machine."""
+    if role.startswith("pool:") and path.resolve().parent == pools_dir():
+        return f"{BUILTIN_PREFIX}{path.name}"
+    try:
+        return os.path.relpath(path.resolve(), base)
+    except ValueError:  # no relative path between them (another drive on Windows)
+        return str(path)
 
 
 def recipe_data(recipe: Recipe) -> dict[str, Any]:
@@ -155,9 +176,9 @@ def build(
     endpoints only for what their caches lack; `offline` makes no call at all (and fails
     naming what is missing), `retry_failed` asks again for calls recorded as failed."""
     plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
-    out = Path(out)
+    out = check_destination(Path(out), overwrite, protected_paths(plan))
     stages = LLMStages(plan, mode="offline" if offline else "online", retry_failed=retry_failed, progress=progress)
-    with stages, staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=spill_prefix(out)) as spill:
+    with lock(out), stages, staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=spill_prefix(out)) as spill:
         timings: dict[str, float] = {}
         clock = [time.perf_counter()]
 

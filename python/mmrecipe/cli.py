@@ -126,9 +126,10 @@ def format_summary(summary: dict[str, Any], out: Path) -> str:
 def cmd_build(args: argparse.Namespace) -> int:
     from .builder import build
     from .recipe import load_recipe
+    from .release.guard import default_name
 
     recipe = load_recipe(args.recipe)
-    out = Path(args.out) if args.out else Path("out") / f"{recipe.recipe.name}-{recipe.recipe.version}"
+    out = Path(args.out) if args.out else Path("out") / default_name(recipe.recipe.name, recipe.recipe.version)
     result = build(
         recipe, out, threads=args.threads, overwrite=args.overwrite, progress=not args.quiet,
         offline=args.offline, retry_failed=args.retry_failed,

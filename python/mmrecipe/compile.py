@@ -18,7 +18,9 @@ import pyarrow as pa
 
 from . import _core
 from .buffers import arrow, string_buffers
+from .recipe.model import ModelFiles
 from .recipe.plan import Plan
+from .recipe.schema import ImageSpec, OutputSpec
 from .sources.columns import CONTENTS, IMAGES, ROLES, ROW, Normalized, template_column
 
 
@@ -26,7 +28,6 @@ def core_plan(plan: Plan) -> dict[str, Any]:
     """The build plan the Rust core executes (it needs no source data)."""
     recipe = plan.recipe
     total = recipe.mixture.total
-    mixture: Any = "natural" if isinstance(total, str) else dict(total)
     sources = [
         {
             "name": s.name,
@@ -39,22 +40,28 @@ def core_plan(plan: Plan) -> dict[str, Any]:
         }
         for s in plan.sources
     ]
-    image = msgspec.to_builtins(recipe.model.image) if recipe.model.image else None
-    return {
+    return settings(plan.model, recipe.model.image, recipe.output) | {
         "seed": recipe.recipe.seed,
-        "chat_template": plan.model.chat_template,
-        "bos_token": plan.model.bos_token,
-        "eos_token": plan.model.eos_token,
-        "image": image,
-        "seq_len": recipe.output.seq_len,
-        "train_on": recipe.output.train_on,
-        "train_on_eos": recipe.output.train_on_eos,
-        "overlong": recipe.output.overlong,
-        "packing": recipe.output.packing,
-        "shuffle": recipe.output.shuffle,
-        "mixture": mixture,
+        "mixture": "natural" if isinstance(total, str) else dict(total),
         "alpha": recipe.mixture.alpha,
         "sources": sources,
+    }
+
+
+def settings(model: ModelFiles, image: ImageSpec | None, output: OutputSpec) -> dict[str, Any]:
+    """What shapes each sample's tokens: the chat template, its tokens, the image rule and
+    the output options (a build's plan, and `encode.ChatEncoder`'s)."""
+    return {
+        "chat_template": model.chat_template,
+        "bos_token": model.bos_token,
+        "eos_token": model.eos_token,
+        "image": msgspec.to_builtins(image) if image else None,
+        "seq_len": output.seq_len,
+        "train_on": output.train_on,
+        "train_on_eos": output.train_on_eos,
+        "overlong": output.overlong,
+        "packing": output.packing,
+        "shuffle": output.shuffle,
     }
 
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from . import _core
 from .recipe.model import ModelFiles, load_model
-from .recipe.schema import ImageSpec
+from .compile import settings
+from .recipe.schema import ImageSpec, OutputSpec
 
 
 @dataclass
@@ -36,18 +37,8 @@ class ChatEncoder:
         train_on_eos: bool = True,
     ):
         self.model: ModelFiles = load_model(Path(tokenizer), chat_template)
-        plan = {
-            "seed": 0,
-            "chat_template": self.model.chat_template,
-            "bos_token": self.model.bos_token,
-            "eos_token": self.model.eos_token,
-            "image": msgspec.to_builtins(image) if image else None,
-            "seq_len": 1 << 30,
-            "train_on": train_on,
-            "train_on_eos": train_on_eos,
-            "mixture": "natural",
-            "sources": [{"name": "encode"}],
-        }
+        output = OutputSpec(seq_len=1 << 30, train_on=train_on, train_on_eos=train_on_eos)  # type: ignore[arg-type]
+        plan = settings(self.model, image, output) | {"seed": 0, "mixture": "natural", "sources": [{"name": "encode"}]}
         self._core = _core.Compiler(msgspec.json.encode(plan), str(self.model.tokenizer_json), 0)
 
     def token_id(self, token: str) -> int | None:

@@ -4,8 +4,8 @@ A recipe with `extends` is the base recipe with the extending file merged on top
 merge key by key, any other value (lists included) is replaced, and `[[source]]` entries
 match by name: a known name merges into the base entry, a new one is appended, and
 `{ name = "x", remove = true }` drops the base's source "x" (a later entry named "x" in the
-same file then defines it anew, nothing of the base kept). `mixture.total` is one value
-("natural" or { samples = N }): it is replaced whole. Relative paths written in a base are
+same file then defines it anew, nothing of the base kept). `mixture.total` and `model.image`
+are one value each: they are replaced whole. Relative paths written in a base are
 relative to the base's folder; they are rewritten relative to the extending file's folder
 before the merge, so every path of the merged recipe resolves against `recipe.path`."""
 
@@ -18,7 +18,10 @@ from typing import Any
 from ..errors import recipe_error
 from .tomlfile import read_toml
 
-_REPLACED_WHOLE = {("mixture", "total")}
+# Values replaced whole, never merged key by key: a total is one choice, and an image rule
+# is either a fixed count or a grid rule (a child's `patch` merged under a base's `count`
+# would silently keep the count).
+_REPLACED_WHOLE = {("mixture", "total"), ("model", "image")}
 
 
 def expand_extends(data: dict[str, Any], folder: Path, chain: list[Path], problems: list[str]) -> tuple[dict[str, Any], list[Path]]:

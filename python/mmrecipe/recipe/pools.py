@@ -12,6 +12,10 @@ from .schema import PoolSpec
 from .tomlfile import TOMLDecodeError, read_toml
 
 
+# How a manifest names a built-in pool file: "mmrecipe:pools/vqa-short.toml".
+BUILTIN_PREFIX = "mmrecipe:pools/"
+
+
 def pools_dir() -> Path:
     """The built-in template pools shipped with mmrecipe."""
     return Path(__file__).resolve().parent.parent / "pools"

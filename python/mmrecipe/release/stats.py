@@ -73,59 +73,9 @@ def release_stats(release: str | Path, counts: SegmentCounts | None = None) -> d
     mixture = manifest.recipe.get("mixture", {})
     total, alpha = mixture.get("total", "natural"), float(mixture.get("alpha", 0.0))
     kind = "natural" if total == "natural" else "tokens" if isinstance(total, dict) and "tokens" in total else "samples"
-    rows = build["sources"]
-    # The target as the builder computes it: every usable sample once ("natural"), else
-    # shares ∝ weight × usable^alpha, of the samples or of the tokens.
-    if kind == "natural":
-        basis = [float(r["usable"]) for r in rows]
-    else:
-        basis = [float(r["weight"]) * (float(r["usable"]) ** alpha if alpha else 1.0) for r in rows]
-    selected_total = sum(len(x) for x in counts.lengths)
-    tokens_total = sum(int(x.sum()) for x in counts.lengths)
     disagreements: list[str] = []
-
-    def realized(key: str, built: Any, counted: int, where: str) -> int:
-        if built != counted:
-            disagreements.append(f"{where}{key}: stats.json {built}, shards {counted}")
-        return counted
-
-    sources = []
-    for i, r in enumerate(rows):
-        row = dict(r)
-        name = r["name"]
-        for key, counted in (
-            ("selected", len(counts.lengths[i])),
-            ("tokens", int(counts.lengths[i].sum())),
-            ("trained_tokens", int(counts.trained[i])),
-            ("images", int(counts.images[i])),
-        ):
-            row[key] = realized(key, r.get(key), counted, f"{name}.")
-        row["target_share"] = basis[i] / sum(basis) if sum(basis) else 0.0
-        if kind == "tokens":
-            row["share"] = row["tokens"] / tokens_total if tokens_total else 0.0
-        else:
-            row["share"] = row["selected"] / selected_total if selected_total else 0.0
-        sources.append(row)
-
-    seq_len = manifest.seq_len
-    totals = {k: v for k, v in build.items() if k != "sources"}
-    lower_bound = math.ceil(counts.tokens / seq_len) if seq_len else 0
-    for key, counted in (
-        ("sequences", counts.sequences),
-        ("segments", selected_total),
-        ("tokens", counts.tokens),
-        ("trained_tokens", int(counts.trained.sum())),
-        ("lower_bound", lower_bound),
-    ):
-        totals[key] = realized(key, build.get(key), counted, "")
-    # Ratios are recomputed the builder's way; compared with a tolerance, not bit for bit.
-    for key, value in (
-        ("fill", counts.tokens / (counts.sequences * seq_len) if counts.sequences else 0.0),
-        ("packing_efficiency", lower_bound / counts.sequences if counts.sequences else 1.0),
-    ):
-        if key in build and not math.isclose(build[key], value, rel_tol=1e-9):
-            disagreements.append(f"{key}: stats.json {build[key]}, shards {value}")
-        totals[key] = value
+    sources = _source_rows(build["sources"], counts, kind, alpha, disagreements)
+    totals = _totals(build, counts, manifest.seq_len, disagreements)
     return {
         "release_id": manifest.release_id,
         "name": manifest.name,
@@ -136,6 +86,62 @@ def release_stats(release: str | Path, counts: SegmentCounts | None = None) -> d
         **totals,
         "disagreements": disagreements,
     }
+
+
+def _realized(key: str, built: Any, counted: int, where: str, disagreements: list[str]) -> int:
+    if built != counted:
+        disagreements.append(f"{where}{key}: stats.json {built}, shards {counted}")
+    return counted
+
+
+def _source_rows(rows: list[dict[str, Any]], counts: SegmentCounts, kind: str, alpha: float, disagreements: list[str]) -> list[dict[str, Any]]:
+    # The target as the builder computes it: every usable sample once ("natural"), else
+    # shares ∝ weight × usable^alpha, of the samples or of the tokens.
+    if kind == "natural":
+        basis = [float(r["usable"]) for r in rows]
+    else:
+        basis = [float(r["weight"]) * (float(r["usable"]) ** alpha if alpha else 1.0) for r in rows]
+    selected_total = sum(len(x) for x in counts.lengths)
+    tokens_total = sum(int(x.sum()) for x in counts.lengths)
+    sources = []
+    for i, r in enumerate(rows):
+        row = dict(r)
+        for key, counted in (
+            ("selected", len(counts.lengths[i])),
+            ("tokens", int(counts.lengths[i].sum())),
+            ("trained_tokens", int(counts.trained[i])),
+            ("images", int(counts.images[i])),
+        ):
+            row[key] = _realized(key, r.get(key), counted, f"{r['name']}.", disagreements)
+        row["target_share"] = basis[i] / sum(basis) if sum(basis) else 0.0
+        if kind == "tokens":
+            row["share"] = row["tokens"] / tokens_total if tokens_total else 0.0
+        else:
+            row["share"] = row["selected"] / selected_total if selected_total else 0.0
+        sources.append(row)
+    return sources
+
+
+def _totals(build: dict[str, Any], counts: SegmentCounts, seq_len: int, disagreements: list[str]) -> dict[str, Any]:
+    totals = {k: v for k, v in build.items() if k != "sources"}
+    lower_bound = math.ceil(counts.tokens / seq_len) if seq_len else 0
+    for key, counted in (
+        ("sequences", counts.sequences),
+        ("segments", sum(len(x) for x in counts.lengths)),
+        ("tokens", counts.tokens),
+        ("trained_tokens", int(counts.trained.sum())),
+        ("lower_bound", lower_bound),
+    ):
+        totals[key] = _realized(key, build.get(key), counted, "", disagreements)
+    # Ratios are recomputed the builder's way; compared with a tolerance, not bit for bit.
+    for key, value in (
+        ("fill", counts.tokens / (counts.sequences * seq_len) if counts.sequences else 0.0),
+        ("packing_efficiency", lower_bound / counts.sequences if counts.sequences else 1.0),
+    ):
+        if key in build and not math.isclose(build[key], value, rel_tol=1e-9):
+            disagreements.append(f"{key}: stats.json {build[key]}, shards {value}")
+        totals[key] = value
+    return totals
 
 
 def plot_segment_lengths(counts: SegmentCounts, names: list[str], seq_len: int, out: str | Path) -> Path:

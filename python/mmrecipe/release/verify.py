@@ -12,6 +12,7 @@ from ..errors import LLMError, ReleaseError
 from ..hashing import bytes_sha256, file_sha256
 from ..llm.cache import cache_digest
 from ..recipe.plan import CACHE_ROLE
+from ..recipe.pools import BUILTIN_PREFIX, pools_dir
 from .format import DATA, MANIFEST, STATS, read_manifest, read_stats
 
 
@@ -80,6 +81,15 @@ def recipe_folder(path: str | Path) -> Path:
     return p
 
 
+def _input_path(shown: str, base: Path) -> Path:
+    """The file a manifest's input names: a built-in pool in this installation, else a
+    path relative to the recipe's folder."""
+    if shown.startswith(BUILTIN_PREFIX):
+        return pools_dir() / shown.removeprefix(BUILTIN_PREFIX)
+    path = Path(shown)
+    return path if path.is_absolute() else base / path
+
+
 def verify(release: str | Path, recipe_dir: str | Path | None = None) -> VerifyReport:
     """Re-hashes every shard (and, given the folder of the recipe, every input) against
     the manifest, and names each file that differs, is missing or is not listed."""
@@ -119,7 +129,7 @@ def verify(release: str | Path, recipe_dir: str | Path | None = None) -> VerifyR
     if recipe_dir is not None:
         base = recipe_folder(recipe_dir)
         for item in manifest.inputs:
-            path = Path(item.path)
-            _check_file(path if path.is_absolute() else base / path, f"{item.path} ({item.role})", item.sha256, item.bytes, problems, item.role)
+            path = _input_path(item.path, base)
+            _check_file(path, f"{item.path} ({item.role})", item.sha256, item.bytes, problems, item.role)
         report.inputs = len(manifest.inputs)
     return report

@@ -1,0 +1,84 @@
+"""The shipped recipes' releases are pinned: the same recipe and inputs give these release
+ids, from any install location and any recipe-folder location (an id follows content,
+never the paths of this machine). A change that moves an id on purpose updates it here
+and says why in its commit."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from mmrecipe import build, load_recipe
+
+PINNED = {
+    "demo": "4940ae756206e59e171f5f2d0b9be3b3ff1e68dfe75b631040d1a6c8cdb3bccd",
+    "demo-llm": "d4d3d2cdcb2af8cd71fb462c563be7ebac1bfdb7b68bed1cc994d29d14f15d64",
+    "alignment": "56101dbbbdf20ee9cb257dc437f36c6d52a7973ff8195ddda9898f51ab6d0d95",
+    "llava-1.5-mix": "4710f55fa1402cd1b37f29f9472cd244cdf6030d5b5972ff1ab70cbb99a1a740",
+    "instructblip": "6081e87ef38bed4caf873925ad0cdfebb999806676d5dc256ac84a5e031069db",
+}
+
+
+def lay_out(folder: Path) -> Path:
+    """recipes/ and the fixtures copied side by side under `folder`; the shipped recipes
+    on the fixtures as `NAME-fixtures.toml`, with paths relative to the recipes."""
+    import tomli_w
+
+    shutil.copytree(ROOT / "recipes", folder / "recipes")
+    shutil.copytree(ROOT / "tests" / "fixtures", folder / "fixtures")
+    for stem in ("alignment", "llava-1.5-mix", "instructblip"):
+        def moved(value):
+            return "../fixtures/" + value if isinstance(value, str) and value.startswith("data/") else value
+
+        sources = []
+        for s in load_recipe(folder / "recipes" / f"{stem}.toml").source:
+            entry = {"name": s.name, "path": moved(s.path)}
+            if s.image_root:
+                entry["image_root"] = moved(s.image_root)
+            if s.join is not None and s.join.path:
+                entry["join"] = {"path": moved(s.join.path)}
+            sources.append(entry)
+        body = tomli_w.dumps({"mixture": {"total": {"samples": 40}}, "source": sources})
+        (folder / "recipes" / f"{stem}-fixtures.toml").write_text(f'extends = "{stem}.toml"\n' + body)
+    return folder / "recipes"
+
+
+def release_id(recipes: Path, name: str, out: Path) -> str:
+    recipe = recipes / (f"{name}.toml" if name.startswith("demo") else f"{name}-fixtures.toml")
+    return build(recipe, out / name, progress=False, offline=True).manifest.release_id
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_shipped_release_ids_are_pinned(name, tmp_path):
+    assert release_id(lay_out(tmp_path / "a"), name, tmp_path / "out") == PINNED[name]
+
+
+def test_the_id_does_not_follow_the_recipe_folder(tmp_path):
+    first = release_id(lay_out(tmp_path / "a"), "demo", tmp_path / "out-a")
+    second = release_id(lay_out(tmp_path / "deeper" / "b"), "demo", tmp_path / "out-b")
+    assert first == second == PINNED["demo"]
+
+
+def test_the_id_does_not_follow_the_install_location(tmp_path):
+    """The package copied to two places (built-in pools included) builds one release id."""
+    import os
+    import subprocess
+    import sys
+
+    import mmrecipe
+
+    recipes = lay_out(tmp_path / "work")
+    ids = []
+    for place in ("one", "two/deeper"):
+        site = tmp_path / place
+        shutil.copytree(Path(mmrecipe.__file__).parent, site / "mmrecipe", ignore=shutil.ignore_patterns("__pycache__"))
+        code = ("import sys, mmrecipe; assert mmrecipe.__file__.startswith(sys.argv[1]), mmrecipe.__file__; "
+                "print(mmrecipe.build(sys.argv[2], sys.argv[3], progress=False).manifest.release_id)")
+        run = subprocess.run([sys.executable, "-c", code, str(site), str(recipes / "demo.toml"), str(tmp_path / place / "out")],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(site)})
+        assert run.returncode == 0, run.stderr[-2000:]
+        ids.append(run.stdout.strip())
+    assert ids[0] == ids[1] == PINNED["demo"]
