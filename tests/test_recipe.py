@@ -131,6 +131,21 @@ BROKEN = [
     ("generate context file missing", lambda t: t + GENERATE.replace("ctx.jsonl", "nope.jsonl"), SourceError, "(generate[0].path): file not found"),
     ("generate seeds file missing", lambda t: t + GENERATE + 'seeds = "nope.jsonl"\n', SourceError, "generate[0].seeds: file not found"),
     ("generate field on no column", lambda t: t + GENERATE.replace('caption = "caption"', 'caption = "captoin"'), SourceError, "generate[0].fields.caption: source 'g' has no column 'captoin'"),
+    # Every number is bounded where the recipe is checked (recipe/limits.py), never by a crash later.
+    ("seq_len too large", lambda t: t + "\n[output]\nseq_len = 1_000_000_000_000\n", RecipeError, "output.seq_len: must be at least 16 and at most 1,048,576, got 1,000,000,000,000"),
+    ("seq_len too short", lambda t: t + "\n[output]\nseq_len = 8\n", RecipeError, "output.seq_len: must be at least 16"),
+    ("negative seed", lambda t: t.replace("seed = 1", "seed = -1"), RecipeError, "recipe.seed: must be at least 0"),
+    ("seed past 64 bits", lambda t: t.replace("seed = 1", "seed = 1180591620717411303424"), RecipeError, "recipe.seed: must be at least 0 and at most"),
+    ("infinite weight", lambda t: t.replace('name = "chat"', 'name = "chat"\nweight = inf'), RecipeError, "source[0].weight: must be a finite number, got inf"),
+    ("nan weight", lambda t: t.replace('name = "chat"', 'name = "chat"\nweight = nan'), RecipeError, "source[0].weight: must be a finite number, got nan"),
+    ("nan alpha", lambda t: t + "\n[mixture]\nalpha = nan\n", RecipeError, "mixture.alpha: must be a finite number"),
+    ("infinite alpha", lambda t: t + "\n[mixture]\nalpha = inf\n", RecipeError, "mixture.alpha: must be a finite number"),
+    ("huge image count", lambda t: t.replace("count = 4", "count = 1_000_000_000"), RecipeError, "model.image.count: must be at least 1 and at most 16,384"),
+    ("huge min_pixels", lambda t: t.replace("count = 4", "min_pixels = 1_000_000_000_000"), RecipeError, "model.image.min_pixels: must be at least 1 and at most"),
+    ("zero shard size", lambda t: t + "\n[output]\nshard_sequences = 0\n", RecipeError, "output.shard_sequences: must be at least 1"),
+    ("zero samples", lambda t: t + "\n[mixture]\ntotal = { samples = 0 }\n", RecipeError, "mixture.total.samples: must be at least 1"),
+    ("infinite max_epochs", lambda t: t.replace('name = "chat"', 'name = "chat"\nmax_epochs = inf'), RecipeError, "source[0].max_epochs: must be a finite number"),
+    ("several out of range at once", lambda t: t.replace("seed = 1", "seed = -5") + "\n[output]\nseq_len = 3\n", RecipeError, "2 problems in the recipe"),
 ]
 
 

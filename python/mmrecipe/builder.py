@@ -27,6 +27,7 @@ from .hashing import bytes_sha256, file_sha256
 from .llm.cache import cache_digest
 from .llm.stages import LLMStages
 from .recipe import Plan, Recipe, SourcePlan, load_recipe, resolve
+from .recipe.limits import threads_problem
 from .recipe.plan import CACHE_ROLE
 from .recipe.pools import BUILTIN_PREFIX, pools_dir
 from .release.format import FORMAT, MANIFEST, STATS, InputFile, Manifest
@@ -175,6 +176,8 @@ def build(
     """Builds the release of `recipe` into the folder `out`. LLM stages call their
     endpoints only for what their caches lack; `offline` makes no call at all (and fails
     naming what is missing), `retry_failed` asks again for calls recorded as failed."""
+    if threads_problem(threads):
+        raise ValueError(threads_problem(threads))
     plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
     out = check_destination(Path(out), overwrite, protected_paths(plan))
     stages = LLMStages(plan, mode="offline" if offline else "online", retry_failed=retry_failed, progress=progress)

@@ -300,6 +300,19 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threads(text: str) -> int:
+    from .recipe.limits import threads_problem
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    problem = threads_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem.removeprefix("--threads: "))
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recipe", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
@@ -309,7 +322,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build a release from a recipe", description=BUILD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("recipe", help="the recipe TOML file")
     b.add_argument("-o", "--out", help="release folder to create (default: out/NAME-VERSION)")
-    b.add_argument("-j", "--threads", type=int, default=0, help="worker threads (default: all cores); the release is identical for any value")
+    b.add_argument("-j", "--threads", type=_threads, default=0, help="worker threads (default: all cores); the release is identical for any value")
     b.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new release is complete)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     calls = b.add_mutually_exclusive_group()

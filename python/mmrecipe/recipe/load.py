@@ -9,6 +9,7 @@ import msgspec
 
 from ..errors import RecipeError, recipe_error
 from .extends import expand_extends, reject_remove
+from .limits import limit_problems
 from .schema import Recipe
 from .tomlfile import read_toml
 from .validate import msgspec_path, name_merged_sources, name_table_key, report, semantic_problems, unknown_keys
@@ -30,6 +31,11 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         reject_remove(data, problems)
     merge_problems = len(problems)
     unknown_keys(data, Recipe, "", problems)
+    out_of_range = limit_problems(data)
+    if out_of_range:  # checked before the types: msgspec would stop at the first
+        problems += out_of_range
+        name_merged_sources(problems, merge_problems, data, bases)
+        raise recipe_error(report(where, problems), key=problems[0].split(":")[0], problems=problems)
     try:
         recipe = msgspec.convert(data, Recipe)
     except msgspec.ValidationError as e:

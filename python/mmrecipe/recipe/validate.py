@@ -78,10 +78,6 @@ def name_table_key(key: str, data: dict[str, Any]) -> str:
 
 def semantic_problems(r: Recipe) -> list[str]:
     p: list[str] = []
-    if r.output.seq_len < 16:
-        p.append(f"output.seq_len: {r.output.seq_len} is too short (at least 16)")
-    if r.output.shard_sequences < 1:
-        p.append("output.shard_sequences: must be at least 1")
     total = r.mixture.total
     if isinstance(total, str):
         if total != "natural":
@@ -90,10 +86,6 @@ def semantic_problems(r: Recipe) -> list[str]:
         keys = set(total)
         if len(keys) != 1 or not keys <= {"samples", "tokens"}:
             p.append(f"mixture.total: expected {{ samples = N }} or {{ tokens = N }}, got keys {sorted(keys)}")
-        elif next(iter(total.values())) < 1:
-            p.append(f"mixture.total.{next(iter(keys))}: must be at least 1")
-    if r.mixture.alpha < 0:
-        p.append(f"mixture.alpha: must be >= 0, got {r.mixture.alpha}")
     if not r.source:
         p.append("source: the recipe has no [[source]]")
     seen: dict[str, int] = {}
@@ -103,10 +95,6 @@ def semantic_problems(r: Recipe) -> list[str]:
         seen.setdefault(s.name, i)
         if not s.name.strip():
             p.append(f"source[{i}].name: must not be empty")
-        if not (s.weight > 0):
-            p.append(f"source[{i}].weight: must be > 0, got {s.weight}")
-        if s.max_epochs is not None and not (s.max_epochs > 0):
-            p.append(f"source[{i}].max_epochs: must be > 0, got {s.max_epochs}")
         if s.short_answer and s.layout != "qa":
             p.append(f"source[{i}].short_answer: only applies to the 'qa' layout")
         p += _group_by_problems(s, i)
@@ -121,12 +109,6 @@ def semantic_problems(r: Recipe) -> list[str]:
             close = difflib.get_close_matches(s.instructions, names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known pools: {', '.join(names)})"
             p.append(f"source[{i}].instructions: no pool named '{s.instructions}'{hint}")
-    if r.model.image is not None:
-        img = r.model.image
-        if img.count is not None and img.count < 1:
-            p.append("model.image.count: must be at least 1")
-        if img.count is None and (img.patch < 1 or img.merge < 1):
-            p.append("model.image: patch and merge must be at least 1")
     for name, pool in r.pool.items():
         if not pool.templates:
             p.append(f"pool.{name}.templates: the pool is empty")
@@ -149,15 +131,6 @@ def _llm_problems(spec: LLMSpec, where: str) -> list[str]:
         p.append(f"{where}.model: name the model the endpoint serves")
     if not re.match(r"https?://", spec.endpoint):
         p.append(f"{where}.endpoint: expected an http:// or https:// URL, got {spec.endpoint!r}")
-    for key, low in (("concurrency", 1), ("max_tokens", 1), ("retries", 0)):
-        if getattr(spec, key) < low:
-            p.append(f"{where}.{key}: must be at least {low}, got {getattr(spec, key)}")
-    if not spec.timeout > 0:  # `not >` also catches NaN
-        p.append(f"{where}.timeout: must be > 0, got {spec.timeout}")
-    if not spec.backoff >= 0:
-        p.append(f"{where}.backoff: must be >= 0, got {spec.backoff}")
-    if spec.temperature < 0:
-        p.append(f"{where}.temperature: must be >= 0, got {spec.temperature}")
     return p
 
 
@@ -226,13 +199,6 @@ def _generate_problems(r: Recipe, names: dict[str, int]) -> list[str]:
                 p.append(f"{where}.context: uses {{{f}}}, which fields does not map (fields: {', '.join(g.fields) or 'none'})")
         if not placeholders(g.context):
             p.append(f"{where}.context: the template uses no field, so every call would be the same")
-        for key in ("min_turns", "conversations"):
-            if getattr(g, key) < 1:
-                p.append(f"{where}.{key}: must be at least 1, got {getattr(g, key)}")
-        if not (g.weight > 0):
-            p.append(f"{where}.weight: must be > 0, got {g.weight}")
-        if g.max_epochs is not None and not (g.max_epochs > 0):
-            p.append(f"{where}.max_epochs: must be > 0, got {g.max_epochs}")
     return p
 
 def is_glob(pattern: str) -> bool:
