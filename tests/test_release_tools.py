@@ -34,7 +34,7 @@ def recipe_dir(demo_release, tmp_path) -> Path:
     """A copy of the inputs the manifest lists under their recipe-relative paths."""
     root = tmp_path / "recipes"
     for item in read_manifest(demo_release).inputs:
-        if not Path(item.path).is_absolute():
+        if not Path(item.path).is_absolute() and not item.path.startswith("mmrecipe:"):  # built-in pools stay installed
             (root / item.path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(RECIPES / item.path, root / item.path)
     return root
@@ -200,3 +200,16 @@ def test_recipe_dir_must_exist(demo_release, tmp_path):
 
     with pytest.raises(ReleaseError, match="--recipe-dir"):
         verify(demo_release, tmp_path / "nope")
+
+
+def test_every_file_of_the_release_is_checked(capsys, release):
+    """stats.json byte for byte (a changed per-source count is caught, not only the
+    totals), and any file the manifest does not list, wherever it is."""
+    stats = json.loads((release / "stats.json").read_text())
+    stats["sources"][0]["rows"] += 1
+    (release / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    (release / "notes.txt").write_text("stray")
+    code, out, _ = recipe(capsys, "verify", release)
+    assert code == 1
+    assert re.search(r"changed\s+stats.json: sha256", out)
+    assert re.search(r"extra\s+notes.txt", out)

@@ -176,8 +176,24 @@ def test_group_by_on_interleaved_rows(tmp_path):
     assert frame[CONTENTS].to_list() == [["q0", "Q0", "q2", "Q2", "q5", "Q5"], ["q1", "Q1", "q4", "Q4"], ["q3", "Q3"]]
     assert frame[IMAGES].to_list() == [["b"], ["a"], ["c"]]
     (tmp_path / "qa.jsonl").write_text('{"img": "a", "q": "x", "a": "y"}\n{"img": null, "q": "x", "a": "y"}\n')
-    with pytest.raises(SourceError, match=r"source 'g', row 1, field 'image' \(img\): missing value"):
+    with pytest.raises(DataError, match=r"source 'g', row 1, field 'image': missing value \(img\)") as e:
         norm(recipe_file(tmp_path, source))
+    assert (e.value.source, e.value.row, e.value.field) == ("g", 1, "image")
+
+
+@pytest.mark.parametrize("layout,fields", [
+    ("qa", 'fields = { question = "q", answer = "a" }'),
+    ("caption", 'fields = { caption = "a" }'),
+])
+def test_skip_drops_rows_without_a_value_and_counts_them(tmp_path, layout, fields):
+    rows = [{"q": "x0", "a": "y0"}, {"q": "x1", "a": None}, {"q": "x2", "a": "y2"}, {"q": "x3"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = f'name = "s"\npath = "d.jsonl"\nlayout = "{layout}"\n{fields}\n'
+    with pytest.raises(DataError, match=r"row 1, field '(answer|caption)': missing value"):
+        norm(recipe_file(tmp_path, source))
+    skipped = norm(recipe_file(tmp_path, source + 'on_error = "skip"\n'))
+    assert skipped.frame[ROW].to_list() == [0, 2]
+    assert any("2 rows without a value" in n and "first: row 1" in n for n in skipped.notes), skipped.notes
 
 
 @pytest.mark.parametrize(
@@ -255,3 +271,21 @@ def test_check_command_reports_images(tmp_path, capsys):
     assert main(["check", str(image_source(tmp_path, ["ok.png", "gone.png"], on_error="skip"))]) == 0
     assert "warning: source 'imgs': 1 of 2 checked images are unusable" in capsys.readouterr().err
     assert main(["check", str(image_source(tmp_path, ["gone.png"])), "--images", "none"]) == 0
+
+
+def test_a_glob_reads_only_regular_files(tmp_path):
+    import os
+
+    (tmp_path / "a.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    (tmp_path / "sub.jsonl").mkdir()  # a folder the pattern names too: passed over
+    assert len(norm(recipe_file(tmp_path, 'name = "c"\npath = "*.jsonl"\nlayout = "conversation"\n'))) == 1
+    os.mkfifo(tmp_path / "b.jsonl")  # would block a reader forever
+    with pytest.raises(SourceError, match=r"b.jsonl \(matched by '\*.jsonl'\) is not a regular file"):
+        norm(recipe_file(tmp_path, 'name = "c"\npath = "*.jsonl"\nlayout = "conversation"\n'))
+
+
+def test_json_key_naming_an_object_is_named(tmp_path):
+    (tmp_path / "d.json").write_text('{"annotations": {"question": "q", "answer": "a"}}')
+    source = 'name = "d"\npath = "d.json"\njson_key = "annotations"\nlayout = "qa"\nfields = { question = "question", answer = "answer" }\n'
+    with pytest.raises(SourceError, match="'annotations' \\(json_key\\) is an object, not a list of records"):
+        norm(recipe_file(tmp_path, source))

@@ -94,7 +94,7 @@ def normalize_rows(source: SourcePlan, stages: LLMStages, frame: Any, offset: in
         rows.frame = stages.generate(rows.frame, source, rows.context)
     elif source.lengthen is not None:
         for key in ("question", "answer"):
-            require(rows.frame, rows.resolved[key], source.spec, key)
+            rows.frame = require(rows.frame, rows.resolved[key], source.spec, key, rows.notes)
         texts = {k: as_text(rows.frame, c) for k, c in rows.resolved.items()}
         rows.frame = stages.lengthen(rows.frame, source, texts, rows.resolved["answer"])
     return to_internal(rows)
@@ -205,8 +205,8 @@ def build(
         with _progress(rows, "write", "seq", progress) as wbar:
             shards = write_shards(tmp, _emit(compiler), rows, plan.recipe.output.shard_sequences, wbar)
         del compiler
-        manifest = _manifest(plan, int(pad_id), shards, summary)
         write_json(tmp / STATS, summary)
+        manifest = _manifest(plan, int(pad_id), shards, summary, file_sha256(tmp / STATS))
         write_json(tmp / MANIFEST, manifest)
         lap("write")
     return BuildResult(path=out, summary=summary, manifest=manifest, timings=timings, llm=stages.summary())
@@ -235,7 +235,7 @@ def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: 
     return notes
 
 
-def _manifest(plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any]) -> Manifest:
+def _manifest(plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any], stats_sha256: str) -> Manifest:
     recipe = plan.recipe
     manifest = Manifest(
         format=FORMAT,
@@ -251,6 +251,7 @@ def _manifest(plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any
         pad_token_id=pad_id,
         shards=shards,
         totals={k: v for k, v in summary.items() if k != "sources"},
+        stats_sha256=stats_sha256,
     )
     manifest.release_id = bytes_sha256(msgspec.json.encode(manifest))
     return manifest

@@ -144,9 +144,13 @@ def _files(spec: SourceSpec, key: str, folder: Path) -> list[Path]:
     for pat in patterns:
         full = path_in(folder, pat)
         if is_glob(pat):
-            matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True))
+            found = sorted(Path(p) for p in glob.glob(str(full), recursive=True))
+            matches = [p for p in found if not p.is_dir()]  # a folder a pattern also names holds no rows
             if not matches:
                 raise SourceError(f"source '{spec.name}' ({key}.path): no file matches '{pat}'")
+            for p in matches:
+                if not p.is_file():  # a FIFO or a device would hang the read or never end
+                    raise SourceError(f"source '{spec.name}' ({key}.path): {p} (matched by '{pat}') is not a regular file")
             files.extend(matches)
         elif not full.is_file():
             raise SourceError(f"source '{spec.name}' ({key}.path): file not found: {full}")

@@ -82,6 +82,7 @@ class Manifest(msgspec.Struct):
     pad_token_id: int
     shards: list[Shard]
     totals: dict[str, Any]
+    stats_sha256: str = ""  # stats.json, byte for byte (empty in releases made before it was recorded)
     release_id: str = ""
 
 

@@ -13,7 +13,7 @@ from ..hashing import bytes_sha256, file_sha256
 from ..llm.cache import cache_digest
 from ..recipe.plan import CACHE_ROLE
 from ..recipe.pools import BUILTIN_PREFIX, pools_dir
-from .format import DATA, MANIFEST, STATS, read_manifest, read_stats
+from .format import MANIFEST, STATS, read_manifest, read_stats
 
 
 @dataclass
@@ -105,13 +105,13 @@ def verify(release: str | Path, recipe_dir: str | Path | None = None) -> VerifyR
 
     for shard in manifest.shards:
         _check_file(release / shard.path, shard.path, shard.sha256, None, problems)
-    listed = {Path(s.path) for s in manifest.shards}
-    data = release / DATA
-    if data.is_dir():
-        for path in sorted(data.rglob("*")):
-            rel = path.relative_to(release)
-            if path.is_file() and rel not in listed:
-                problems.append(Problem("extra", rel.as_posix(), "in data/ but not in the manifest"))
+    listed = {Path(s.path) for s in manifest.shards} | {Path(MANIFEST), Path(STATS)}
+    for path in sorted(release.rglob("*")):
+        rel = path.relative_to(release)
+        if not path.is_dir() and rel not in listed:
+            problems.append(Problem("extra", rel.as_posix(), "in the release but not in the manifest"))
+    if manifest.stats_sha256 and (release / STATS).is_file():
+        _check_file(release / STATS, STATS, manifest.stats_sha256, None, problems)
 
     stats_path = release / STATS
     if not stats_path.is_file():

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import msgspec
 import polars as pl
 
-from ..errors import SourceError, recipe_error
+from ..errors import DataError, SourceError, recipe_error
 from ..recipe.plan import SourcePlan
 from ..recipe.schema import SourceSpec
 from . import fieldpath
@@ -108,8 +108,20 @@ def context_text(frame: pl.DataFrame, col: str) -> pl.Expr:
     return as_text(frame, col)
 
 
-def require(frame: pl.DataFrame, col: str, spec: SourceSpec, key: str) -> None:
+def require(frame: pl.DataFrame, col: str, spec: SourceSpec, key: str, notes: list[str]) -> pl.DataFrame:
+    """The rows that have a value for field `key`. A row without one is a data error, or,
+    under on_error = "skip", dropped and counted in `notes`."""
     nulls = frame[col].is_null()
-    if nulls.any():
-        row = int(frame.filter(nulls)[ROW][0])
-        raise SourceError(f"source '{spec.name}', row {row}, field '{key}' ({spec.fields.get(key, key)}): missing value")
+    if not nulls.any():
+        return frame
+    row = int(frame.filter(nulls)[ROW][0])
+    if spec.on_error == "skip":
+        notes.append(f"source '{spec.name}': {int(nulls.sum())} rows without a value for '{key}' (first: row {row}); skipped")
+        return frame.filter(~nulls)
+    raise data_error(spec.name, row, key, f"missing value ({spec.fields.get(key, key)}); fix the data, or set on_error = \"skip\" to drop such rows")
+
+
+def data_error(source: str, row: int, field: str, why: str) -> DataError:
+    err = DataError(f"source '{source}', row {row}, field '{field}': {why}")
+    err.source, err.row, err.field = source, row, field
+    return err

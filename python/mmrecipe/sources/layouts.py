@@ -28,17 +28,17 @@ ROLE_CODES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 _TWO_TURNS = pl.lit([USER, ASSISTANT], dtype=pl.List(pl.UInt8))
 
 
-def qa(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str]) -> pl.DataFrame:
+def qa(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str], notes: list[str]) -> pl.DataFrame:
     for key in ("question", "answer"):
-        require(frame, resolved[key], source.spec, key)
+        frame = require(frame, resolved[key], source.spec, key, notes)
     return frame.with_columns(
         _TWO_TURNS.alias(ROLES),
         pl.concat_list(as_text(frame, resolved["question"]), as_text(frame, resolved["answer"])).alias(CONTENTS),
     )
 
 
-def caption(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str]) -> pl.DataFrame:
-    require(frame, resolved["caption"], source.spec, "caption")
+def caption(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str], notes: list[str]) -> pl.DataFrame:
+    frame = require(frame, resolved["caption"], source.spec, "caption", notes)
     return frame.with_columns(
         _TWO_TURNS.alias(ROLES),
         pl.concat_list(pl.lit(""), as_text(frame, resolved["caption"])).alias(CONTENTS),
@@ -79,7 +79,7 @@ def _role_codes(source: SourcePlan) -> dict[str, int]:
     return {k: ROLE_CODES[v] for k, v in {**DEFAULT_ROLES, **source.spec.roles}.items()}
 
 
-def conversation(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str]) -> pl.DataFrame:
+def conversation(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str], notes: list[str]) -> pl.DataFrame:
     name = source.name
     col = _message_column(frame, source, resolved)
     role_key, text_key = _message_keys(frame, name, col)
@@ -108,7 +108,7 @@ def conversation(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, st
     return frame
 
 
-def alpaca(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str]) -> pl.DataFrame:
+def alpaca(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str], notes: list[str]) -> pl.DataFrame:
     spec = source.spec
     cols: dict[str, str] = {}
     for key in ("instruction", "input", "output"):
@@ -119,7 +119,7 @@ def alpaca(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str]) ->
         elif key != "input":
             raise SourceError(f"source '{spec.name}' ({source.key}.fields.{key}): no '{key}' column")
     for key in ("instruction", "output"):
-        require(frame, cols[key], spec, key)
+        frame = require(frame, cols[key], spec, key, notes)
     prompt = pl.col(cols["instruction"]).cast(pl.String)
     if "input" in cols:
         inp = pl.col(cols["input"]).cast(pl.String).fill_null("")
@@ -130,7 +130,7 @@ def alpaca(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str]) ->
     )
 
 
-LAYOUTS: dict[str, Callable[[pl.DataFrame, SourcePlan, dict[str, str]], pl.DataFrame]] = {
+LAYOUTS: dict[str, Callable[[pl.DataFrame, SourcePlan, dict[str, str], list[str]], pl.DataFrame]] = {
     "qa": qa,
     "caption": caption,
     "conversation": conversation,
@@ -161,11 +161,11 @@ def _check_image_paths(frame: pl.DataFrame, name: str) -> None:
 def to_internal(rows: Rows) -> Normalized:
     """The rows (fields resolved, LLM stages applied) in the internal form."""
     source, frame, resolved = rows.source, rows.frame, rows.resolved
-    frame = LAYOUTS[source.spec.layout](frame, source, resolved)
+    frame = LAYOUTS[source.spec.layout](frame, source, resolved, rows.notes)
     frame = frame.with_columns(_images_expr(frame, resolved).alias(IMAGES))
     _check_image_paths(frame, source.name)
     if source.spec.group_by == "image":
-        require(frame, resolved["image"], source.spec, "image")
+        frame = require(frame, resolved["image"], source.spec, "image", rows.notes)
         frame = group_by_image(frame, resolved["image"])
     texts = [as_text(frame, resolved[k]).fill_null("").alias(template_column(k)) for k in source.template_fields]
     out = frame.select(ROW, ROLES, CONTENTS, IMAGES, *texts)

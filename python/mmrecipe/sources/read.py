@@ -31,6 +31,9 @@ def read_file(name: str, path: Path, fmt: str, json_key: str | None = None) -> p
             if json_key:
                 if json_key not in frame.columns:
                     raise SourceError(f"source '{name}': {path.name} has no top-level key '{json_key}' (json_key)")
+                if not isinstance(frame.schema[json_key], pl.List):
+                    kind = "an object" if isinstance(frame.schema[json_key], pl.Struct) else f"{frame.schema[json_key]}"
+                    raise SourceError(f"source '{name}': {path.name}: '{json_key}' (json_key) is {kind}, not a list of records")
                 frame = frame.select(pl.col(json_key).explode()).unnest(json_key)
             return frame
         if fmt == "parquet":
