@@ -94,7 +94,7 @@ def normalize_rows(source: SourcePlan, stages: LLMStages, frame: Any, offset: in
         rows.frame = stages.generate(rows.frame, source, rows.context)
     elif source.lengthen is not None:
         for key in ("question", "answer"):
-            rows.frame = require(rows.frame, rows.resolved[key], source.spec, key, rows.notes)
+            rows.frame = require(rows.frame, rows.resolved[key], source, key, rows.notes)
         texts = {k: as_text(rows.frame, c) for k, c in rows.resolved.items()}
         rows.frame = stages.lengthen(rows.frame, source, texts, rows.resolved["answer"])
     return to_internal(rows)

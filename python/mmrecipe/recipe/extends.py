@@ -41,6 +41,10 @@ def expand_extends(data: dict[str, Any], folder: Path, chain: list[Path], proble
         raise recipe_error(f"extends: base recipe not found: {base_path} (relative paths start at {folder})", key="extends") from None
     except UnicodeDecodeError as e:
         raise recipe_error(f"extends: {base_path} is not UTF-8 text ({e})", key="extends") from None
+    except IsADirectoryError:
+        raise recipe_error(f"extends: {base_path} is a folder, not a recipe file", key="extends") from None
+    except OSError as e:
+        raise recipe_error(f"extends: cannot read {base_path}: {e.strerror or e}", key="extends") from None
     base = read_toml(text, str(base_path))
     bases = [base_path]
     if "extends" in base:

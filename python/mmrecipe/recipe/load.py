@@ -59,6 +59,10 @@ def load_recipe(path: str | Path) -> Recipe:
         text = path.read_text("utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe file not found: {path}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path} is a folder, not a recipe file") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read the recipe {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise RecipeError(f"{path}: not UTF-8 text ({e})") from None
     return parse_recipe(text, path.resolve())

@@ -94,6 +94,8 @@ class SourcePlan(msgspec.Struct, frozen=True):
         spec = self.spec
         if spec.group_by is not None or spec.join is not None or spec.json_key:
             return False
+        if self.generate is not None:  # context fields are checked on every row before any call
+            return False
         return all(f in ("jsonl", "json") for f in self.formats)
 
     @property

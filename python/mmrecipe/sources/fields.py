@@ -108,17 +108,29 @@ def context_text(frame: pl.DataFrame, col: str) -> pl.Expr:
     return as_text(frame, col)
 
 
-def require(frame: pl.DataFrame, col: str, spec: SourceSpec, key: str, notes: list[str]) -> pl.DataFrame:
+def require(frame: pl.DataFrame, col: str, source: SourcePlan, key: str, notes: list[str]) -> pl.DataFrame:
     """The rows that have a value for field `key`. A row without one is a data error, or,
     under on_error = "skip", dropped and counted in `notes`."""
+    spec = source.spec
     nulls = frame[col].is_null()
     if not nulls.any():
         return frame
+    absent = [c for c in _columns(spec, key) if c not in frame.columns]
+    if absent and nulls.all():  # not a row without a value: no row has the column
+        where = f"{source.key}.fields.{key}"
+        raise SourceError(f"{where}: source '{spec.name}' has no column '{absent[0]}' (columns: {_data_columns(frame)})")
     row = int(frame.filter(nulls)[ROW][0])
     if spec.on_error == "skip":
         notes.append(f"source '{spec.name}': {int(nulls.sum())} rows without a value for '{key}' (first: row {row}); skipped")
         return frame.filter(~nulls)
     raise data_error(spec.name, row, key, f"missing value ({spec.fields.get(key, key)}); fix the data, or set on_error = \"skip\" to drop such rows")
+
+
+def _columns(spec: SourceSpec, key: str) -> list[str]:
+    try:
+        return list(fieldpath.parse_field(spec.fields[key]).columns) if key in spec.fields else []
+    except fieldpath.FieldPathError:
+        return []
 
 
 def data_error(source: str, row: int, field: str, why: str) -> DataError:

@@ -30,7 +30,7 @@ _TWO_TURNS = pl.lit([USER, ASSISTANT], dtype=pl.List(pl.UInt8))
 
 def qa(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str], notes: list[str]) -> pl.DataFrame:
     for key in ("question", "answer"):
-        frame = require(frame, resolved[key], source.spec, key, notes)
+        frame = require(frame, resolved[key], source, key, notes)
     return frame.with_columns(
         _TWO_TURNS.alias(ROLES),
         pl.concat_list(as_text(frame, resolved["question"]), as_text(frame, resolved["answer"])).alias(CONTENTS),
@@ -38,7 +38,7 @@ def qa(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str], notes:
 
 
 def caption(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str], notes: list[str]) -> pl.DataFrame:
-    frame = require(frame, resolved["caption"], source.spec, "caption", notes)
+    frame = require(frame, resolved["caption"], source, "caption", notes)
     return frame.with_columns(
         _TWO_TURNS.alias(ROLES),
         pl.concat_list(pl.lit(""), as_text(frame, resolved["caption"])).alias(CONTENTS),
@@ -119,7 +119,7 @@ def alpaca(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str], no
         elif key != "input":
             raise SourceError(f"source '{spec.name}' ({source.key}.fields.{key}): no '{key}' column")
     for key in ("instruction", "output"):
-        frame = require(frame, cols[key], spec, key, notes)
+        frame = require(frame, cols[key], source, key, notes)
     prompt = pl.col(cols["instruction"]).cast(pl.String)
     if "input" in cols:
         inp = pl.col(cols["input"]).cast(pl.String).fill_null("")
@@ -165,7 +165,7 @@ def to_internal(rows: Rows) -> Normalized:
     frame = frame.with_columns(_images_expr(frame, resolved).alias(IMAGES))
     _check_image_paths(frame, source.name)
     if source.spec.group_by == "image":
-        frame = require(frame, resolved["image"], source.spec, "image", rows.notes)
+        frame = require(frame, resolved["image"], source, "image", rows.notes)
         frame = group_by_image(frame, resolved["image"])
     texts = [as_text(frame, resolved[k]).fill_null("").alias(template_column(k)) for k in source.template_fields]
     out = frame.select(ROW, ROLES, CONTENTS, IMAGES, *texts)
