@@ -1,7 +1,8 @@
 //! The Python binding (`mmrecipe._core`): a few coarse calls over whole NumPy buffers,
 //! the GIL released while the core works. Errors become `mmrecipe.errors` classes.
 
-use crate::compile::{Batch, Compiler, StrCol};
+use crate::columns::{Batch, StrCol};
+use crate::compile::Compiler;
 use crate::error::Error;
 use crate::plan::Plan;
 use crate::render::{self, Message};
@@ -16,6 +17,8 @@ fn to_py(py: Python<'_>, err: Error) -> PyErr {
         Error::Tokenizer(_) => "TokenizerError",
         Error::Template(_) => "TemplateError",
         Error::Data { .. } => "DataError",
+        // Until the binding has its own exception classes.
+        Error::Io { .. } | Error::Internal(_) => "RecipeError",
     };
     let build = || -> PyResult<PyErr> {
         let cls = py.import("mmrecipe.errors")?.getattr(class)?;
@@ -106,9 +109,6 @@ impl PyCompiler {
     fn preview_batch<'py>(&mut self, py: Python<'py>, source: usize, columns: BatchColumns<'_>) -> PyResult<Bound<'py, PyList>> {
         let batch = columns.batch()?;
         let inner = &mut self.inner;
-        if source >= inner.plan().sources.len() {
-            return Err(PyValueError::new_err(format!("no source with index {source}")));
-        }
         let results = py.detach(|| inner.preview(source, &batch)).map_err(|e| to_py(py, e))?;
         let out = PyList::empty(py);
         for r in results {
@@ -146,19 +146,19 @@ impl PyCompiler {
         d.set_item("row_offsets", p.row_offsets.into_pyarray(py))?;
         d.set_item("input_ids", p.input_ids.into_pyarray(py))?;
         d.set_item("loss_mask", p.loss_mask.into_pyarray(py))?;
-        d.set_item("seg_offsets", p.seg_offsets.into_pyarray(py))?;
-        d.set_item("seg_lengths", p.seg_lengths.into_pyarray(py))?;
-        d.set_item("seg_source", p.seg_source.into_pyarray(py))?;
-        d.set_item("seg_row", p.seg_row.into_pyarray(py))?;
-        d.set_item("seg_part", p.seg_part.into_pyarray(py))?;
-        d.set_item("seg_template", p.seg_template.into_pyarray(py))?;
-        d.set_item("seg_repeat", p.seg_repeat.into_pyarray(py))?;
-        d.set_item("seg_images", p.seg_images.into_pyarray(py))?;
-        d.set_item("img_offsets", p.img_offsets.into_pyarray(py))?;
-        d.set_item("img_pos", p.img_pos.into_pyarray(py))?;
-        d.set_item("img_len", p.img_len.into_pyarray(py))?;
-        d.set_item("img_path_offsets", p.img_path_offsets.into_pyarray(py))?;
-        d.set_item("img_path_data", p.img_path_data.into_pyarray(py))?;
+        d.set_item("seg_offsets", p.segment_offsets.into_pyarray(py))?;
+        d.set_item("seg_lengths", p.segment_lengths.into_pyarray(py))?;
+        d.set_item("seg_source", p.segment_source.into_pyarray(py))?;
+        d.set_item("seg_row", p.segment_row.into_pyarray(py))?;
+        d.set_item("seg_part", p.segment_part.into_pyarray(py))?;
+        d.set_item("seg_template", p.segment_template.into_pyarray(py))?;
+        d.set_item("seg_repeat", p.segment_repeat.into_pyarray(py))?;
+        d.set_item("seg_images", p.segment_images.into_pyarray(py))?;
+        d.set_item("img_offsets", p.image_offsets.into_pyarray(py))?;
+        d.set_item("img_pos", p.image_positions.into_pyarray(py))?;
+        d.set_item("img_len", p.image_lengths.into_pyarray(py))?;
+        d.set_item("img_path_offsets", p.image_path_offsets.into_pyarray(py))?;
+        d.set_item("img_path_data", p.image_path_data.into_pyarray(py))?;
         Ok(d)
     }
 
@@ -262,6 +262,13 @@ fn image_token_count(width: u64, height: u64, patch: u32, merge: u32, min_pixels
     crate::media::dynamic_count(&plan, width, height)
 }
 
+/// Runs `job` with the GIL released on the process's shared pool (rebuilt after a fork,
+/// unlike rayon's global pool: see `pool`).
+fn on_shared_pool<T: Send>(py: Python<'_>, job: impl FnOnce() -> T + Send) -> PyResult<T> {
+    let pool = crate::pool::shared().map_err(|e| to_py(py, e))?;
+    Ok(py.detach(|| pool.install(job)))
+}
+
 type Arr<'py, T> = Bound<'py, numpy::PyArray1<T>>;
 
 /// Per-row text from templates (`mmrecipe.lengthen`): row i takes one of `templates`,
@@ -280,7 +287,7 @@ fn fill_templates<'py>(
     let rows = rows.as_slice()?;
     let cols = columns.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?;
     let (offsets, data) =
-        py.detach(|| crate::prompts::fill(&templates, seed, stream, rows, &names, &cols)).map_err(PyValueError::new_err)?;
+        on_shared_pool(py, || crate::llm::prompts::fill(&templates, seed, stream, rows, &names, &cols))?.map_err(PyValueError::new_err)?;
     Ok((offsets.into_pyarray(py), data.into_pyarray(py)))
 }
 
@@ -293,7 +300,7 @@ fn content_keys<'py>(
     data: PyReadonlyArray1<'py, u8>,
 ) -> PyResult<Bound<'py, numpy::PyArray1<u8>>> {
     let column = str_col(&offsets, &data)?;
-    let keys = py.detach(|| crate::prompts::keys(prefix, column)).map_err(PyValueError::new_err)?;
+    let keys = on_shared_pool(py, || crate::llm::prompts::keys(prefix, column))?.map_err(PyValueError::new_err)?;
     Ok(keys.into_pyarray(py))
 }
 
@@ -312,8 +319,8 @@ fn parse_replies<'py>(
 ) -> PyResult<(Arr<'py, u8>, Arr<'py, i64>, Arr<'py, u8>, Arr<'py, i64>, Arr<'py, u8>, Arr<'py, i64>, Arr<'py, u8>)> {
     let texts = str_col(&offsets, &data)?;
     let states = states.as_slice()?;
-    let format = crate::replies::Format::parse(format).map_err(PyValueError::new_err)?;
-    let p = py.detach(|| crate::replies::parse_column(texts, states, format, min_turns)).map_err(PyValueError::new_err)?;
+    let format = crate::llm::replies::Format::parse(format).map_err(PyValueError::new_err)?;
+    let p = on_shared_pool(py, || crate::llm::replies::parse_column(texts, states, format, min_turns))?.map_err(PyValueError::new_err)?;
     Ok((
         p.valid.into_pyarray(py),
         p.turn_offsets.into_pyarray(py),
