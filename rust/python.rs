@@ -1,5 +1,6 @@
 //! The Python binding (`mmrecipe._core`): a few coarse calls over whole NumPy buffers,
-//! the GIL released while the core works. Errors become `mmrecipe.errors` classes.
+//! the GIL released while the core works. Errors are raised as the exception classes
+//! defined here (`mmrecipe.errors` re-exports them with their documentation).
 
 use crate::columns::{Batch, StrCol};
 use crate::compile::Compiler;
@@ -7,34 +8,62 @@ use crate::error::Error;
 use crate::plan::Plan;
 use crate::render::{self, Message};
 use numpy::{IntoPyArray, PyReadonlyArray1};
-use pyo3::exceptions::PyValueError;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
+use pyo3::IntoPyObjectExt;
 
+// Every error mmrecipe raises on purpose is an MMRecipeError. Named as `mmrecipe.errors`
+// shows them, so tracebacks and pickles refer to the public module.
+create_exception!(mmrecipe.errors, MMRecipeError, PyException);
+create_exception!(mmrecipe.errors, RecipeError, MMRecipeError);
+create_exception!(mmrecipe.errors, SourceError, MMRecipeError);
+create_exception!(mmrecipe.errors, DataError, MMRecipeError);
+create_exception!(mmrecipe.errors, TokenizerError, MMRecipeError);
+create_exception!(mmrecipe.errors, TemplateError, MMRecipeError);
+create_exception!(mmrecipe.errors, ReleaseError, MMRecipeError);
+create_exception!(mmrecipe.errors, LLMError, MMRecipeError);
+create_exception!(mmrecipe.errors, StorageError, MMRecipeError);
+create_exception!(mmrecipe.errors, InternalError, MMRecipeError);
+
+fn add_exceptions(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("MMRecipeError", py.get_type::<MMRecipeError>())?;
+    m.add("RecipeError", py.get_type::<RecipeError>())?;
+    m.add("SourceError", py.get_type::<SourceError>())?;
+    m.add("DataError", py.get_type::<DataError>())?;
+    m.add("TokenizerError", py.get_type::<TokenizerError>())?;
+    m.add("TemplateError", py.get_type::<TemplateError>())?;
+    m.add("ReleaseError", py.get_type::<ReleaseError>())?;
+    m.add("LLMError", py.get_type::<LLMError>())?;
+    m.add("StorageError", py.get_type::<StorageError>())?;
+    m.add("InternalError", py.get_type::<InternalError>())?;
+    Ok(())
+}
+
+/// The one table from core errors to exception classes: each kind's class and the
+/// attributes that say where (`key`; `source`, `row`, `field`; `path`).
 fn to_py(py: Python<'_>, err: Error) -> PyErr {
-    let class = match &err {
-        Error::Plan { .. } => "RecipeError",
-        Error::Tokenizer(_) => "TokenizerError",
-        Error::Template(_) => "TemplateError",
-        Error::Data { .. } => "DataError",
-        // Until the binding has its own exception classes.
-        Error::Io { .. } | Error::Internal(_) => "RecipeError",
-    };
-    let build = || -> PyResult<PyErr> {
-        let cls = py.import("mmrecipe.errors")?.getattr(class)?;
-        let exc = cls.call1((err.to_string(),))?;
-        match &err {
-            Error::Data { source, row, field, .. } => {
-                exc.setattr("source", source)?;
-                exc.setattr("row", row)?;
-                exc.setattr("field", field)?;
-            }
-            Error::Plan { key, .. } => exc.setattr("key", key)?,
-            _ => {}
+    let message = err.to_string();
+    let raise = || -> PyResult<PyErr> {
+        let (exc, attributes): (PyErr, Vec<(&str, Py<PyAny>)>) = match err {
+            Error::Plan { key, .. } => (RecipeError::new_err(message), vec![("key", key.into_py_any(py)?)]),
+            Error::Tokenizer(_) => (TokenizerError::new_err(message), vec![]),
+            Error::Template(_) => (TemplateError::new_err(message), vec![]),
+            Error::Data { source, row, field, .. } => (
+                DataError::new_err(message),
+                vec![("source", source.into_py_any(py)?), ("row", row.into_py_any(py)?), ("field", field.into_py_any(py)?)],
+            ),
+            Error::Io { path, .. } => (StorageError::new_err(message), vec![("path", path.into_py_any(py)?)]),
+            Error::Internal(_) => (InternalError::new_err(message), vec![]),
+        };
+        for (name, value) in attributes {
+            exc.value(py).setattr(name, value)?;
         }
-        Ok(PyErr::from_value(exc))
+        Ok(exc)
     };
-    build().unwrap_or_else(|e| e)
+    raise().unwrap_or_else(|e| e)
 }
 
 fn str_col<'a>(offsets: &'a PyReadonlyArray1<'_, i64>, data: &'a PyReadonlyArray1<'_, u8>) -> PyResult<StrCol<'a>> {
@@ -334,6 +363,7 @@ fn parse_replies<'py>(
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    add_exceptions(m)?;
     m.add_class::<PyCompiler>()?;
     m.add_class::<PyJsonChunks>()?;
     m.add_function(wrap_pyfunction!(builtin_template, m)?)?;

@@ -1,5 +1,6 @@
 """The Rust core of mmrecipe. Few, coarse calls over whole NumPy buffers; the GIL is
-released while it works. Errors are raised as `mmrecipe.errors` classes."""
+released while it works. It defines the exception classes (`mmrecipe.errors` is their
+public name and documents them) and raises them itself."""
 
 from typing import Any, final
 
@@ -23,7 +24,17 @@ _BatchColumns = tuple[
 __all__ = [
     "BUILTIN_TEMPLATES",
     "Compiler",
+    "DataError",
+    "InternalError",
     "JsonChunks",
+    "LLMError",
+    "MMRecipeError",
+    "RecipeError",
+    "ReleaseError",
+    "SourceError",
+    "StorageError",
+    "TemplateError",
+    "TokenizerError",
     "__version__",
     "builtin_template",
     "content_keys",
@@ -35,6 +46,45 @@ __all__ = [
 
 BUILTIN_TEMPLATES: list[str]
 __version__: str
+
+class MMRecipeError(Exception):
+    """Base class of every error mmrecipe raises on purpose."""
+
+class RecipeError(MMRecipeError):
+    """The recipe is invalid; `key` names the recipe key, `problems` lists every problem."""
+
+    key: str | None
+    problems: list[str]
+
+class SourceError(MMRecipeError):
+    """A source file cannot be read, or a field path does not resolve on it."""
+
+class DataError(MMRecipeError):
+    """One data row is unusable; `source`, `row` and `field` say where."""
+
+    source: str | None
+    row: int | None
+    field: str | None
+
+class TokenizerError(MMRecipeError):
+    """The tokenizer cannot be loaded or lacks a token the recipe needs."""
+
+class TemplateError(MMRecipeError):
+    """The chat template does not compile or does not render a conversation."""
+
+class ReleaseError(MMRecipeError):
+    """A release directory is missing, incomplete, or would be overwritten."""
+
+class LLMError(MMRecipeError):
+    """An LLM stage cannot go on."""
+
+class StorageError(MMRecipeError):
+    """A file mmrecipe writes or reads back for itself failed; `path` names it."""
+
+    path: str | None
+
+class InternalError(MMRecipeError):
+    """A bug in mmrecipe."""
 
 @final
 class Compiler:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .errors import RecipeError
+from .errors import RecipeError, recipe_error
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -477,11 +477,11 @@ def load_pool(name: str, recipe: Recipe) -> PoolSpec:
         return recipe.pool[name]
     path = _builtin_pool_path(name)
     if path is None:
-        raise RecipeError(f"no template pool named '{name}'", key="pool")
+        raise recipe_error(f"no template pool named '{name}'", key="pool")
     try:
         return msgspec.convert(tomllib.loads(path.read_text("utf-8")), PoolSpec)
     except (msgspec.ValidationError, tomllib.TOMLDecodeError) as e:
-        raise RecipeError(f"built-in pool {path}: {e}", key=f"pool.{name}") from None
+        raise recipe_error(f"built-in pool {path}: {e}", key=f"pool.{name}") from None
 
 
 def _read_toml(text: str, where: str) -> dict[str, Any]:
@@ -514,11 +514,11 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         key = _name_table_key(key, data)
         problems.append(f"{key or '(top level)'}: {message}")
         _name_merged_sources(problems, merge_problems, data, bases)
-        raise RecipeError(_report(where, problems), key=problems[0].split(":")[0], problems=problems) from None
+        raise recipe_error(_report(where, problems), key=problems[0].split(":")[0], problems=problems) from None
     problems += _semantic_problems(recipe)
     _name_merged_sources(problems, merge_problems, data, bases)
     if problems:
-        raise RecipeError(_report(where, problems), key=problems[0].split(":")[0], problems=problems)
+        raise recipe_error(_report(where, problems), key=problems[0].split(":")[0], problems=problems)
     recipe.path = path
     recipe.bases = bases
     # [[generate]] tables become conversation sources after the written ones.
@@ -559,17 +559,17 @@ def expand_extends(data: dict[str, Any], folder: Path, chain: list[Path], proble
     base raises RecipeError at once."""
     ref = data.pop("extends")
     if not isinstance(ref, str) or not ref.strip():
-        raise RecipeError(f"extends: expected the path of a recipe file, got {ref!r}", key="extends")
+        raise recipe_error(f"extends: expected the path of a recipe file, got {ref!r}", key="extends")
     base_path = (folder / Path(ref).expanduser()).resolve()
     if base_path in chain:
         cycle = " -> ".join(str(p) for p in [*chain[chain.index(base_path):], base_path])
-        raise RecipeError(f"extends: the recipes extend each other in a cycle: {cycle}; remove one `extends`", key="extends")
+        raise recipe_error(f"extends: the recipes extend each other in a cycle: {cycle}; remove one `extends`", key="extends")
     try:
         text = base_path.read_text("utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"extends: base recipe not found: {base_path} (relative paths start at {folder})", key="extends") from None
+        raise recipe_error(f"extends: base recipe not found: {base_path} (relative paths start at {folder})", key="extends") from None
     except UnicodeDecodeError as e:
-        raise RecipeError(f"extends: {base_path} is not UTF-8 text ({e})", key="extends") from None
+        raise recipe_error(f"extends: {base_path} is not UTF-8 text ({e})", key="extends") from None
     base = _read_toml(text, str(base_path))
     bases = [base_path]
     if "extends" in base:

@@ -16,7 +16,7 @@ import msgspec
 import polars as pl
 
 from . import _core, fieldpath
-from .errors import DataError, RecipeError, SourceError
+from .errors import DataError, SourceError, recipe_error
 from .recipe import RESERVED_FIELDS, JoinSpec, Recipe, SourceSpec, generator_of, resolve_path, source_key
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ def _resolve(frame: pl.DataFrame, spec: SourceSpec, at: str, key: str, out: str,
     try:
         path = fieldpath.parse_field(text)
     except fieldpath.FieldPathError as e:
-        raise RecipeError(f"{where}: {e}", key=where) from None
+        raise recipe_error(f"{where}: {e}", key=where) from None
     for column in path.columns:
         if column not in frame.columns:
             if partial:
@@ -473,7 +473,7 @@ def _conversation(frame: pl.DataFrame, spec: SourceSpec, at: str, resolved: dict
     mapping = {**DEFAULT_ROLES, **spec.roles}
     for k, v in spec.roles.items():
         if v not in ROLE_CODES:
-            raise RecipeError(f"{at}.roles.{k}: '{v}' is not a role (system, user, assistant)", key=f"{at}.roles.{k}")
+            raise recipe_error(f"{at}.roles.{k}: '{v}' is not a role (system, user, assistant)", key=f"{at}.roles.{k}")
     codes = {k: ROLE_CODES[v] for k, v in mapping.items()}
     turns = frame.select(ROW, pl.col(col).alias("__t")).explode("__t")
     raw_roles = turns.select(ROW, pl.col("__t").struct.field(role_key).alias("r"))
