@@ -5,6 +5,7 @@
 use crate::columns::{Batch, StrCol};
 use crate::compile::Compiler;
 use crate::error::Error;
+use crate::layout::{Packed, RELEASE_COLUMNS};
 use crate::plan::Plan;
 use crate::render::{self, Message};
 use numpy::{IntoPyArray, PyReadonlyArray1};
@@ -70,34 +71,47 @@ fn str_col<'a>(offsets: &'a PyReadonlyArray1<'_, i64>, data: &'a PyReadonlyArray
     Ok(StrCol { offsets: offsets.as_slice()?, data: data.as_slice()? })
 }
 
-/// One batch as NumPy arrays: rows, turn offsets, roles, content offsets and bytes, image
-/// offsets, image path offsets and bytes, and (offsets, bytes) per template field.
+/// One batch as a dict of NumPy arrays (`mmrecipe.buffers.batch_arguments` makes it):
+/// see `columns::Batch` for what each holds; `fields` has (offsets, bytes) per template
+/// field, in the plan's order.
 #[derive(FromPyObject)]
-struct BatchColumns<'py>(
-    PyReadonlyArray1<'py, u64>,
-    PyReadonlyArray1<'py, i64>,
-    PyReadonlyArray1<'py, u8>,
-    PyReadonlyArray1<'py, i64>,
-    PyReadonlyArray1<'py, u8>,
-    PyReadonlyArray1<'py, i64>,
-    PyReadonlyArray1<'py, i64>,
-    PyReadonlyArray1<'py, u8>,
-    Vec<(PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, u8>)>,
-);
+#[pyo3(from_item_all)]
+struct BatchColumns<'py> {
+    rows: PyReadonlyArray1<'py, u64>,
+    turn_offsets: PyReadonlyArray1<'py, i64>,
+    roles: PyReadonlyArray1<'py, u8>,
+    content_offsets: PyReadonlyArray1<'py, i64>,
+    content_data: PyReadonlyArray1<'py, u8>,
+    image_offsets: PyReadonlyArray1<'py, i64>,
+    image_path_offsets: PyReadonlyArray1<'py, i64>,
+    image_path_data: PyReadonlyArray1<'py, u8>,
+    fields: Vec<(PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, u8>)>,
+}
 
 impl BatchColumns<'_> {
     /// Views of the arrays, valid while `self` holds them (no copy).
     fn batch(&self) -> PyResult<Batch<'_>> {
         Ok(Batch {
-            rows: self.0.as_slice()?,
-            turn_offsets: self.1.as_slice()?,
-            roles: self.2.as_slice()?,
-            contents: str_col(&self.3, &self.4)?,
-            image_offsets: self.5.as_slice()?,
-            images: str_col(&self.6, &self.7)?,
-            fields: self.8.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?,
+            rows: self.rows.as_slice()?,
+            turn_offsets: self.turn_offsets.as_slice()?,
+            roles: self.roles.as_slice()?,
+            contents: str_col(&self.content_offsets, &self.content_data)?,
+            image_offsets: self.image_offsets.as_slice()?,
+            images: str_col(&self.image_path_offsets, &self.image_path_data)?,
+            fields: self.fields.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?,
         })
     }
+}
+
+/// The packed arrays as a dict keyed by their names. The destructuring is exhaustive: a
+/// field added to `Packed` must be listed here.
+macro_rules! packed_dict {
+    ($py:expr, $packed:expr, $($field:ident),* $(,)?) => {{
+        let Packed { $($field),* } = $packed;
+        let d = PyDict::new($py);
+        $(d.set_item(stringify!($field), $field.into_pyarray($py))?;)*
+        d
+    }};
 }
 
 /// Compiles the samples of a recipe into packed, masked token sequences.
@@ -167,28 +181,31 @@ impl PyCompiler {
         serde_json::to_string(&summary).map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
-    /// Packed rows lo..hi (after `finish`) as flat NumPy arrays.
+    /// Packed rows lo..hi (after `finish`) as flat NumPy arrays, keyed by the release's
+    /// column names and their offsets (`layout::Packed`).
     fn emit<'py>(&mut self, py: Python<'py>, lo: usize, hi: usize) -> PyResult<Bound<'py, PyDict>> {
         let inner = &mut self.inner;
         let p = py.detach(|| inner.emit(lo, hi)).map_err(|e| to_py(py, e))?;
-        let d = PyDict::new(py);
-        d.set_item("row_offsets", p.row_offsets.into_pyarray(py))?;
-        d.set_item("input_ids", p.input_ids.into_pyarray(py))?;
-        d.set_item("loss_mask", p.loss_mask.into_pyarray(py))?;
-        d.set_item("seg_offsets", p.segment_offsets.into_pyarray(py))?;
-        d.set_item("seg_lengths", p.segment_lengths.into_pyarray(py))?;
-        d.set_item("seg_source", p.segment_source.into_pyarray(py))?;
-        d.set_item("seg_row", p.segment_row.into_pyarray(py))?;
-        d.set_item("seg_part", p.segment_part.into_pyarray(py))?;
-        d.set_item("seg_template", p.segment_template.into_pyarray(py))?;
-        d.set_item("seg_repeat", p.segment_repeat.into_pyarray(py))?;
-        d.set_item("seg_images", p.segment_images.into_pyarray(py))?;
-        d.set_item("img_offsets", p.image_offsets.into_pyarray(py))?;
-        d.set_item("img_pos", p.image_positions.into_pyarray(py))?;
-        d.set_item("img_len", p.image_lengths.into_pyarray(py))?;
-        d.set_item("img_path_offsets", p.image_path_offsets.into_pyarray(py))?;
-        d.set_item("img_path_data", p.image_path_data.into_pyarray(py))?;
-        Ok(d)
+        Ok(packed_dict!(
+            py,
+            p,
+            row_offsets,
+            input_ids,
+            loss_mask,
+            segment_offsets,
+            segment_lengths,
+            segment_source,
+            segment_row,
+            segment_part,
+            segment_template,
+            segment_repeat,
+            segment_images,
+            image_offsets,
+            image_positions,
+            image_lengths,
+            image_path_offsets,
+            image_path_data,
+        ))
     }
 
     /// Renders and tokenizes conversations given as JSON
@@ -361,6 +378,12 @@ fn parse_replies<'py>(
     ))
 }
 
+/// The list columns of a release, in order (`layout::RELEASE_COLUMNS`).
+#[pyfunction]
+fn release_columns() -> Vec<&'static str> {
+    RELEASE_COLUMNS.to_vec()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     add_exceptions(m)?;
@@ -372,6 +395,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fill_templates, m)?)?;
     m.add_function(wrap_pyfunction!(content_keys, m)?)?;
     m.add_function(wrap_pyfunction!(parse_replies, m)?)?;
+    m.add_function(wrap_pyfunction!(release_columns, m)?)?;
     m.add("BUILTIN_TEMPLATES", render::BUILTINS.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -3,11 +3,16 @@ arrays without copying the data."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
 from .sources import CONTENTS, IMAGES, ROLES, ROW, Normalized
+
+if TYPE_CHECKING:
+    from ._core import _BatchColumns
 
 
 def string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -40,28 +45,24 @@ def _list_parts(series: pl.Series) -> tuple[np.ndarray, pa.Array]:
     return offsets, arrow(series).flatten()
 
 
-def batch_arguments(norm: Normalized, start: int, length: int) -> tuple:
-    """The arguments of `Compiler.add_batch` (after the source index) for rows
-    start..start+length of a normalized source."""
+def batch_arguments(norm: Normalized, start: int, length: int) -> _BatchColumns:
+    """The columns argument of `Compiler.add_batch` (and `preview_batch`) for rows
+    start..start+length of a normalized source: NumPy arrays by name, and `fields` as
+    (offsets, bytes) per template field in the plan's order."""
     part = norm.frame.slice(start, length)
-    rows = part[ROW].to_numpy().astype(np.uint64, copy=False)
     turn_offsets, contents = _list_parts(part[CONTENTS])
-    _, roles_arr = _list_parts(part[ROLES])
-    roles = np.asarray(roles_arr.to_numpy(zero_copy_only=False), dtype=np.uint8)
+    _, roles = _list_parts(part[ROLES])
     content_offsets, content_data = string_buffers(contents)
     image_offsets, images = _list_parts(part[IMAGES])
     image_path_offsets, image_path_data = string_buffers(images)
-    fields = []
-    for name in norm.field_names:
-        fields.append(string_buffers(arrow(part[f"__t_{name}"])))
-    return (
-        rows,
-        turn_offsets,
-        roles,
-        content_offsets,
-        content_data,
-        image_offsets,
-        image_path_offsets,
-        image_path_data,
-        fields,
-    )
+    return {
+        "rows": part[ROW].to_numpy().astype(np.uint64, copy=False),
+        "turn_offsets": turn_offsets,
+        "roles": np.asarray(roles.to_numpy(zero_copy_only=False), dtype=np.uint8),
+        "content_offsets": content_offsets,
+        "content_data": content_data,
+        "image_offsets": image_offsets,
+        "image_path_offsets": image_path_offsets,
+        "image_path_data": image_path_data,
+        "fields": [string_buffers(arrow(part[f"__t_{name}"])) for name in norm.field_names],
+    }

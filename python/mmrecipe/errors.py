@@ -7,8 +7,6 @@ of their attributes."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from ._core import (
     DataError,
     InternalError,
@@ -53,16 +51,18 @@ InternalError.__doc__ = """A bug in mmrecipe (its core was called out of order o
 please report it with the message."""
 
 
-class _OwnMessage:
-    """The default of `RecipeError.problems`: the error's own message, as a list. An
-    instance's own `problems` (set by `recipe_error`) takes precedence."""
+def _problems(exc: BaseException) -> list[str]:
+    # Without problems of its own (set by `recipe_error`), the error's own message.
+    own: list[str] | None = exc.__dict__.get("problems")
+    return [str(exc)] if own is None else own
 
-    def __get__(self, exc: BaseException | None, owner: Any = None) -> Any:
-        return self if exc is None else [str(exc)]
+
+def _set_problems(exc: BaseException, problems: list[str]) -> None:
+    exc.__dict__["problems"] = problems
 
 
 RecipeError.key = None
-RecipeError.problems = _OwnMessage()  # type: ignore[assignment]
+setattr(RecipeError, "problems", property(_problems, _set_problems, doc="Every problem found, as `key: message` lines."))
 DataError.source = None
 DataError.row = None
 DataError.field = None

@@ -74,21 +74,21 @@ def _string_list(offsets: np.ndarray, str_offsets: np.ndarray, data: np.ndarray,
 
 def shard_table(p: dict[str, Any], lo: int, hi: int) -> pa.Table:
     """Packed rows lo..hi as an Arrow table (one row per packed sequence)."""
-    ro, so, io = p["row_offsets"], p["seg_offsets"], p["img_offsets"]
+    ro, so, io = p["row_offsets"], p["segment_offsets"], p["image_offsets"]
     return pa.table(
         {
             "input_ids": _list(ro, p["input_ids"], lo, hi, pa.uint32()),
             "loss_mask": _list(ro, p["loss_mask"], lo, hi, pa.uint8()),
-            "segment_lengths": _list(so, p["seg_lengths"], lo, hi, pa.uint32()),
-            "segment_source": _list(so, p["seg_source"], lo, hi, pa.uint16()),
-            "segment_row": _list(so, p["seg_row"], lo, hi, pa.uint64()),
-            "segment_part": _list(so, p["seg_part"], lo, hi, pa.uint16()),
-            "segment_template": _list(so, p["seg_template"], lo, hi, pa.int32()),
-            "segment_repeat": _list(so, p["seg_repeat"], lo, hi, pa.uint32()),
-            "segment_images": _list(so, p["seg_images"], lo, hi, pa.uint32()),
-            "image_positions": _list(io, p["img_pos"], lo, hi, pa.uint32()),
-            "image_lengths": _list(io, p["img_len"], lo, hi, pa.uint32()),
-            "image_paths": _string_list(io, p["img_path_offsets"], p["img_path_data"], lo, hi),
+            "segment_lengths": _list(so, p["segment_lengths"], lo, hi, pa.uint32()),
+            "segment_source": _list(so, p["segment_source"], lo, hi, pa.uint16()),
+            "segment_row": _list(so, p["segment_row"], lo, hi, pa.uint64()),
+            "segment_part": _list(so, p["segment_part"], lo, hi, pa.uint16()),
+            "segment_template": _list(so, p["segment_template"], lo, hi, pa.int32()),
+            "segment_repeat": _list(so, p["segment_repeat"], lo, hi, pa.uint32()),
+            "segment_images": _list(so, p["segment_images"], lo, hi, pa.uint32()),
+            "image_positions": _list(io, p["image_positions"], lo, hi, pa.uint32()),
+            "image_lengths": _list(io, p["image_lengths"], lo, hi, pa.uint32()),
+            "image_paths": _string_list(io, p["image_path_offsets"], p["image_path_data"], lo, hi),
         }
     )
 
