@@ -4,7 +4,10 @@ emitted names are the release's columns, and the core's errors are the public cl
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -130,3 +133,29 @@ def test_calls_out_of_order_are_internal_errors():
     malformed["turn_offsets"] = np.array([0, 9, 4], dtype=np.int64)
     with pytest.raises(errors.InternalError, match="turn_offsets"):
         compiler().add_batch(0, malformed)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_runs_the_core_on_threads_of_its_own():
+    """A DataLoader worker is a fork: the parent's worker threads are not in it, and a
+    pool that handed them work would wait forever."""
+    c = compiler()
+    c.add_batch(0, columns(CHATS))  # the compiler's pool and the shared one have run here
+    offsets, data = strings(["abc"])
+    parent_keys = _core.content_keys(b"", offsets, data)
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if both pools work
+        try:
+            added = c.add_batch(0, columns(CHATS))
+            same = bytes(_core.content_keys(b"", offsets, data)) == bytes(parent_keys)
+            os._exit(0 if added == 2 and same else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = time.monotonic() + 120  # not a speed check: a hung child fails instead of hanging the run
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the core's thread pool")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
