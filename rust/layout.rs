@@ -48,7 +48,7 @@ pub struct Packed {
     pub segment_repeat: Vec<u32>,
     pub segment_images: Vec<u32>,
     pub image_offsets: Vec<i64>,
-    /// Where each image run starts, counted from the first token of the piece emitted.
+    /// Where each image run starts: a token position in its row.
     pub image_positions: Vec<u32>,
     pub image_lengths: Vec<u32>,
     pub image_path_offsets: Vec<i64>,
@@ -122,9 +122,10 @@ impl Compiler {
         out.image_offsets.push(0);
         out.image_path_offsets.push(0);
         for bin in &layout.bins[lo.min(hi)..hi] {
+            let row_start = out.input_ids.len();
             for &it in bin {
                 let (s, pick) = layout.items[it as usize];
-                emit_segment(&mut out, &mut self.spill, &self.stores[s as usize], s, pick, image_token)?;
+                emit_segment(&mut out, &mut self.spill, &self.stores[s as usize], (s, pick), row_start, image_token)?;
             }
             out.row_offsets.push(out.input_ids.len() as i64);
             out.segment_offsets.push(out.segment_lengths.len() as i64);
@@ -263,11 +264,19 @@ fn summarize(plan: &Plan, stores: &[Store], items: &[(u16, Pick)], lengths: &[u3
     }
 }
 
-/// Appends one selected sample to `out`: its tokens and mask (read back from the
-/// spill), its segment, and its image runs with their paths.
-fn emit_segment(out: &mut Packed, spill: &mut Spill, store: &Store, source: u16, pick: Pick, image_token: u32) -> Result<()> {
+/// Appends one selected sample to `out`, in the row that starts at token `row_start`:
+/// its tokens and mask (read back from the spill), its segment, and its image runs
+/// (positions in the row) with their paths.
+fn emit_segment(
+    out: &mut Packed,
+    spill: &mut Spill,
+    store: &Store,
+    (source, pick): (u16, Pick),
+    row_start: usize,
+    image_token: u32,
+) -> Result<()> {
     let rec = store.samples[pick.index as usize];
-    let base = out.input_ids.len() as u32;
+    let base = (out.input_ids.len() - row_start) as u32;
     let runs = spill.read(rec.record, image_token, &mut out.input_ids, &mut out.loss_mask)?;
     for (k, run) in runs.iter().enumerate() {
         out.image_positions.push(base + run.pos);
@@ -288,6 +297,7 @@ fn emit_segment(out: &mut Packed, spill: &mut Spill, store: &Store, source: u16,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::columns::{Batch, StrCol};
     use crate::compile::tests::{batch, cols, convs, plan, TOKENIZER};
 
     #[test]
@@ -308,5 +318,45 @@ mod tests {
     fn emit_before_finish_is_an_internal_error() {
         let mut comp = Compiler::new(plan(""), TOKENIZER, 1, None).unwrap();
         assert!(matches!(comp.emit(0, 1), Err(Error::Internal(_))));
+    }
+
+    #[test]
+    fn image_runs_are_recorded_in_their_row() {
+        let mut plan = plan(r#", "image": {"placeholder": "<image>", "token": "<image>", "count": 8}"#);
+        plan.seq_len = 128;
+        plan.sources[0].image_root = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/demo/data/images").into());
+        let (n, name) = (12, b"astronaut.jpg");
+        let c = cols(&convs(n));
+        let image_offsets: Vec<i64> = (0..=n as i64).collect();
+        let path_offsets: Vec<i64> = (0..=n as i64).map(|k| k * name.len() as i64).collect();
+        let path_data = name.repeat(n);
+        let with_images = Batch { image_offsets: &image_offsets, images: StrCol { offsets: &path_offsets, data: &path_data }, ..batch(&c) };
+        let mut comp = Compiler::new(plan, TOKENIZER, 1, None).unwrap();
+        comp.add_batch(0, &with_images).unwrap();
+        comp.add_batch(1, &batch(&c)).unwrap();
+        comp.finish().unwrap();
+        let image_token = comp.tokenizer.image_token().unwrap();
+        let rows = comp.layout.as_ref().unwrap().bins.len();
+        assert!(rows >= 3, "several rows, several samples in some");
+        // All rows in one piece, and each row as a piece of its own.
+        let pieces = [vec![comp.emit(0, rows).unwrap()], (0..rows).map(|r| comp.emit(r, r + 1).unwrap()).collect()];
+        for piece in pieces {
+            let mut runs = 0;
+            for p in &piece {
+                for r in 0..p.row_offsets.len() - 1 {
+                    let row = &p.input_ids[p.row_offsets[r] as usize..p.row_offsets[r + 1] as usize];
+                    let (k0, k1) = (p.image_offsets[r] as usize, p.image_offsets[r + 1] as usize);
+                    for k in k0..k1 {
+                        let (pos, len) = (p.image_positions[k] as usize, p.image_lengths[k] as usize);
+                        assert!(len > 0 && pos + len <= row.len(), "row {r}: run at {pos} (+{len}) outside its {} tokens", row.len());
+                        assert!(row[pos..pos + len].iter().all(|&t| t == image_token), "row {r}: run at {pos} is not image tokens");
+                    }
+                    let in_runs: u32 = p.image_lengths[k0..k1].iter().sum();
+                    assert_eq!(row.iter().filter(|&&t| t == image_token).count(), in_runs as usize);
+                    runs += k1 - k0;
+                }
+            }
+            assert_eq!(runs, n, "one run per image");
+        }
     }
 }
