@@ -48,13 +48,13 @@ impl<'a> StrCol<'a> {
 /// `image_offsets[i]..image_offsets[i+1]` (a path each):
 ///
 /// ```text
-///   rows          [ 7        | 8   ]                  one per sample
-///   turn_offsets  [0,         3,   5]
-///   roles         [ 1  2  1  | 1  2 ]                  one per turn
-///   contents      ["q" "a" "q"|"q" "a"]
-///   image_offsets [0,         1,   1]
-///   images        ["coco/1.jpg"]                        one per image
-///   fields[f]     [ v7       | v8  ]                  one per sample, per field
+///   rows           [ 7         | 8                   ]   one per sample
+///   turn_offsets   [ 0,          2,                  6 ]
+///   roles          [ 1    2    | 1    2    1    2    ]   one per turn (1 user, 2 assistant)
+///   contents       [ "q"  "a"  | "q"  "a"  "q"  "a"  ]
+///   image_offsets  [ 0,          1,                  1 ]
+///   images         [ "coco/1.jpg" ]                      one per image (sample 7's)
+///   fields[f]      [ "v7"      | "v8"                ]   one per sample, per field
 /// ```
 pub struct Batch<'a> {
     pub rows: &'a [u64],
