@@ -330,7 +330,8 @@ mod tests {
         let image_offsets: Vec<i64> = (0..=n as i64).collect();
         let path_offsets: Vec<i64> = (0..=n as i64).map(|k| k * name.len() as i64).collect();
         let path_data = name.repeat(n);
-        let with_images = Batch { image_offsets: &image_offsets, images: StrCol { offsets: &path_offsets, data: &path_data }, ..batch(&c) };
+        let with_images =
+            Batch { image_offsets: &image_offsets, images: StrCol { offsets: &path_offsets, data: &path_data }, ..batch(&c) };
         let mut comp = Compiler::new(plan, TOKENIZER, 1, None).unwrap();
         comp.add_batch(0, &with_images).unwrap();
         comp.add_batch(1, &batch(&c)).unwrap();
@@ -348,8 +349,15 @@ mod tests {
                     let (k0, k1) = (p.image_offsets[r] as usize, p.image_offsets[r + 1] as usize);
                     for k in k0..k1 {
                         let (pos, len) = (p.image_positions[k] as usize, p.image_lengths[k] as usize);
-                        assert!(len > 0 && pos + len <= row.len(), "row {r}: run at {pos} (+{len}) outside its {} tokens", row.len());
-                        assert!(row[pos..pos + len].iter().all(|&t| t == image_token), "row {r}: run at {pos} is not image tokens");
+                        assert!(
+                            len > 0 && pos + len <= row.len(),
+                            "row {r}: run at {pos} (+{len}) outside its {} tokens",
+                            row.len()
+                        );
+                        assert!(
+                            row[pos..pos + len].iter().all(|&t| t == image_token),
+                            "row {r}: run at {pos} is not image tokens"
+                        );
                     }
                     let in_runs: u32 = p.image_lengths[k0..k1].iter().sum();
                     assert_eq!(row.iter().filter(|&&t| t == image_token).count(), in_runs as usize);

@@ -332,8 +332,8 @@ fn fill_templates<'py>(
 ) -> PyResult<(Arr<'py, i64>, Arr<'py, u8>)> {
     let rows = rows.as_slice()?;
     let cols = columns.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?;
-    let (offsets, data) =
-        on_shared_pool(py, || crate::llm::prompts::fill(&templates, seed, stream, rows, &names, &cols))?.map_err(PyValueError::new_err)?;
+    let (offsets, data) = on_shared_pool(py, || crate::llm::prompts::fill(&templates, seed, stream, rows, &names, &cols))?
+        .map_err(PyValueError::new_err)?;
     Ok((offsets.into_pyarray(py), data.into_pyarray(py)))
 }
 
@@ -366,7 +366,8 @@ fn parse_replies<'py>(
     let texts = str_col(&offsets, &data)?;
     let states = states.as_slice()?;
     let format = crate::llm::replies::Format::parse(format).map_err(PyValueError::new_err)?;
-    let p = on_shared_pool(py, || crate::llm::replies::parse_column(texts, states, format, min_turns))?.map_err(PyValueError::new_err)?;
+    let p = on_shared_pool(py, || crate::llm::replies::parse_column(texts, states, format, min_turns))?
+        .map_err(PyValueError::new_err)?;
     Ok((
         p.valid.into_pyarray(py),
         p.turn_offsets.into_pyarray(py),
