@@ -1,18 +1,16 @@
-//! The per-source batch pipeline and the final mix + pack.
-//!
-//! Python hands over whole columns per batch (rows, turns, contents, images, extra
-//! fields); each sample is turned into messages (instruction template applied), rendered,
-//! tokenized and masked in parallel; results are appended in row order, so the output is
-//! the same for any thread count. `finish` computes exact mixture counts, packs, and
-//! returns flat arrays ready to be written as shards.
+//! The per-sample pipeline: each batch of a source (columns, `columns::Batch`) becomes
+//! tokenized, masked samples kept in that source's store until `finish` mixes and packs
+//! them (`layout`). Samples are processed in parallel and appended in row order, so the
+//! output is the same for any thread count.
 
+use crate::columns::Batch;
 use crate::error::{Error, Result};
 use crate::instruct::{self, Template};
+use crate::layout::Layout;
 use crate::media;
-use crate::mix;
 use crate::overlong;
-use crate::pack;
-use crate::plan::{MixturePlan, OnError, Overlong, Packing, Plan, TrainOn};
+use crate::plan::{OnError, Overlong, Plan, TrainOn};
+use crate::pool::ForkSafePool;
 use crate::render::{ChatRenderer, Message, Role};
 use crate::rng;
 use crate::spill::{Record, Spill};
@@ -21,107 +19,25 @@ use rayon::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-/// A string column as Arrow lays it out: `offsets[i]..offsets[i+1]` into `data`.
-#[derive(Clone, Copy)]
-pub struct StrCol<'a> {
-    pub offsets: &'a [i64],
-    pub data: &'a [u8],
-}
-
-impl<'a> StrCol<'a> {
-    pub fn len(&self) -> usize {
-        self.offsets.len().saturating_sub(1)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn check(&self, what: &str) -> Result<()> {
-        self.check_str().map_err(|message| Error::plan(what, message))
-    }
-
-    /// Offsets in order and inside the data: a malformed column is an error, not a panic.
-    pub fn check_str(&self) -> std::result::Result<(), String> {
-        let ok = !self.offsets.is_empty()
-            && self.offsets.windows(2).all(|w| w[0] <= w[1])
-            && self.offsets[0] >= 0
-            && (*self.offsets.last().unwrap() as usize) <= self.data.len();
-        if ok {
-            Ok(())
-        } else {
-            Err("malformed string column passed to the core (offsets out of order or out of range)".into())
-        }
-    }
-
-    pub fn get(&self, i: usize) -> std::result::Result<&'a str, String> {
-        let (s, e) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
-        std::str::from_utf8(&self.data[s..e]).map_err(|e| format!("not valid UTF-8 ({e})"))
-    }
-}
-
-/// One batch of one source, as columns.
-pub struct Batch<'a> {
-    pub rows: &'a [u64],
-    /// Per sample, the range of its turns: `turn_offsets[i]..turn_offsets[i+1]`.
-    pub turn_offsets: &'a [i64],
-    /// Per turn: 0 system, 1 user, 2 assistant.
-    pub roles: &'a [u8],
-    pub contents: StrCol<'a>,
-    /// Per sample, the range of its images in `images`.
-    pub image_offsets: &'a [i64],
-    pub images: StrCol<'a>,
-    /// Extra per-sample fields for instruction templates, in the plan's order.
-    pub fields: Vec<StrCol<'a>>,
-}
-
-fn check_offsets(offsets: &[i64], n: usize, len: usize, what: &str) -> Result<()> {
-    let ok = offsets.len() == n + 1 && offsets[0] == 0 && offsets.windows(2).all(|w| w[0] <= w[1]) && offsets[n] as usize == len;
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::plan(what, "malformed offsets passed to the core"))
-    }
-}
-
-impl Batch<'_> {
-    fn validate(&self, n_fields: usize) -> Result<()> {
-        let n = self.rows.len();
-        self.contents.check("batch.contents")?;
-        self.images.check("batch.images")?;
-        check_offsets(self.turn_offsets, n, self.roles.len(), "batch.turn_offsets")?;
-        check_offsets(self.image_offsets, n, self.images.len(), "batch.image_offsets")?;
-        if self.contents.len() != self.roles.len() {
-            return Err(Error::plan("batch.contents", "one content per turn expected"));
-        }
-        if self.fields.len() != n_fields {
-            return Err(Error::plan("batch.fields", format!("{n_fields} field columns expected, got {}", self.fields.len())));
-        }
-        for f in &self.fields {
-            f.check("batch.fields")?;
-            if f.len() != n {
-                return Err(Error::plan("batch.fields", "one value per sample expected"));
-            }
-        }
-        Ok(())
-    }
-}
-
 /// One previewed sample: (rendered text, tokens, template id), or why it is unusable.
 pub type Preview = std::result::Result<(String, Encoded, i32), String>;
 
+/// Why one row is unusable: (field, message); the source's `on_error` decides whether
+/// it fails the build (`Error::Data`) or is skipped.
+type RowResult<T> = std::result::Result<T, (&'static str, String)>;
+
 /// What the build keeps of one usable sample.
 #[derive(Debug, Clone, Copy)]
-struct SampleRec {
-    row: u64,
-    part: u16,
-    record: Record,
-    len: u32,
-    trained: u32,
+pub(crate) struct SampleRec {
+    pub row: u64,
+    pub part: u16,
+    pub record: Record,
+    pub len: u32,
+    pub trained: u32,
     /// First of its images in the store's image paths.
-    img: u32,
-    n_img: u32,
-    template: i32,
+    pub img: u32,
+    pub n_img: u32,
+    pub template: i32,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -141,12 +57,22 @@ pub struct SourceStats {
     pub skipped_examples: Vec<String>,
 }
 
+/// The usable samples of one source, in the order they were added.
 #[derive(Default)]
-struct Store {
-    samples: Vec<SampleRec>,
-    image_paths: String,
-    image_path_ends: Vec<u64>,
-    stats: SourceStats,
+pub(crate) struct Store {
+    pub samples: Vec<SampleRec>,
+    /// Image paths of every sample, concatenated; path k ends at `image_path_ends[k]`.
+    pub image_paths: String,
+    pub image_path_ends: Vec<u64>,
+    pub stats: SourceStats,
+}
+
+impl Store {
+    /// The bytes of image path `k`.
+    pub fn image_path(&self, k: usize) -> &[u8] {
+        let start = if k == 0 { 0 } else { self.image_path_ends[k - 1] as usize };
+        &self.image_paths.as_bytes()[start..self.image_path_ends[k] as usize]
+    }
 }
 
 /// One processed sample before it joins its source's store.
@@ -164,72 +90,52 @@ enum Outcome {
     Overlong,
 }
 
-/// The packed release, as flat arrays (offsets index rows into the flat values).
-#[derive(Default)]
-pub struct Packed {
-    pub row_offsets: Vec<i64>,
-    pub input_ids: Vec<u32>,
-    pub loss_mask: Vec<u8>,
-    pub seg_offsets: Vec<i64>,
-    pub seg_lengths: Vec<u32>,
-    pub seg_source: Vec<u16>,
-    pub seg_row: Vec<u64>,
-    pub seg_part: Vec<u16>,
-    pub seg_template: Vec<i32>,
-    pub seg_repeat: Vec<u32>,
-    pub seg_images: Vec<u32>,
-    pub img_offsets: Vec<i64>,
-    pub img_pos: Vec<u32>,
-    pub img_len: Vec<u32>,
-    pub img_path_offsets: Vec<i64>,
-    pub img_path_data: Vec<u8>,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Summary {
-    pub sources: Vec<SourceStats>,
-    pub sequences: u64,
-    pub segments: u64,
-    pub tokens: u64,
-    pub trained_tokens: u64,
-    pub seq_len: u32,
-    /// Tokens over sequences × seq_len.
-    pub fill: f64,
-    /// ⌈tokens / seq_len⌉: the fewest sequences any packing could use.
-    pub lower_bound: u64,
-    /// lower_bound / sequences: 1.0 means no packing could do better.
-    pub packing_efficiency: f64,
-}
-
-/// The packing decided by `finish`: items (source, pick) and the rows they fill.
-struct Layout {
-    items: Vec<(u16, mix::Pick)>,
-    bins: Vec<Vec<u32>>,
-}
-
+/// Compiles the samples of a recipe into packed, masked token sequences.
+///
+/// ```text
+///  add_batch(source, columns)     per sample, in parallel, kept in row order
+///    turns ─▶ instruction template ─▶ messages ─▶ chat template ─▶ text
+///          ─▶ tokenize + loss mask + image runs ─▶ overlong policy ─▶ store[source]
+///  finish()                       mixture counts, interleave, pack   (layout.rs)
+///  emit(lo, hi)                   packed rows lo..hi as flat arrays  (layout.rs)
+/// ```
 pub struct Compiler {
-    plan: Plan,
-    spill: Spill,
-    layout: Option<Layout>,
+    pub(crate) plan: Plan,
+    pub(crate) spill: Spill,
+    pub(crate) layout: Option<Layout>,
     renderer: ChatRenderer,
-    tokenizer: TextTokenizer,
+    pub(crate) tokenizer: TextTokenizer,
     templates: Vec<Vec<Template>>,
-    source_keys: Vec<u64>,
-    stores: Vec<Store>,
-    pool: rayon::ThreadPool,
-    pool_pid: u32,
-    threads: usize,
+    pub(crate) source_keys: Vec<u64>,
+    pub(crate) stores: Vec<Store>,
+    pool: ForkSafePool,
 }
 
-fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("mmrecipe-{i}"))
-        .build()
-        .map_err(|e| Error::plan("threads", e.to_string()))
+/// The instruction templates of every source, parsed, each placeholder checked to name
+/// `question` or a field of its source.
+fn parse_templates(plan: &Plan) -> Result<Vec<Vec<Template>>> {
+    let mut templates = Vec::new();
+    for (s, src) in plan.sources.iter().enumerate() {
+        let mut parsed = Vec::new();
+        for (t, text) in src.templates.iter().enumerate() {
+            let tpl = Template::parse(text).map_err(|m| Error::plan(format!("source[{s}].instructions[{t}]"), m))?;
+            for f in tpl.fields() {
+                if f != "question" && !src.fields.iter().any(|x| x == f) {
+                    return Err(Error::plan(
+                        format!("source[{s}].instructions[{t}]"),
+                        format!("placeholder {{{f}}} has no field; map it under source[{s}].fields"),
+                    ));
+                }
+            }
+            parsed.push(tpl);
+        }
+        templates.push(parsed);
+    }
+    Ok(templates)
 }
 
 impl Compiler {
+    /// `threads`: 0 for one per core (the output is the same for any value);
     /// `spill_dir`: where tokenized samples wait for packing (None: in memory).
     pub fn new(plan: Plan, tokenizer_path: &str, threads: usize, spill_dir: Option<&Path>) -> Result<Self> {
         if plan.seq_len < 2 {
@@ -239,23 +145,7 @@ impl Compiler {
         let tk = TextTokenizer::from_file(tokenizer_path)?;
         let image = plan.image.as_ref().map(|i| (i.placeholder.as_str(), i.token.as_str(), i.start.as_deref(), i.end.as_deref()));
         let tokenizer = TextTokenizer::new(tk, image)?;
-        let mut templates = Vec::new();
-        for (s, src) in plan.sources.iter().enumerate() {
-            let mut parsed = Vec::new();
-            for (t, text) in src.templates.iter().enumerate() {
-                let tpl = Template::parse(text).map_err(|m| Error::plan(format!("source[{s}].instructions[{t}]"), m))?;
-                for f in tpl.fields() {
-                    if f != "question" && !src.fields.iter().any(|x| x == f) {
-                        return Err(Error::plan(
-                            format!("source[{s}].instructions[{t}]"),
-                            format!("placeholder {{{f}}} has no field; map it under source[{s}].fields"),
-                        ));
-                    }
-                }
-                parsed.push(tpl);
-            }
-            templates.push(parsed);
-        }
+        let templates = parse_templates(&plan)?;
         let source_keys = plan.sources.iter().map(|s| rng::name_hash(&s.name)).collect();
         let stores = plan
             .sources
@@ -265,7 +155,6 @@ impl Compiler {
                 ..Default::default()
             })
             .collect();
-        let threads = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
         Ok(Compiler {
             plan,
             spill: Spill::new(spill_dir)?,
@@ -275,9 +164,7 @@ impl Compiler {
             templates,
             source_keys,
             stores,
-            pool: build_pool(threads)?,
-            pool_pid: std::process::id(),
-            threads,
+            pool: ForkSafePool::new(threads)?,
         })
     }
 
@@ -289,20 +176,11 @@ impl Compiler {
         &self.tokenizer
     }
 
-    /// Worker threads do not survive a fork (PyTorch DataLoader workers fork): rebuild.
-    fn ensure_pool(&mut self) -> Result<()> {
-        if self.pool_pid != std::process::id() {
-            self.pool = build_pool(self.threads)?;
-            self.pool_pid = std::process::id();
-        }
-        Ok(())
-    }
-
     /// Renders and tokenizes conversations on the build's thread pool (previews and tests;
     /// not the build path).
     pub fn encode_many(&mut self, chats: &[(Vec<Message>, Vec<u32>)]) -> Result<Vec<Result<(String, Encoded)>>> {
-        self.ensure_pool()?;
-        Ok(self.pool.install(|| chats.par_iter().map(|(m, counts)| self.encode_messages(m, counts)).collect()))
+        let pool = self.pool.get()?;
+        Ok(pool.install(|| chats.par_iter().map(|(m, counts)| self.encode_messages(m, counts)).collect()))
     }
 
     /// Renders and tokenizes one conversation (previews and tests; not the build path).
@@ -316,23 +194,29 @@ impl Compiler {
         Ok((rendered.text, enc))
     }
 
+    /// The batch's source exists and its columns are well formed.
+    fn check_batch(&self, source: usize, batch: &Batch) -> Result<()> {
+        let src = self.plan.sources.get(source).ok_or_else(|| Error::internal(format!("no source with index {source}")))?;
+        batch.validate(src.fields.len())
+    }
+
     /// Adds one batch of a source. Returns the number of usable samples it added.
     pub fn add_batch(&mut self, source: usize, batch: &Batch) -> Result<usize> {
-        if source >= self.stores.len() {
-            return Err(Error::plan("source", format!("no source with index {source}")));
-        }
-        batch.validate(self.plan.sources[source].fields.len())?;
-        self.ensure_pool()?;
-        let n = batch.rows.len();
-        let results: Vec<std::result::Result<Outcome, (&'static str, String)>> =
-            self.pool.install(|| (0..n).into_par_iter().map(|i| self.process(source, batch, i)).collect());
-        let on_error = self.plan.sources[source].on_error;
-        let name = self.plan.sources[source].name.clone();
+        self.check_batch(source, batch)?;
         if self.layout.is_some() {
-            return Err(Error::plan("build", "samples added after finish()"));
+            return Err(Error::internal("samples added after finish()"));
         }
+        let pool = self.pool.get()?;
+        let n = batch.rows.len();
+        let results: Vec<RowResult<Outcome>> =
+            pool.install(|| (0..n).into_par_iter().map(|i| self.process(source, batch, i)).collect());
+        self.store_results(source, batch, results)
+    }
+
+    /// Appends the outcome of each row of a batch to its source's store, in row order.
+    fn store_results(&mut self, source: usize, batch: &Batch, results: Vec<RowResult<Outcome>>) -> Result<usize> {
+        let src = &self.plan.sources[source];
         let store = &mut self.stores[source];
-        let spill = &mut self.spill;
         let before = store.samples.len();
         for (i, result) in results.into_iter().enumerate() {
             store.stats.rows += 1;
@@ -340,13 +224,13 @@ impl Compiler {
                 Ok(Outcome::Overlong) => store.stats.dropped_overlong += 1,
                 Ok(Outcome::Keep(done)) => {
                     for d in done {
-                        append(store, spill, batch, i, d)?;
+                        append(store, &mut self.spill, batch, i, d)?;
                     }
                 }
                 Err((field, message)) => {
                     let row = batch.rows[i];
-                    if on_error == OnError::Fail {
-                        return Err(Error::Data { source: name, row, field: field.to_string(), message });
+                    if src.on_error == OnError::Fail {
+                        return Err(Error::Data { source: src.name.clone(), row, field: field.to_string(), message });
                     }
                     store.stats.skipped += 1;
                     if store.stats.skipped_examples.len() < 5 {
@@ -358,7 +242,8 @@ impl Compiler {
         Ok(store.samples.len() - before)
     }
 
-    fn process(&self, source: usize, batch: &Batch, i: usize) -> std::result::Result<Outcome, (&'static str, String)> {
+    /// Sample `i` of a batch, through the whole pipeline and the overlong policy.
+    fn process(&self, source: usize, batch: &Batch, i: usize) -> RowResult<Outcome> {
         let plan = &self.plan;
         let (messages, template, image_counts) = self.sample_messages(source, batch, i)?;
         let (i0, i1) = (batch.image_offsets[i] as usize, batch.image_offsets[i + 1] as usize);
@@ -396,10 +281,10 @@ impl Compiler {
     /// Rendered text, tokens and template of samples of a batch, exactly as a build makes
     /// them (before overlong handling); for `recipe preview`.
     pub fn preview(&mut self, source: usize, batch: &Batch) -> Result<Vec<Preview>> {
-        batch.validate(self.plan.sources[source].fields.len())?;
-        self.ensure_pool()?;
+        self.check_batch(source, batch)?;
+        let pool = self.pool.get()?;
         let n = batch.rows.len();
-        Ok(self.pool.install(|| {
+        Ok(pool.install(|| {
             (0..n)
                 .into_par_iter()
                 .map(|i| {
@@ -416,13 +301,18 @@ impl Compiler {
 
     /// The messages of sample `i` with its instruction template applied and image
     /// placeholders in place, the template id, and the image token counts.
-    #[allow(clippy::type_complexity)]
-    fn sample_messages(
-        &self,
-        source: usize,
-        batch: &Batch,
-        i: usize,
-    ) -> std::result::Result<(Vec<Message>, i32, Vec<u32>), (&'static str, String)> {
+    fn sample_messages(&self, source: usize, batch: &Batch, i: usize) -> RowResult<(Vec<Message>, i32, Vec<u32>)> {
+        let (mut messages, template) = self.instructed_turns(source, batch, i)?;
+        if self.plan.train_on != TrainOn::All && !messages.iter().any(|m| m.role == Role::Assistant) {
+            return Err(("messages", "the sample has no assistant turn to train on".to_string()));
+        }
+        let image_counts = self.sample_images(source, batch, i, &mut messages)?;
+        Ok((messages, template, image_counts))
+    }
+
+    /// The turns of sample `i` as messages, each user turn through the instruction
+    /// template chosen for it; and the template id of the first (-1: none).
+    fn instructed_turns(&self, source: usize, batch: &Batch, i: usize) -> RowResult<(Vec<Message>, i32)> {
         let plan = &self.plan;
         let src = &plan.sources[source];
         let row = batch.rows[i];
@@ -456,28 +346,30 @@ impl Compiler {
             }
             messages.push(Message { role, content });
         }
-        if plan.train_on != TrainOn::All && !messages.iter().any(|m| m.role == Role::Assistant) {
-            return Err(("messages", "the sample has no assistant turn to train on".to_string()));
-        }
+        Ok((messages, template))
+    }
 
+    /// The token count of each image of sample `i` (its header read), with the image
+    /// placeholders put into `messages` where the text has none.
+    fn sample_images(&self, source: usize, batch: &Batch, i: usize, messages: &mut [Message]) -> RowResult<Vec<u32>> {
         let (i0, i1) = (batch.image_offsets[i] as usize, batch.image_offsets[i + 1] as usize);
         let mut image_counts = Vec::with_capacity(i1 - i0);
         if i1 > i0 {
-            let Some(img) = &plan.image else {
+            let Some(img) = &self.plan.image else {
                 return Err(("image", "the sample has images but the recipe sets no [model.image]".to_string()));
             };
-            let root = src.image_root.as_deref().map(Path::new).unwrap_or(Path::new(""));
+            let root = self.plan.sources[source].image_root.as_deref().map(Path::new).unwrap_or(Path::new(""));
             for k in i0..i1 {
                 let rel = batch.images.get(k).map_err(|m| ("image", m))?;
                 let path: PathBuf = root.join(rel);
                 image_counts.push(media::image_tokens(img, &path).map_err(|m| ("image", m))?);
             }
-            media::place_images(&mut messages, &img.placeholder, i1 - i0).map_err(|m| ("image", m))?;
+            media::place_images(messages, &img.placeholder, i1 - i0).map_err(|m| ("image", m))?;
         }
-        Ok((messages, template, image_counts))
+        Ok(image_counts)
     }
 
-    fn encode(&self, messages: &[Message], image_counts: &[u32]) -> std::result::Result<Encoded, (&'static str, String)> {
+    fn encode(&self, messages: &[Message], image_counts: &[u32]) -> RowResult<Encoded> {
         let rendered = self.renderer.render(messages).map_err(|e| ("messages", e.to_string()))?;
         let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
         self.tokenizer
@@ -485,7 +377,7 @@ impl Compiler {
             .map_err(|m| ("messages", m))
     }
 
-    fn keep(&self, done: Vec<Done>) -> std::result::Result<Outcome, (&'static str, String)> {
+    fn keep(&self, done: Vec<Done>) -> RowResult<Outcome> {
         if self.plan.train_on != TrainOn::All && done.iter().any(|d| d.enc.trained() == 0) {
             return Err(("messages", "no token of the sample is trained (empty responses and no end-of-turn token)".to_string()));
         }
@@ -493,11 +385,7 @@ impl Compiler {
     }
 
     /// `overlong = "split_turns"`, with each part keeping the sample's images.
-    fn split_turns(
-        &self,
-        messages: &[Message],
-        image_counts: &[u32],
-    ) -> std::result::Result<Vec<Encoded>, (&'static str, String)> {
+    fn split_turns(&self, messages: &[Message], image_counts: &[u32]) -> RowResult<Vec<Encoded>> {
         overlong::split_turns(messages, self.plan.seq_len as usize, |chunk| {
             let mut chunk = chunk.to_vec();
             if let Some(img) = self.plan.image.as_ref().filter(|_| !image_counts.is_empty()) {
@@ -505,162 +393,6 @@ impl Compiler {
             }
             self.encode(&chunk, image_counts)
         })
-    }
-
-    /// Exact mixture and packing; returns the summary. Rows come from `emit`.
-    pub fn finish(&mut self) -> Result<Summary> {
-        let plan = &self.plan;
-        for (s, store) in self.stores.iter_mut().enumerate() {
-            store.stats.usable = store.samples.len() as u64;
-            if store.samples.is_empty() {
-                return Err(Error::plan(
-                    format!("source[{s}]"),
-                    format!(
-                        "source '{}' has no usable samples ({} rows, {} skipped, {} over seq_len {})",
-                        store.stats.name, store.stats.rows, store.stats.skipped, store.stats.dropped_overlong, plan.seq_len
-                    ),
-                ));
-            }
-        }
-        let sizes: Vec<u64> = self.stores.iter().map(|s| s.samples.len() as u64).collect();
-        let weights: Vec<f64> = plan.sources.iter().map(|s| s.weight).collect();
-        let weights = mix::effective_weights(&weights, &sizes, plan.alpha);
-        let rows_of = |store: &Store| store.samples.iter().map(|r| r.row).collect::<Vec<u64>>();
-        // Items in mixture order: (source, pick).
-        let picks: Vec<Vec<mix::Pick>> = match plan.mixture {
-            MixturePlan::Natural | MixturePlan::Samples(_) => {
-                let counts = match plan.mixture {
-                    MixturePlan::Samples(total) => mix::largest_remainder(&weights, total),
-                    _ => sizes.clone(),
-                };
-                self.stores
-                    .iter()
-                    .enumerate()
-                    .map(|(s, st)| mix::select(&rows_of(st), counts[s], plan.seed, self.source_keys[s]))
-                    .collect()
-            }
-            MixturePlan::Tokens(total) => {
-                let targets = mix::largest_remainder(&weights, total);
-                self.stores
-                    .iter()
-                    .enumerate()
-                    .map(|(s, st)| {
-                        let lengths: Vec<u32> = st.samples.iter().map(|r| r.len).collect();
-                        mix::select_tokens(&rows_of(st), &lengths, targets[s], plan.seed, self.source_keys[s])
-                    })
-                    .collect()
-            }
-        };
-        for (s, src) in plan.sources.iter().enumerate() {
-            let epochs = picks[s].len() as f64 / sizes[s] as f64;
-            if let Some(max) = src.max_epochs {
-                if epochs > max + 1e-9 {
-                    return Err(Error::plan(
-                        format!("source[{s}].max_epochs"),
-                        format!(
-                            "source '{}' would be repeated {epochs:.2} times ({} samples from {} usable) but max_epochs = {max}; lower its weight or the total, or raise max_epochs",
-                            src.name, picks[s].len(), sizes[s]
-                        ),
-                    ));
-                }
-            }
-        }
-        let counts: Vec<u64> = picks.iter().map(|p| p.len() as u64).collect();
-        let mut next = vec![0usize; picks.len()];
-        let items: Vec<(u16, mix::Pick)> = mix::interleave(&counts)
-            .into_iter()
-            .map(|s| {
-                let p = picks[s as usize][next[s as usize]];
-                next[s as usize] += 1;
-                (s, p)
-            })
-            .collect();
-        let lengths: Vec<u32> = items.iter().map(|(s, p)| self.stores[*s as usize].samples[p.index as usize].len).collect();
-        let mut bins: Vec<Vec<u32>> = match plan.packing {
-            Packing::Bfd => {
-                let mut bins = pack::best_fit_decreasing(&lengths, plan.seq_len);
-                for b in bins.iter_mut() {
-                    b.sort_unstable(); // segments in mixture order within a row
-                }
-                bins
-            }
-            Packing::None => (0..items.len() as u32).map(|i| vec![i]).collect(),
-        };
-        if plan.shuffle {
-            rng::shuffle(&mut bins, plan.seed, rng::name_hash("mmrecipe/rows"));
-        } else if plan.packing == Packing::Bfd {
-            bins.sort_unstable_by_key(|b| b[0]);
-        }
-
-        let mut sources: Vec<SourceStats> = self.stores.iter().map(|s| s.stats.clone()).collect();
-        let (mut tokens, mut trained) = (0u64, 0u64);
-        for &(s, pick) in &items {
-            let rec = self.stores[s as usize].samples[pick.index as usize];
-            let st = &mut sources[s as usize];
-            st.selected += 1;
-            st.tokens += rec.len as u64;
-            st.trained_tokens += rec.trained as u64;
-            st.images += rec.n_img as u64;
-            tokens += rec.len as u64;
-            trained += rec.trained as u64;
-        }
-        let lower_bound = pack::lower_bound(&lengths, plan.seq_len);
-        let sequences = bins.len() as u64;
-        let summary = Summary {
-            sources,
-            sequences,
-            segments: items.len() as u64,
-            tokens,
-            trained_tokens: trained,
-            seq_len: plan.seq_len,
-            fill: if sequences == 0 { 0.0 } else { tokens as f64 / (sequences as f64 * plan.seq_len as f64) },
-            lower_bound,
-            packing_efficiency: if sequences == 0 { 1.0 } else { lower_bound as f64 / sequences as f64 },
-        };
-        self.layout = Some(Layout { items, bins });
-        Ok(summary)
-    }
-
-    /// The packed rows `lo..hi` (after `finish`), as flat arrays; rows are emitted in
-    /// pieces so a release is written without holding it all in memory.
-    pub fn emit(&mut self, lo: usize, hi: usize) -> Result<Packed> {
-        let layout = self.layout.as_ref().ok_or_else(|| Error::plan("build", "emit() before finish()"))?;
-        let hi = hi.min(layout.bins.len());
-        let image_token = self.tokenizer.image_token().unwrap_or(0);
-        let mut out = Packed::default();
-        out.row_offsets.push(0);
-        out.seg_offsets.push(0);
-        out.img_offsets.push(0);
-        out.img_path_offsets.push(0);
-        for bin in &layout.bins[lo.min(hi)..hi] {
-            for &it in bin {
-                let (s, pick) = layout.items[it as usize];
-                let store = &self.stores[s as usize];
-                let rec = store.samples[pick.index as usize];
-                let base = out.input_ids.len() as u32;
-                let runs = self.spill.read(rec.record, image_token, &mut out.input_ids, &mut out.loss_mask)?;
-                for (k, run) in runs.iter().enumerate() {
-                    let k = rec.img as usize + k;
-                    out.img_pos.push(base + run.pos);
-                    out.img_len.push(run.len);
-                    let start = if k == 0 { 0 } else { store.image_path_ends[k - 1] as usize };
-                    let end = store.image_path_ends[k] as usize;
-                    out.img_path_data.extend_from_slice(&store.image_paths.as_bytes()[start..end]);
-                    out.img_path_offsets.push(out.img_path_data.len() as i64);
-                }
-                out.seg_lengths.push(rec.len);
-                out.seg_source.push(s);
-                out.seg_row.push(rec.row);
-                out.seg_part.push(rec.part);
-                out.seg_template.push(rec.template);
-                out.seg_repeat.push(pick.repeat);
-                out.seg_images.push(rec.n_img);
-            }
-            out.row_offsets.push(out.input_ids.len() as i64);
-            out.seg_offsets.push(out.seg_lengths.len() as i64);
-            out.img_offsets.push(out.img_pos.len() as i64);
-        }
-        Ok(out)
     }
 }
 
@@ -687,12 +419,13 @@ fn append(store: &mut Store, spill: &mut Spill, batch: &Batch, i: usize, done: D
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::columns::StrCol;
 
-    const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/models/smollm2/tokenizer.json");
+    pub(crate) const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/models/smollm2/tokenizer.json");
 
-    fn plan(extra: &str) -> Plan {
+    pub(crate) fn plan(extra: &str) -> Plan {
         let template = crate::render::builtin("chatml").unwrap();
         let json = format!(
             r#"{{"seed": 3, "chat_template": {}, "eos_token": "<|im_end|>", "seq_len": 64, "mixture": "natural",
@@ -703,7 +436,7 @@ mod tests {
     }
 
     /// Owned columns for a batch of conversations given as (role, text) lists.
-    struct Cols {
+    pub(crate) struct Cols {
         rows: Vec<u64>,
         turn_offsets: Vec<i64>,
         roles: Vec<u8>,
@@ -713,7 +446,7 @@ mod tests {
         no_paths: Vec<i64>,
     }
 
-    fn cols(convs: &[Vec<(u8, &str)>]) -> Cols {
+    pub(crate) fn cols(convs: &[Vec<(u8, &str)>]) -> Cols {
         let mut c = Cols {
             rows: (0..convs.len() as u64).collect(),
             turn_offsets: vec![0],
@@ -734,7 +467,7 @@ mod tests {
         c
     }
 
-    fn batch(c: &Cols) -> Batch<'_> {
+    pub(crate) fn batch(c: &Cols) -> Batch<'_> {
         Batch {
             rows: &c.rows,
             turn_offsets: &c.turn_offsets,
@@ -746,7 +479,7 @@ mod tests {
         }
     }
 
-    fn convs(n: usize) -> Vec<Vec<(u8, &'static str)>> {
+    pub(crate) fn convs(n: usize) -> Vec<Vec<(u8, &'static str)>> {
         (0..n)
             .map(|i| vec![(1, "hello there"), (2, if i % 3 == 0 { "short" } else { "a somewhat longer answer here" })])
             .collect()
@@ -761,7 +494,7 @@ mod tests {
             comp.add_batch(1, &batch(&c)).unwrap();
             comp.finish().unwrap();
             let p = comp.emit(0, usize::MAX).unwrap();
-            (p.input_ids, p.loss_mask, p.seg_row, p.seg_template, p.row_offsets)
+            (p.input_ids, p.loss_mask, p.segment_row, p.segment_template, p.row_offsets)
         };
         assert_eq!(run(1), run(2));
         assert_eq!(run(1), run(4));
@@ -775,25 +508,11 @@ mod tests {
         comp.add_batch(1, &batch(&c)).unwrap();
         comp.finish().unwrap();
         let p = comp.emit(0, usize::MAX).unwrap();
-        for (s, t) in p.seg_source.iter().zip(&p.seg_template) {
+        for (s, t) in p.segment_source.iter().zip(&p.segment_template) {
             assert_eq!(*s == 1, *t >= 0);
         }
-        let used: std::collections::HashSet<i32> = p.seg_template.iter().copied().filter(|&t| t >= 0).collect();
+        let used: std::collections::HashSet<i32> = p.segment_template.iter().copied().filter(|&t| t >= 0).collect();
         assert_eq!(used.len(), 2);
-    }
-
-    #[test]
-    fn exact_sample_mixture() {
-        let c = cols(&convs(7));
-        let mut comp = Compiler::new(plan(r#", "packing": "none""#).clone(), TOKENIZER, 2, None).unwrap();
-        comp.plan.mixture = MixturePlan::Samples(25);
-        comp.add_batch(0, &batch(&c)).unwrap();
-        comp.add_batch(1, &batch(&c)).unwrap();
-        comp.finish().unwrap();
-        let p = comp.emit(0, usize::MAX).unwrap();
-        let a = p.seg_source.iter().filter(|&&s| s == 0).count();
-        assert_eq!((a, p.seg_source.len()), (13, 25));
-        assert_eq!(p.row_offsets.len(), 26);
     }
 
     #[test]
@@ -832,6 +551,6 @@ mod tests {
         let mut c = cols(&convs(3));
         c.turn_offsets[2] = 99;
         let mut comp = Compiler::new(plan(""), TOKENIZER, 1, None).unwrap();
-        assert!(matches!(comp.add_batch(0, &batch(&c)), Err(Error::Plan { .. })));
+        assert!(matches!(comp.add_batch(0, &batch(&c)), Err(Error::Internal(_))));
     }
 }

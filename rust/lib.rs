@@ -1,24 +1,46 @@
 //! mmrecipe core: the per-sample work of a recipe build, in parallel and deterministic.
 //!
-//! Stages, one module each: instruction templates (`instruct`), chat-template rendering
-//! (`render`), tokenization with response-only masks (`tokenize`), image token counts
-//! (`media`), the per-source batch pipeline (`compile`), exact mixtures (`mix`) and
-//! best-fit-decreasing packing (`pack`); for the LLM stages, per-row prompts and cache
-//! keys (`prompts`) and the parsing of generated conversations (`replies`). The Python
-//! binding lives behind the `python` feature so `cargo test` runs without linking Python.
+//! ```text
+//!  Python (sources, LLM stages)          Rust core                       Python (release)
+//!  columns per batch ──▶ compile: messages ─▶ text ─▶ tokens + mask ─▶ stores
+//!                        layout: select ─▶ interleave ─▶ pack ─▶ emit ──▶ parquet shards
+//! ```
+//!
+//! Modules, in the order the data passes them:
+//! - `columns`: the buffers that cross the boundary (string columns, one batch), checked.
+//! - `plan`: the build plan, a resolved recipe as the core reads it (JSON from Python).
+//! - `compile`: the per-sample pipeline of each batch, into one store per source.
+//! - `instruct`: instruction templates (`{question}`, `{field}`) and the choice of one per turn.
+//! - `media`: image token counts (fixed, or Qwen2-VL's rule from the file header) and placeholders.
+//! - `render`: chat-template rendering (minijinja) with each message's span in the text.
+//! - `tokenize`: tokenization with response-only loss masks and image token runs.
+//! - `overlong`: what to do with a sample over seq_len (truncate, split at turns).
+//! - `spill`: tokenized samples kept compactly (on disk) until packing.
+//! - `layout`: selection, interleaving, packing, statistics and emitting the packed rows.
+//! - `mix`: exact mixture counts (largest remainder) and the seeded choice of samples.
+//! - `pack`: best-fit-decreasing bin packing and its lower bound.
+//! - `rng`: the counter-based generator every seeded choice is made with.
+//! - `pool`: worker-thread pools that are rebuilt in a forked child.
+//! - `chunks`: large JSON / JSON Lines files read in chunks of records.
+//! - `llm`: the LLM stages' columns: prompts and cache keys (`llm::prompts`), generated
+//!   conversations parsed back (`llm::replies`).
+//! - `error`: the one error type; `python`: the binding (`mmrecipe._core`), behind the
+//!   `python` feature so `cargo test` runs without linking Python.
 
 pub mod chunks;
+pub mod columns;
 pub mod compile;
 pub mod error;
 pub mod instruct;
+pub mod layout;
+pub mod llm;
 pub mod media;
 pub mod mix;
 pub mod overlong;
 pub mod pack;
 pub mod plan;
-pub mod prompts;
+pub mod pool;
 pub mod render;
-pub mod replies;
 pub mod rng;
 pub mod spill;
 pub mod tokenize;

@@ -1,71 +1,117 @@
 //! The Python binding (`mmrecipe._core`): a few coarse calls over whole NumPy buffers,
-//! the GIL released while the core works. Errors become `mmrecipe.errors` classes.
+//! the GIL released while the core works. Errors are raised as the exception classes
+//! defined here (`mmrecipe.errors` re-exports them with their documentation).
 
-use crate::compile::{Batch, Compiler, StrCol};
+use crate::columns::{Batch, StrCol};
+use crate::compile::Compiler;
 use crate::error::Error;
+use crate::layout::{Packed, RELEASE_COLUMNS};
 use crate::plan::Plan;
 use crate::render::{self, Message};
 use numpy::{IntoPyArray, PyReadonlyArray1};
-use pyo3::exceptions::PyValueError;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
+use pyo3::IntoPyObjectExt;
 
+// Every error mmrecipe raises on purpose is an MMRecipeError. Named as `mmrecipe.errors`
+// shows them, so tracebacks and pickles refer to the public module.
+create_exception!(mmrecipe.errors, MMRecipeError, PyException);
+create_exception!(mmrecipe.errors, RecipeError, MMRecipeError);
+create_exception!(mmrecipe.errors, SourceError, MMRecipeError);
+create_exception!(mmrecipe.errors, DataError, MMRecipeError);
+create_exception!(mmrecipe.errors, TokenizerError, MMRecipeError);
+create_exception!(mmrecipe.errors, TemplateError, MMRecipeError);
+create_exception!(mmrecipe.errors, ReleaseError, MMRecipeError);
+create_exception!(mmrecipe.errors, LLMError, MMRecipeError);
+create_exception!(mmrecipe.errors, StorageError, MMRecipeError);
+create_exception!(mmrecipe.errors, InternalError, MMRecipeError);
+
+fn add_exceptions(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("MMRecipeError", py.get_type::<MMRecipeError>())?;
+    m.add("RecipeError", py.get_type::<RecipeError>())?;
+    m.add("SourceError", py.get_type::<SourceError>())?;
+    m.add("DataError", py.get_type::<DataError>())?;
+    m.add("TokenizerError", py.get_type::<TokenizerError>())?;
+    m.add("TemplateError", py.get_type::<TemplateError>())?;
+    m.add("ReleaseError", py.get_type::<ReleaseError>())?;
+    m.add("LLMError", py.get_type::<LLMError>())?;
+    m.add("StorageError", py.get_type::<StorageError>())?;
+    m.add("InternalError", py.get_type::<InternalError>())?;
+    Ok(())
+}
+
+/// The one table from core errors to exception classes: each kind's class and the
+/// attributes that say where (`key`; `source`, `row`, `field`; `path`).
 fn to_py(py: Python<'_>, err: Error) -> PyErr {
-    let class = match &err {
-        Error::Plan { .. } => "RecipeError",
-        Error::Tokenizer(_) => "TokenizerError",
-        Error::Template(_) => "TemplateError",
-        Error::Data { .. } => "DataError",
-    };
-    let build = || -> PyResult<PyErr> {
-        let cls = py.import("mmrecipe.errors")?.getattr(class)?;
-        let exc = cls.call1((err.to_string(),))?;
-        match &err {
-            Error::Data { source, row, field, .. } => {
-                exc.setattr("source", source)?;
-                exc.setattr("row", row)?;
-                exc.setattr("field", field)?;
-            }
-            Error::Plan { key, .. } => exc.setattr("key", key)?,
-            _ => {}
+    let message = err.to_string();
+    let raise = || -> PyResult<PyErr> {
+        let (exc, attributes): (PyErr, Vec<(&str, Py<PyAny>)>) = match err {
+            Error::Plan { key, .. } => (RecipeError::new_err(message), vec![("key", key.into_py_any(py)?)]),
+            Error::Tokenizer(_) => (TokenizerError::new_err(message), vec![]),
+            Error::Template(_) => (TemplateError::new_err(message), vec![]),
+            Error::Data { source, row, field, .. } => (
+                DataError::new_err(message),
+                vec![("source", source.into_py_any(py)?), ("row", row.into_py_any(py)?), ("field", field.into_py_any(py)?)],
+            ),
+            Error::Io { path, .. } => (StorageError::new_err(message), vec![("path", path.into_py_any(py)?)]),
+            Error::Internal(_) => (InternalError::new_err(message), vec![]),
+        };
+        for (name, value) in attributes {
+            exc.value(py).setattr(name, value)?;
         }
-        Ok(PyErr::from_value(exc))
+        Ok(exc)
     };
-    build().unwrap_or_else(|e| e)
+    raise().unwrap_or_else(|e| e)
 }
 
 fn str_col<'a>(offsets: &'a PyReadonlyArray1<'_, i64>, data: &'a PyReadonlyArray1<'_, u8>) -> PyResult<StrCol<'a>> {
     Ok(StrCol { offsets: offsets.as_slice()?, data: data.as_slice()? })
 }
 
-/// One batch as NumPy arrays: rows, turn offsets, roles, content offsets and bytes, image
-/// offsets, image path offsets and bytes, and (offsets, bytes) per template field.
+/// One batch as a dict of NumPy arrays (`mmrecipe.buffers.batch_arguments` makes it):
+/// see `columns::Batch` for what each holds; `fields` has (offsets, bytes) per template
+/// field, in the plan's order.
 #[derive(FromPyObject)]
-struct BatchColumns<'py>(
-    PyReadonlyArray1<'py, u64>,
-    PyReadonlyArray1<'py, i64>,
-    PyReadonlyArray1<'py, u8>,
-    PyReadonlyArray1<'py, i64>,
-    PyReadonlyArray1<'py, u8>,
-    PyReadonlyArray1<'py, i64>,
-    PyReadonlyArray1<'py, i64>,
-    PyReadonlyArray1<'py, u8>,
-    Vec<(PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, u8>)>,
-);
+#[pyo3(from_item_all)]
+struct BatchColumns<'py> {
+    rows: PyReadonlyArray1<'py, u64>,
+    turn_offsets: PyReadonlyArray1<'py, i64>,
+    roles: PyReadonlyArray1<'py, u8>,
+    content_offsets: PyReadonlyArray1<'py, i64>,
+    content_data: PyReadonlyArray1<'py, u8>,
+    image_offsets: PyReadonlyArray1<'py, i64>,
+    image_path_offsets: PyReadonlyArray1<'py, i64>,
+    image_path_data: PyReadonlyArray1<'py, u8>,
+    fields: Vec<(PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, u8>)>,
+}
 
 impl BatchColumns<'_> {
     /// Views of the arrays, valid while `self` holds them (no copy).
     fn batch(&self) -> PyResult<Batch<'_>> {
         Ok(Batch {
-            rows: self.0.as_slice()?,
-            turn_offsets: self.1.as_slice()?,
-            roles: self.2.as_slice()?,
-            contents: str_col(&self.3, &self.4)?,
-            image_offsets: self.5.as_slice()?,
-            images: str_col(&self.6, &self.7)?,
-            fields: self.8.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?,
+            rows: self.rows.as_slice()?,
+            turn_offsets: self.turn_offsets.as_slice()?,
+            roles: self.roles.as_slice()?,
+            contents: str_col(&self.content_offsets, &self.content_data)?,
+            image_offsets: self.image_offsets.as_slice()?,
+            images: str_col(&self.image_path_offsets, &self.image_path_data)?,
+            fields: self.fields.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?,
         })
     }
+}
+
+/// The packed arrays as a dict keyed by their names. The destructuring is exhaustive: a
+/// field added to `Packed` must be listed here.
+macro_rules! packed_dict {
+    ($py:expr, $packed:expr, $($field:ident),* $(,)?) => {{
+        let Packed { $($field),* } = $packed;
+        let d = PyDict::new($py);
+        $(d.set_item(stringify!($field), $field.into_pyarray($py))?;)*
+        d
+    }};
 }
 
 /// Compiles the samples of a recipe into packed, masked token sequences.
@@ -106,9 +152,6 @@ impl PyCompiler {
     fn preview_batch<'py>(&mut self, py: Python<'py>, source: usize, columns: BatchColumns<'_>) -> PyResult<Bound<'py, PyList>> {
         let batch = columns.batch()?;
         let inner = &mut self.inner;
-        if source >= inner.plan().sources.len() {
-            return Err(PyValueError::new_err(format!("no source with index {source}")));
-        }
         let results = py.detach(|| inner.preview(source, &batch)).map_err(|e| to_py(py, e))?;
         let out = PyList::empty(py);
         for r in results {
@@ -138,28 +181,31 @@ impl PyCompiler {
         serde_json::to_string(&summary).map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
-    /// Packed rows lo..hi (after `finish`) as flat NumPy arrays.
+    /// Packed rows lo..hi (after `finish`) as flat NumPy arrays, keyed by the release's
+    /// column names and their offsets (`layout::Packed`).
     fn emit<'py>(&mut self, py: Python<'py>, lo: usize, hi: usize) -> PyResult<Bound<'py, PyDict>> {
         let inner = &mut self.inner;
         let p = py.detach(|| inner.emit(lo, hi)).map_err(|e| to_py(py, e))?;
-        let d = PyDict::new(py);
-        d.set_item("row_offsets", p.row_offsets.into_pyarray(py))?;
-        d.set_item("input_ids", p.input_ids.into_pyarray(py))?;
-        d.set_item("loss_mask", p.loss_mask.into_pyarray(py))?;
-        d.set_item("seg_offsets", p.seg_offsets.into_pyarray(py))?;
-        d.set_item("seg_lengths", p.seg_lengths.into_pyarray(py))?;
-        d.set_item("seg_source", p.seg_source.into_pyarray(py))?;
-        d.set_item("seg_row", p.seg_row.into_pyarray(py))?;
-        d.set_item("seg_part", p.seg_part.into_pyarray(py))?;
-        d.set_item("seg_template", p.seg_template.into_pyarray(py))?;
-        d.set_item("seg_repeat", p.seg_repeat.into_pyarray(py))?;
-        d.set_item("seg_images", p.seg_images.into_pyarray(py))?;
-        d.set_item("img_offsets", p.img_offsets.into_pyarray(py))?;
-        d.set_item("img_pos", p.img_pos.into_pyarray(py))?;
-        d.set_item("img_len", p.img_len.into_pyarray(py))?;
-        d.set_item("img_path_offsets", p.img_path_offsets.into_pyarray(py))?;
-        d.set_item("img_path_data", p.img_path_data.into_pyarray(py))?;
-        Ok(d)
+        Ok(packed_dict!(
+            py,
+            p,
+            row_offsets,
+            input_ids,
+            loss_mask,
+            segment_offsets,
+            segment_lengths,
+            segment_source,
+            segment_row,
+            segment_part,
+            segment_template,
+            segment_repeat,
+            segment_images,
+            image_offsets,
+            image_positions,
+            image_lengths,
+            image_path_offsets,
+            image_path_data,
+        ))
     }
 
     /// Renders and tokenizes conversations given as JSON
@@ -262,6 +308,13 @@ fn image_token_count(width: u64, height: u64, patch: u32, merge: u32, min_pixels
     crate::media::dynamic_count(&plan, width, height)
 }
 
+/// Runs `job` with the GIL released on the process's shared pool (rebuilt after a fork,
+/// unlike rayon's global pool: see `pool`).
+fn on_shared_pool<T: Send>(py: Python<'_>, job: impl FnOnce() -> T + Send) -> PyResult<T> {
+    let pool = crate::pool::shared().map_err(|e| to_py(py, e))?;
+    Ok(py.detach(|| pool.install(job)))
+}
+
 type Arr<'py, T> = Bound<'py, numpy::PyArray1<T>>;
 
 /// Per-row text from templates (`mmrecipe.lengthen`): row i takes one of `templates`,
@@ -279,8 +332,8 @@ fn fill_templates<'py>(
 ) -> PyResult<(Arr<'py, i64>, Arr<'py, u8>)> {
     let rows = rows.as_slice()?;
     let cols = columns.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?;
-    let (offsets, data) =
-        py.detach(|| crate::prompts::fill(&templates, seed, stream, rows, &names, &cols)).map_err(PyValueError::new_err)?;
+    let (offsets, data) = on_shared_pool(py, || crate::llm::prompts::fill(&templates, seed, stream, rows, &names, &cols))?
+        .map_err(PyValueError::new_err)?;
     Ok((offsets.into_pyarray(py), data.into_pyarray(py)))
 }
 
@@ -293,7 +346,7 @@ fn content_keys<'py>(
     data: PyReadonlyArray1<'py, u8>,
 ) -> PyResult<Bound<'py, numpy::PyArray1<u8>>> {
     let column = str_col(&offsets, &data)?;
-    let keys = py.detach(|| crate::prompts::keys(prefix, column)).map_err(PyValueError::new_err)?;
+    let keys = on_shared_pool(py, || crate::llm::prompts::keys(prefix, column))?.map_err(PyValueError::new_err)?;
     Ok(keys.into_pyarray(py))
 }
 
@@ -312,8 +365,9 @@ fn parse_replies<'py>(
 ) -> PyResult<(Arr<'py, u8>, Arr<'py, i64>, Arr<'py, u8>, Arr<'py, i64>, Arr<'py, u8>, Arr<'py, i64>, Arr<'py, u8>)> {
     let texts = str_col(&offsets, &data)?;
     let states = states.as_slice()?;
-    let format = crate::replies::Format::parse(format).map_err(PyValueError::new_err)?;
-    let p = py.detach(|| crate::replies::parse_column(texts, states, format, min_turns)).map_err(PyValueError::new_err)?;
+    let format = crate::llm::replies::Format::parse(format).map_err(PyValueError::new_err)?;
+    let p = on_shared_pool(py, || crate::llm::replies::parse_column(texts, states, format, min_turns))?
+        .map_err(PyValueError::new_err)?;
     Ok((
         p.valid.into_pyarray(py),
         p.turn_offsets.into_pyarray(py),
@@ -325,8 +379,15 @@ fn parse_replies<'py>(
     ))
 }
 
+/// The list columns of a release, in order (`layout::RELEASE_COLUMNS`).
+#[pyfunction]
+fn release_columns() -> Vec<&'static str> {
+    RELEASE_COLUMNS.to_vec()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    add_exceptions(m)?;
     m.add_class::<PyCompiler>()?;
     m.add_class::<PyJsonChunks>()?;
     m.add_function(wrap_pyfunction!(builtin_template, m)?)?;
@@ -335,6 +396,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fill_templates, m)?)?;
     m.add_function(wrap_pyfunction!(content_keys, m)?)?;
     m.add_function(wrap_pyfunction!(parse_replies, m)?)?;
+    m.add_function(wrap_pyfunction!(release_columns, m)?)?;
     m.add("BUILTIN_TEMPLATES", render::BUILTINS.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

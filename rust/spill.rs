@@ -25,8 +25,9 @@ pub struct Record {
     pub bytes: u32,
 }
 
-fn io(e: std::io::Error) -> Error {
-    Error::plan("spill", format!("temporary token file: {e}"))
+/// A failed read or write of the spill file at `path`.
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Io { path: path.display().to_string(), message: format!("temporary token file: {e}") }
 }
 
 impl Spill {
@@ -36,7 +37,7 @@ impl Spill {
             None => Sink::Memory(Vec::new()),
             Some(d) => {
                 let path = d.join(format!("tokens-{}.spill", std::process::id()));
-                let file = File::create(&path).map_err(io)?;
+                let file = File::create(&path).map_err(io(&path))?;
                 Sink::File { writer: BufWriter::with_capacity(1 << 20, file), path, reader: None }
             }
         };
@@ -65,7 +66,7 @@ impl Spill {
         let record = Record { offset: self.len, bytes: buf.len() as u32 };
         match &mut self.sink {
             Sink::Memory(v) => v.extend_from_slice(&buf),
-            Sink::File { writer, .. } => writer.write_all(&buf).map_err(io)?,
+            Sink::File { writer, path, .. } => writer.write_all(&buf).map_err(io(path))?,
         }
         self.len += buf.len() as u64;
         Ok(record)
@@ -79,13 +80,13 @@ impl Spill {
             Sink::Memory(v) => &v[rec.offset as usize..(rec.offset + rec.bytes as u64) as usize],
             Sink::File { writer, path, reader } => {
                 if reader.is_none() {
-                    writer.flush().map_err(io)?;
-                    *reader = Some(File::open(&*path).map_err(io)?);
+                    writer.flush().map_err(io(path))?;
+                    *reader = Some(File::open(&*path).map_err(io(path))?);
                 }
                 let r = reader.as_mut().unwrap();
-                r.seek(SeekFrom::Start(rec.offset)).map_err(io)?;
+                r.seek(SeekFrom::Start(rec.offset)).map_err(io(path))?;
                 owned.resize(rec.bytes as usize, 0);
-                r.read_exact(&mut owned).map_err(io)?;
+                r.read_exact(&mut owned).map_err(io(path))?;
                 &owned
             }
         };

@@ -53,6 +53,7 @@ def test_image_tokens_are_never_trained_and_match_placeholders(demo_release):
             # Image token count = Σ per-image counts, each run where the records say.
             assert (ids == image_id).sum() == sum(row["image_lengths"])
             for pos, n in zip(row["image_positions"], row["image_lengths"]):
+                assert 0 < n and pos + n <= len(ids), (pos, n, len(ids))  # a run inside its row
                 assert (ids[pos : pos + n] == image_id).all()
             assert len(row["image_paths"]) == sum(row["segment_images"])
 

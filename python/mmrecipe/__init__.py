@@ -14,11 +14,13 @@ __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
     DataError,
+    InternalError,
     LLMError,
     MMRecipeError,
     RecipeError,
     ReleaseError,
     SourceError,
+    StorageError,
     TemplateError,
     TokenizerError,
 )
@@ -48,6 +50,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BuildResult",
     "DataError",
+    "InternalError",
     "LLMError",
     "MMRecipeError",
     "Plan",
@@ -55,6 +58,7 @@ __all__ = [
     "RecipeError",
     "ReleaseError",
     "SourceError",
+    "StorageError",
     "TemplateError",
     "TokenizerError",
     "__version__",

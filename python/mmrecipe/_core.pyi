@@ -1,29 +1,42 @@
 """The Rust core of mmrecipe. Few, coarse calls over whole NumPy buffers; the GIL is
-released while it works. Errors are raised as `mmrecipe.errors` classes."""
+released while it works. It defines the exception classes (`mmrecipe.errors` is their
+public name and documents them) and raises them itself."""
 
-from typing import Any, final
+from typing import Any, TypedDict, final
 
 import numpy as np
 import numpy.typing as npt
 
-#: rows, turn offsets, roles, content offsets, content bytes, image offsets, image path
-#: offsets, image path bytes, and (offsets, bytes) per template field.
-_BatchColumns = tuple[
-    npt.NDArray[np.uint64],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.uint8],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.uint8],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.uint8],
-    list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]],
-]
+class _BatchColumns(TypedDict):
+    """One batch of one source (`mmrecipe.buffers.batch_arguments`): sample i has the
+    turns turn_offsets[i]..turn_offsets[i+1] (a role and a content string each) and the
+    images image_offsets[i]..image_offsets[i+1] (a path string each)."""
+
+    rows: npt.NDArray[np.uint64]
+    turn_offsets: npt.NDArray[np.int64]
+    roles: npt.NDArray[np.uint8]
+    content_offsets: npt.NDArray[np.int64]
+    content_data: npt.NDArray[np.uint8]
+    image_offsets: npt.NDArray[np.int64]
+    image_path_offsets: npt.NDArray[np.int64]
+    image_path_data: npt.NDArray[np.uint8]
+    #: (offsets, bytes) per template field, in the plan's field order.
+    fields: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]]
 
 __all__ = [
     "BUILTIN_TEMPLATES",
     "Compiler",
+    "DataError",
+    "InternalError",
     "JsonChunks",
+    "LLMError",
+    "MMRecipeError",
+    "RecipeError",
+    "ReleaseError",
+    "SourceError",
+    "StorageError",
+    "TemplateError",
+    "TokenizerError",
     "__version__",
     "builtin_template",
     "content_keys",
@@ -31,10 +44,53 @@ __all__ = [
     "image_token_count",
     "pack_lengths",
     "parse_replies",
+    "release_columns",
 ]
 
 BUILTIN_TEMPLATES: list[str]
 __version__: str
+
+class MMRecipeError(Exception):
+    """Base class of every error mmrecipe raises on purpose."""
+
+class RecipeError(MMRecipeError):
+    """The recipe is invalid; `key` names the recipe key, `problems` lists every problem."""
+
+    key: str | None
+    @property
+    def problems(self) -> list[str]: ...
+    @problems.setter
+    def problems(self, value: list[str]) -> None: ...
+
+class SourceError(MMRecipeError):
+    """A source file cannot be read, or a field path does not resolve on it."""
+
+class DataError(MMRecipeError):
+    """One data row is unusable; `source`, `row` and `field` say where."""
+
+    source: str | None
+    row: int | None
+    field: str | None
+
+class TokenizerError(MMRecipeError):
+    """The tokenizer cannot be loaded or lacks a token the recipe needs."""
+
+class TemplateError(MMRecipeError):
+    """The chat template does not compile or does not render a conversation."""
+
+class ReleaseError(MMRecipeError):
+    """A release directory is missing, incomplete, or would be overwritten."""
+
+class LLMError(MMRecipeError):
+    """An LLM stage cannot go on."""
+
+class StorageError(MMRecipeError):
+    """A file mmrecipe writes or reads back for itself failed; `path` names it."""
+
+    path: str | None
+
+class InternalError(MMRecipeError):
+    """A bug in mmrecipe."""
 
 @final
 class Compiler:
@@ -47,17 +103,24 @@ class Compiler:
 
     def __new__(cls, plan_json: bytes, tokenizer_path: str, threads: int = 0, spill_dir: str | None = None) -> Compiler: ...
     def add_batch(self, source: int, columns: _BatchColumns) -> int:
-        """Adds one batch of a source (the columns `mmrecipe.buffers.batch_arguments`
-        makes); returns the usable samples added."""
+        """Adds one batch of a source: each sample rendered, tokenized, masked and kept
+        (in parallel, in row order); returns the usable samples added. Raises DataError
+        for an unusable row under on_error = "fail"."""
 
     def preview_batch(self, source: int, columns: _BatchColumns) -> list[Any]:
-        """Per sample (text, ids, mask, offsets, template, image runs) or an error message."""
+        """Per sample (text, ids, mask, offsets, template, image runs) or an error
+        message, as a build makes them; nothing is kept."""
 
     def finish(self) -> str:
         """Mixes and packs everything added; returns the build summary as JSON."""
 
     def emit(self, lo: int, hi: int) -> dict[str, npt.NDArray[Any]]:
-        """Packed rows lo..hi as flat arrays (after `finish`)."""
+        """Packed rows lo..hi as flat arrays (after `finish`), keyed by the release's
+        column names and their offsets: row r is input_ids[row_offsets[r]:row_offsets[r+1]]
+        (and loss_mask); its segments segment_offsets[r]..[r+1] of segment_lengths,
+        segment_source, segment_row, segment_part, segment_template, segment_repeat,
+        segment_images; its image runs image_offsets[r]..[r+1] of image_positions,
+        image_lengths and the strings (image_path_offsets, image_path_data)."""
 
     def encode_chats(self, chats_json: str) -> list[tuple[str, npt.NDArray[np.uint32], npt.NDArray[np.uint8], list[tuple[int, int]]]]:
         """Renders and tokenizes conversations given as JSON (previews and tests)."""
@@ -115,3 +178,6 @@ def parse_replies(
     (0 a finished reply, 1 cut at max_tokens, 2 no reply). Returns (valid, turn offsets,
     roles, content offsets, content bytes, reason offsets, reason bytes): a row's turns,
     or why its reply is no conversation of at least `min_turns` exchanges."""
+
+def release_columns() -> list[str]:
+    """The list columns of a release, in order, as `Compiler.emit` names them."""

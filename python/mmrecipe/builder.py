@@ -149,20 +149,6 @@ def recipe_data(recipe: Recipe) -> dict[str, Any]:
     return d
 
 
-# The core's emitted names before the release vocabulary was shared (see release.format).
-_CORE_NAMES = {
-    "seg_offsets": "segment_offsets", "seg_lengths": "segment_lengths", "seg_source": "segment_source",
-    "seg_row": "segment_row", "seg_part": "segment_part", "seg_template": "segment_template",
-    "seg_repeat": "segment_repeat", "seg_images": "segment_images", "img_offsets": "image_offsets",
-    "img_pos": "image_positions", "img_len": "image_lengths", "img_path_offsets": "image_path_offsets",
-    "img_path_data": "image_path_data",
-}
-
-
-def _emit(compiler: Any) -> Any:
-    return lambda lo, hi: {_CORE_NAMES.get(k, k): v for k, v in compiler.emit(lo, hi).items()}
-
-
 def build(
     recipe: str | Path | Recipe | Plan,
     out: str | Path,
@@ -195,6 +181,7 @@ def build(
         pad_id = compiler.token_id(pad) if pad else None
         if pad_id is None:
             raise TokenizerError(f"model.tokenizer: pad token {pad!r} is not in the vocabulary")
+        image = image_rule(plan, compiler)
         notes = _tokenize(plan, stages, compiler, lap, progress)
         summary = msgspec.json.decode(compiler.finish())
         for stats, source in zip(summary["sources"], plan.sources):
@@ -203,10 +190,10 @@ def build(
         lap("pack")
         rows = summary["sequences"]
         with _progress(rows, "write", "seq", progress) as wbar:
-            shards = write_shards(tmp, _emit(compiler), rows, plan.recipe.output.shard_sequences, wbar)
-        del compiler
+            shards = write_shards(tmp, compiler.emit, rows, plan.recipe.output.shard_sequences, wbar)
+        del compiler  # its token store goes before the manifest is hashed
         write_json(tmp / STATS, summary)
-        manifest = _manifest(plan, int(pad_id), shards, summary, file_sha256(tmp / STATS))
+        manifest = _manifest(plan, int(pad_id), shards, summary, file_sha256(tmp / STATS), image)
         write_json(tmp / MANIFEST, manifest)
         lap("write")
     return BuildResult(path=out, summary=summary, manifest=manifest, timings=timings, llm=stages.summary())
@@ -235,7 +222,28 @@ def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: 
     return notes
 
 
-def _manifest(plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any], stats_sha256: str) -> Manifest:
+def image_rule(plan: Plan, compiler: Any) -> dict[str, Any] | None:
+    """The recipe's image rule with the ids of its tokens, for the loader."""
+    image = plan.recipe.model.image
+    if image is None:
+        return None
+    rule = {k: v for k, v in msgspec.to_builtins(image).items() if v is not None}
+    if image.count is not None:
+        for key in ("patch", "merge", "min_pixels", "max_pixels"):
+            rule.pop(key, None)
+    for key in ("token", "start", "end"):
+        if rule.get(key) is not None:
+            rule[f"{key}_id"] = compiler.token_id(rule[key])
+    return rule
+
+
+def image_roots(plan: Plan) -> dict[str, str]:
+    """Each source's image root relative to the recipe's folder (never this machine's path)."""
+    base = plan.folder.resolve()
+    return {s.name: os.path.relpath(s.image_root.resolve(), base) for s in plan.sources if s.image_root is not None}
+
+
+def _manifest(plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any], stats_sha256: str, image: dict[str, Any] | None) -> Manifest:
     recipe = plan.recipe
     manifest = Manifest(
         format=FORMAT,
@@ -251,6 +259,8 @@ def _manifest(plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any
         pad_token_id=pad_id,
         shards=shards,
         totals={k: v for k, v in summary.items() if k != "sources"},
+        image_roots=image_roots(plan),
+        image=image,
         stats_sha256=stats_sha256,
     )
     manifest.release_id = bytes_sha256(msgspec.json.encode(manifest))

@@ -2,14 +2,14 @@
 source's rows as whole NumPy buffers with named fields. Few, coarse calls:
 
     Plan ──core_plan()──▶ JSON ──▶ _core.Compiler(plan, tokenizer.json, threads, spill)
-    Normalized rows ──batch_columns()──▶ {rows, turn_offsets, roles, contents…} ──▶ add_batch
+    Normalized rows ──batch_columns()──▶ {rows, turn_offsets, roles, content_…} ──▶ add_batch
     finish() ──▶ summary JSON        emit(lo, hi) ──▶ release columns (release.format)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
@@ -22,6 +22,9 @@ from .recipe.model import ModelFiles
 from .recipe.plan import Plan
 from .recipe.schema import ImageSpec, OutputSpec
 from .sources.columns import CONTENTS, IMAGES, ROLES, ROW, Normalized, template_column
+
+if TYPE_CHECKING:
+    from ._core import _BatchColumns
 
 
 def core_plan(plan: Plan) -> dict[str, Any]:
@@ -79,26 +82,24 @@ def _list_parts(series: pl.Series) -> tuple[np.ndarray, pa.Array]:
     return offsets, arrow(series).flatten()
 
 
-def batch_columns(norm: Normalized, start: int, length: int) -> tuple:
-    """The columns `Compiler.add_batch` takes (after the source index) for rows
-    start..start+length of a normalized source."""
+def batch_columns(norm: Normalized, start: int, length: int) -> _BatchColumns:
+    """The columns argument of `Compiler.add_batch` (and `preview_batch`) for rows
+    start..start+length of a normalized source: NumPy arrays by name, and `fields` as
+    (offsets, bytes) per template field in the plan's order."""
     part = norm.frame.slice(start, length)
-    rows = part[ROW].to_numpy().astype(np.uint64, copy=False)
     turn_offsets, contents = _list_parts(part[CONTENTS])
-    _, roles_arr = _list_parts(part[ROLES])
-    roles = np.asarray(roles_arr.to_numpy(zero_copy_only=False), dtype=np.uint8)
+    _, roles = _list_parts(part[ROLES])
     content_offsets, content_data = string_buffers(contents)
     image_offsets, images = _list_parts(part[IMAGES])
     image_path_offsets, image_path_data = string_buffers(images)
-    fields = [string_buffers(arrow(part[template_column(name)])) for name in norm.source.template_fields]
-    return (
-        rows,
-        turn_offsets,
-        roles,
-        content_offsets,
-        content_data,
-        image_offsets,
-        image_path_offsets,
-        image_path_data,
-        fields,
-    )
+    return {
+        "rows": part[ROW].to_numpy().astype(np.uint64, copy=False),
+        "turn_offsets": turn_offsets,
+        "roles": np.asarray(roles.to_numpy(zero_copy_only=False), dtype=np.uint8),
+        "content_offsets": content_offsets,
+        "content_data": content_data,
+        "image_offsets": image_offsets,
+        "image_path_offsets": image_path_offsets,
+        "image_path_data": image_path_data,
+        "fields": [string_buffers(arrow(part[template_column(name)])) for name in norm.source.template_fields],
+    }

@@ -22,7 +22,10 @@ import pyarrow as pa
 
 from ..errors import ReleaseError
 
-FORMAT = "mmrecipe-release/1"
+# 2: image_positions count from the start of each packed row (in 1 they counted from the
+# start of the row group for every row but the first); image_roots and the image rule with
+# its token ids in the manifest; stats.json hashed.
+FORMAT = "mmrecipe-release/2"
 MANIFEST = "manifest.json"
 STATS = "stats.json"
 DATA = "data"
@@ -82,6 +85,12 @@ class Manifest(msgspec.Struct):
     pad_token_id: int
     shards: list[Shard]
     totals: dict[str, Any]
+    # Per source: the folder its image paths are relative to, relative to the recipe's
+    # folder (the loader's `image_roots=` maps them on another machine).
+    image_roots: dict[str, str] = {}
+    # The image rule as built: placeholder, token and token_id, start/end tokens and ids,
+    # and either `count` or the grid rule (patch, merge, min_pixels, max_pixels).
+    image: dict[str, Any] | None = None
     stats_sha256: str = ""  # stats.json, byte for byte (empty in releases made before it was recorded)
     release_id: str = ""
 

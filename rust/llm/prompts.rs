@@ -2,7 +2,7 @@
 //! fields (one template per row, chosen by the counter-based generator), and content keys
 //! (SHA-256) that address the call cache. Whole columns in, whole columns out.
 
-use crate::compile::StrCol;
+use crate::columns::StrCol;
 use crate::instruct::Template;
 use crate::rng;
 use rayon::prelude::*;

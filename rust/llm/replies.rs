@@ -3,7 +3,7 @@
 //! parsed and validated into alternating user/assistant turns. Whole columns of replies
 //! are parsed in parallel; a reply that is no usable conversation gets the reason why.
 
-use crate::compile::StrCol;
+use crate::columns::StrCol;
 use rayon::prelude::*;
 use regex::Regex;
 use serde_json::Value;

@@ -1,0 +1,370 @@
+//! The release's layout: which samples are selected (exact mixture counts), in which
+//! order (interleaved by source), packed into which rows (best-fit decreasing), with the
+//! build's statistics; and the packed rows, emitted in pieces as flat arrays.
+
+use crate::compile::{Compiler, SourceStats, Store};
+use crate::error::{Error, Result};
+use crate::mix::{self, Pick};
+use crate::pack;
+use crate::plan::{MixturePlan, Packing, Plan};
+use crate::rng;
+use crate::spill::Spill;
+use serde::Serialize;
+
+/// The list columns of a release, in order. Each takes its values from the `Packed`
+/// array of the same name, split per row by `row_offsets` (input_ids, loss_mask),
+/// `segment_offsets` (segment_*) or `image_offsets` (image_*); `image_paths` is the
+/// string column (`image_path_offsets`, `image_path_data`).
+pub const RELEASE_COLUMNS: [&str; 12] = [
+    "input_ids",
+    "loss_mask",
+    "segment_lengths",
+    "segment_source",
+    "segment_row",
+    "segment_part",
+    "segment_template",
+    "segment_repeat",
+    "segment_images",
+    "image_positions",
+    "image_lengths",
+    "image_paths",
+];
+
+/// Packed rows as flat arrays: row r is `input_ids[row_offsets[r]..row_offsets[r+1]]`,
+/// its segments (one per sample) `segment_offsets[r]..segment_offsets[r+1]` of the
+/// `segment_*` arrays, its image runs `image_offsets[r]..image_offsets[r+1]` of the
+/// `image_*` arrays.
+#[derive(Default)]
+pub struct Packed {
+    pub row_offsets: Vec<i64>,
+    pub input_ids: Vec<u32>,
+    pub loss_mask: Vec<u8>,
+    pub segment_offsets: Vec<i64>,
+    pub segment_lengths: Vec<u32>,
+    pub segment_source: Vec<u16>,
+    pub segment_row: Vec<u64>,
+    pub segment_part: Vec<u16>,
+    pub segment_template: Vec<i32>,
+    pub segment_repeat: Vec<u32>,
+    pub segment_images: Vec<u32>,
+    pub image_offsets: Vec<i64>,
+    /// Where each image run starts: a token position in its row.
+    pub image_positions: Vec<u32>,
+    pub image_lengths: Vec<u32>,
+    pub image_path_offsets: Vec<i64>,
+    pub image_path_data: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub sources: Vec<SourceStats>,
+    pub sequences: u64,
+    pub segments: u64,
+    pub tokens: u64,
+    pub trained_tokens: u64,
+    pub seq_len: u32,
+    /// Tokens over sequences × seq_len.
+    pub fill: f64,
+    /// ⌈tokens / seq_len⌉: the fewest sequences any packing could use.
+    pub lower_bound: u64,
+    /// lower_bound / sequences: 1.0 means no packing could do better.
+    pub packing_efficiency: f64,
+}
+
+/// The packing decided by `finish`: items (source, pick) in mixture order, and the rows
+/// they fill (indices into `items`).
+pub(crate) struct Layout {
+    items: Vec<(u16, Pick)>,
+    bins: Vec<Vec<u32>>,
+}
+
+impl Compiler {
+    /// Mixes and packs every sample added; returns the summary. Rows come from `emit`.
+    ///
+    /// ```text
+    ///  stores     a: a0 a1 a2 a3        b: b0 b1           (usable samples per source)
+    ///  select     a: a2 a0 a3           b: b1 b0 b1'       exact counts, repeats marked
+    ///  interleave a2 b1 a0 b0 a3 b1'                       sources spread evenly
+    ///  pack       [a2 b0 ·] [b1 a3] [a0 b1' ·]             best-fit decreasing into
+    ///                                                      rows of seq_len tokens, each
+    ///                                                      row's segments in mixture order
+    ///  order      rows shuffled by the seed (or by their first segment)
+    /// ```
+    pub fn finish(&mut self) -> Result<Summary> {
+        let plan = &self.plan;
+        count_usable(plan, &mut self.stores)?;
+        let picks = select(plan, &self.stores, &self.source_keys)?;
+        let items = interleave(&picks);
+        let lengths: Vec<u32> = items.iter().map(|(s, p)| self.stores[*s as usize].samples[p.index as usize].len).collect();
+        let bins = pack_rows(plan, &lengths);
+        let summary = summarize(plan, &self.stores, &items, &lengths, bins.len() as u64);
+        self.layout = Some(Layout { items, bins });
+        Ok(summary)
+    }
+
+    /// The packed rows `lo..hi` (after `finish`), as flat arrays; rows are emitted in
+    /// pieces so a release is written without holding it all in memory.
+    ///
+    /// ```text
+    ///  row r     input_ids  [ sample ·········· | sample ······ | sample ··· ]  ≤ seq_len
+    ///            loss_mask  [ 0 0 0 1 1 1 1 0 0 | 0 0 1 1 1 0 0 | 0 0 1 1 0 ]
+    ///            segment_*  one entry per sample: length, source, row, part,
+    ///                       template, repeat, images
+    ///            image_*    one entry per image run: position, length, path
+    /// ```
+    pub fn emit(&mut self, lo: usize, hi: usize) -> Result<Packed> {
+        let layout = self.layout.as_ref().ok_or_else(|| Error::internal("emit() before finish()"))?;
+        let hi = hi.min(layout.bins.len());
+        let image_token = self.tokenizer.image_token().unwrap_or(0);
+        let mut out = Packed::default();
+        out.row_offsets.push(0);
+        out.segment_offsets.push(0);
+        out.image_offsets.push(0);
+        out.image_path_offsets.push(0);
+        for bin in &layout.bins[lo.min(hi)..hi] {
+            let row_start = out.input_ids.len();
+            for &it in bin {
+                let (s, pick) = layout.items[it as usize];
+                emit_segment(&mut out, &mut self.spill, &self.stores[s as usize], (s, pick), row_start, image_token)?;
+            }
+            out.row_offsets.push(out.input_ids.len() as i64);
+            out.segment_offsets.push(out.segment_lengths.len() as i64);
+            out.image_offsets.push(out.image_positions.len() as i64);
+        }
+        Ok(out)
+    }
+}
+
+/// Records each source's usable samples; a source with none is an error.
+fn count_usable(plan: &Plan, stores: &mut [Store]) -> Result<()> {
+    for (s, store) in stores.iter_mut().enumerate() {
+        store.stats.usable = store.samples.len() as u64;
+        if store.samples.is_empty() {
+            return Err(Error::plan(
+                format!("source[{s}]"),
+                format!(
+                    "source '{}' has no usable samples ({} rows, {} skipped, {} over seq_len {})",
+                    store.stats.name, store.stats.rows, store.stats.skipped, store.stats.dropped_overlong, plan.seq_len
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The samples each source contributes (exact counts of samples or tokens), checked
+/// against the sources' `max_epochs`.
+fn select(plan: &Plan, stores: &[Store], source_keys: &[u64]) -> Result<Vec<Vec<Pick>>> {
+    let sizes: Vec<u64> = stores.iter().map(|s| s.samples.len() as u64).collect();
+    let weights: Vec<f64> = plan.sources.iter().map(|s| s.weight).collect();
+    let weights = mix::effective_weights(&weights, &sizes, plan.alpha);
+    let rows_of = |store: &Store| store.samples.iter().map(|r| r.row).collect::<Vec<u64>>();
+    let picks: Vec<Vec<Pick>> = match plan.mixture {
+        MixturePlan::Natural | MixturePlan::Samples(_) => {
+            let counts = match plan.mixture {
+                MixturePlan::Samples(total) => mix::largest_remainder(&weights, total),
+                _ => sizes.clone(),
+            };
+            stores.iter().enumerate().map(|(s, st)| mix::select(&rows_of(st), counts[s], plan.seed, source_keys[s])).collect()
+        }
+        MixturePlan::Tokens(total) => {
+            let targets = mix::largest_remainder(&weights, total);
+            stores
+                .iter()
+                .enumerate()
+                .map(|(s, st)| {
+                    let lengths: Vec<u32> = st.samples.iter().map(|r| r.len).collect();
+                    mix::select_tokens(&rows_of(st), &lengths, targets[s], plan.seed, source_keys[s])
+                })
+                .collect()
+        }
+    };
+    check_epochs(plan, &picks, &sizes)?;
+    Ok(picks)
+}
+
+fn check_epochs(plan: &Plan, picks: &[Vec<Pick>], sizes: &[u64]) -> Result<()> {
+    for (s, src) in plan.sources.iter().enumerate() {
+        let epochs = picks[s].len() as f64 / sizes[s] as f64;
+        if let Some(max) = src.max_epochs {
+            if epochs > max + 1e-9 {
+                return Err(Error::plan(
+                    format!("source[{s}].max_epochs"),
+                    format!(
+                        "source '{}' would be repeated {epochs:.2} times ({} samples from {} usable) but max_epochs = {max}; lower its weight or the total, or raise max_epochs",
+                        src.name, picks[s].len(), sizes[s]
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every source's picks as one sequence (source, pick), sources spread evenly.
+fn interleave(picks: &[Vec<Pick>]) -> Vec<(u16, Pick)> {
+    let counts: Vec<u64> = picks.iter().map(|p| p.len() as u64).collect();
+    let mut next = vec![0usize; picks.len()];
+    mix::interleave(&counts)
+        .into_iter()
+        .map(|s| {
+            let p = picks[s as usize][next[s as usize]];
+            next[s as usize] += 1;
+            (s, p)
+        })
+        .collect()
+}
+
+/// Rows of item indices: packed best-fit decreasing (or one item per row), in the
+/// plan's row order.
+fn pack_rows(plan: &Plan, lengths: &[u32]) -> Vec<Vec<u32>> {
+    let mut bins: Vec<Vec<u32>> = match plan.packing {
+        Packing::Bfd => {
+            let mut bins = pack::best_fit_decreasing(lengths, plan.seq_len);
+            for b in bins.iter_mut() {
+                b.sort_unstable(); // segments in mixture order within a row
+            }
+            bins
+        }
+        Packing::None => (0..lengths.len() as u32).map(|i| vec![i]).collect(),
+    };
+    if plan.shuffle {
+        rng::shuffle(&mut bins, plan.seed, rng::name_hash("mmrecipe/rows"));
+    } else if plan.packing == Packing::Bfd {
+        bins.sort_unstable_by_key(|b| b[0]);
+    }
+    bins
+}
+
+/// Per-source and overall counts of what was selected and packed.
+fn summarize(plan: &Plan, stores: &[Store], items: &[(u16, Pick)], lengths: &[u32], sequences: u64) -> Summary {
+    let mut sources: Vec<SourceStats> = stores.iter().map(|s| s.stats.clone()).collect();
+    let (mut tokens, mut trained) = (0u64, 0u64);
+    for &(s, pick) in items {
+        let rec = stores[s as usize].samples[pick.index as usize];
+        let st = &mut sources[s as usize];
+        st.selected += 1;
+        st.tokens += rec.len as u64;
+        st.trained_tokens += rec.trained as u64;
+        st.images += rec.n_img as u64;
+        tokens += rec.len as u64;
+        trained += rec.trained as u64;
+    }
+    let lower_bound = pack::lower_bound(lengths, plan.seq_len);
+    Summary {
+        sources,
+        sequences,
+        segments: items.len() as u64,
+        tokens,
+        trained_tokens: trained,
+        seq_len: plan.seq_len,
+        fill: if sequences == 0 { 0.0 } else { tokens as f64 / (sequences as f64 * plan.seq_len as f64) },
+        lower_bound,
+        packing_efficiency: if sequences == 0 { 1.0 } else { lower_bound as f64 / sequences as f64 },
+    }
+}
+
+/// Appends one selected sample to `out`, in the row that starts at token `row_start`:
+/// its tokens and mask (read back from the spill), its segment, and its image runs
+/// (positions in the row) with their paths.
+fn emit_segment(
+    out: &mut Packed,
+    spill: &mut Spill,
+    store: &Store,
+    (source, pick): (u16, Pick),
+    row_start: usize,
+    image_token: u32,
+) -> Result<()> {
+    let rec = store.samples[pick.index as usize];
+    let base = (out.input_ids.len() - row_start) as u32;
+    let runs = spill.read(rec.record, image_token, &mut out.input_ids, &mut out.loss_mask)?;
+    for (k, run) in runs.iter().enumerate() {
+        out.image_positions.push(base + run.pos);
+        out.image_lengths.push(run.len);
+        out.image_path_data.extend_from_slice(store.image_path(rec.img as usize + k));
+        out.image_path_offsets.push(out.image_path_data.len() as i64);
+    }
+    out.segment_lengths.push(rec.len);
+    out.segment_source.push(source);
+    out.segment_row.push(rec.row);
+    out.segment_part.push(rec.part);
+    out.segment_template.push(rec.template);
+    out.segment_repeat.push(pick.repeat);
+    out.segment_images.push(rec.n_img);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::columns::{Batch, StrCol};
+    use crate::compile::tests::{batch, cols, convs, plan, TOKENIZER};
+
+    #[test]
+    fn exact_sample_mixture() {
+        let c = cols(&convs(7));
+        let mut comp = Compiler::new(plan(r#", "packing": "none""#), TOKENIZER, 2, None).unwrap();
+        comp.plan.mixture = MixturePlan::Samples(25);
+        comp.add_batch(0, &batch(&c)).unwrap();
+        comp.add_batch(1, &batch(&c)).unwrap();
+        comp.finish().unwrap();
+        let p = comp.emit(0, usize::MAX).unwrap();
+        let a = p.segment_source.iter().filter(|&&s| s == 0).count();
+        assert_eq!((a, p.segment_source.len()), (13, 25));
+        assert_eq!(p.row_offsets.len(), 26);
+    }
+
+    #[test]
+    fn emit_before_finish_is_an_internal_error() {
+        let mut comp = Compiler::new(plan(""), TOKENIZER, 1, None).unwrap();
+        assert!(matches!(comp.emit(0, 1), Err(Error::Internal(_))));
+    }
+
+    #[test]
+    fn image_runs_are_recorded_in_their_row() {
+        let mut plan = plan(r#", "image": {"placeholder": "<image>", "token": "<image>", "count": 8}"#);
+        plan.seq_len = 128;
+        plan.sources[0].image_root = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/demo/data/images").into());
+        let (n, name) = (12, b"astronaut.jpg");
+        let c = cols(&convs(n));
+        let image_offsets: Vec<i64> = (0..=n as i64).collect();
+        let path_offsets: Vec<i64> = (0..=n as i64).map(|k| k * name.len() as i64).collect();
+        let path_data = name.repeat(n);
+        let with_images =
+            Batch { image_offsets: &image_offsets, images: StrCol { offsets: &path_offsets, data: &path_data }, ..batch(&c) };
+        let mut comp = Compiler::new(plan, TOKENIZER, 1, None).unwrap();
+        comp.add_batch(0, &with_images).unwrap();
+        comp.add_batch(1, &batch(&c)).unwrap();
+        comp.finish().unwrap();
+        let image_token = comp.tokenizer.image_token().unwrap();
+        let rows = comp.layout.as_ref().unwrap().bins.len();
+        assert!(rows >= 3, "several rows, several samples in some");
+        // All rows in one piece, and each row as a piece of its own.
+        let pieces = [vec![comp.emit(0, rows).unwrap()], (0..rows).map(|r| comp.emit(r, r + 1).unwrap()).collect()];
+        for piece in pieces {
+            let mut runs = 0;
+            for p in &piece {
+                for r in 0..p.row_offsets.len() - 1 {
+                    let row = &p.input_ids[p.row_offsets[r] as usize..p.row_offsets[r + 1] as usize];
+                    let (k0, k1) = (p.image_offsets[r] as usize, p.image_offsets[r + 1] as usize);
+                    for k in k0..k1 {
+                        let (pos, len) = (p.image_positions[k] as usize, p.image_lengths[k] as usize);
+                        assert!(
+                            len > 0 && pos + len <= row.len(),
+                            "row {r}: run at {pos} (+{len}) outside its {} tokens",
+                            row.len()
+                        );
+                        assert!(
+                            row[pos..pos + len].iter().all(|&t| t == image_token),
+                            "row {r}: run at {pos} is not image tokens"
+                        );
+                    }
+                    let in_runs: u32 = p.image_lengths[k0..k1].iter().sum();
+                    assert_eq!(row.iter().filter(|&&t| t == image_token).count(), in_runs as usize);
+                    runs += k1 - k0;
+                }
+            }
+            assert_eq!(runs, n, "one run per image");
+        }
+    }
+}
