@@ -14,11 +14,11 @@ from conftest import ROOT
 from mmrecipe import build, load_recipe
 
 PINNED = {
-    "demo": "4940ae756206e59e171f5f2d0b9be3b3ff1e68dfe75b631040d1a6c8cdb3bccd",
-    "demo-llm": "d4d3d2cdcb2af8cd71fb462c563be7ebac1bfdb7b68bed1cc994d29d14f15d64",
-    "alignment": "56101dbbbdf20ee9cb257dc437f36c6d52a7973ff8195ddda9898f51ab6d0d95",
-    "llava-1.5-mix": "4710f55fa1402cd1b37f29f9472cd244cdf6030d5b5972ff1ab70cbb99a1a740",
-    "instructblip": "6081e87ef38bed4caf873925ad0cdfebb999806676d5dc256ac84a5e031069db",
+    "demo": "a662eafe989e28e174b6506543cd5dd4edc6b920ff855231cfa3e5fa7195dfbf",
+    "demo-llm": "9200fb7e5c6d6f1c78030e368df70d7e5f69b03c7edcb1df17df657bd2496bd3",
+    "alignment": "bda2821ef2574d3d4c4beb66209c2177399b111b5d2f39f182d9b629f2194334",
+    "llava-1.5-mix": "a49062720eab23466134d4dcf75a94a74d470853c267aef9640f1591539019c8",
+    "instructblip": "da180e3703fd7afd4be3e11563dee5a0b8c96e0fec0a2b9b27aa0860638d3211",
 }
 
 
