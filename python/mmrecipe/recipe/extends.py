@@ -31,7 +31,10 @@ def expand_extends(data: dict[str, Any], folder: Path, chain: list[Path], proble
     ref = data.pop("extends")
     if not isinstance(ref, str) or not ref.strip():
         raise recipe_error(f"extends: expected the path of a recipe file, got {ref!r}", key="extends")
-    base_path = (folder / Path(ref).expanduser()).resolve()
+    try:
+        base_path = (folder / Path(ref).expanduser()).resolve()
+    except (RuntimeError, ValueError, OSError) as e:  # ~nosuchuser, a NUL byte, a name too long
+        raise recipe_error(f"extends: {ref[:200]!r} is not a usable path ({e})", key="extends") from None
     if base_path in chain:
         cycle = " -> ".join(str(p) for p in [*chain[chain.index(base_path):], base_path])
         raise recipe_error(f"extends: the recipes extend each other in a cycle: {cycle}; remove one `extends`", key="extends")

@@ -136,7 +136,10 @@ def resolve(recipe: Recipe) -> Plan:
 
 def path_in(folder: Path, value: str) -> Path:
     """A path written in the recipe, relative to the recipe's folder."""
-    p = Path(value).expanduser()
+    try:
+        p = Path(value).expanduser()
+    except RuntimeError:  # ~nosuchuser: no home to expand
+        p = Path(value)
     return p if p.is_absolute() else folder / p
 
 

@@ -20,3 +20,5 @@ def read_toml(text: str, where: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{where}: not valid TOML: {e}") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise RecipeError(f"{where}: not valid TOML: values nested too deeply") from None

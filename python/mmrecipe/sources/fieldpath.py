@@ -133,9 +133,19 @@ def parse(text: str) -> FieldPath:
         if not t:
             raise FieldPathError(f"unexpected '{text[pos:]}' in field path '{text}' (use .name, [0] or [*])")
         name, index, star = t.groups()
-        steps.append(name if name is not None else STAR if star else int(index))
+        steps.append(name if name is not None else STAR if star else _number(index, text))
         pos = t.end()
     return FieldPath(head.group(0), tuple(steps), reducer)
+
+
+# An index or a zero-padding width: no list is longer, and no id wider.
+MAX_NUMBER = 10**9
+
+
+def _number(digits: str, text: str) -> int:
+    if len(digits) > 9 or int(digits) > MAX_NUMBER:
+        raise FieldPathError(f"'{text}': {digits[:12]}{'…' if len(digits) > 12 else ''} is too large (at most {MAX_NUMBER:,})")
+    return int(digits)
 
 
 def parse_format(text: str) -> FieldFormat:
@@ -160,7 +170,7 @@ def parse_format(text: str) -> FieldFormat:
         path = parse(name)
         if path.reducer == "most_common":
             raise FieldPathError(f"'{{{name}}}': most_common(...) cannot be used inside a format")
-        parts.append((path, int(pad.group(1)) if pad else 0))
+        parts.append((path, _number(pad.group(1), text) if pad else 0))
     if not any(not isinstance(p, str) for p in parts):
         raise FieldPathError(f"'{text}' has no {{path}}: a field needs at least one")
     return FieldFormat(tuple(parts))
