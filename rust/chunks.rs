@@ -323,7 +323,11 @@ impl<R: Read> JsonChunks<R> {
                 return Err(format!("{} is longer than {} bytes", self.at(line), self.limits.record_bytes));
             }
             if self.eof {
-                return Err(format!("{}: the file ends inside the record ({})", self.at(line), scan.unfinished().unwrap_or_default()));
+                return Err(format!(
+                    "{}: the file ends inside the record ({})",
+                    self.at(line),
+                    scan.unfinished().unwrap_or_default()
+                ));
             }
             start -= self.fill(start)?;
         }
@@ -400,7 +404,8 @@ impl Scan {
     #[inline]
     fn string_byte(&mut self, b: u8) -> Result<(), String> {
         if self.hex_left > 0 {
-            let digit = (b as char).to_digit(16).ok_or_else(|| format!("a malformed \\u escape ({} is not a hex digit)", shown(b)))?;
+            let digit =
+                (b as char).to_digit(16).ok_or_else(|| format!("a malformed \\u escape ({} is not a hex digit)", shown(b)))?;
             self.hex = self.hex * 16 + digit;
             self.hex_left -= 1;
             if self.hex_left == 0 {
@@ -573,7 +578,9 @@ mod tests {
         assert!(chunks(&at(128), false, 1).is_ok());
         assert!(error(&at(129), false).contains("deeper than 128"));
         assert!(chunks(&format!("[{}]", at(128)), true, 1).is_ok());
-        assert!(error(&format!("[{}, {}]", at(2), at(129)), true).starts_with("record 2 (line 1): objects and arrays nested deeper"));
+        assert!(
+            error(&format!("[{}, {}]", at(2), at(129)), true).starts_with("record 2 (line 1): objects and arrays nested deeper")
+        );
     }
 
     #[test]

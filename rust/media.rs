@@ -84,7 +84,10 @@ pub fn check_plan(plan: &ImagePlan) -> crate::error::Result<()> {
         return Err(Error::plan("model.image", "patch and merge must be at least 1"));
     }
     if plan.min_pixels > plan.max_pixels {
-        return Err(Error::plan("model.image.min_pixels", format!("{} is above max_pixels = {}", plan.min_pixels, plan.max_pixels)));
+        return Err(Error::plan(
+            "model.image.min_pixels",
+            format!("{} is above max_pixels = {}", plan.min_pixels, plan.max_pixels),
+        ));
     }
     let per_token = (plan.patch as u64 * plan.merge as u64).saturating_pow(2);
     for (key, pixels) in [("min_pixels", plan.min_pixels), ("max_pixels", plan.max_pixels)] {
@@ -233,12 +236,18 @@ mod tests {
 
         let huge = plan(r#","count":1000000000"#);
         let e = check_plan(&huge).unwrap_err();
-        assert_eq!(e.to_string(), "model.image.count: count = 1000000000 gives 1000000000 tokens per image, more than the 16384 an image may take");
+        assert_eq!(
+            e.to_string(),
+            "model.image.count: count = 1000000000 gives 1000000000 tokens per image, more than the 16384 an image may take"
+        );
         let e = image_tokens(&huge, &image.0).unwrap_err();
         assert!(e.contains("small.png: count = 1000000000 gives 1000000000 tokens, more than the 16384"), "{e}");
 
         let greedy = plan(r#","min_pixels":1000000000000,"max_pixels":1000000000000"#);
-        assert!(check_plan(&greedy).unwrap_err().to_string().starts_with("model.image.min_pixels: min_pixels = 1000000000000 (patch 14, merge 2) gives 1275510204 tokens"));
+        assert!(check_plan(&greedy)
+            .unwrap_err()
+            .to_string()
+            .starts_with("model.image.min_pixels: min_pixels = 1000000000000 (patch 14, merge 2) gives 1275510204 tokens"));
         let e = image_tokens(&greedy, &image.0).unwrap_err();
         assert!(e.contains("its size 224×224 under min_pixels = 1000000000000"), "{e}");
 

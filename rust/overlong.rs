@@ -306,16 +306,24 @@ mod tests {
         }
     }
 
-    /// Speed of one long conversation (1,000 rounds) with `max` just under its length, with
-    /// the bundled tokenizer and chatml: `cargo test --release --lib -- --ignored
-    /// split_turns_speed --nocapture` prints the time of the search and of the scan.
+    /// Speed of one long conversation (MMRECIPE_SPLIT_ROUNDS rounds, 400 by default) with
+    /// `max` just under its length and at 1024, with the bundled tokenizer and chatml:
+    /// `cargo test --release --lib -- --ignored split_turns_speed --nocapture` prints the
+    /// time of the search and of the scan.
     #[test]
     #[ignore]
     fn split_turns_speed() {
+        let rounds = std::env::var("MMRECIPE_SPLIT_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
         let mut messages = vec![Message { role: Role::System, content: "You are a helpful assistant.".into() }];
-        for k in 0..1000 {
-            messages.push(Message { role: Role::User, content: format!("What is item {k} of the list? {}", "Explain. ".repeat(k % 5)) });
-            messages.push(Message { role: Role::Assistant, content: format!("Item {k} is {}.", "a long answer ".repeat(k % 13 + 3)) });
+        for k in 0..rounds {
+            messages.push(Message {
+                role: Role::User,
+                content: format!("What is item {k} of the list? {}", "Explain. ".repeat(k % 5)),
+            });
+            messages.push(Message {
+                role: Role::Assistant,
+                content: format!("Item {k} is {}.", "a long answer ".repeat(k % 13 + 3)),
+            });
         }
         let encode = real_encoder("chatml");
         let whole = encode(&messages).unwrap().ids.len();
