@@ -10,6 +10,8 @@
 pub mod chunks;
 pub mod compile;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod instruct;
 pub mod media;
 pub mod mix;
