@@ -31,6 +31,8 @@ pub mod chunks;
 pub mod columns;
 pub mod compile;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod instruct;
 pub mod layout;
 pub mod llm;

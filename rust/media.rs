@@ -1,9 +1,25 @@
 //! Image token counts. A fixed count (LLaVA-style), or the Qwen2-VL rule computed from the
 //! width and height in the file header; pixels are never decoded.
+//!
+//! Budgets keep hostile input from costing unbounded work: an image takes at most
+//! `MAX_IMAGE_TOKENS`, only regular files are opened (a FIFO blocks on open, a device never
+//! ends), and the header reader gives up after `HEADER_READ_LIMIT` bytes.
 
+use crate::error::Error;
 use crate::plan::ImagePlan;
 use crate::render::{Message, Role};
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
+
+/// The most tokens one image may take. 16,384 is what the largest `max_pixels` the Qwen2-VL
+/// processors use (12,845,056 = 16,384 × 28²) gives; a rule asking for more is a mistake
+/// (`count = 10**9` would allocate gigabytes for each sample).
+pub const MAX_IMAGE_TOKENS: u64 = 16_384;
+/// Bytes the header reader may read from one file. Readers skip segments by seeking, so a
+/// real header needs kilobytes (a JPEG with megabytes of metadata before its frame header
+/// still reads only a block per segment); a file whose segments lead on and on fails here.
+pub const HEADER_READ_LIMIT: u64 = 16 << 20;
 
 /// A sample whose text has no image placeholder gets one per image at the start of its
 /// first user turn (the LLaVA convention); text that already places them is left alone.
@@ -38,25 +54,128 @@ pub fn smart_resize(height: u64, width: u64, factor: u64, min_pixels: u64, max_p
     (h_bar as u64, w_bar as u64)
 }
 
-/// Image tokens for an image of the given size under the plan's dynamic rule.
-pub fn dynamic_count(plan: &ImagePlan, width: u64, height: u64) -> u32 {
-    let factor = (plan.patch * plan.merge) as u64;
-    let (h, w) = smart_resize(height, width, factor, plan.min_pixels, plan.max_pixels);
-    ((h / plan.patch as u64) * (w / plan.patch as u64) / (plan.merge as u64 * plan.merge as u64)) as u32
+/// Image tokens for an image of the given size under the plan's dynamic rule, saturating
+/// (a patch or merge of 0 counts as 1: `check_plan` refuses them).
+pub fn dynamic_tokens(plan: &ImagePlan, width: u64, height: u64) -> u64 {
+    let (patch, merge) = (plan.patch.max(1) as u64, plan.merge.max(1) as u64);
+    let (h, w) = smart_resize(height, width, patch.saturating_mul(merge), plan.min_pixels, plan.max_pixels);
+    (h / patch).saturating_mul(w / patch) / merge.saturating_mul(merge)
 }
 
-/// Tokens for one image: the fixed count, or the dynamic count from its header.
-pub fn image_tokens(plan: &ImagePlan, path: &Path) -> Result<u32, String> {
+/// `dynamic_tokens` as a u32 (saturating), for the Python helper.
+pub fn dynamic_count(plan: &ImagePlan, width: u64, height: u64) -> u32 {
+    dynamic_tokens(plan, width, height).min(u32::MAX as u64) as u32
+}
+
+/// What the plan's rule can never allow, refused before any image is read: a fixed count,
+/// or a `min_pixels` that every image reaches, above `MAX_IMAGE_TOKENS`; a `max_pixels`
+/// that lets images above it; patch or merge of 0; `min_pixels` above `max_pixels`.
+pub fn check_plan(plan: &ImagePlan) -> crate::error::Result<()> {
+    let over = |what: &str, tokens: u64| {
+        format!("{what} gives {tokens} tokens per image, more than the {MAX_IMAGE_TOKENS} an image may take")
+    };
+    if let Some(count) = plan.count {
+        if count as u64 > MAX_IMAGE_TOKENS {
+            return Err(Error::plan("model.image.count", over(&format!("count = {count}"), count as u64)));
+        }
+        return Ok(());
+    }
+    if plan.patch == 0 || plan.merge == 0 {
+        return Err(Error::plan("model.image", "patch and merge must be at least 1"));
+    }
+    if plan.min_pixels > plan.max_pixels {
+        return Err(Error::plan(
+            "model.image.min_pixels",
+            format!("{} is above max_pixels = {}", plan.min_pixels, plan.max_pixels),
+        ));
+    }
+    let per_token = (plan.patch as u64 * plan.merge as u64).saturating_pow(2);
+    for (key, pixels) in [("min_pixels", plan.min_pixels), ("max_pixels", plan.max_pixels)] {
+        let tokens = pixels / per_token;
+        if tokens > MAX_IMAGE_TOKENS {
+            let what = format!("{key} = {pixels} (patch {}, merge {})", plan.patch, plan.merge);
+            return Err(Error::plan(format!("model.image.{key}"), over(&what, tokens)));
+        }
+    }
+    Ok(())
+}
+
+/// Tokens for one image: the fixed count, or the dynamic count from its header; more than
+/// `MAX_IMAGE_TOKENS` is an error naming the image and the rule.
+pub fn image_tokens(plan: &ImagePlan, path: &Path) -> std::result::Result<u32, String> {
     // The header is read even for a fixed count: a missing or broken image is caught here,
     // with its source and row, not by the training job.
-    let size = imagesize::size(path).map_err(|e| match e {
-        imagesize::ImageError::IoError(io) => format!("cannot read image {}: {io}", path.display()),
-        other => format!("cannot read the size of image {}: {other}", path.display()),
-    })?;
-    if size.width == 0 || size.height == 0 {
+    let (width, height) = image_size(path)?;
+    if width == 0 || height == 0 {
         return Err(format!("image {} has zero size", path.display()));
     }
-    Ok(plan.count.unwrap_or_else(|| dynamic_count(plan, size.width as u64, size.height as u64)))
+    tokens_for(plan, width, height).map_err(|m| format!("image {}: {m}", path.display()))
+}
+
+/// Tokens for an image of the given size, or why the rule gives too many.
+pub fn tokens_for(plan: &ImagePlan, width: u64, height: u64) -> std::result::Result<u32, String> {
+    let (tokens, rule) = match plan.count {
+        Some(count) => (count as u64, format!("count = {count}")),
+        None => (
+            dynamic_tokens(plan, width, height),
+            format!(
+                "its size {width}×{height} under min_pixels = {}, max_pixels = {} (patch {}, merge {})",
+                plan.min_pixels, plan.max_pixels, plan.patch, plan.merge
+            ),
+        ),
+    };
+    if tokens > MAX_IMAGE_TOKENS {
+        return Err(format!("{rule} gives {tokens} tokens, more than the {MAX_IMAGE_TOKENS} an image may take"));
+    }
+    Ok(tokens as u32)
+}
+
+/// (width, height) from the file's header. Only a regular file is opened, and at most
+/// `HEADER_READ_LIMIT` bytes are read.
+pub fn image_size(path: &Path) -> std::result::Result<(u64, u64), String> {
+    let cannot = |e: std::io::Error| format!("cannot read image {}: {e}", path.display());
+    let meta = std::fs::metadata(path).map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(format!("cannot read image {}: not a regular file", path.display()));
+    }
+    let reader = BufReader::new(Budget { inner: File::open(path).map_err(cannot)?, left: HEADER_READ_LIMIT });
+    header_size(reader).map_err(|e| match e {
+        imagesize::ImageError::IoError(io) => cannot(io),
+        other => format!("cannot read the size of image {}: {other}", path.display()),
+    })
+}
+
+/// (width, height) from a header read through `reader`.
+pub fn header_size<R: std::io::BufRead + Seek>(reader: R) -> imagesize::ImageResult<(u64, u64)> {
+    let size = imagesize::reader_size(reader)?;
+    Ok((size.width as u64, size.height as u64))
+}
+
+/// A reader that fails once it has read `left` bytes.
+struct Budget<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Budget<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::other(format!(
+                "no image header found in the first {} MiB read",
+                HEADER_READ_LIMIT >> 20
+            )));
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for Budget<R> {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(to)
+    }
 }
 
 #[cfg(test)]
@@ -74,9 +193,118 @@ mod tests {
         assert!(h * w >= 56 * 56);
     }
 
+    fn plan(extra: &str) -> ImagePlan {
+        serde_json::from_str(&format!(r#"{{"placeholder":"<image>","token":"<image>"{extra}}}"#)).unwrap()
+    }
+
+    /// A file holding `bytes`, removed on drop.
+    struct Temp(std::path::PathBuf);
+
+    impl Temp {
+        fn new(name: &str, bytes: &[u8]) -> Temp {
+            let path = std::env::temp_dir().join(format!("mmrecipe-media-{}-{name}", std::process::id()));
+            std::fs::write(&path, bytes).unwrap();
+            Temp(path)
+        }
+    }
+
+    impl Drop for Temp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let mut b = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+        b.extend(width.to_be_bytes());
+        b.extend(height.to_be_bytes());
+        b.extend([8, 2, 0, 0, 0, 0, 0, 0, 0]);
+        b
+    }
+
     #[test]
     fn dynamic_count_of_224_square_is_64() {
         let plan: ImagePlan = serde_json::from_str(r#"{"placeholder":"<image>","token":"<image>"}"#).unwrap();
         assert_eq!(dynamic_count(&plan, 224, 224), 64);
+    }
+
+    #[test]
+    fn token_budgets_are_errors_naming_the_rule() {
+        let image = Temp::new("small.png", &png(224, 224));
+        assert_eq!(image_tokens(&plan(""), &image.0), Ok(64));
+        assert_eq!(image_tokens(&plan(r#","count":576"#), &image.0), Ok(576));
+
+        let huge = plan(r#","count":1000000000"#);
+        let e = check_plan(&huge).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "model.image.count: count = 1000000000 gives 1000000000 tokens per image, more than the 16384 an image may take"
+        );
+        let e = image_tokens(&huge, &image.0).unwrap_err();
+        assert!(e.contains("small.png: count = 1000000000 gives 1000000000 tokens, more than the 16384"), "{e}");
+
+        let greedy = plan(r#","min_pixels":1000000000000,"max_pixels":1000000000000"#);
+        assert!(check_plan(&greedy)
+            .unwrap_err()
+            .to_string()
+            .starts_with("model.image.min_pixels: min_pixels = 1000000000000 (patch 14, merge 2) gives 1275510204 tokens"));
+        let e = image_tokens(&greedy, &image.0).unwrap_err();
+        assert!(e.contains("its size 224×224 under min_pixels = 1000000000000"), "{e}");
+
+        assert!(check_plan(&plan(r#","max_pixels":1000000000"#)).unwrap_err().to_string().starts_with("model.image.max_pixels"));
+        assert!(check_plan(&plan(r#","patch":0"#)).is_err());
+        assert!(check_plan(&plan(r#","min_pixels":5000,"max_pixels":4000"#)).is_err());
+        assert!(check_plan(&plan(r#","max_pixels":12845056"#)).is_ok()); // Qwen2-VL's largest: exactly the limit
+        assert!(check_plan(&plan("")).is_ok());
+
+        // A long thin image under an allowed rule can still ask for too much.
+        let thin = Temp::new("thin.png", &png(4_000_000, 1));
+        let e = image_tokens(&plan(""), &thin.0).unwrap_err();
+        assert!(e.contains("thin.png: its size 4000000×1"), "{e}");
+    }
+
+    #[test]
+    fn counts_never_overflow_or_divide_by_zero() {
+        let odd = plan(r#","patch":0,"merge":0,"min_pixels":18446744073709551615,"max_pixels":18446744073709551615"#);
+        for (w, h) in [(0, 0), (1, u64::MAX), (u64::MAX, u64::MAX), (7, 3)] {
+            let _ = dynamic_tokens(&odd, w, h);
+            let _ = dynamic_count(&plan(""), w, h);
+        }
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        assert!(image_size(Path::new("/dev/zero")).unwrap_err().ends_with("/dev/zero: not a regular file"));
+        assert!(image_size(&std::env::temp_dir()).unwrap_err().contains("not a regular file"));
+        let fifo = std::env::temp_dir().join(format!("mmrecipe-media-{}-fifo", std::process::id()));
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().map(|s| s.success()).unwrap_or(false);
+        if made {
+            // Opening a FIFO for reading would block until a writer comes.
+            assert!(image_size(&fifo).unwrap_err().contains("not a regular file"));
+            std::fs::remove_file(&fifo).unwrap();
+        }
+        assert!(image_size(Path::new("/nonexistent/x.png")).unwrap_err().starts_with("cannot read image /nonexistent/x.png: "));
+    }
+
+    #[test]
+    fn header_reading_is_bounded() {
+        // A JPEG whose segments never reach a frame header: each tiny segment costs a block
+        // read, so the reader stops at the byte budget rather than walking the whole file.
+        let mut endless = b"\xFF\xD8".to_vec();
+        for _ in 0..(1 << 18) {
+            endless.extend(b"\xFF\xE1\x00\x02");
+        }
+        let file = Temp::new("endless.jpg", &endless);
+        let e = image_size(&file.0).unwrap_err();
+        assert!(e.contains("no image header found in the first 16 MiB read"), "{e}");
+        // Megabytes of metadata in few segments are fine: skipped by seeking.
+        let mut big = b"\xFF\xD8".to_vec();
+        for _ in 0..64 {
+            big.extend(b"\xFF\xE2\xFF\xFF");
+            big.extend(std::iter::repeat_n(0u8, 0xFFFF - 2));
+        }
+        big.extend(b"\xFF\xC0\x00\x11\x08\x01\x2C\x02\x58");
+        let file = Temp::new("big.jpg", &big);
+        assert_eq!(image_size(&file.0), Ok((600, 300)));
     }
 }
