@@ -11,11 +11,15 @@ import importlib.util
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mmrecipe.loader.pixels import CLIPImages
+from mmrecipe.loader.rope import mrope_positions
 from mmrecipe.torch import IGNORE_INDEX, PackedDataset, dataloader
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -311,3 +315,40 @@ def test_a_grid_processor_with_another_rule_is_a_recipe_error_naming_both(qwen):
     other = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=28 * 28 * 64)
     with pytest.raises(RecipeError, match=r"gives \d+ tokens for .* \(grid 1x\d+x\d+, merge 2\), the release has \d+.*max_pixels = 12544"):
         dataloader(qwen.ds.root, image_processor=other)
+
+
+segment_pieces = st.lists(st.tuples(st.integers(0, 6), st.integers(1, 4), st.integers(1, 4)), min_size=0, max_size=3)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(segment_pieces, st.integers(0, 5)), min_size=1, max_size=4))
+def test_mrope_of_any_packed_row_equals_get_rope_index_per_segment(qwen, segments):
+    # Each segment: (text before each image, image h, w in merged patches) pieces, then
+    # trailing text. A segment may start or end with an image; images within one are
+    # separated by text, as the models' templates do (get_rope_index reads two adjacent
+    # images as one).
+    model, image_id, merge = qwen.model.model, 7, 2
+    ids_row, lengths, starts, grids, alone = [], [], [], [], []
+    for pieces, tail in segments:
+        ids, seg_grids = [], []
+        for k, (text, h, w) in enumerate(pieces):
+            ids += [1] * (text if k == 0 else max(text, 1))
+            starts.append(len(ids_row) + len(ids))
+            ids += [image_id] * (h * w)
+            seg_grids.append((1, h * merge, w * merge))
+        ids += [1] * (tail if pieces else max(tail, 1))
+        ids_t = torch.tensor([ids])
+        types = (ids_t == image_id).long()
+        g = torch.tensor(seg_grids) if seg_grids else None
+        alone.append(model.get_rope_index(ids_t, types, image_grid_thw=g)[0][:, 0] if seg_grids else
+                     torch.arange(len(ids)).expand(3, -1))
+        ids_row += ids
+        lengths.append(len(ids))
+        grids += seg_grids
+    got = mrope_positions(np.array(lengths), np.array(starts, dtype=np.int64), np.array(grids).reshape(-1, 3), merge)
+    assert got.shape == (4, len(ids_row))
+    at = 0
+    for n, expected in zip(lengths, alone):
+        assert np.array_equal(got[1:, at : at + n], expected.numpy())
+        assert np.array_equal(got[0, at : at + n], np.arange(n))
+        at += n

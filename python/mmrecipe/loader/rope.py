@@ -38,7 +38,9 @@ def mrope_positions(
     delta = np.zeros(n + 1, dtype=np.int64)
     np.add.at(delta, ends, shift)
     behind = np.cumsum(delta)[:n]  # shift of all images ending at or before each token
-    behind = behind - np.repeat(behind[starts] - delta[starts], segment_lengths)  # per segment
+    # Per segment: at its first token, everything counted so far (including an image that
+    # ends right there) belongs to earlier segments.
+    behind = behind - np.repeat(np.append(behind, 0)[starts], segment_lengths)
     text = local - behind
     out[1:] = text
     # Image tokens: offset k within the image -> (k // (h w), (k // w) % h, k % w).
