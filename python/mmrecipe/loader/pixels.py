@@ -7,6 +7,7 @@ mapping of model inputs), or the built-in `CLIPImages`, which needs no transform
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ def open_image(path: str) -> Any:
         return ImageOps.exif_transpose(img).convert("RGB")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # datasets ask about the same image many times
 def upright_size(path: str) -> tuple[int, int]:
     """(height, width) of an image as `open_image` gives it, from the header only."""
     from PIL import Image
