@@ -37,7 +37,7 @@ def setup(demo_release):
     labels = batch["labels"].clone()
     labelled = labels != IGNORE_INDEX
     labels[labelled] = torch.searchsorted(vocab, labels[labelled])
-    batch = {**batch, "input_ids": compact, "labels": labels}
+    batch["input_ids"], batch["labels"] = compact, labels
     torch.manual_seed(0)
     model = tiny.TinyLM(len(vocab), ds.seq_len, dim=32, heads=2, layers=2).double().eval()
     return tiny, model, batch
@@ -72,7 +72,7 @@ def test_packed_loss_equals_samples_run_one_by_one(setup):
     packed = packed_loss(tiny, model, batch)
     alone, samples = one_by_one_loss(tiny, model, batch)
     assert samples == int((batch["cu_seqlens"].diff() > 0).sum()) > 2
-    assert batch["attention_mask"].min() == 0  # padding is part of the batch
+    assert batch.padding_mask.min() == 0  # padding is part of the batch
     assert packed > 0
     assert abs(packed - alone) < 1e-5, (packed, alone)
 

@@ -1,46 +1,85 @@
 """PyTorch access to a release: a map-style `PackedDataset` that reads shards lazily
-(memory-mapped Parquet, one row group decoded at a time) and `collate`, which returns the
-batch contract: `input_ids`, `labels` (-100 off the responses and on each segment's first
-token), `position_ids` restarting per segment, `segment_ids`, `attention_mask`,
-`cu_seqlens`/`max_seqlen` for FlashAttention varlen, and per-row image records.
-`collate(..., flatten=True)` gives the padding-free form of transformers'
-`DataCollatorWithFlattening` instead. `ReleaseSampler` splits a release across the ranks
-of a distributed job and resumes mid-epoch."""
+(memory-mapped Parquet, one row group decoded at a time), `collate`, which turns its items
+into a `Batch` that a transformers model takes as `model(**batch)` (the contract is the
+table in the README's "Loading it in PyTorch"), and `dataloader`, which puts them together
+with pixels from an image processor, opened in the DataLoader workers. `ReleaseSampler`
+splits a release across the ranks of a distributed job and resumes mid-epoch."""
 
 from __future__ import annotations
 
 import bisect
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Sized
+from typing import Any, Iterator, Mapping, Sequence, Sized
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .release.format import read_manifest
+from .errors import ReleaseError
+from .loader.batch import Batch
+from .loader.collate import IGNORE_INDEX, Collator, Images, records
+from .loader.image_runs import checked_starts, infer_token_id
+from .loader.pixels import Pixels
+from .loader.release_info import image_roots, image_rule, missing_roots_error, raw_manifest, recorded_token_id
+from .release.format import read_manifest, read_stats
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "Batch", "Collator", "PackedDataset", "ReleaseSampler", "collate", "dataloader"]
+
+COLUMNS = ("input_ids", "loss_mask", "segment_lengths", "segment_source", "segment_row",
+           "image_positions", "image_lengths", "image_paths")
+IMAGE_COLUMNS = ("segment_images",)  # needed once a release has images
 
 
 class PackedDataset(Dataset):
-    """One item per packed sequence of a release."""
+    """One item per packed sequence of a release. `image_positions` of an item are
+    row-relative, read from the image token's runs and checked against the release's
+    records; `index` is the release row."""
 
-    def __init__(self, release: str | Path):
+    def __init__(self, release: str | Path, image_token_id: int | None = None):
         self.root = Path(release)
         self.manifest = read_manifest(self.root)
+        self.raw = raw_manifest(self.root)
         self.pad_token_id = self.manifest.pad_token_id
         self.seq_len = self.manifest.seq_len
+        self.rule = image_rule(self.raw)
         self._groups: list[tuple[int, int]] = []  # (shard, row group)
         starts = [0]
         for s, shard in enumerate(self.manifest.shards):
-            meta = pq.ParquetFile(self.root / shard.path).metadata
-            for g in range(meta.num_row_groups):
+            pf = pq.ParquetFile(self.root / shard.path)
+            self._check_columns(shard.path, pf.schema_arrow.names)
+            for g in range(pf.metadata.num_row_groups):
                 self._groups.append((s, g))
-                starts.append(starts[-1] + meta.row_group(g).num_rows)
+                starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
         self._starts = starts
         self._files: dict[int, pq.ParquetFile] = {}
         self._cached: tuple[int, dict[str, Any]] | None = None
+        self.image_token_id = image_token_id if image_token_id is not None else recorded_token_id(self.raw)
+        if self.image_token_id is None and self.rule is not None:
+            self.image_token_id = self._infer_token_id()
+
+    def _check_columns(self, shard: str, names: list[str]) -> None:
+        lacking = [c for c in COLUMNS + (IMAGE_COLUMNS if self.rule is not None else ()) if c not in names]
+        if lacking:
+            raise ReleaseError(f"{self.root}: shard {shard} lacks the column(s) {lacking}, which this loader needs; "
+                               "the release was built by an older mmrecipe: rebuild it")
+
+    def _infer_token_id(self) -> int | None:
+        rows = []
+        for index in range(len(self)):
+            raw = self._raw(index)
+            if len(raw["image_lengths"]):
+                rows.append((raw["input_ids"], raw["image_lengths"]))
+                token = infer_token_id(rows)
+                if token is not None or len(rows) >= 16:
+                    if token is None:
+                        break
+                    return token
+        if rows:
+            raise ReleaseError(f"{self.root}: the manifest does not record the image token id and no single token's "
+                               "runs match the rows' image lengths; rebuild the release (or pass image_token_id=)")
+        return None
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -61,7 +100,7 @@ class PackedDataset(Dataset):
         self._cached = (g, cols)
         return cols
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _raw(self, index: int) -> dict[str, Any]:
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
@@ -70,98 +109,52 @@ class PackedDataset(Dataset):
         cols = self._group(g)
         i = index - self._starts[g]
 
-        def get(name: str) -> Any:
+        def get(name: str, dtype: Any = np.int64) -> Any:
+            if name not in cols:
+                return None
             offsets, values = cols[name]
-            return values[offsets[i] : offsets[i + 1]]
+            v = values[offsets[i] : offsets[i + 1]]
+            return v.astype(dtype) if dtype is not None else list(v)
 
-        return {
-            "input_ids": get("input_ids").astype(np.int64),
-            "loss_mask": get("loss_mask").astype(bool),
-            "segment_lengths": get("segment_lengths").astype(np.int64),
-            "image_positions": get("image_positions").astype(np.int64),
-            "image_lengths": get("image_lengths").astype(np.int64),
-            "image_paths": list(get("image_paths")),
-            "segment_source": get("segment_source").astype(np.int64),
-            "segment_row": get("segment_row").astype(np.int64),
-        }
+        item = {name: get(name) for name in ("input_ids", "segment_lengths", "image_positions", "image_lengths",
+                                             "segment_source", "segment_row", "segment_images")}
+        item["loss_mask"] = get("loss_mask", bool)
+        item["image_paths"] = get("image_paths", None)
+        item["index"] = index
+        if item["segment_images"] is None:
+            del item["segment_images"]
+        return item
 
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self._raw(index)
+        if len(item["image_lengths"]):
+            self._fix_positions(item)
+        return item
 
-def _row_arrays(item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """labels, position_ids and segment_ids (from 1) of one packed row."""
-    ids = item["input_ids"]
-    lengths = item["segment_lengths"]
-    labels = np.where(item["loss_mask"], ids, IGNORE_INDEX)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    labels[starts] = IGNORE_INDEX
-    seg = np.repeat(np.arange(1, len(lengths) + 1), lengths)
-    pos = np.arange(len(ids)) - np.repeat(starts, lengths)
-    return labels, pos, seg
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        return [self[i] for i in indices]
 
-
-def _images(item: dict[str, Any], shift: int = 0) -> list[dict[str, Any]]:
-    return [
-        {"path": p, "position": int(pos) + shift, "length": int(n)}
-        for p, pos, n in zip(item["image_paths"], item["image_positions"], item["image_lengths"])
-    ]
-
-
-def collate(
-    batch: Sequence[dict[str, Any]], pad_token_id: int = 0, flatten: bool = False, pad_to: int | None = None
-) -> dict[str, Any]:
-    """Turns dataset items into the batch contract (see the module docstring)."""
-    lengths_all = np.concatenate([b["segment_lengths"] for b in batch]) if batch else np.zeros(0, np.int64)
-    cu = np.zeros(len(lengths_all) + 1, dtype=np.int32)
-    np.cumsum(lengths_all, out=cu[1:])
-    max_seqlen = int(lengths_all.max()) if len(lengths_all) else 0
-    per_row = [_row_arrays(b) for b in batch]
-    if flatten:
-        shifts: Any = np.concatenate([[0], np.cumsum([len(b["input_ids"]) for b in batch])[:-1]]) if batch else []
-        seg_offset: Any = np.concatenate([[0], np.cumsum([len(b["segment_lengths"]) for b in batch])[:-1]]) if batch else []
-        return {
-            "input_ids": torch.from_numpy(np.concatenate([b["input_ids"] for b in batch]))[None],
-            "labels": torch.from_numpy(np.concatenate([r[0] for r in per_row]))[None],
-            "position_ids": torch.from_numpy(np.concatenate([r[1] for r in per_row]))[None],
-            "segment_ids": torch.from_numpy(np.concatenate([r[2] + o for r, o in zip(per_row, seg_offset)]))[None],
-            "cu_seqlens": torch.from_numpy(cu),
-            "max_seqlen": max_seqlen,
-            "images": [img for b, s in zip(batch, shifts) for img in _images(b, int(s))],
-        }
-    width = pad_to or max((len(b["input_ids"]) for b in batch), default=0)
-    n = len(batch)
-    input_ids = np.full((n, width), pad_token_id, dtype=np.int64)
-    labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
-    position_ids = np.zeros((n, width), dtype=np.int64)
-    segment_ids = np.zeros((n, width), dtype=np.int64)
-    attention_mask = np.zeros((n, width), dtype=np.int64)
-    for r, (b, (lab, pos, seg)) in enumerate(zip(batch, per_row)):
-        k = len(b["input_ids"])
-        if k > width:
-            raise ValueError(f"row of {k} tokens does not fit pad_to={width}")
-        input_ids[r, :k] = b["input_ids"]
-        labels[r, :k] = lab
-        position_ids[r, :k] = pos
-        segment_ids[r, :k] = seg
-        attention_mask[r, :k] = 1
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(position_ids),
-        "segment_ids": torch.from_numpy(segment_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-        "cu_seqlens": torch.from_numpy(cu),
-        "max_seqlen": max_seqlen,
-        "images": [_images(b) for b in batch],
-    }
+    def _fix_positions(self, item: dict[str, Any]) -> None:
+        if self.image_token_id is None:
+            raise ReleaseError(f"{self.root}: release row {item['index']} has images but the release's recipe has no "
+                               "image rule (model.image) and no image token id; rebuild the release")
+        starts = checked_starts(item["input_ids"], item["image_lengths"], item["image_positions"],
+                                self.image_token_id, item["index"])
+        per = item.get("segment_images")
+        if per is not None:
+            ends = np.cumsum(item["segment_lengths"])
+            seg = np.repeat(np.arange(len(per)), per)
+            if len(seg) != len(starts) or (len(seg) and not ((starts + item["image_lengths"] <= ends[seg]).all()
+                                                              and (starts >= ends[seg] - item["segment_lengths"][seg]).all())):
+                raise ReleaseError(f"{self.root}: release row {item['index']}: its segment_images {per.tolist()} do not "
+                                   f"place the images at {starts.tolist()} inside their segments; rebuild the release")
+        item["image_positions"] = starts
 
 
-class Collator:
-    """A picklable collate function bound to a release's pad token."""
-
-    def __init__(self, pad_token_id: int, flatten: bool = False, pad_to: int | None = None):
-        self.pad_token_id, self.flatten, self.pad_to = pad_token_id, flatten, pad_to
-
-    def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return collate(batch, self.pad_token_id, self.flatten, self.pad_to)
+def collate(batch: Sequence[dict[str, Any]], pad_token_id: int = 0, flatten: bool = False,
+            pad_to: int | None = None, **options: Any) -> Batch:
+    """Dataset items to a `Batch` (see `Collator` for the options)."""
+    return Collator(pad_token_id, flatten, pad_to, **options)(batch)
 
 
 class ReleaseSampler(Sampler[int]):
@@ -238,23 +231,89 @@ class ReleaseSampler(Sampler[int]):
         self.epoch, self.yielded = int(state["epoch"]), int(state["yielded"])
 
 
+
+
+def _images(ds: PackedDataset, image_processor: Any, roots: Mapping[str, str | Path] | None,
+            recipe_dir: str | Path | None, on_missing_image: str) -> Images | None:
+    if ds.rule is None:
+        if image_processor is not None:
+            raise ValueError(f"{ds.root}: the release has no image rule (model.image), so there are no pixels to load")
+        return None
+    found = image_roots(ds.raw, ds.manifest.sources, roots, recipe_dir)
+    pixels = Pixels(image_processor, ds.rule) if image_processor is not None else None
+    return Images(ds.manifest.sources, found, ds.rule, pixels, on_missing_image)
+
+
+def _first_image_row(ds: PackedDataset) -> int | None:
+    for index in range(len(ds)):
+        if len(ds._raw(index)["image_lengths"]):
+            return index
+    return None
+
+
+def preflight(ds: PackedDataset, collator: Collator) -> None:
+    """Before the first batch: the roots of the images are known, and the processor's
+    token count for the first image of the release equals its run length (the collator
+    raises a RecipeError naming both numbers otherwise)."""
+    images = collator.images
+    if images is None or (images.pixels is None and not collator.mrope):
+        return
+    index = _first_image_row(ds)
+    if index is None:
+        return
+    item = ds[index]
+    with_images = {r["source"] for r in records(item, images) if not Path(r["path"]).is_absolute()}
+    try:  # stats.json counts each source's images
+        with_images |= {s["name"] for s in read_stats(ds.root)["sources"] if s.get("images")}
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    lacking = sorted(name for name in with_images if images.roots.get(name) is None)
+    if lacking:
+        raise missing_roots_error(ds.root, lacking, ds.raw)
+    collator([item])
+    if images.pixels is not None and images.pixels.counted is False:
+        warnings.warn("the token count per image of this image processor is unknown, so it is not checked against "
+                      "the release's; pass the full transformers processor (AutoProcessor.from_pretrained) or a "
+                      "callable with a `tokens_per_image` attribute", stacklevel=3)
+
+
 def dataloader(
     release: str | Path,
     batch_size: int = 8,
     flatten: bool = False,
     *,
+    image_processor: Any = None,
+    image_roots: Mapping[str, str | Path] | None = None,
+    recipe_dir: str | Path | None = None,
+    on_missing_image: str = "error",
+    attention: str = "packed",
+    mask_dtype: torch.dtype = torch.float32,
+    mrope: bool | None = None,
+    pad_to: int | None = None,
+    image_token_id: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     seed: int = 0,
     **kwargs: Any,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader over a release with the right collate function. Given `rank` and
-    `world_size`, it reads through a `ReleaseSampler` (shuffled unless `shuffle=False`,
-    drop_last) reachable as `loader.sampler`: call `loader.sampler.set_epoch(epoch)`."""
-    ds = PackedDataset(release)
+    """A DataLoader over a release whose batches go to a transformers model as
+    `model(**batch)`. `image_processor` (a transformers image processor or processor, a
+    name or folder for AutoImageProcessor, a callable, `CLIPImages`, or "clip" /
+    "qwen2-vl" for one built from the release's image rule) adds `pixel_values` (and
+    `image_grid_thw`) from images opened in the workers; their folders come from
+    `image_roots={"source": "/path"}`, the manifest, or the recipe embedded in it resolved
+    against `recipe_dir`. `on_missing_image="skip_row"` leaves out rows with an unreadable
+    image (listed in `batch.skipped`) instead of raising. `attention="4d"` adds a
+    block-diagonal mask of `mask_dtype`. Given `rank` and `world_size`, it reads through a
+    `ReleaseSampler` (shuffled unless `shuffle=False`, drop_last) reachable as
+    `loader.sampler`: call `loader.sampler.set_epoch(epoch)`."""
+    ds = PackedDataset(release, image_token_id=image_token_id)
     if (rank is None) != (world_size is None):
         raise ValueError("give both rank and world_size, or neither")
+    collator = Collator(ds.pad_token_id, flatten, pad_to, attention=attention, mask_dtype=mask_dtype,
+                        images=_images(ds, image_processor, image_roots, recipe_dir, on_missing_image), mrope=mrope)
+    preflight(ds, collator)
     if world_size is not None:
         shuffle = kwargs.pop("shuffle", True)
         kwargs["sampler"] = ReleaseSampler(ds, rank=int(rank or 0), world_size=world_size, seed=seed, shuffle=shuffle)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=Collator(ds.pad_token_id, flatten), **kwargs)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collator, **kwargs)

@@ -1,0 +1,254 @@
+"""Dataset items to the batch contract (README, "Loading it in PyTorch"). Packed rows get
+no 2-D attention mask and `use_cache=False`, so that transformers detects the packing from
+`position_ids` restarting per segment; `attention="4d"` adds a block-diagonal causal mask
+instead; `flatten=True` gives the padding-free `[1, T]` form with transformers' varlen
+kwargs. Pixels, grids and mRoPE positions come with the images of the batch's rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import DataError, recipe_error
+from .batch import Batch, packed
+from .pixels import Pixels, open_image, upright_size
+from .release_info import ImageRule
+from .rope import mrope_positions, segment_starts
+
+IGNORE_INDEX = -100
+ATTENTION = ("packed", "4d")
+ON_MISSING = ("error", "skip_row")
+
+
+@dataclass
+class Images:
+    """What collate needs to know about a release's images."""
+
+    sources: list[str]
+    roots: dict[str, Path | None]
+    rule: ImageRule | None
+    pixels: Pixels | None = None
+    on_missing_image: str = "error"
+
+    def path(self, source: str, path: str) -> str:
+        root = self.roots.get(source)
+        return path if root is None or Path(path).is_absolute() else str(root / path)
+
+
+def row_arrays(item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """labels, position_ids and segment_ids (from 1) of one packed row."""
+    ids = item["input_ids"]
+    lengths = item["segment_lengths"]
+    labels = np.where(item["loss_mask"], ids, IGNORE_INDEX)
+    starts = segment_starts(lengths)
+    labels[starts[lengths > 0]] = IGNORE_INDEX
+    seg = np.repeat(np.arange(1, len(lengths) + 1), lengths)
+    pos = np.arange(len(ids)) - np.repeat(starts, lengths)
+    return labels, pos, seg
+
+
+def image_segments(item: dict[str, Any]) -> np.ndarray:
+    """The segment (index within the row) of each image of a row."""
+    per = item.get("segment_images")
+    if per is not None:
+        return np.repeat(np.arange(len(per)), per)
+    ends = np.cumsum(item["segment_lengths"])
+    return np.searchsorted(ends, item["image_positions"], side="right")
+
+
+def records(item: dict[str, Any], images: Images | None) -> list[dict[str, Any]]:
+    """One record per image of a row: source, source row, segment, path (resolved against
+    the source's image root where known), row-relative position and token length."""
+    segs = image_segments(item)
+    out = []
+    for k, (path, pos, n) in enumerate(zip(item["image_paths"], item["image_positions"], item["image_lengths"])):
+        seg = int(segs[k])
+        src = int(item["segment_source"][seg])
+        name = images.sources[src] if images is not None and src < len(images.sources) else str(src)
+        full = images.path(name, str(path)) if images is not None else str(path)
+        out.append({"source": name, "source_row": int(item["segment_row"][seg]), "segment": seg,
+                    "path": full, "position": int(pos), "length": int(n), "grid": None})
+    return out
+
+
+def _failed(item: dict[str, Any], rec: dict[str, Any], err: Exception) -> DataError:
+    e = DataError(f"release row {item.get('index', '?')} (segment {rec['segment']}: source '{rec['source']}', "
+                  f"row {rec['source_row']}): cannot read image {rec['path']}: {err}")
+    e.source, e.row, e.field = rec["source"], rec["source_row"], "image"
+    return e
+
+
+def _grid(h: int, w: int, rule: ImageRule) -> tuple[int, int, int]:
+    """The Qwen2-VL `smart_resize` grid (t, h, w in patches) of an image, as the build counts it."""
+    f = rule.patch * rule.merge
+    hb, wb = max(f, round(h / f) * f), max(f, round(w / f) * f)
+    if hb * wb > rule.max_pixels:
+        beta = (h * w / rule.max_pixels) ** 0.5
+        hb, wb = max(f, int(h / beta // f) * f), max(f, int(w / beta // f) * f)
+    elif hb * wb < rule.min_pixels:
+        beta = (rule.min_pixels / (h * w)) ** 0.5
+        hb, wb = int(-(-h * beta // f)) * f, int(-(-w * beta // f)) * f
+    return 1, hb // rule.patch, wb // rule.patch
+
+
+def _load(items: list[dict[str, Any]], recs: list[list[dict[str, Any]]], images: Images, decode: bool):
+    """The rows whose images all open (all rows, or an error, under on_missing_image =
+    "error"), each with its opened images (decode) or their upright sizes."""
+    kept, opened, skipped = [], [], []
+    for item, row in zip(items, recs):
+        got = []
+        try:
+            for rec in row:
+                got.append(open_image(rec["path"]) if decode else upright_size(rec["path"]))
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same data error
+            if images.on_missing_image == "error":
+                raise _failed(item, rec, err) from err
+            skipped.append(int(item.get("index", -1)))
+            continue
+        kept.append((item, row))
+        opened.append(got)
+    return kept, opened, skipped
+
+
+class Collator:
+    """A picklable collate function: dataset items to a `Batch`."""
+
+    def __init__(self, pad_token_id: int = 0, flatten: bool = False, pad_to: int | None = None, *,
+                 attention: str = "packed", mask_dtype: torch.dtype = torch.float32,
+                 images: Images | None = None, mrope: bool | None = None):
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
+        if flatten and attention == "4d":
+            raise ValueError("attention='4d' is for the padded form; flatten=True attends through varlen kwargs")
+        if images is not None and images.on_missing_image not in ON_MISSING:
+            raise ValueError(f"on_missing_image must be one of {ON_MISSING}, not {images.on_missing_image!r}")
+        rule = images.rule if images is not None else None
+        self.pad_token_id, self.flatten, self.pad_to = pad_token_id, flatten, pad_to
+        self.attention, self.mask_dtype, self.images = attention, mask_dtype, images
+        self.mrope = bool(rule is not None and rule.grid) if mrope is None else mrope
+        if self.mrope and (rule is None or not rule.grid):
+            raise ValueError("mRoPE positions need a release with the grid image rule (model.image.patch/merge)")
+
+    def __call__(self, batch: Sequence[dict[str, Any]]) -> Batch:
+        items = list(batch)
+        recs = [records(it, self.images) for it in items]
+        skipped: list[int] = []
+        extra: dict[str, Any] = {}
+        grids: list[list[tuple[int, ...]]] = [[] for _ in items]
+        images = self.images
+        if images is not None and (images.pixels is not None or self.mrope) and any(recs):
+            decode = images.pixels is not None
+            kept, opened, skipped = _load(items, recs, images, decode)
+            items, recs = [k[0] for k in kept], [k[1] for k in kept]
+            grids = self._grids(items, recs, opened, extra) if decode else [
+                [_grid(h, w, images.rule) for h, w in sizes] for sizes in opened]  # type: ignore[arg-type]
+            for row, row_grids in zip(recs, grids):
+                for rec, g in zip(row, row_grids):
+                    rec["grid"] = tuple(int(x) for x in g) if g is not None else None
+        per_row = [row_arrays(it) for it in items]
+        fields = {"images": recs, "rows": [int(it.get("index", -1)) for it in items], "skipped": skipped}
+        if self.flatten:
+            return self._flat(items, per_row, grids, extra, fields)
+        return self._padded(items, per_row, grids, extra, fields)
+
+    def _grids(self, items, recs, opened, extra) -> list[list[Any]]:
+        """Pixels for the images of the kept rows, in the order the model scatters them,
+        checked against the release's run lengths; the grid of each image."""
+        pixels = self.images.pixels if self.images is not None else None
+        assert pixels is not None
+        flat = [img for row in opened for img in row]
+        if not flat:
+            return [[] for _ in items]
+        out = pixels(flat)
+        extra.update(out)
+        sizes = [(img.height, img.width) for img in flat]
+        counts = pixels.counts(out, sizes)
+        thw = out.get("image_grid_thw")
+        grids = thw.tolist() if thw is not None else [None] * len(flat)
+        if counts is not None:
+            at = 0
+            for item, row in zip(items, recs):
+                for rec in row:
+                    if counts[at] != rec["length"]:
+                        msg = pixels.mismatch(counts[at], rec["length"], rec["path"], grids[at])
+                        raise recipe_error(f"release row {item.get('index', '?')}: {msg}", key="model.image")
+                    at += 1
+        it = iter(grids)
+        return [[next(it) for _ in row] for row in recs]
+
+    def _positions(self, item, pos, grids_row) -> np.ndarray:
+        if not self.mrope:
+            return pos
+        merge = self.images.pixels.merge if self.images.pixels is not None else self.images.rule.merge  # type: ignore[union-attr]
+        starts = np.asarray(item["image_positions"], dtype=np.int64)
+        return mrope_positions(item["segment_lengths"], starts, np.asarray(grids_row, np.int64).reshape(-1, 3), merge)
+
+    def _mm_types(self, item) -> np.ndarray:
+        types = np.zeros(len(item["input_ids"]), np.int64)
+        for p, n in zip(item["image_positions"], item["image_lengths"]):
+            types[p : p + n] = 1
+        return types
+
+    def _padded(self, items, per_row, grids, extra, fields) -> Batch:
+        width = self.pad_to or max((len(it["input_ids"]) for it in items), default=0)
+        n, planes = len(items), 4 if self.mrope else 1
+        ids = np.full((n, width), self.pad_token_id, np.int64)
+        labels = np.full((n, width), IGNORE_INDEX, np.int64)
+        positions = np.zeros((planes, n, width), np.int64)
+        seg = np.zeros((n, width), np.int64)
+        types = np.zeros((n, width), np.int64)
+        for r, (it, (lab, pos, sid)) in enumerate(zip(items, per_row)):
+            k = len(it["input_ids"])
+            if k > width:
+                raise ValueError(f"row of {k} tokens does not fit pad_to={width}")
+            ids[r, :k], labels[r, :k], seg[r, :k] = it["input_ids"], lab, sid
+            positions[:, r, :k] = self._positions(it, pos, grids[r])
+            if self.mrope:
+                types[r, :k] = self._mm_types(it)
+        arrays = {"input_ids": (True, ids, "int64"), "labels": (True, labels, "int64"),
+                  "position_ids": (True, positions if self.mrope else positions[0], "int64"),
+                  "segment_ids": (False, seg, "int64"), "padding_mask": (False, (seg > 0).astype(np.int64), "int64")}
+        if self.mrope:
+            arrays["mm_token_type_ids"] = (True, types, "int64")
+        lengths = np.concatenate([it["segment_lengths"] for it in items]) if items else np.zeros(0, np.int64)
+        arrays["cu_seqlens"] = (False, np.concatenate([[0], np.cumsum(lengths)]), "int32")
+        fields["max_seqlen"] = int(lengths.max()) if len(lengths) else 0
+        batch = packed(arrays, {"use_cache": False, **extra}, fields)
+        if self.attention == "4d":
+            s = batch.segment_ids
+            allowed = (s[:, :, None] == s[:, None, :]) & torch.ones(width, width, dtype=torch.bool).tril()
+            mask = torch.zeros(n, 1, width, width, dtype=self.mask_dtype)
+            batch["attention_mask"] = mask.masked_fill_(~allowed[:, None], torch.finfo(self.mask_dtype).min)
+        return batch
+
+    def _flat(self, items, per_row, grids, extra, fields) -> Batch:
+        total = sum(len(it["input_ids"]) for it in items)
+        planes = 4 if self.mrope else 1
+        positions = np.zeros((planes, 1, total), np.int64)
+        at = 0
+        shift_recs = []
+        for r, (it, (_, pos, _)) in enumerate(zip(items, per_row)):
+            k = len(it["input_ids"])
+            positions[:, 0, at : at + k] = self._positions(it, pos, grids[r])
+            shift_recs += [{**rec, "position": rec["position"] + at, "row": r} for rec in fields["images"][r]]
+            at += k
+        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+        seg_offsets = np.cumsum([0] + [len(it["segment_lengths"]) for it in items])[:-1]
+        lengths = cat([it["segment_lengths"] for it in items])
+        cu = np.concatenate([[0], np.cumsum(lengths)])
+        longest = int(lengths.max()) if len(lengths) else 0
+        arrays = {"input_ids": (True, cat([it["input_ids"] for it in items])[None], "int64"),
+                  "labels": (True, cat([p[0] for p in per_row])[None], "int64"),
+                  "position_ids": (True, positions if self.mrope else positions[0], "int64"),
+                  "segment_ids": (False, cat([p[2] + o for p, o in zip(per_row, seg_offsets)])[None], "int64"),
+                  "cu_seq_lens_q": (True, cu, "int32"), "cu_seq_lens_k": (True, cu, "int32"),
+                  "cu_seqlens": (False, cu, "int32")}
+        if self.mrope:
+            arrays["mm_token_type_ids"] = (True, cat([self._mm_types(it) for it in items])[None], "int64")
+        fields.update(images=shift_recs, max_seqlen=longest)
+        items_out = {"use_cache": False, "max_length_q": longest, "max_length_k": longest, **extra}
+        return packed(arrays, items_out, fields)
