@@ -111,7 +111,7 @@ def image_roots(
         spec = specs.get(name, {})
         if name in given:
             roots[name] = Path(given[name]).expanduser()
-        elif recorded.get(name) is not None:
+        elif recorded.get(name) is not None and (base is not None or Path(recorded[name]).is_absolute()):
             roots[name] = _resolved(recorded[name], base)
         elif spec.get("image_root"):
             roots[name] = _resolved(spec["image_root"], base)
