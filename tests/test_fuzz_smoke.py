@@ -27,8 +27,10 @@ KNOWN: set[str] = set()
         'extends = "a\\u0000b"\n',
         'extends = "~nosuchuser/r.toml"\n',
         "a = " + "[" * 1000 + "]" * 1000 + "\n",
+        (FUZZ / "corpus" / "recipe" / "demo.toml").read_text().replace('"vqa-short"', '"%s"' % ("x" * 300)),
+        'extends = "base.toml"\n[[source]]\nname = { a = 1 }\n',
     ],
-    ids=["folder", "long-name", "nul", "unknown-user", "deep-nesting"],
+    ids=["folder", "long-name", "nul", "unknown-user", "deep-nesting", "long-pool-name", "table-as-name"],
 )
 def test_fixed_recipe_findings(recipe_home, text):
     harness.recipe_one(text.encode())

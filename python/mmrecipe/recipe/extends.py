@@ -126,11 +126,11 @@ def _merge_sources(base: Any, over: Any, names: str, problems: list[str]) -> Any
     if not isinstance(base, list) or not isinstance(over, list):
         return over  # not [[source]] tables: the type check reports it
     merged = list(base)
-    position = {s.get("name"): i for i, s in enumerate(merged) if isinstance(s, dict)}
+    position = {s["name"]: i for i, s in enumerate(merged) if isinstance(s, dict) and isinstance(s.get("name"), str)}
     removed: set[int] = set()
     for i, entry in enumerate(over):
-        if not isinstance(entry, dict):
-            merged.append(entry)
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            merged.append(entry)  # not a source table with a name: the type check reports it
             continue
         name = entry.get("name")
         if entry.get("remove") is True:

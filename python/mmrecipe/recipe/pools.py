@@ -3,6 +3,7 @@ those a recipe defines under `[pool.NAME]`."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import msgspec
@@ -26,6 +27,10 @@ def builtin_pools() -> list[str]:
 
 
 def builtin_pool_path(name: str) -> Path | None:
+    """The built-in pool file of that name; None for any name that is not one (a path, a
+    name too long for the file system)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}", name):
+        return None
     path = pools_dir() / f"{name}.toml"
     return path if path.is_file() else None
 
