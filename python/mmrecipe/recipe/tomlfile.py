@@ -22,3 +22,5 @@ def read_toml(text: str, where: str) -> dict[str, Any]:
         raise RecipeError(f"{where}: not valid TOML: {e}") from None
     except RecursionError:  # the parser recurses once per level of nesting
         raise RecipeError(f"{where}: not valid TOML: values nested too deeply") from None
+    except ValueError as e:  # an integer of thousands of digits
+        raise RecipeError(f"{where}: not valid TOML: {e}") from None

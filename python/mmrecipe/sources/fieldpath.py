@@ -140,6 +140,7 @@ def parse(text: str) -> FieldPath:
 
 # An index or a zero-padding width: no list is longer, and no id wider.
 MAX_NUMBER = 10**9
+MAX_PAD = 64  # zero padding of an id: wider would only blow up every row
 
 
 def _number(digits: str, text: str) -> int:
@@ -170,7 +171,10 @@ def parse_format(text: str) -> FieldFormat:
         path = parse(name)
         if path.reducer == "most_common":
             raise FieldPathError(f"'{{{name}}}': most_common(...) cannot be used inside a format")
-        parts.append((path, _number(pad.group(1), text) if pad else 0))
+        width = _number(pad.group(1), text) if pad else 0
+        if width > MAX_PAD:
+            raise FieldPathError(f"'{{{name}:{spec}}}': pads to {width:,} digits (at most {MAX_PAD})")
+        parts.append((path, width))
     if not any(not isinstance(p, str) for p in parts):
         raise FieldPathError(f"'{text}' has no {{path}}: a field needs at least one")
     return FieldFormat(tuple(parts))
