@@ -30,6 +30,27 @@ def small_recipe(source: str, model: str = "", output: str = "") -> str:
     return text + f"[[source]]\n{source}\n"
 
 
+def sources_moved(shipped: Path, folder: str, samples: int = 40) -> str:
+    """TOML for a recipe extending `shipped` (its `extends` line left to the caller) with
+    every source's data/ paths moved under `folder`, and `samples` in the mixture."""
+    import tomli_w
+
+    from mmrecipe import load_recipe
+
+    def moved(value):
+        return f"{folder}/{value}" if isinstance(value, str) and value.startswith("data/") else value
+
+    sources = []
+    for s in load_recipe(shipped).source:
+        entry = {"name": s.name, "path": moved(s.path)}
+        if s.image_root:
+            entry["image_root"] = moved(s.image_root)
+        if s.join is not None and s.join.path:
+            entry["join"] = {"path": moved(s.join.path)}
+        sources.append(entry)
+    return tomli_w.dumps({"mixture": {"total": {"samples": samples}}, "source": sources})
+
+
 @pytest.fixture(scope="session")
 def demo_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mmrecipe import build

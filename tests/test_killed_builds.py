@@ -79,6 +79,8 @@ def test_killed_build_never_leaves_a_broken_release(big, tmp_path, moment, overw
     if overwrite:
         old = build(DEMO, out, progress=False)  # a different, finished release to replace
     killed = kill_when(start(path, out, overwrite), out, moment)
+    # The short moment between stats.json and the manifest may be missed; the others last.
+    assert killed or moment == "stats", f"the build ended before {moment} could be caught"
     if overwrite:
         report = verify(out)
         assert report.ok, report.problems

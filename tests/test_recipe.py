@@ -6,7 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import DEMO, MODEL, RECIPES
+from conftest import DEMO, MODEL, RECIPES, sources_moved
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -209,22 +209,8 @@ SHIPPED = sorted(p for p in RECIPES.glob("*.toml") if not p.name.startswith("dem
 
 def on_fixtures(shipped: Path, out: Path, samples: int = 40) -> Path:
     """A recipe that extends `shipped` with each source's data/ paths moved to the fixtures."""
-    import tomli_w
-
-    def moved(value):
-        return str(FIXTURES / value) if isinstance(value, str) and value.startswith("data/") else value
-
-    sources = []
-    for s in load_recipe(shipped).source:
-        entry = {"name": s.name, "path": moved(s.path)}
-        if s.image_root:
-            entry["image_root"] = moved(s.image_root)
-        if s.join is not None and s.join.path:
-            entry["join"] = {"path": moved(s.join.path)}
-        sources.append(entry)
     path = out / f"{shipped.stem}-fixtures.toml"
-    body = tomli_w.dumps({"mixture": {"total": {"samples": samples}}, "source": sources})
-    path.write_text(f"extends = {str(shipped)!r}\n" + body)
+    path.write_text(f"extends = {str(shipped)!r}\n" + sources_moved(shipped, str(FIXTURES), samples))
     return path
 
 

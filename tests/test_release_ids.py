@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, sources_moved
 
-from mmrecipe import build, load_recipe
+from mmrecipe import build
 
 PINNED = {
     "demo": "a662eafe989e28e174b6506543cd5dd4edc6b920ff855231cfa3e5fa7195dfbf",
@@ -25,23 +25,10 @@ PINNED = {
 def lay_out(folder: Path) -> Path:
     """recipes/ and the fixtures copied side by side under `folder`; the shipped recipes
     on the fixtures as `NAME-fixtures.toml`, with paths relative to the recipes."""
-    import tomli_w
-
     shutil.copytree(ROOT / "recipes", folder / "recipes")
     shutil.copytree(ROOT / "tests" / "fixtures", folder / "fixtures")
     for stem in ("alignment", "llava-1.5-mix", "instructblip"):
-        def moved(value):
-            return "../fixtures/" + value if isinstance(value, str) and value.startswith("data/") else value
-
-        sources = []
-        for s in load_recipe(folder / "recipes" / f"{stem}.toml").source:
-            entry = {"name": s.name, "path": moved(s.path)}
-            if s.image_root:
-                entry["image_root"] = moved(s.image_root)
-            if s.join is not None and s.join.path:
-                entry["join"] = {"path": moved(s.join.path)}
-            sources.append(entry)
-        body = tomli_w.dumps({"mixture": {"total": {"samples": 40}}, "source": sources})
+        body = sources_moved(folder / "recipes" / f"{stem}.toml", "../fixtures", 40)
         (folder / "recipes" / f"{stem}-fixtures.toml").write_text(f'extends = "{stem}.toml"\n' + body)
     return folder / "recipes"
 

@@ -17,6 +17,23 @@ class Limit(NamedTuple):
     low_open: bool = False  # low itself not allowed (a weight must be > 0)
 
 
+# What every LLM table calls with ([lengthen.NAME] and [[generate]] alike).
+_LLM = {
+    "temperature": Limit(0, 10),
+    "top_p": Limit(0, 1, low_open=True),
+    "max_tokens": Limit(1, 1_000_000),
+    "seed": Limit(0, U63),
+    "concurrency": Limit(1, 1024),
+    "timeout": Limit(0, 86_400, low_open=True),
+    "retries": Limit(0, 100),
+    "backoff": Limit(0, 3600),
+}
+# How much of a source (written, or generated) goes into the mixture.
+_SHARE = {
+    "weight": Limit(0, 1e12, low_open=True),
+    "max_epochs": Limit(0, 1e6, low_open=True),
+}
+
 # The key path of each number, with `*` for every source, lengthen table or generate table.
 LIMITS: dict[str, Limit] = {
     "recipe.seed": Limit(0, U63),  # the counter-based generator is keyed by a u64
@@ -25,33 +42,17 @@ LIMITS: dict[str, Limit] = {
     "mixture.total.samples": Limit(1, 10**12),
     "mixture.total.tokens": Limit(1, 10**15),
     "mixture.alpha": Limit(0, 10),  # share ∝ rows^alpha: beyond 10 one source takes all
-    "source.*.weight": Limit(0, 1e12, low_open=True),
-    "source.*.max_epochs": Limit(0, 1e6, low_open=True),
-    "model.image.count": Limit(1, 16_384),  # image tokens per image (a 4k image at patch 28 is ~21k pixels/28²)
+    **{f"source.*.{k}": v for k, v in _SHARE.items()},
+    "model.image.count": Limit(1, 16_384),  # image tokens per image, as the core's budget
     "model.image.patch": Limit(1, 1024),
     "model.image.merge": Limit(1, 64),
     "model.image.min_pixels": Limit(1, 1 << 28),
     "model.image.max_pixels": Limit(1, 1 << 28),  # 268 M pixels: beyond any vision tower
-    "lengthen.*.temperature": Limit(0, 10),
-    "lengthen.*.top_p": Limit(0, 1, low_open=True),
-    "lengthen.*.max_tokens": Limit(1, 1_000_000),
-    "lengthen.*.seed": Limit(0, U63),
-    "lengthen.*.concurrency": Limit(1, 1024),
-    "lengthen.*.timeout": Limit(0, 86_400, low_open=True),
-    "lengthen.*.retries": Limit(0, 100),
-    "lengthen.*.backoff": Limit(0, 3600),
-    "generate.*.temperature": Limit(0, 10),
-    "generate.*.top_p": Limit(0, 1, low_open=True),
-    "generate.*.max_tokens": Limit(1, 1_000_000),
-    "generate.*.seed": Limit(0, U63),
-    "generate.*.concurrency": Limit(1, 1024),
-    "generate.*.timeout": Limit(0, 86_400, low_open=True),
-    "generate.*.retries": Limit(0, 100),
-    "generate.*.backoff": Limit(0, 3600),
+    **{f"lengthen.*.{k}": v for k, v in _LLM.items()},
+    **{f"generate.*.{k}": v for k, v in _LLM.items()},
     "generate.*.conversations": Limit(1, 1000),
     "generate.*.min_turns": Limit(1, 1000),
-    "generate.*.weight": Limit(0, 1e12, low_open=True),
-    "generate.*.max_epochs": Limit(0, 1e6, low_open=True),
+    **{f"generate.*.{k}": v for k, v in _SHARE.items()},
 }
 # Threads of one build (the CLI's --threads and build(threads=...)): 0 means one per core.
 MAX_THREADS = 1024

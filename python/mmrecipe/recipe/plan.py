@@ -189,15 +189,16 @@ def _join(spec: SourceSpec, key: str, folder: Path, files: list[Path]) -> JoinPl
     return JoinPlan(file=file, format=fmt, json_key=join.json_key, left_on=join.left_on, right_on=join.right_on)
 
 
+def pool_of(spec: SourceSpec) -> str | None:
+    """The pool a source's instructions come from (a caption source has a default)."""
+    if isinstance(spec.instructions, str):
+        return spec.instructions
+    return "caption-brief" if spec.layout == "caption" and not spec.instructions else None
+
+
 def _templates(recipe: Recipe, spec: SourceSpec) -> list[str]:
-    if spec.instructions is None:
-        templates: list[str] = []
-    elif isinstance(spec.instructions, list):
-        templates = list(spec.instructions)
-    else:
-        templates = load_pool(spec.instructions, recipe.pool).templates
-    if spec.layout == "caption" and not templates:
-        templates = load_pool("caption-brief", recipe.pool).templates
+    pool = pool_of(spec)
+    templates = load_pool(pool, recipe.pool).templates if pool else list(spec.instructions or [])
     if spec.short_answer:
         templates = [t + SHORT_ANSWER[spec.short_answer] for t in (templates or ["{question}"])]
     return templates
@@ -265,12 +266,8 @@ def _inputs(recipe: Recipe, model: ModelFiles, sources: list[SourcePlan]) -> lis
     items += [InputRef("tokenizer", f) for f in model.files]
     for s in sources:
         items += [InputRef(f"source:{s.name}", f) for f in s.all_files]
-    written = recipe.source
-    pools = {s.instructions for s in written if isinstance(s.instructions, str) and s.instructions not in recipe.pool}
-    if any(s.layout == "caption" and s.instructions is None for s in written):
-        pools.add("caption-brief")
-    used = {s.lengthen for s in written if s.lengthen}
-    lengthen_pools = {t.pool for name, t in recipe.lengthen.items() if t.pool and t.pool not in recipe.pool and name in used}
+    pools = {pool_of(s.spec) for s in sources} - {None} - set(recipe.pool)
+    lengthen_pools = {s.lengthen.spec.pool for s in sources if s.lengthen is not None} - {None} - set(recipe.pool)
     for name in [*sorted(pools), *sorted(lengthen_pools - pools)]:
         path = builtin_pool_path(name)
         if path:

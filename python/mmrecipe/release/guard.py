@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import msgspec
+
 from ..errors import ReleaseError
 from .format import FORMAT, MANIFEST
 
@@ -27,12 +29,15 @@ def default_name(name: str, version: str) -> str:
 
 def is_release(folder: Path) -> bool:
     """A folder mmrecipe wrote: its manifest names the release format."""
-    manifest = folder / MANIFEST
     try:
-        head = manifest.read_bytes()[:4096]
-    except OSError:
+        head = msgspec.json.decode((folder / MANIFEST).read_bytes(), type=_Head)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return False
-    return f'"format": "{FORMAT.split("/")[0]}/'.encode() in head or f'"format":"{FORMAT.split("/")[0]}/'.encode() in head
+    return head.format.split("/")[0] == FORMAT.split("/")[0]
+
+
+class _Head(msgspec.Struct):
+    format: str
 
 
 def check_destination(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
