@@ -7,7 +7,7 @@ use crate::columns::Batch;
 use crate::error::{Error, Result};
 use crate::instruct::{self, Template};
 use crate::layout::Layout;
-use crate::media;
+use crate::media::{self, ImageInfo};
 use crate::overlong;
 use crate::plan::{OnError, Overlong, Plan, TrainOn};
 use crate::pool::ForkSafePool;
@@ -34,7 +34,7 @@ pub(crate) struct SampleRec {
     pub record: Record,
     pub len: u32,
     pub trained: u32,
-    /// First of its images in the store's image paths.
+    /// First of its images in the store's image paths and grids.
     pub img: u32,
     pub n_img: u32,
     pub template: i32,
@@ -64,6 +64,8 @@ pub(crate) struct Store {
     /// Image paths of every sample, concatenated; path k ends at `image_path_ends[k]`.
     pub image_paths: String,
     pub image_path_ends: Vec<u64>,
+    /// The (t, h, w) grid of every image, as `media::ImageInfo::grid`.
+    pub image_grids: Vec<[u32; 3]>,
     pub stats: SourceStats,
 }
 
@@ -80,6 +82,7 @@ struct Done {
     enc: Encoded,
     template: i32,
     image_paths: Vec<usize>,
+    image_grids: Vec<[u32; 3]>,
     truncated: bool,
     /// Which piece of a conversation split at turn boundaries (0 otherwise).
     part: u16,
@@ -245,12 +248,14 @@ impl Compiler {
     /// Sample `i` of a batch, through the whole pipeline and the overlong policy.
     fn process(&self, source: usize, batch: &Batch, i: usize) -> RowResult<Outcome> {
         let plan = &self.plan;
-        let (messages, template, image_counts) = self.sample_messages(source, batch, i)?;
+        let (messages, template, infos) = self.sample_messages(source, batch, i)?;
+        let image_counts: Vec<u32> = infos.iter().map(|i| i.tokens).collect();
+        let image_grids: Vec<[u32; 3]> = infos.iter().map(|i| i.grid).collect();
         let (i0, i1) = (batch.image_offsets[i] as usize, batch.image_offsets[i + 1] as usize);
         let image_paths: Vec<usize> = (i0..i1).collect();
         let enc = self.encode(&messages, &image_counts)?;
         if enc.ids.len() <= plan.seq_len as usize {
-            return self.keep(vec![Done { enc, template, image_paths, truncated: false, part: 0 }]);
+            return self.keep(vec![Done { enc, template, image_paths, image_grids, truncated: false, part: 0 }]);
         }
         match plan.overlong {
             Overlong::Drop => Ok(Outcome::Overlong),
@@ -259,9 +264,10 @@ impl Compiler {
                 if !overlong::truncate(&mut enc, plan.seq_len as usize, self.tokenizer.image_wrappers()) {
                     return Ok(Outcome::Overlong);
                 }
-                let mut image_paths = image_paths;
+                let (mut image_paths, mut image_grids) = (image_paths, image_grids);
                 image_paths.truncate(enc.images.len());
-                self.keep(vec![Done { enc, template, image_paths, truncated: true, part: 0 }])
+                image_grids.truncate(enc.images.len());
+                self.keep(vec![Done { enc, template, image_paths, image_grids, truncated: true, part: 0 }])
             }
             Overlong::SplitTurns => {
                 let parts = self.split_turns(&messages, &image_counts)?;
@@ -271,7 +277,14 @@ impl Compiler {
                 let done = parts
                     .into_iter()
                     .enumerate()
-                    .map(|(k, enc)| Done { enc, template, image_paths: image_paths.clone(), truncated: true, part: k as u16 })
+                    .map(|(k, enc)| Done {
+                        enc,
+                        template,
+                        image_paths: image_paths.clone(),
+                        image_grids: image_grids.clone(),
+                        truncated: true,
+                        part: k as u16,
+                    })
                     .collect();
                 self.keep(done)
             }
@@ -288,8 +301,9 @@ impl Compiler {
             (0..n)
                 .into_par_iter()
                 .map(|i| {
-                    let (messages, template, counts) =
+                    let (messages, template, infos) =
                         self.sample_messages(source, batch, i).map_err(|(f, m)| format!("{f}: {m}"))?;
+                    let counts: Vec<u32> = infos.iter().map(|i| i.tokens).collect();
                     let rendered = self.renderer.render(&messages).map_err(|e| e.to_string())?;
                     let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
                     let enc = self.tokenizer.encode(&rendered, &roles, &counts, self.plan.train_on, self.plan.train_on_eos)?;
@@ -300,14 +314,14 @@ impl Compiler {
     }
 
     /// The messages of sample `i` with its instruction template applied and image
-    /// placeholders in place, the template id, and the image token counts.
-    fn sample_messages(&self, source: usize, batch: &Batch, i: usize) -> RowResult<(Vec<Message>, i32, Vec<u32>)> {
+    /// placeholders in place, the template id, and the tokens and grid of each image.
+    fn sample_messages(&self, source: usize, batch: &Batch, i: usize) -> RowResult<(Vec<Message>, i32, Vec<ImageInfo>)> {
         let (mut messages, template) = self.instructed_turns(source, batch, i)?;
         if self.plan.train_on != TrainOn::All && !messages.iter().any(|m| m.role == Role::Assistant) {
             return Err(("messages", "the sample has no assistant turn to train on".to_string()));
         }
-        let image_counts = self.sample_images(source, batch, i, &mut messages)?;
-        Ok((messages, template, image_counts))
+        let infos = self.sample_images(source, batch, i, &mut messages)?;
+        Ok((messages, template, infos))
     }
 
     /// The turns of sample `i` as messages, each user turn through the instruction
@@ -349,11 +363,11 @@ impl Compiler {
         Ok((messages, template))
     }
 
-    /// The token count of each image of sample `i` (its header read), with the image
+    /// The tokens and grid of each image of sample `i` (its header read), with the image
     /// placeholders put into `messages` where the text has none.
-    fn sample_images(&self, source: usize, batch: &Batch, i: usize, messages: &mut [Message]) -> RowResult<Vec<u32>> {
+    fn sample_images(&self, source: usize, batch: &Batch, i: usize, messages: &mut [Message]) -> RowResult<Vec<ImageInfo>> {
         let (i0, i1) = (batch.image_offsets[i] as usize, batch.image_offsets[i + 1] as usize);
-        let mut image_counts = Vec::with_capacity(i1 - i0);
+        let mut infos = Vec::with_capacity(i1 - i0);
         if i1 > i0 {
             let Some(img) = &self.plan.image else {
                 return Err(("image", "the sample has images but the recipe sets no [model.image]".to_string()));
@@ -362,11 +376,11 @@ impl Compiler {
             for k in i0..i1 {
                 let rel = batch.images.get(k).map_err(|m| ("image", m))?;
                 let path: PathBuf = root.join(rel);
-                image_counts.push(media::image_tokens(img, &path).map_err(|m| ("image", m))?);
+                infos.push(media::image_info(img, &path).map_err(|m| ("image", m))?);
             }
             media::place_images(messages, &img.placeholder, i1 - i0).map_err(|m| ("image", m))?;
         }
-        Ok(image_counts)
+        Ok(infos)
     }
 
     fn encode(&self, messages: &[Message], image_counts: &[u32]) -> RowResult<Encoded> {
@@ -397,7 +411,7 @@ impl Compiler {
 }
 
 fn append(store: &mut Store, spill: &mut Spill, batch: &Batch, i: usize, done: Done) -> Result<()> {
-    let Done { enc, template, image_paths, truncated, part } = done;
+    let Done { enc, template, image_paths, image_grids, truncated, part } = done;
     let rec = SampleRec {
         row: batch.rows[i],
         part,
@@ -413,6 +427,7 @@ fn append(store: &mut Store, spill: &mut Spill, batch: &Batch, i: usize, done: D
         store.image_paths.push_str(batch.images.get(k).unwrap_or_default());
         store.image_path_ends.push(store.image_paths.len() as u64);
     }
+    store.image_grids.extend(image_grids);
     store.stats.truncated += truncated as u64;
     store.samples.push(rec);
     Ok(())

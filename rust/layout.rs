@@ -15,7 +15,7 @@ use serde::Serialize;
 /// array of the same name, split per row by `row_offsets` (input_ids, loss_mask),
 /// `segment_offsets` (segment_*) or `image_offsets` (image_*); `image_paths` is the
 /// string column (`image_path_offsets`, `image_path_data`).
-pub const RELEASE_COLUMNS: [&str; 12] = [
+pub const RELEASE_COLUMNS: [&str; 15] = [
     "input_ids",
     "loss_mask",
     "segment_lengths",
@@ -28,6 +28,9 @@ pub const RELEASE_COLUMNS: [&str; 12] = [
     "image_positions",
     "image_lengths",
     "image_paths",
+    "image_grid_t",
+    "image_grid_h",
+    "image_grid_w",
 ];
 
 /// Packed rows as flat arrays: row r is `input_ids[row_offsets[r]..row_offsets[r+1]]`,
@@ -53,6 +56,10 @@ pub struct Packed {
     pub image_lengths: Vec<u32>,
     pub image_path_offsets: Vec<i64>,
     pub image_path_data: Vec<u8>,
+    /// Each image's (t, h, w) patch grid under the grid rule; 0 under a fixed count.
+    pub image_grid_t: Vec<u32>,
+    pub image_grid_h: Vec<u32>,
+    pub image_grid_w: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -110,7 +117,7 @@ impl Compiler {
     ///            loss_mask  [ 0 0 0 1 1 1 1 0 0 | 0 0 1 1 1 0 0 | 0 0 1 1 0 ]
     ///            segment_*  one entry per sample: length, source, row, part,
     ///                       template, repeat, images
-    ///            image_*    one entry per image run: position, length, path
+    ///            image_*    one entry per image run: position, length, path, grid
     /// ```
     pub fn emit(&mut self, lo: usize, hi: usize) -> Result<Packed> {
         let layout = self.layout.as_ref().ok_or_else(|| Error::internal("emit() before finish()"))?;
@@ -283,6 +290,10 @@ fn emit_segment(
         out.image_lengths.push(run.len);
         out.image_path_data.extend_from_slice(store.image_path(rec.img as usize + k));
         out.image_path_offsets.push(out.image_path_data.len() as i64);
+        let [t, h, w] = store.image_grids[rec.img as usize + k];
+        out.image_grid_t.push(t);
+        out.image_grid_h.push(h);
+        out.image_grid_w.push(w);
     }
     out.segment_lengths.push(rec.len);
     out.segment_source.push(source);

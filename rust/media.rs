@@ -100,16 +100,96 @@ pub fn check_plan(plan: &ImagePlan) -> crate::error::Result<()> {
     Ok(())
 }
 
+/// What a release records of one image: its tokens, and under the grid rule its patch
+/// grid (t, h, w) before merging, of the image upright (EXIF orientation applied, as the
+/// loader and the models' processors open it); `[0, 0, 0]` under a fixed count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub tokens: u32,
+    pub grid: [u32; 3],
+}
+
 /// Tokens for one image: the fixed count, or the dynamic count from its header; more than
 /// `MAX_IMAGE_TOKENS` is an error naming the image and the rule.
 pub fn image_tokens(plan: &ImagePlan, path: &Path) -> std::result::Result<u32, String> {
+    image_info(plan, path).map(|i| i.tokens)
+}
+
+/// The tokens and grid of one image, from its header (and its EXIF orientation under the
+/// grid rule).
+pub fn image_info(plan: &ImagePlan, path: &Path) -> std::result::Result<ImageInfo, String> {
     // The header is read even for a fixed count: a missing or broken image is caught here,
     // with its source and row, not by the training job.
     let (width, height) = image_size(path)?;
     if width == 0 || height == 0 {
         return Err(format!("image {} has zero size", path.display()));
     }
-    tokens_for(plan, width, height).map_err(|m| format!("image {}: {m}", path.display()))
+    let tokens = tokens_for(plan, width, height).map_err(|m| format!("image {}: {m}", path.display()))?;
+    if plan.count.is_some() {
+        return Ok(ImageInfo { tokens, grid: [0; 3] });
+    }
+    // A quarter turn swaps the sides: the same token count, the grid transposed.
+    let (width, height) = if quarter_turned(path) { (height, width) } else { (width, height) };
+    Ok(ImageInfo { tokens, grid: grid_for(plan, width, height) })
+}
+
+/// The grid rule's (t, h, w) patch grid for an upright image of the given size.
+pub fn grid_for(plan: &ImagePlan, width: u64, height: u64) -> [u32; 3] {
+    let (patch, merge) = (plan.patch.max(1) as u64, plan.merge.max(1) as u64);
+    let (h, w) = smart_resize(height, width, patch.saturating_mul(merge), plan.min_pixels, plan.max_pixels);
+    let side = |v: u64| (v / patch).min(u32::MAX as u64) as u32;
+    [1, side(h), side(w)]
+}
+
+/// Whether the image's EXIF orientation turns it by 90° (orientations 5–8), read from the
+/// EXIF block of a JPEG, PNG (`eXIf`), WebP (`EXIF`) or TIFF file. An unreadable or absent
+/// block means upright, as PIL's `exif_transpose` treats it.
+pub fn quarter_turned(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else { return false };
+    let mut reader = BufReader::new(Budget { inner: file, left: HEADER_READ_LIMIT });
+    let raw = match exif_block(&mut reader) {
+        Some(raw) => exif::Reader::new().read_raw(raw).ok(),
+        None => {
+            let _ = reader.seek(SeekFrom::Start(0));
+            exif::Reader::new().read_from_container(&mut reader).ok()
+        }
+    };
+    let orientation = raw.and_then(|e| e.get_field(exif::Tag::Orientation, exif::In::PRIMARY).and_then(|f| f.value.get_uint(0)));
+    matches!(orientation, Some(5..=8))
+}
+
+/// The EXIF block of a PNG or WebP file, found by seeking from chunk to chunk (the block
+/// may follow the image data, and the library's reader reads through it); None for other
+/// formats, which the library reads without going through the pixels.
+fn exif_block<R: Read + Seek>(r: &mut R) -> Option<Vec<u8>> {
+    let mut head = [0u8; 12];
+    r.read_exact(&mut head).ok()?;
+    let (png, webp) = (head.starts_with(b"\x89PNG\r\n\x1a\n"), &head[0..4] == b"RIFF" && &head[8..12] == b"WEBP");
+    if !png && !webp {
+        return None;
+    }
+    r.seek(SeekFrom::Start(if png { 8 } else { 12 })).ok()?;
+    let mut chunk = [0u8; 8];
+    while r.read_exact(&mut chunk).is_ok() {
+        let (len, kind) = if png {
+            (u32::from_be_bytes(chunk[0..4].try_into().unwrap()) as u64, &chunk[4..8])
+        } else {
+            (u32::from_le_bytes(chunk[4..8].try_into().unwrap()) as u64, &chunk[0..4])
+        };
+        if kind == b"eXIf" || kind == b"EXIF" {
+            let mut data = vec![0u8; len.min(1 << 20) as usize];
+            r.read_exact(&mut data).ok()?;
+            // Some WebP writers keep JPEG's "Exif\0\0" prefix before the TIFF header.
+            let start = if data.starts_with(b"Exif\0\0") { 6 } else { 0 };
+            return Some(data.split_off(start));
+        }
+        if kind == b"IEND" {
+            break;
+        }
+        let skip = if png { len + 4 } else { len + (len & 1) }; // PNG: the CRC; WebP: padding
+        r.seek(SeekFrom::Current(skip as i64)).ok()?;
+    }
+    Some(Vec::new())
 }
 
 /// Tokens for an image of the given size, or why the rule gives too many.
@@ -220,6 +300,50 @@ mod tests {
         b.extend(height.to_be_bytes());
         b.extend([8, 2, 0, 0, 0, 0, 0, 0, 0]);
         b
+    }
+
+    /// A TIFF-layout EXIF block holding one Orientation entry.
+    fn exif_orientation(value: u16) -> Vec<u8> {
+        let mut b = b"MM\0*\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01".to_vec();
+        b.extend(value.to_be_bytes());
+        b.extend([0, 0, 0, 0, 0, 0]);
+        b
+    }
+
+    fn png_chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut b = (data.len() as u32).to_be_bytes().to_vec();
+        b.extend(kind);
+        b.extend(data);
+        b.extend([0, 0, 0, 0]); // the CRC: not checked
+        b
+    }
+
+    #[test]
+    fn a_quarter_turn_transposes_the_grid_wherever_the_exif_block_lies() {
+        let grid = plan(r#","patch":14,"merge":2,"min_pixels":3136,"max_pixels":50176"#);
+        for (orientation, turned) in [(1, false), (3, false), (5, true), (6, true), (8, true)] {
+            // 300 wide, 120 high, with the EXIF block after the image data.
+            let mut bytes = png(300, 120);
+            bytes.extend(png_chunk(b"IDAT", &[0; 40]));
+            bytes.extend(png_chunk(b"eXIf", &exif_orientation(orientation)));
+            bytes.extend(png_chunk(b"IEND", &[]));
+            let file = Temp::new(&format!("turned-{orientation}.png"), &bytes);
+            assert_eq!(quarter_turned(&file.0), turned, "orientation {orientation}");
+            let info = image_info(&grid, &file.0).unwrap();
+            let upright = if turned { grid_for(&grid, 120, 300) } else { grid_for(&grid, 300, 120) };
+            assert_eq!(info.grid, upright);
+            assert_ne!(grid_for(&grid, 120, 300), grid_for(&grid, 300, 120));
+            assert_eq!(info.tokens, info.grid.iter().product::<u32>() / 4, "a turn keeps the token count");
+            let fixed = image_info(&plan(r#","count":9"#), &file.0).unwrap();
+            assert_eq!((fixed.tokens, fixed.grid), (9, [0, 0, 0]));
+        }
+        // No EXIF block, or a broken one: upright.
+        let plain = Temp::new("plain.png", &png(300, 120));
+        assert!(!quarter_turned(&plain.0));
+        let mut broken = png(300, 120);
+        broken.extend(png_chunk(b"eXIf", b"MM\0*garbage"));
+        let broken = Temp::new("broken-exif.png", &broken);
+        assert!(!quarter_turned(&broken.0));
     }
 
     #[test]

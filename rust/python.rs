@@ -205,6 +205,9 @@ impl PyCompiler {
             image_lengths,
             image_path_offsets,
             image_path_data,
+            image_grid_t,
+            image_grid_h,
+            image_grid_w,
         ))
     }
 

@@ -21,6 +21,7 @@ PACKED_KEYS = {
     "segment_offsets", "segment_lengths", "segment_source", "segment_row", "segment_part",
     "segment_template", "segment_repeat", "segment_images",
     "image_offsets", "image_positions", "image_lengths", "image_path_offsets", "image_path_data",
+    "image_grid_t", "image_grid_h", "image_grid_w",
 }  # fmt: skip
 
 

@@ -416,3 +416,31 @@ def test_extends_replaces_the_image_rule_whole(folder):
     assert image is not None and image.count is None and (image.patch, image.merge) == (14, 2)
     # Other tables still merge key by key: the base's tokenizer stays.
     assert load_recipe(child).model.tokenizer == load_recipe(folder / "r.toml").model.tokenizer
+
+
+def test_extends_names_the_files_of_a_table_set_in_part(folder):
+    """A child that switches lengthen.rephrase to templates keeps the base's prompt: the
+    problem says the prompt came from the base and the method from the child."""
+    write(folder, lengthen(BASE))
+    (folder / "d.toml").write_text('extends = "r.toml"\n[lengthen.rephrase]\nmethod = "template"\ntemplates = ["It is {answer}."]\n')
+    with pytest.raises(RecipeError) as e:
+        load_recipe(folder / "d.toml")
+    [problem] = e.value.problems
+    assert problem.startswith("lengthen.rephrase.prompt: method \"template\" takes templates or pool, not a prompt")
+    assert "lengthen.rephrase merges keys of two files: model, prompt from r.toml, method, templates from d.toml" in problem
+    # A source set in part: its index in the merged recipe, its own keys from each file.
+    write(folder, BASE)
+    (folder / "e.toml").write_text('extends = "r.toml"\n[[source]]\nname = "vqa"\nlayout = "caption"\n'
+                                   'short_answer = "word"\nfields = { caption = "answers[0]" }\n')
+    with pytest.raises(RecipeError) as e:
+        load_recipe(folder / "e.toml")
+    [problem] = e.value.problems
+    assert problem.startswith("source[1].short_answer: only applies to the 'qa' layout")
+    assert ("source[1] merges keys of two files: path, instructions, image_root from r.toml, "
+            "name, layout, short_answer, fields from e.toml") in problem
+    # A key the child sets again is the child's.
+    write(folder, lengthen(BASE))
+    (folder / "f.toml").write_text('extends = "r.toml"\n[lengthen.rephrase]\nmethod = "template"\ntemplates = ["{answer}."]\nprompt = "x"\n')
+    with pytest.raises(RecipeError) as e:
+        load_recipe(folder / "f.toml")
+    assert "keys of two files: model from r.toml, method, templates, prompt from f.toml" in str(e.value)

@@ -14,11 +14,11 @@ from conftest import ROOT, sources_moved
 from mmrecipe import build
 
 PINNED = {
-    "demo": "a662eafe989e28e174b6506543cd5dd4edc6b920ff855231cfa3e5fa7195dfbf",
-    "demo-llm": "9200fb7e5c6d6f1c78030e368df70d7e5f69b03c7edcb1df17df657bd2496bd3",
-    "alignment": "bda2821ef2574d3d4c4beb66209c2177399b111b5d2f39f182d9b629f2194334",
-    "llava-1.5-mix": "a49062720eab23466134d4dcf75a94a74d470853c267aef9640f1591539019c8",
-    "instructblip": "da180e3703fd7afd4be3e11563dee5a0b8c96e0fec0a2b9b27aa0860638d3211",
+    "demo": "a9c00f2bf3b2b7f8853d91070e94ca6bf569b2d6e02be3ad157298f5beab7aca",
+    "demo-llm": "6c80aec5adc3302cc3d932cbfc765994066eee18e8f34e8a3b07e345b5a81cd4",
+    "alignment": "0e1d7de26daf1d343de0681653aa919f1493952f721c86c7d1c68d5a8ba7c6c8",
+    "llava-1.5-mix": "266a5e338eddbff44601573cf3c366776b4072e5fb3ce38bfdaef478fba8e3ac",
+    "instructblip": "e40e566d5a173c67f61998202d6a0921f5339eed25d73bf4b5425916842d8859",
 }
 
 

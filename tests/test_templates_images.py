@@ -151,3 +151,45 @@ def test_preview_terminal_and_html(tmp_path):
     assert html.count("<span class=trained>") >= 8 and "llava row" in html
     bad = subprocess.run([sys.executable, "-m", "mmrecipe", "preview", str(DEMO), "--source", "nope"], capture_output=True, text=True)
     assert bad.returncode == 1 and "no source named 'nope'" in bad.stderr
+
+
+GRID_RULE = 'image = { placeholder = "<image>", token = "<image>", patch = 14, merge = 2, min_pixels = 3136, max_pixels = 50176 }'
+
+
+def test_recorded_grids_equal_the_qwen2_vl_processor_on_upright_images(tmp_path):
+    """Each image's (t, h, w) in the release is what transformers' Qwen2-VL processor gives
+    the image as the loader opens it (EXIF orientation applied), for JPEG, PNG and WebP
+    files turned by 90° (orientations 5-8: the grid transposed) or not."""
+    from PIL import Image, ImageOps
+    from transformers import Qwen2VLImageProcessor
+
+    rows, expected = [], []
+    sizes = [(300, 120), (97, 411), (640, 480), (57, 57), (1000, 90)]
+    for k, (w, h) in enumerate(sizes):
+        for fmt in ("jpeg", "png", "webp"):
+            for orientation in (1, 6, 3, 8):
+                name = f"i{k}-{orientation}.{fmt}"
+                exif = Image.Exif()
+                exif[0x0112] = orientation
+                Image.new("RGB", (w, h), (k * 40, 90, 200)).save(tmp_path / name, exif=exif.tobytes())
+                rows.append({"question": "What is it?", "answer": "A square.", "image": name})
+                expected.append(ImageOps.exif_transpose(Image.open(tmp_path / name)).convert("RGB"))
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = ('name = "q"\npath = "q.jsonl"\nlayout = "qa"\nimage_root = "."\n'
+              'fields = { question = "question", answer = "answer", image = "image" }')
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(small_recipe(source, GRID_RULE, "seq_len = 1024\npacking = \"none\""))
+    out = build(recipe, tmp_path / "out", progress=False).path
+    processor = Qwen2VLImageProcessor(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=50176)
+    reference = {r["image"]: img for r, img in zip(rows, expected)}
+    seen = 0
+    for shard in sorted((out / "data").glob("*.parquet")):
+        for row in pq.read_table(shard).to_pylist():
+            for path, n, t, h, w in zip(row["image_paths"], row["image_lengths"], row["image_grid_t"],
+                                        row["image_grid_h"], row["image_grid_w"]):
+                thw = processor(images=[reference[path]], return_tensors="np")["image_grid_thw"][0].tolist()
+                assert [t, h, w] == thw, path
+                assert n == t * h * w // 4
+                seen += 1
+    assert seen == len(rows)
+    assert any(r["image"].endswith(("-6.png", "-8.webp")) for r in rows)  # turned images of each format were built

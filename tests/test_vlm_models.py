@@ -300,12 +300,20 @@ def test_example_script_trains(request, which, capsys):
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)
 
 
-def test_grid_positions_without_pixels_come_from_the_image_headers(qwen):
-    # Without an image processor the grids come from the files' headers (the build's rule).
-    ours = dataloader(qwen.ds.root).collate_fn([qwen.ds[i] for i in qwen.rows])
+def test_grid_positions_without_pixels_come_from_the_release(qwen, tmp_path):
+    """Without an image processor the grids are the ones the release records: equal to the
+    processor's, and no image file is opened (the release is moved away from its images)."""
+    import shutil
+
     with_pixels = qwen.batch()
+    moved = tmp_path / "release"
+    shutil.copytree(qwen.ds.root, moved)
+    ds = PackedDataset(moved)
+    ours = dataloader(moved, image_roots={name: str(tmp_path / "nowhere") for name in ds.raw["image_roots"]}
+                      ).collate_fn([ds[i] for i in qwen.rows])
+    grids = [r["grid"] for row in ours.images for r in row]
+    assert grids and grids == [tuple(g) for g in with_pixels["image_grid_thw"].tolist()]
     assert "pixel_values" not in ours and torch.equal(ours["position_ids"], with_pixels["position_ids"])
-    assert [r["grid"] for row in ours.images for r in row] == [tuple(g) for g in with_pixels["image_grid_thw"].tolist()]
 
 
 def test_a_grid_processor_with_another_rule_is_a_recipe_error_naming_both(qwen):

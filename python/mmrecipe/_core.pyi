@@ -120,7 +120,8 @@ class Compiler:
         (and loss_mask); its segments segment_offsets[r]..[r+1] of segment_lengths,
         segment_source, segment_row, segment_part, segment_template, segment_repeat,
         segment_images; its image runs image_offsets[r]..[r+1] of image_positions,
-        image_lengths and the strings (image_path_offsets, image_path_data)."""
+        image_lengths, image_grid_t, image_grid_h, image_grid_w and the strings
+        (image_path_offsets, image_path_data)."""
 
     def encode_chats(self, chats_json: str) -> list[tuple[str, npt.NDArray[np.uint32], npt.NDArray[np.uint8], list[tuple[int, int]]]]:
         """Renders and tokenizes conversations given as JSON (previews and tests)."""

@@ -123,6 +123,9 @@ class PackedDataset(Dataset):
         item["index"] = index
         if item["segment_images"] is None:
             del item["segment_images"]
+        thw = [get(f"image_grid_{axis}") for axis in "thw"]
+        if all(g is not None for g in thw) and self.rule is not None and self.rule.grid:
+            item["image_grids"] = np.stack(thw, axis=1)  # (images, 3); releases before format 3 lack it
         return item
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -72,6 +72,10 @@ def records(item: dict[str, Any], images: Images | None) -> list[dict[str, Any]]
         full = images.path(name, str(path)) if images is not None else str(path)
         out.append({"source": name, "source_row": int(item["segment_row"][seg]), "segment": seg,
                     "path": full, "position": int(pos), "length": int(n), "grid": None})
+    stored = item.get("image_grids")
+    if stored is not None and len(stored) == len(out):
+        for rec, g in zip(out, stored):
+            rec["grid"] = tuple(int(x) for x in g)
     return out
 
 
@@ -140,7 +144,10 @@ class Collator:
         extra: dict[str, Any] = {}
         grids: list[list[tuple[int, ...]]] = [[] for _ in items]
         images = self.images
-        if images is not None and (images.pixels is not None or self.mrope) and any(recs):
+        recorded = all(rec["grid"] is not None for row in recs for rec in row)
+        if images is not None and images.pixels is None and self.mrope and recorded:
+            grids = [[rec["grid"] for rec in row] for row in recs]  # the release's grids: no file opened
+        elif images is not None and (images.pixels is not None or self.mrope) and any(recs):
             decode = images.pixels is not None
             kept, opened, skipped = _load(items, recs, images, decode)
             items, recs = [k[0] for k in kept], [k[1] for k in kept]
@@ -176,6 +183,12 @@ class Collator:
                     if counts[at] != rec["length"]:
                         msg = pixels.mismatch(counts[at], rec["length"], rec["path"], grids[at])
                         raise recipe_error(f"release row {item.get('index', '?')}: {msg}", key="model.image")
+                    got = tuple(int(x) for x in grids[at]) if grids[at] is not None else None
+                    if got is not None and rec["grid"] is not None and got != rec["grid"]:
+                        raise recipe_error(
+                            f"release row {item.get('index', '?')}: the image processor gives image {rec['path']} the "
+                            f"grid {got}, the release recorded {rec['grid']} for it (t, h, w patches); the image "
+                            "changed since the build, or the processor's settings differ from model.image", key="model.image")
                     at += 1
         it = iter(grids)
         return [[next(it) for _ in row] for row in recs]

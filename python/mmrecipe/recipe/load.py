@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 
 from ..errors import RecipeError, recipe_error
-from .extends import expand_extends, reject_remove
+from .extends import HalfMerge, expand_extends, name_half_merges, reject_remove, source_indices
 from .limits import limit_problems
 from .schema import Recipe
 from .tomlfile import read_toml
@@ -22,9 +22,11 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
     data = read_toml(text, where)
     problems: list[str] = []
     bases: list[Path] = []
+    merges: list[HalfMerge] = []
     if "extends" in data:
         folder = path.parent if path else Path.cwd()
-        data, bases = expand_extends(data, folder, [path.resolve()] if path else [], problems)
+        data, bases = expand_extends(data, folder, [path.resolve()] if path else [], problems, merges)
+        merges = source_indices(merges, data)
         if bases:
             where += " (extends " + " -> ".join(str(b) for b in bases) + ")"
     else:
@@ -35,6 +37,7 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
     if out_of_range:  # checked before the types: msgspec would stop at the first
         problems += out_of_range
         name_merged_sources(problems, merge_problems, data, bases)
+        name_half_merges(problems, merges)
         raise recipe_error(report(where, problems), key=problems[0].split(":")[0], problems=problems)
     try:
         recipe = msgspec.convert(data, Recipe)
@@ -43,9 +46,11 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         key = name_table_key(key, data)
         problems.append(f"{key or '(top level)'}: {message}")
         name_merged_sources(problems, merge_problems, data, bases)
+        name_half_merges(problems, merges)
         raise recipe_error(report(where, problems), key=problems[0].split(":")[0], problems=problems) from None
     problems += semantic_problems(recipe)
     name_merged_sources(problems, merge_problems, data, bases)
+    name_half_merges(problems, merges)
     if problems:
         raise recipe_error(report(where, problems), key=problems[0].split(":")[0], problems=problems)
     recipe.path = path

@@ -24,8 +24,8 @@ from ..errors import ReleaseError
 
 # 2: image_positions count from the start of each packed row (in 1 they counted from the
 # start of the row group for every row but the first); image_roots and the image rule with
-# its token ids in the manifest; stats.json hashed.
-FORMAT = "mmrecipe-release/2"
+# its token ids in the manifest; stats.json hashed. 3: each image's (t, h, w) patch grid.
+FORMAT = "mmrecipe-release/3"
 MANIFEST = "manifest.json"
 STATS = "stats.json"
 DATA = "data"
@@ -52,6 +52,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("image_positions", pa.uint32(), "image", "first token of each image run"),
     Column("image_lengths", pa.uint32(), "image", "tokens of each image run"),
     Column("image_paths", pa.string(), "image", "each image's path, relative to its source's image root"),
+    Column("image_grid_t", pa.uint32(), "image", "grid rule: frames of each image's patch grid (1); fixed count: 0"),
+    Column("image_grid_h", pa.uint32(), "image", "grid rule: patch rows of the image upright, before merging; fixed count: 0"),
+    Column("image_grid_w", pa.uint32(), "image", "grid rule: patch columns of the image upright, before merging; fixed count: 0"),
 )
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 OFFSETS = {"token": "row_offsets", "segment": "segment_offsets", "image": "image_offsets"}
