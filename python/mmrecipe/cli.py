@@ -18,6 +18,7 @@ response-masked token sequences for multimodal instruction tuning.
   recipe verify out/demo --recipe-dir recipes    re-hash a release and its inputs
   recipe stats out/demo                          realized mixture, tokens, packing
   recipe diff out/old out/new                    what changed between two releases
+  recipe export out/demo --to hf -o out/demo-hf  write it for TRL/HF datasets, Megatron or MosaicML
   recipe preview recipes/demo.toml -n 3          see samples with the trained tokens marked
 
 Run `recipe COMMAND --help` for the options of a command."""
@@ -66,8 +67,34 @@ manifest stores their paths relative to the folder of the recipe file the releas
 built from (paths outside it are stored absolute), and not that folder itself, so that a
 release does not depend on where it was built. Exits 0 when everything matches, 1 otherwise.
 
+On the folder of an export (`recipe export`), re-hashes every file its export.json lists
+and names those that changed, are missing or are not listed.
+
 example:
-  recipe verify out/demo --recipe-dir recipes"""
+  recipe verify out/demo --recipe-dir recipes
+  recipe verify out/demo-hf"""
+
+EXPORT_HELP = """\
+Writes a verified release in the format of another training stack, reading it one row
+group at a time, into a hidden folder beside DIR that is renamed into place when complete:
+
+  hf        a Hugging Face datasets folder (load_from_disk) with input_ids, assistant_masks
+            and seq_lengths, as TRL's SFTTrainer takes them tokenized and packed
+            (SFTConfig(padding_free=True, max_length=None)), plus provenance and image
+            references (needs `datasets`)
+  megatron  Megatron-LM indexed datasets: tokens.bin/.idx and loss_mask.bin/.idx, one
+            sequence per packed sample and one document per packed row; images cannot
+            be carried: --drop-images keeps their tokens (masked) and leaves the pixels
+  mds       MosaicML streaming shards (MDSWriter) with every column of the release
+            (needs `mosaicml-streaming`)
+
+DIR/export.json records the source release's id and the sha256 of every file written;
+`recipe verify DIR` checks them. The same release exported twice gives identical files.
+pip install "mmrecipe[export]" installs the libraries the formats need.
+
+example:
+  recipe export out/demo --to hf -o out/demo-hf
+  recipe export out/demo --to megatron -o out/demo-megatron --drop-images"""
 
 STATS_HELP = """\
 Per source: the realized share of the packed samples against the target (weight / sum
@@ -196,15 +223,43 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    result = export(args.release, args.to, args.out, overwrite=args.overwrite, drop_images=args.drop_images)
+    m = result.manifest
+    print(f"exported release {m.release_id[:12]} as {m.to}: {m.rows:,} sequences, {m.segments:,} samples, "
+          f"{m.tokens:,} tokens, {len(m.files)} file(s) in {result.path}")
+    for note in m.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .export.common import MANIFEST as EXPORT_MANIFEST
     from .release.verify import verify
 
+    if (Path(args.release) / EXPORT_MANIFEST).is_file():
+        return _verify_export(args)
     report = verify(args.release, args.recipe_dir)
     for problem in report.problems:
         print(problem)
     inputs = f"{report.inputs} inputs" if report.inputs is not None else "inputs not checked (no --recipe-dir)"
     verdict = "ok" if report.ok else f"{len(report.problems)} problem(s)"
     print(f"release {report.release_id[:12]}: {report.shards} shard(s), {inputs}: {verdict}")
+    return 0 if report.ok else 1
+
+
+def _verify_export(args: argparse.Namespace) -> int:
+    from .export.verify import verify_export
+
+    if args.recipe_dir is not None:
+        print("note: --recipe-dir is for releases; an export's inputs are its release (verify it there)", file=sys.stderr)
+    report = verify_export(args.release)
+    for problem in report.problems:
+        print(problem)
+    verdict = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"export ({report.to}) of release {report.release_id[:12]}: {report.files} file(s): {verdict}")
     return 0 if report.ok else 1
 
 
@@ -341,6 +396,17 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("release", help="the release folder")
     v.add_argument("--recipe-dir", metavar="DIR", help="folder of the recipe file the release was built from (or the recipe file itself): also check the inputs")
     v.set_defaults(func=cmd_verify)
+    e = sub.add_parser("export", help="write a release for TRL/HF datasets, Megatron-LM or MosaicML streaming", description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("release", help="the release folder")
+    from .export import FORMATS
+
+    e.add_argument("--to", required=True, choices=FORMATS, help="the format to write")
+    e.add_argument("-o", "--out", required=True, metavar="DIR", help="the folder to create")
+    e.add_argument("--overwrite", action="store_true", help="replace DIR if it is an earlier export (or empty)")
+    e.add_argument("--drop-images", action="store_true",
+                   help="export a release with images into a format that cannot carry them (megatron): the image "
+                        "tokens stay in the sequences, masked as built, and the images are left behind")
+    e.set_defaults(func=cmd_export)
     st = sub.add_parser("stats", help="realized mixture vs target, tokens, packing", description=STATS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     st.add_argument("release", help="the release folder")
     st.add_argument("--json", action="store_true", help="print the numbers as JSON")

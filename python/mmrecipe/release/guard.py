@@ -9,7 +9,7 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import msgspec
 
@@ -40,9 +40,11 @@ class _Head(msgspec.Struct):
     format: str
 
 
-def check_destination(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
+def check_destination(out: Path, overwrite: bool, inputs: list[Path],
+                      replaceable: Callable[[Path], bool] = is_release, what: str = "a release") -> Path:
     """The absolute destination, once it is safe to write there: not an input, holding no
-    input, not below a file, and (when it exists) a release that `overwrite` may replace."""
+    input, not below a file, and (when it exists) a folder `overwrite` may replace: one
+    that `replaceable` recognizes (a release, or what `what` names), or an empty one."""
     try:
         dest = out.expanduser().resolve()
     except (OSError, RuntimeError) as e:
@@ -62,10 +64,11 @@ def check_destination(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
             raise ReleaseError(f"-o {out}: {dest} exists and is not a folder; choose another -o")
         if not overwrite:
             raise ReleaseError(f"{out} already exists; pass --overwrite to replace it")
-        if not is_release(dest) and any(dest.iterdir()):
+        if not replaceable(dest) and any(dest.iterdir()):
+            mark = f"no {MANIFEST} of an mmrecipe release" if replaceable is is_release else "not written by mmrecipe"
             raise ReleaseError(
-                f"{out} is not a release (no {MANIFEST} of an mmrecipe release) and is not empty: "
-                "--overwrite replaces only a release; remove the folder yourself or choose another -o"
+                f"{out} is not {what} ({mark}) and is not empty: "
+                f"--overwrite replaces only {what}; remove the folder yourself or choose another -o"
             )
     return dest
 
