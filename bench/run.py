@@ -2,7 +2,7 @@
 """End-to-end benchmark: a LLaVA-style mix built by `recipe build`, against the bare HF
 `tokenizers` `encode_batch` over the same rendered texts, in one script.
 
-    python bench/run.py [--n 200000] [--threads 0] [--data DIR] [--json]
+    python bench/run.py [--n 200000] [--threads 0] [--tokenizer-engine auto|hf|fast] [--data DIR] [--json]
 
 Generates the sources with bench/gen.py (cached under --data), builds a release in a child
 process (its peak RSS is measured there), then encodes the release's rendered texts with
@@ -66,13 +66,14 @@ def generate(data: Path, n: int) -> None:
     marker.touch()
 
 
-def child(recipe: Path, out: Path, threads: int) -> None:
+def child(recipe: Path, out: Path, threads: int, engine: str) -> None:
     from mmrecipe import build
 
     t = time.perf_counter()
-    result = build(recipe, out, threads=threads, progress=False, overwrite=True)
+    result = build(recipe, out, threads=threads, progress=False, overwrite=True, tokenizer_engine=engine)
     seconds = time.perf_counter() - t
-    print(json.dumps({"seconds": seconds, "timings": result.timings, "summary": result.summary}))
+    print(json.dumps({"seconds": seconds, "timings": result.timings, "summary": result.summary,
+                      "engine": result.manifest.tokenizer_engine["engine"]}))
 
 
 def reference(texts_file: Path) -> None:
@@ -114,12 +115,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="build threads (default: all cores)")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "mmrecipe-bench", help="where generated data is cached")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("--tokenizer-engine", default="auto", choices=["auto", "hf", "fast"], help="the build's tokenizer engine (default auto)")
     ap.add_argument("--no-reference", action="store_true", help="measure the build only (peak RSS at large N)")
     ap.add_argument("--child", nargs=2, metavar=("RECIPE", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--reference", metavar="TEXTS", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(Path(args.child[0]), Path(args.child[1]), args.threads)
+        child(Path(args.child[0]), Path(args.child[1]), args.threads, args.tokenizer_engine)
         return
     if args.reference:
         reference(Path(args.reference))
@@ -131,7 +133,8 @@ def main() -> None:
     recipe.write_text(RECIPE.format(tokenizer=TOKENIZER, data=data))
     out = data / "release"
 
-    proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", str(recipe), str(out)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--tokenizer-engine", args.tokenizer_engine,
+                           "--child", str(recipe), str(out)], capture_output=True, text=True)
     if proc.returncode:
         sys.exit(proc.stderr)
     build = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -139,7 +142,7 @@ def main() -> None:
 
     s = build["summary"]
     if args.no_reference:
-        print(json.dumps({"n_generated": args.n, "samples": sum(x["selected"] for x in s["sources"]), "tokens": s["tokens"],
+        print(json.dumps({"n_generated": args.n, "tokenizer_engine": build["engine"], "samples": sum(x["selected"] for x in s["sources"]), "tokens": s["tokens"],
                           "build_seconds": round(build["seconds"], 2), "peak_rss_mb": round(peak_rss_mb),
                           "packing_efficiency": round(s["packing_efficiency"], 4),
                           "stage_seconds": {k: round(v, 2) for k, v in build["timings"].items()}}, indent=2))
@@ -176,11 +179,13 @@ def main() -> None:
         "packing_efficiency": round(s["packing_efficiency"], 4),
         "stage_seconds": {k: round(v, 2) for k, v in build["timings"].items()},
         "threads": args.threads or os.cpu_count(),
+        "tokenizer_engine": build["engine"],
     }
     if args.json:
         print(json.dumps(fig, indent=2))
         return
     print(f"LLaVA-style mix, {samples:,} samples, {s['tokens']:,} tokens (576 image tokens per image, seq_len 4096)")
+    print(f"  tokenizer engine  {fig['tokenizer_engine']}")
     print(f"  recipe build      {fig['build_seconds']:8.2f} s  {fig['build_samples_per_s']:>9,} samples/s  {fig['build_tokens_per_s']:>11,} tokens/s")
     print(f"  encode_batch      {fig['encode_batch_seconds']:8.2f} s  {fig['encode_batch_samples_per_s']:>9,} samples/s  (same rendered texts)")
     print(f"  speed-up          {fig['speedup_vs_encode_batch']:.2f}x end to end; {fig['tokenize_stage_speedup_vs_encode_batch']:.2f}x render+tokenize+mask alone")

@@ -91,7 +91,13 @@ struct Done {
 enum Outcome {
     Keep(Vec<Done>),
     Overlong,
+    /// The shadow check found the fast engine's ids differ from HF's: stops the build
+    /// whatever `on_error` says.
+    EngineMismatch(String),
 }
+
+/// One sample in this many is also encoded by HF when the fast engine is in use.
+pub const SHADOW_ONE_IN: u64 = 1000;
 
 /// Compiles the samples of a recipe into packed, masked token sequences.
 ///
@@ -147,7 +153,11 @@ impl Compiler {
         let renderer = ChatRenderer::new(&plan.chat_template, plan.bos_token.as_deref(), plan.eos_token.as_deref())?;
         let tk = TextTokenizer::from_file(tokenizer_path)?;
         let image = plan.image.as_ref().map(|i| (i.placeholder.as_str(), i.token.as_str(), i.start.as_deref(), i.end.as_deref()));
-        let tokenizer = TextTokenizer::new(tk, image)?;
+        let mut tokenizer = TextTokenizer::new(tk, image, plan.tokenizer_engine)?;
+        // Test hook for the shadow check (tests/test_tokenizer_engine.py); never set otherwise.
+        if std::env::var_os("MMRECIPE_TEST_FAST_ENGINE_FAULT").is_some() {
+            tokenizer.inject_fast_engine_fault();
+        }
         let templates = parse_templates(&plan)?;
         let source_keys = plan.sources.iter().map(|s| rng::name_hash(&s.name)).collect();
         let stores = plan
@@ -225,6 +235,10 @@ impl Compiler {
             store.stats.rows += 1;
             match result {
                 Ok(Outcome::Overlong) => store.stats.dropped_overlong += 1,
+                Ok(Outcome::EngineMismatch(message)) => {
+                    let row = batch.rows[i];
+                    return Err(Error::Tokenizer(format!("source '{}', row {row}: {message}", src.name)));
+                }
                 Ok(Outcome::Keep(done)) => {
                     for d in done {
                         append(store, &mut self.spill, batch, i, d)?;
@@ -254,6 +268,9 @@ impl Compiler {
         let (i0, i1) = (batch.image_offsets[i] as usize, batch.image_offsets[i + 1] as usize);
         let image_paths: Vec<usize> = (i0..i1).collect();
         let enc = self.encode(&messages, &image_counts)?;
+        if let Some(mismatch) = self.shadow_check(source, batch.rows[i], &messages, &image_counts, &enc)? {
+            return Ok(Outcome::EngineMismatch(mismatch));
+        }
         if enc.ids.len() <= plan.seq_len as usize {
             return self.keep(vec![Done { enc, template, image_paths, image_grids, truncated: false, part: 0 }]);
         }
@@ -389,6 +406,38 @@ impl Compiler {
         self.tokenizer
             .encode(&rendered, &roles, image_counts, self.plan.train_on, self.plan.train_on_eos)
             .map_err(|m| ("messages", m))
+    }
+
+    /// With the fast engine, a deterministic 1 in SHADOW_ONE_IN of the samples (by seed,
+    /// source and row) is encoded again by HF's full `Tokenizer::encode`; the message
+    /// when the ids differ.
+    fn shadow_check(
+        &self,
+        source: usize,
+        row: u64,
+        messages: &[Message],
+        counts: &[u32],
+        enc: &Encoded,
+    ) -> RowResult<Option<String>> {
+        if self.tokenizer.engine().0 != "fast" {
+            return Ok(None);
+        }
+        let word = rng::keyed(self.plan.seed, self.source_keys[source], row, rng::PURPOSE_SHADOW);
+        if rng::below(word, SHADOW_ONE_IN) != 0 {
+            return Ok(None);
+        }
+        let rendered = self.renderer.render(messages).map_err(|e| ("messages", e.to_string()))?;
+        let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
+        let hf = self.tokenizer.encode_reference(&rendered, &roles, counts).map_err(|m| ("messages", m))?;
+        if hf.ids == enc.ids {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "the fast tokenizer engine and HF tokenizers disagree (shadow check) on the text {:?}\nfast ids: {:?}\nhf ids:   {:?}\n\
+             Build with HF tokenizers: set tokenizer_engine = \"hf\" in [model], or pass --tokenizer-engine hf; \
+             and please report this.",
+            rendered.text, enc.ids, hf.ids
+        )))
     }
 
     fn keep(&self, done: Vec<Done>) -> RowResult<Outcome> {
@@ -559,6 +608,37 @@ pub(crate) mod tests {
         let mut comp = Compiler::new(skip, TOKENIZER, 1, None).unwrap();
         assert_eq!(comp.add_batch(0, &batch(&c)).unwrap(), 1);
         assert_eq!(comp.stores[0].stats.skipped, 1);
+    }
+
+    /// The shadow check samples about 1 in 1000 rows, and a wrong fast engine stops the
+    /// build with the text, both id lists and the switch, even with on_error = "skip".
+    #[test]
+    fn shadow_check_stops_a_build_on_a_mismatch() {
+        let n = 3000;
+        let shadowed: Vec<u64> = (0..n as u64)
+            .filter(|&r| rng::below(rng::keyed(3, rng::name_hash("a"), r, rng::PURPOSE_SHADOW), SHADOW_ONE_IN) == 0)
+            .collect();
+        assert!((1..10).contains(&shadowed.len()), "{shadowed:?}");
+        let c = cols(&convs(n));
+        let mut skip = plan("");
+        skip.sources[0].on_error = OnError::Skip;
+        let mut comp = Compiler::new(skip.clone(), TOKENIZER, 2, None).unwrap();
+        assert_eq!(comp.tokenizer.engine().0, "fast");
+        assert_eq!(comp.add_batch(0, &batch(&c)).unwrap(), n, "an exact engine passes the check");
+        let mut comp = Compiler::new(skip, TOKENIZER, 2, None).unwrap();
+        comp.tokenizer.inject_fast_engine_fault();
+        let err = comp.add_batch(0, &batch(&c)).unwrap_err().to_string();
+        assert!(err.contains(&format!("row {}:", shadowed[0])), "{err}");
+        for want in
+            ["shadow check", "hello there", "fast ids: [", "hf ids:", "tokenizer_engine = \"hf\"", "--tokenizer-engine hf"]
+        {
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        // Forced HF: no shadow check, the fault is not reached.
+        let mut comp = Compiler::new(plan(r#", "tokenizer_engine": "hf""#), TOKENIZER, 2, None).unwrap();
+        comp.tokenizer.inject_fast_engine_fault();
+        assert_eq!(comp.tokenizer.engine().0, "hf");
+        assert_eq!(comp.add_batch(0, &batch(&c)).unwrap(), n);
     }
 
     #[test]

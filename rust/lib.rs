@@ -14,6 +14,7 @@
 //! - `media`: image token counts (fixed, or Qwen2-VL's rule from the file header) and placeholders.
 //! - `render`: chat-template rendering (minijinja) with each message's span in the text.
 //! - `tokenize`: tokenization with response-only loss masks and image token runs.
+//! - `fastbpe`: the fast engine tokenize uses for byte-level BPE shapes it knows.
 //! - `overlong`: what to do with a sample over seq_len (truncate, split at turns).
 //! - `spill`: tokenized samples kept compactly (on disk) until packing.
 //! - `layout`: selection, interleaving, packing, statistics and emitting the packed rows.
@@ -31,6 +32,7 @@ pub mod chunks;
 pub mod columns;
 pub mod compile;
 pub mod error;
+pub mod fastbpe;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod instruct;

@@ -280,8 +280,8 @@ mod tests {
         use crate::tokenize::TextTokenizer;
         const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/models/smollm2/tokenizer.json");
         static TOKENIZER_ONCE: std::sync::OnceLock<TextTokenizer> = std::sync::OnceLock::new();
-        let tokenizer =
-            TOKENIZER_ONCE.get_or_init(|| TextTokenizer::new(TextTokenizer::from_file(TOKENIZER).unwrap(), None).unwrap());
+        let tokenizer = TOKENIZER_ONCE
+            .get_or_init(|| TextTokenizer::new(TextTokenizer::from_file(TOKENIZER).unwrap(), None, Default::default()).unwrap());
         let renderer = ChatRenderer::new(builtin(template).unwrap(), Some("<|im_start|>"), Some("<|im_end|>")).unwrap();
         move |chunk: &[Message]| {
             let rendered = renderer.render(chunk).map_err(|e| e.to_string())?;

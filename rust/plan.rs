@@ -31,6 +31,9 @@ pub struct Plan {
     #[serde(default)]
     pub alpha: f64,
     pub sources: Vec<SourcePlan>,
+    /// `[model] tokenizer_engine`: which encoder turns text into ids (the ids are the same).
+    #[serde(default)]
+    pub tokenizer_engine: TokenizerEngine,
 }
 
 fn yes() -> bool {
@@ -44,6 +47,28 @@ pub enum TrainOn {
     Assistant,
     LastAssistant,
     All,
+}
+
+/// The encoder requested: the fast engine where the tokenizer's shape allows it, HF's
+/// `tokenizers` otherwise (`Auto`), or one of them forced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerEngine {
+    #[default]
+    Auto,
+    Hf,
+    Fast,
+}
+
+impl TokenizerEngine {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "hf" => Some(Self::Hf),
+            "fast" => Some(Self::Fast),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -5,9 +5,11 @@
 use crate::columns::{Batch, StrCol};
 use crate::compile::Compiler;
 use crate::error::Error;
+use crate::fastbpe::FastBpe;
 use crate::layout::{Packed, RELEASE_COLUMNS};
-use crate::plan::Plan;
+use crate::plan::{Plan, TokenizerEngine};
 use crate::render::{self, Message};
+use crate::tokenize::{choose_engine, TextTokenizer};
 use numpy::{IntoPyArray, PyReadonlyArray1};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
@@ -238,6 +240,58 @@ impl PyCompiler {
     fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.tokenizer().token_id(token)
     }
+
+    /// The tokenizer engine in use ("fast" or "hf") and why it was chosen.
+    fn tokenizer_engine(&self) -> (&'static str, String) {
+        let (name, why) = self.inner.tokenizer().engine();
+        (name, why.to_string())
+    }
+}
+
+fn engine_request(requested: &str) -> PyResult<TokenizerEngine> {
+    TokenizerEngine::parse(requested)
+        .ok_or_else(|| PyValueError::new_err(format!("tokenizer_engine: '{requested}' is not one of 'auto', 'hf', 'fast'")))
+}
+
+/// The engine a build would tokenize `tokenizer_path` with when `requested` ("auto", "hf",
+/// "fast"), and why. Forcing "fast" on a tokenizer it cannot encode exactly is a RecipeError.
+#[pyfunction]
+#[pyo3(signature = (tokenizer_path, requested = "auto"))]
+fn tokenizer_engine(py: Python<'_>, tokenizer_path: &str, requested: &str) -> PyResult<(&'static str, String)> {
+    let requested = engine_request(requested)?;
+    let tk = TextTokenizer::from_file(tokenizer_path).map_err(|e| to_py(py, e))?;
+    let (engine, why) = choose_engine(&tk, requested).map_err(|e| to_py(py, e))?;
+    Ok((engine.name(), why))
+}
+
+/// Benchmarks and tests: the ids of each text encoded on this thread by one engine alone
+/// ("fast": the fast engine's words and BPE, no cache; "hf": the tokenizers crate's
+/// `encode`, also for the texts the fast engine does not serve), special-token text as
+/// plain text. Returns (offsets per text, ids).
+#[pyfunction]
+fn encode_texts<'py>(py: Python<'py>, tokenizer_path: &str, texts: Vec<String>, engine: &str) -> PyResult<PackedBins<'py>> {
+    let mut tk = TextTokenizer::from_file(tokenizer_path).map_err(|e| to_py(py, e))?;
+    tk.set_encode_special_tokens(true);
+    let fast = match engine {
+        "fast" => Some(FastBpe::new(&tk).map_err(|e| PyValueError::new_err(format!("the fast engine does not apply: {e}")))?),
+        "hf" => None,
+        _ => return Err(PyValueError::new_err(format!("engine: {engine:?} is not 'fast' or 'hf'"))),
+    };
+    let (ids, offsets) = py
+        .detach(|| {
+            let mut ids: Vec<u32> = Vec::new();
+            let mut offsets: Vec<i64> = vec![0];
+            for t in &texts {
+                match &fast {
+                    Some(f) if f.serves(t) => ids.extend(f.encode(t)),
+                    _ => ids.extend_from_slice(tk.encode(t.as_str(), false).map_err(|e| e.to_string())?.get_ids()),
+                }
+                offsets.push(ids.len() as i64);
+            }
+            Ok::<_, String>((ids, offsets))
+        })
+        .map_err(PyValueError::new_err)?;
+    Ok((offsets.into_pyarray(py), ids.into_pyarray(py)))
 }
 
 /// (bin offsets, item indices).
@@ -400,6 +454,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(content_keys, m)?)?;
     m.add_function(wrap_pyfunction!(parse_replies, m)?)?;
     m.add_function(wrap_pyfunction!(release_columns, m)?)?;
+    m.add_function(wrap_pyfunction!(tokenizer_engine, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_texts, m)?)?;
     m.add("BUILTIN_TEMPLATES", render::BUILTINS.to_vec())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

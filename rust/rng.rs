@@ -7,6 +7,8 @@ pub const PURPOSE_TEMPLATE: u64 = 0x7465_6d70;
 pub const PURPOSE_SUBSET: u64 = 0x7375_6273;
 pub const PURPOSE_SHUFFLE: u64 = 0x7368_7566;
 pub const PURPOSE_LENGTHEN: u64 = 0x6c65_6e67;
+/// The samples the fast tokenizer engine's output is also checked against HF's.
+pub const PURPOSE_SHADOW: u64 = 0x7368_6164;
 
 /// SplitMix64 finalizer: a bijective 64-bit mixer with full avalanche.
 #[inline]

@@ -7,13 +7,17 @@
 //! becomes a control token. A token is trained when its bytes overlap a response span
 //! (transformers' `assistant_masks` rule); the special token right after a response (its
 //! end-of-turn) is trained too when `train_on_eos` is set.
+//!
+//! Two engines give the same ids: HF `tokenizers`, and the fast engine (`fastbpe`) for the
+//! byte-level BPE shapes it knows; `choose_engine` picks one and says why.
 
 use crate::error::{Error, Result};
-use crate::plan::TrainOn;
+use crate::fastbpe::FastBpe;
+use crate::plan::{TokenizerEngine, TrainOn};
 use crate::render::{Rendered, Role};
 use aho_corasick::{AhoCorasick, MatchKind};
+use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer};
 
@@ -21,12 +25,12 @@ static NEXT_TOKENIZER_ID: AtomicU64 = AtomicU64::new(1);
 const WORD_CACHE_LIMIT: usize = 1 << 18;
 
 /// (owner tokenizer id, word → [(token id, byte length)]).
-type WordCache = (u64, HashMap<String, Box<[(u32, u32)]>>);
+type WordCache = (u64, FxHashMap<String, Box<[(u32, u32)]>>);
 
 thread_local! {
     /// Per worker thread: pre-tokenized word → (token id, byte length) list, for the
     /// tokenizer with the given id. Lock-free, unlike the model's shared cache.
-    static WORD_CACHE: RefCell<WordCache> = RefCell::new((0, HashMap::new()));
+    static WORD_CACHE: RefCell<WordCache> = RefCell::new((0, FxHashMap::default()));
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,11 +66,49 @@ pub struct ImageTokens {
     pub end: Option<u32>,
 }
 
+/// The encoder of text pieces between cuts.
+pub enum Engine {
+    Hf,
+    Fast(Box<FastBpe>),
+}
+
+impl Engine {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Engine::Hf => "hf",
+            Engine::Fast(_) => "fast",
+        }
+    }
+}
+
+/// The engine for `tk` as requested, and why: `Auto` takes the fast engine when the
+/// tokenizer's shape is one it knows; `Fast` on any other shape is an error naming it.
+pub fn choose_engine(tk: &Tokenizer, requested: TokenizerEngine) -> Result<(Engine, String)> {
+    if requested == TokenizerEngine::Hf {
+        return Ok((Engine::Hf, "requested (tokenizer_engine = \"hf\")".to_string()));
+    }
+    match FastBpe::new(tk) {
+        Ok(f) => {
+            let why = format!("{} ({})", f.shape, if requested == TokenizerEngine::Fast { "requested" } else { "auto" });
+            Ok((Engine::Fast(Box::new(f)), why))
+        }
+        Err(why) if requested == TokenizerEngine::Auto => Ok((Engine::Hf, format!("auto: {why}"))),
+        Err(why) => Err(Error::plan(
+            "model.tokenizer_engine",
+            format!("\"fast\" cannot encode this tokenizer exactly: {why}; use \"auto\" or \"hf\""),
+        )),
+    }
+}
+
 pub struct TextTokenizer {
     tokenizer: Tokenizer,
-    /// Byte-level BPE without a normalizer or non-special added tokens: words are
-    /// tokenized through the per-thread cache instead of building full `Encoding`s.
-    fast: bool,
+    engine: Engine,
+    engine_reason: String,
+    /// Byte-level BPE without a normalizer or non-special added tokens: the HF engine
+    /// tokenizes words through the per-thread cache instead of building full `Encoding`s.
+    hf_words: bool,
+    /// Test hook: the fast engine gives a wrong id (to exercise the build's shadow check).
+    fault: bool,
     id: u64,
     /// Patterns: the special tokens, then the image placeholder (when set).
     cutter: AhoCorasick,
@@ -89,7 +131,11 @@ impl TextTokenizer {
     }
 
     /// `image`: (placeholder, token, start, end) as text; each token must exist.
-    pub fn new(mut tokenizer: Tokenizer, image: Option<(&str, &str, Option<&str>, Option<&str>)>) -> Result<Self> {
+    pub fn new(
+        mut tokenizer: Tokenizer,
+        image: Option<(&str, &str, Option<&str>, Option<&str>)>,
+        engine: TokenizerEngine,
+    ) -> Result<Self> {
         tokenizer.set_encode_special_tokens(true);
         let mut specials: Vec<(String, u32)> = tokenizer
             .get_added_tokens_decoder()
@@ -129,14 +175,26 @@ impl TextTokenizer {
             .build(&patterns)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let special_ids = specials.iter().map(|(_, id)| *id).collect();
-        let fast = byte_level_bpe(&tokenizer);
+        let hf_words = byte_level_bpe(&tokenizer);
+        let (engine, engine_reason) = choose_engine(&tokenizer, engine)?;
         let id = NEXT_TOKENIZER_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(TextTokenizer { tokenizer, fast, id, cutter, special_ids, image })
+        Ok(TextTokenizer { tokenizer, engine, engine_reason, hf_words, fault: false, id, cutter, special_ids, image })
     }
 
-    /// Turns the fast path off (tests compare both paths).
-    pub fn set_fast(&mut self, on: bool) {
-        self.fast = on && byte_level_bpe(&self.tokenizer);
+    /// Turns HF's word path off: every piece through the full `Tokenizer::encode` (tests
+    /// compare both paths).
+    pub fn set_hf_words(&mut self, on: bool) {
+        self.hf_words = on && byte_level_bpe(&self.tokenizer);
+    }
+
+    /// The engine in use ("hf" or "fast") and why it was chosen.
+    pub fn engine(&self) -> (&'static str, &str) {
+        (self.engine.name(), &self.engine_reason)
+    }
+
+    /// Test hook: makes the fast engine wrong, so that the shadow check has something to find.
+    pub fn inject_fast_engine_fault(&mut self) {
+        self.fault = true;
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -165,11 +223,19 @@ impl TextTokenizer {
         }
     }
 
-    fn encode_piece(&self, text: &str, base: usize, out: &mut Encoded, kinds: &mut Vec<u8>) -> Result<()> {
+    /// `reference`: HF's full `Tokenizer::encode`, whatever the engine (the shadow check).
+    fn encode_piece(&self, text: &str, base: usize, out: &mut Encoded, kinds: &mut Vec<u8>, reference: bool) -> Result<()> {
         if text.is_empty() {
             return Ok(());
         }
-        if self.fast {
+        if let (Engine::Fast(f), false) = (&self.engine, reference) {
+            if f.serves(text) {
+                self.encode_words_fast(f, text, base, out);
+                kinds.resize(out.ids.len(), KIND_TEXT);
+                return Ok(());
+            }
+        }
+        if self.hf_words && !reference {
             self.encode_words(text, base, out)?;
             kinds.resize(out.ids.len(), KIND_TEXT);
             return Ok(());
@@ -199,7 +265,9 @@ impl TextTokenizer {
             for (word, (start, _), _) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
                 if !cache.1.contains_key(word) {
                     let toks = self.tokenizer.get_model().tokenize(word).map_err(err)?;
-                    let entry: Box<[(u32, u32)]> = toks.iter().map(|t| (t.id, t.value.chars().count() as u32)).collect();
+                    // Offsets, not values: an unk token's value is the unk token's text.
+                    let entry: Box<[(u32, u32)]> =
+                        toks.iter().map(|t| (t.id, word[t.offsets.0..t.offsets.1].chars().count() as u32)).collect();
                     cache.1.insert(word.to_string(), entry);
                 }
                 let mut pos = (base + start) as u32;
@@ -213,6 +281,41 @@ impl TextTokenizer {
         })
     }
 
+    /// The fast engine's word path: its pre-tokenizer, then each word's tokens from the
+    /// per-thread cache (or its BPE). Token lengths are original bytes.
+    fn encode_words_fast(&self, f: &FastBpe, text: &str, base: usize, out: &mut Encoded) {
+        let first = out.ids.len();
+        WORD_CACHE.with(|cell| {
+            let mut cache = cell.borrow_mut();
+            if cache.0 != self.id || cache.1.len() > WORD_CACHE_LIMIT {
+                cache.1.clear();
+                cache.0 = self.id;
+            }
+            let mut scratch: Vec<(u32, u32)> = Vec::new();
+            f.words(text, &mut |s, e| {
+                let word = &text[s..e];
+                let toks: &[(u32, u32)] = match cache.1.get(word) {
+                    Some(t) => t,
+                    None => {
+                        scratch.clear();
+                        f.encode_word(word.as_bytes(), &mut scratch);
+                        cache.1.insert(word.to_string(), scratch.as_slice().into());
+                        &scratch
+                    }
+                };
+                let mut pos = (base + s) as u32;
+                for &(id, len) in toks {
+                    out.ids.push(id);
+                    out.offsets.push((pos, pos + len));
+                    pos += len;
+                }
+            });
+        });
+        if self.fault && out.ids.len() > first {
+            out.ids[first] ^= 1;
+        }
+    }
+
     /// Tokenizes a rendered conversation. `roles[i]` is the role of the message whose span
     /// is `rendered.spans[i]`; `image_counts` gives the tokens of each image, in order.
     pub fn encode(
@@ -222,6 +325,29 @@ impl TextTokenizer {
         image_counts: &[u32],
         train_on: TrainOn,
         train_on_eos: bool,
+    ) -> std::result::Result<Encoded, String> {
+        self.encode_with(rendered, roles, image_counts, train_on, train_on_eos, false)
+    }
+
+    /// As `encode`, every piece through HF's full `Tokenizer::encode` (the shadow check's
+    /// reference, whatever the engine).
+    pub fn encode_reference(
+        &self,
+        rendered: &Rendered,
+        roles: &[Role],
+        image_counts: &[u32],
+    ) -> std::result::Result<Encoded, String> {
+        self.encode_with(rendered, roles, image_counts, TrainOn::All, false, true)
+    }
+
+    fn encode_with(
+        &self,
+        rendered: &Rendered,
+        roles: &[Role],
+        image_counts: &[u32],
+        train_on: TrainOn,
+        train_on_eos: bool,
+        reference: bool,
     ) -> std::result::Result<Encoded, String> {
         let text = rendered.text.as_str();
         let inside_content = |s: usize, e: usize| rendered.spans.iter().flatten().any(|&(a, b)| s < b && e > a);
@@ -236,7 +362,7 @@ impl TextTokenizer {
                     continue; // special-token text typed in the data: stays plain text
                 }
             }
-            self.encode_piece(&text[pos..m.start()], pos, &mut out, &mut kinds).map_err(|e| e.to_string())?;
+            self.encode_piece(&text[pos..m.start()], pos, &mut out, &mut kinds, reference).map_err(|e| e.to_string())?;
             let span = (m.start() as u32, m.end() as u32);
             match cut {
                 Cut::Special(id) => {
@@ -266,7 +392,7 @@ impl TextTokenizer {
             }
             pos = m.end();
         }
-        self.encode_piece(&text[pos..], pos, &mut out, &mut kinds).map_err(|e| e.to_string())?;
+        self.encode_piece(&text[pos..], pos, &mut out, &mut kinds, reference).map_err(|e| e.to_string())?;
         if n_images != image_counts.len() {
             let ph = self.image.as_ref().map(|i| i.placeholder.as_str()).unwrap_or("<image>");
             return Err(format!(
@@ -352,19 +478,47 @@ mod tests {
 
     const TOKENIZER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/models/smollm2/tokenizer.json");
 
-    fn pair() -> &'static (TextTokenizer, TextTokenizer) {
-        static PAIR: std::sync::OnceLock<(TextTokenizer, TextTokenizer)> = std::sync::OnceLock::new();
-        PAIR.get_or_init(load_pair)
+    /// (fast engine, HF word path, HF full encode) over one tokenizer.json.
+    type Trio = (TextTokenizer, TextTokenizer, TextTokenizer);
+
+    fn trio(tk: &dyn Fn() -> Tokenizer) -> Trio {
+        let image = Some(("<image>", "<image>", None, None));
+        let fast = TextTokenizer::new(tk(), image, TokenizerEngine::Fast).unwrap();
+        let words = TextTokenizer::new(tk(), image, TokenizerEngine::Hf).unwrap();
+        let mut full = TextTokenizer::new(tk(), image, TokenizerEngine::Hf).unwrap();
+        full.set_hf_words(false);
+        assert_eq!(fast.engine().0, "fast");
+        assert_eq!(words.engine().0, "hf");
+        (fast, words, full)
     }
 
-    fn load_pair() -> (TextTokenizer, TextTokenizer) {
-        let fast =
-            TextTokenizer::new(TextTokenizer::from_file(TOKENIZER).unwrap(), Some(("<image>", "<image>", None, None))).unwrap();
-        let mut slow =
-            TextTokenizer::new(TextTokenizer::from_file(TOKENIZER).unwrap(), Some(("<image>", "<image>", None, None))).unwrap();
-        assert!(fast.fast, "the bundled tokenizer is byte-level BPE");
-        slow.set_fast(false);
-        (fast, slow)
+    /// The bundled SmolLM2 tokenizer, then the same BPE behind each family's pre-tokenizer.
+    fn trios() -> &'static Vec<Trio> {
+        static T: std::sync::OnceLock<Vec<Trio>> = std::sync::OnceLock::new();
+        T.get_or_init(|| {
+            let mut v = vec![trio(&|| TextTokenizer::from_file(TOKENIZER).unwrap())];
+            for f in crate::fastbpe::tests::FAMILIES {
+                let json = crate::fastbpe::tests::family_json(f).to_string();
+                v.push(trio(&|| json.parse().unwrap()));
+            }
+            v
+        })
+    }
+
+    #[test]
+    fn auto_takes_the_fast_engine_and_says_why() {
+        let tk = TextTokenizer::new(TextTokenizer::from_file(TOKENIZER).unwrap(), None, TokenizerEngine::Auto).unwrap();
+        let (name, why) = tk.engine();
+        assert_eq!(name, "fast");
+        assert!(why.contains("GPT-2") && why.contains("auto"), "{why}");
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(TOKENIZER).unwrap()).unwrap();
+        json["normalizer"] = serde_json::json!({"type": "Lowercase"});
+        let other = || json.to_string().parse::<Tokenizer>().unwrap();
+        let tk = TextTokenizer::new(other(), None, TokenizerEngine::Auto).unwrap();
+        assert_eq!(tk.engine().0, "hf");
+        assert!(tk.engine().1.contains("Lowercase"), "{}", tk.engine().1);
+        let err = TextTokenizer::new(other(), None, TokenizerEngine::Fast).err().unwrap().to_string();
+        assert!(err.contains("model.tokenizer_engine") && err.contains("Lowercase"), "{err}");
     }
 
     fn renderer() -> &'static ChatRenderer {
@@ -373,11 +527,13 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+        /// Whole rendered conversations: the fast engine and HF's word path give HF's full
+        /// encoding, on every tokenizer shape.
         #[test]
-        fn fast_path_equals_full_encoding(parts in prop::collection::vec(prop::sample::select(vec![
-            "Hello", " world", "  ", "\n", "\n\n", "日本語", "🙂", "café", "12345", "x=1;", "\t", "<|im_end|>", "<image>", "don't", "ÀÉ",
-        ]), 0..30)) {
-            let (fast, slow) = pair();
+        fn engines_equal_full_encoding(parts in prop::collection::vec(prop::sample::select(
+            crate::fastbpe::tests::FRAGMENTS.iter().copied().chain(["<|im_end|>", "<image>", "<|im_start|>"]).collect::<Vec<_>>()
+        ), 0..30)) {
             let r = renderer();
             let msgs = vec![
                 Message { role: Role::User, content: parts.concat() },
@@ -387,16 +543,22 @@ mod tests {
             let roles = [Role::User, Role::Assistant];
             let n = rendered.text.matches("<image>").count();
             let counts = vec![3u32; n];
-            let a = fast.encode(&rendered, &roles, &counts, TrainOn::Assistant, true).unwrap();
-            let b = slow.encode(&rendered, &roles, &counts, TrainOn::Assistant, true).unwrap();
-            // Offsets may differ inside a multi-byte character (HF widens a partial
-            // character to the whole one); spans are character-aligned, so masks do not.
-            prop_assert_eq!(&a.ids, &b.ids);
-            prop_assert_eq!(&a.mask, &b.mask);
-            prop_assert_eq!(&a.images, &b.images);
-            let image_tokens = a.ids.iter().filter(|&&i| i == 49152).count();
-            prop_assert_eq!(image_tokens, 3 * n);
-            prop_assert!(a.images.iter().all(|r| a.mask[r.pos as usize..(r.pos + r.len) as usize].iter().all(|&m| m == 0)));
+            for (fast, words, full) in trios() {
+                let want = full.encode(&rendered, &roles, &counts, TrainOn::Assistant, true).unwrap();
+                for tk in [fast, words] {
+                    let a = tk.encode(&rendered, &roles, &counts, TrainOn::Assistant, true).unwrap();
+                    // Offsets may differ inside a multi-byte character (HF widens a partial
+                    // character to the whole one); spans are character-aligned, so masks do not.
+                    prop_assert_eq!(&a.ids, &want.ids);
+                    prop_assert_eq!(&a.mask, &want.mask);
+                    prop_assert_eq!(&a.images, &want.images);
+                }
+                let reference = fast.encode_reference(&rendered, &roles, &counts).unwrap();
+                prop_assert_eq!(&reference.ids, &want.ids);
+                let image_tokens = want.ids.iter().filter(|&&i| i == 49152).count();
+                prop_assert_eq!(image_tokens, 3 * n);
+                prop_assert!(want.images.iter().all(|r| want.mask[r.pos as usize..(r.pos + r.len) as usize].iter().all(|&m| m == 0)));
+            }
         }
     }
 }

@@ -77,6 +77,16 @@ def hf_encode(tok, msgs, masks: bool = False):
 
 CORPUS = random_conversations(300, seed=7)
 
+#: Every parity test runs on both tokenizer engines (the bundled tokenizer is one the fast
+#: engine serves, so "fast" is really the fast engine: `encoder` checks it).
+ENGINES = ["hf", "fast"]
+
+
+def encoder(folder, engine: str, **kw) -> ChatEncoder:
+    enc = ChatEncoder(folder, tokenizer_engine=engine, **kw)
+    assert enc.tokenizer_engine[0] == engine, enc.tokenizer_engine
+    return enc
+
 
 def test_corpus_has_the_promised_variety():
     turns = [sum(m["role"] == "user" for m in c) for c in CORPUS]
@@ -88,29 +98,32 @@ def test_corpus_has_the_promised_variety():
         assert probe in text
 
 
-def test_ids_equal_apply_chat_template_with_the_models_template(hf_tokenizer):
-    enc = ChatEncoder(MODEL)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ids_equal_apply_chat_template_with_the_models_template(hf_tokenizer, engine):
+    enc = encoder(MODEL, engine)
     ours = enc.encode(CORPUS)
     for msgs, got in zip(CORPUS, ours):
         want, _ = hf_encode(hf_tokenizer, msgs)
         assert got.input_ids.tolist() == want, msgs
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("family", ["smol_gen", "llama3"])
-def test_ids_and_masks_equal_transformers(family, request):
+def test_ids_and_masks_equal_transformers(family, engine, request):
     folder = request.getfixturevalue(family)
     tok = hf(folder)
-    ours = ChatEncoder(folder).encode(CORPUS)
+    ours = encoder(folder, engine).encode(CORPUS)
     for msgs, got in zip(CORPUS, ours):
         want_ids, want_mask = hf_encode(tok, msgs, masks=True)
         assert got.input_ids.tolist() == want_ids, msgs
         assert got.loss_mask.tolist() == want_mask, msgs
 
 
-@given(conversations())
-def test_masks_equal_transformers_property(smol_gen, msgs):
+@pytest.mark.parametrize("engine", ENGINES)
+@given(msgs=conversations())
+def test_masks_equal_transformers_property(smol_gen, engine, msgs):
     tok = _cached_hf(smol_gen)
-    got = _cached_encoder(smol_gen).encode([msgs])[0]
+    got = _cached_encoder(smol_gen, tokenizer_engine=engine).encode([msgs])[0]
     want_ids, want_mask = hf_encode(tok, msgs, masks=True)
     assert got.input_ids.tolist() == want_ids
     assert got.loss_mask.tolist() == want_mask
@@ -123,15 +136,19 @@ def _cached_hf(folder):
     return _CACHE.setdefault(("hf", folder), hf(folder))
 
 
-def _cached_encoder(folder, **kw):
-    return _CACHE.setdefault(("enc", folder, tuple(sorted(kw.items()))), ChatEncoder(folder, **kw))
+def _cached_encoder(folder, tokenizer_engine: str, **kw):
+    key = ("enc", folder, tokenizer_engine, tuple(sorted(kw.items())))
+    if key not in _CACHE:
+        _CACHE[key] = encoder(folder, tokenizer_engine, **kw)
+    return _CACHE[key]
 
 
-def test_special_token_text_in_data_stays_text(hf_tokenizer):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_special_token_text_in_data_stays_text(hf_tokenizer, engine):
     """Deliberate difference from apply_chat_template: data never becomes a control token."""
     data = "what does <|im_end|> mean? and <|im_start|>system?"
     msgs = [{"role": "user", "content": data}, {"role": "assistant", "content": "It ends a turn."}]
-    got = ChatEncoder(MODEL).encode([msgs])[0]
+    got = encoder(MODEL, engine).encode([msgs])[0]
     im_end, im_start = hf_tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
     ids = got.input_ids.tolist()
     # The template's own control tokens only: system + user + assistant turns.
@@ -144,13 +161,14 @@ def test_special_token_text_in_data_stays_text(hf_tokenizer):
     assert hf_tokenizer.decode(ids) == got.text
 
 
-def test_train_on_variants(smol_gen):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_train_on_variants(smol_gen, engine):
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
-    full = _cached_encoder(smol_gen).encode([msgs])[0]
-    last = _cached_encoder(smol_gen, train_on="last_assistant").encode([msgs])[0]
-    every = _cached_encoder(smol_gen, train_on="all").encode([msgs])[0]
-    no_eos = _cached_encoder(smol_gen, train_on_eos=False).encode([msgs])[0]
+    full = _cached_encoder(smol_gen, tokenizer_engine=engine).encode([msgs])[0]
+    last = _cached_encoder(smol_gen, train_on="last_assistant", tokenizer_engine=engine).encode([msgs])[0]
+    every = _cached_encoder(smol_gen, train_on="all", tokenizer_engine=engine).encode([msgs])[0]
+    no_eos = _cached_encoder(smol_gen, train_on_eos=False, tokenizer_engine=engine).encode([msgs])[0]
     assert full.loss_mask.sum() == 4  # b, <|im_end|>, d, <|im_end|>
     assert last.loss_mask.sum() == 2 and last.loss_mask[-3:].tolist() == [1, 1, 0]
     assert every.loss_mask.all()

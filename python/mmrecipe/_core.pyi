@@ -123,6 +123,9 @@ class Compiler:
         image_lengths, image_grid_t, image_grid_h, image_grid_w and the strings
         (image_path_offsets, image_path_data)."""
 
+    def tokenizer_engine(self) -> tuple[str, str]:
+        """The engine tokenizing this build ("fast" or "hf") and why it was chosen."""
+
     def encode_chats(self, chats_json: str) -> list[tuple[str, npt.NDArray[np.uint32], npt.NDArray[np.uint8], list[tuple[int, int]]]]:
         """Renders and tokenizes conversations given as JSON (previews and tests)."""
 
@@ -182,3 +185,13 @@ def parse_replies(
 
 def release_columns() -> list[str]:
     """The list columns of a release, in order, as `Compiler.emit` names them."""
+
+def tokenizer_engine(tokenizer_path: str, requested: str = "auto") -> tuple[str, str]:
+    """The engine a build would tokenize `tokenizer_path` with when `requested` ("auto",
+    "hf", "fast"), and why. Forcing "fast" on a tokenizer it cannot encode exactly raises
+    RecipeError naming model.tokenizer_engine; an unknown value raises ValueError."""
+
+def encode_texts(tokenizer_path: str, texts: list[str], engine: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]]:
+    """Benchmarks and tests: (offsets per text, ids) of `texts` encoded on one thread by
+    one engine alone ("fast" without its word cache, or "hf": the tokenizers crate),
+    special-token text as plain text."""

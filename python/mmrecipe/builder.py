@@ -21,16 +21,16 @@ from typing import Any, Iterator
 import msgspec
 
 from . import __version__
-from .compile import batch_columns, make_compiler
+from .compile import batch_columns, make_compiler, tokenizer_engine_problem
 from .errors import TokenizerError
-from .hashing import bytes_sha256, file_sha256
+from .hashing import file_sha256
 from .llm.cache import cache_digest
 from .llm.stages import LLMStages
 from .recipe import Plan, Recipe, SourcePlan, load_recipe, resolve
 from .recipe.limits import threads_problem
 from .recipe.plan import CACHE_ROLE
 from .recipe.pools import BUILTIN_PREFIX, pools_dir
-from .release.format import FORMAT, MANIFEST, STATS, InputFile, Manifest
+from .release.format import FORMAT, MANIFEST, STATS, InputFile, Manifest, release_id_of
 from .release.guard import check_destination, lock
 from .release.write import spill_prefix, staging, write_json, write_shards
 from .sources.columns import Normalized
@@ -146,6 +146,8 @@ def recipe_data(recipe: Recipe) -> dict[str, Any]:
     d = msgspec.to_builtins(msgspec.structs.replace(recipe, path=None, bases=[]))
     for key in ("path", "bases"):
         d.pop(key, None)
+    # How ids are computed, not what they are (the manifest records the engine used).
+    d["model"].pop("tokenizer_engine", None)
     return d
 
 
@@ -158,12 +160,17 @@ def build(
     progress: bool = True,
     offline: bool = False,
     retry_failed: bool = False,
+    tokenizer_engine: str | None = None,
 ) -> BuildResult:
     """Builds the release of `recipe` into the folder `out`. LLM stages call their
     endpoints only for what their caches lack; `offline` makes no call at all (and fails
-    naming what is missing), `retry_failed` asks again for calls recorded as failed."""
+    naming what is missing), `retry_failed` asks again for calls recorded as failed.
+    `tokenizer_engine` ("auto", "hf", "fast") overrides the recipe's `[model] tokenizer_engine`;
+    the release is the same for any engine."""
     if threads_problem(threads):
         raise ValueError(threads_problem(threads))
+    if tokenizer_engine_problem(tokenizer_engine):
+        raise ValueError(tokenizer_engine_problem(tokenizer_engine))
     plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
     out = check_destination(Path(out), overwrite, protected_paths(plan))
     stages = LLMStages(plan, mode="offline" if offline else "online", retry_failed=retry_failed, progress=progress)
@@ -176,7 +183,8 @@ def build(
             timings[stage] = timings.get(stage, 0.0) + now - clock[0]
             clock[0] = now
 
-        compiler = make_compiler(plan, threads, Path(spill))
+        compiler = make_compiler(plan, threads, Path(spill), tokenizer_engine)
+        engine, engine_reason = compiler.tokenizer_engine()
         pad = plan.model.pad_token or plan.model.eos_token
         pad_id = compiler.token_id(pad) if pad else None
         if pad_id is None:
@@ -194,6 +202,7 @@ def build(
         del compiler  # its token store goes before the manifest is hashed
         write_json(tmp / STATS, summary)
         manifest = _manifest(plan, int(pad_id), shards, summary, file_sha256(tmp / STATS), image)
+        manifest.tokenizer_engine = {"engine": engine, "reason": engine_reason}
         write_json(tmp / MANIFEST, manifest)
         lap("write")
     return BuildResult(path=out, summary=summary, manifest=manifest, timings=timings, llm=stages.summary())
@@ -263,5 +272,5 @@ def _manifest(plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any
         image=image,
         stats_sha256=stats_sha256,
     )
-    manifest.release_id = bytes_sha256(msgspec.json.encode(manifest))
+    manifest.release_id = release_id_of(msgspec.json.encode(manifest))
     return manifest

@@ -61,6 +61,8 @@ class CheckReport:
     warnings: list[str] = field(default_factory=list)
     #: Per LLM table: rows, served from the cache, missing (a build would call for those).
     llm: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: The engine a build will tokenize with ("fast" or "hf") and why.
+    tokenizer_engine: tuple[str, str] = ("hf", "")
 
 
 def check(recipe: str | Path | Recipe | Plan, images: ImageMode = "sample") -> CheckReport:
@@ -74,8 +76,8 @@ def check(recipe: str | Path | Recipe | Plan, images: ImageMode = "sample") -> C
     plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
     with LLMStages(plan, mode="cache", progress=False) as stages:  # no calls: what the caches hold
         sources = [normalize_source(plan, source.index, stages) for source in plan.sources]
-    make_compiler(plan, threads=1)
-    report = CheckReport(plan, plan.model, sources, warnings=[n for s in sources for n in s.notes], llm=stages.summary())
+    engine = make_compiler(plan, threads=1).tokenizer_engine()
+    report = CheckReport(plan, plan.model, sources, warnings=[n for s in sources for n in s.notes], llm=stages.summary(), tokenizer_engine=engine)
     if images != "none":
         report.images = [_check_images(norm, images) for norm in sources]
         _raise_or_warn(report)

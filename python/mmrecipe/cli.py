@@ -159,7 +159,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("out") / default_name(recipe.recipe.name, recipe.recipe.version)
     result = build(
         recipe, out, threads=args.threads, overwrite=args.overwrite, progress=not args.quiet,
-        offline=args.offline, retry_failed=args.retry_failed,
+        offline=args.offline, retry_failed=args.retry_failed, tokenizer_engine=args.tokenizer_engine,
     )
     print(f"built {recipe.recipe.name} {recipe.recipe.version} (release {result.manifest.release_id[:12]})")
     print(format_summary(result.summary, out))
@@ -197,6 +197,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("\n" + format_llm(report.llm, check=True))
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    engine, reason = report.tokenizer_engine
+    print(f"\ntokenizer engine: {engine} ({reason})")
     print(f"\n{args.recipe}: ok (tokenizer {report.model.tokenizer_json.parent}, chat template '{report.model.template_name}')")
     return 0
 
@@ -380,6 +382,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("-j", "--threads", type=_threads, default=0, help="worker threads (default: all cores); the release is identical for any value")
     b.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new release is complete)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    b.add_argument("--tokenizer-engine", choices=["auto", "hf", "fast"], default=None,
+                   help="the encoder of text to ids, instead of the recipe's [model] tokenizer_engine: the fast "
+                        "byte-level BPE engine, HF tokenizers, or auto (fast where the tokenizer's shape allows); "
+                        "the release is the same either way")
     calls = b.add_mutually_exclusive_group()
     calls.add_argument("--offline", action="store_true",
                        help="make no LLM calls: lengthening and generation come from their caches, and a call "

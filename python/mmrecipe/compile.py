@@ -27,8 +27,13 @@ if TYPE_CHECKING:
     from ._core import _BatchColumns
 
 
-def core_plan(plan: Plan) -> dict[str, Any]:
-    """The build plan the Rust core executes (it needs no source data)."""
+#: The values of `[model] tokenizer_engine` (and of `build(tokenizer_engine=)`).
+TOKENIZER_ENGINES = ("auto", "hf", "fast")
+
+
+def core_plan(plan: Plan, tokenizer_engine: str | None = None) -> dict[str, Any]:
+    """The build plan the Rust core executes (it needs no source data); `tokenizer_engine`
+    overrides the recipe's."""
     recipe = plan.recipe
     total = recipe.mixture.total
     sources = [
@@ -48,6 +53,7 @@ def core_plan(plan: Plan) -> dict[str, Any]:
         "mixture": "natural" if isinstance(total, str) else dict(total),
         "alpha": recipe.mixture.alpha,
         "sources": sources,
+        "tokenizer_engine": tokenizer_engine or recipe.model.tokenizer_engine,
     }
 
 
@@ -68,9 +74,19 @@ def settings(model: ModelFiles, image: ImageSpec | None, output: OutputSpec) -> 
     }
 
 
-def make_compiler(plan: Plan, threads: int = 0, spill_dir: Path | None = None) -> Any:
-    """The core's compiler for `plan`: render, tokenize, mask, mix, pack (rayon, GIL released)."""
-    encoded = msgspec.json.encode(core_plan(plan))
+def tokenizer_engine_problem(value: object) -> str | None:
+    if value is None or value in TOKENIZER_ENGINES:
+        return None
+    return f"tokenizer_engine: {value!r} is not one of {', '.join(repr(e) for e in TOKENIZER_ENGINES)}"
+
+
+def make_compiler(plan: Plan, threads: int = 0, spill_dir: Path | None = None, tokenizer_engine: str | None = None) -> Any:
+    """The core's compiler for `plan`: render, tokenize, mask, mix, pack (rayon, GIL released).
+    `tokenizer_engine`: "auto", "hf" or "fast" instead of the recipe's `[model] tokenizer_engine`."""
+    problem = tokenizer_engine_problem(tokenizer_engine)
+    if problem:
+        raise ValueError(problem)
+    encoded = msgspec.json.encode(core_plan(plan, tokenizer_engine))
     return _core.Compiler(encoded, str(plan.model.tokenizer_json), threads, str(spill_dir) if spill_dir else None)
 
 

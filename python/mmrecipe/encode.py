@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _core
 from .recipe.model import ModelFiles, load_model
-from .compile import settings
+from .compile import settings, tokenizer_engine_problem
 from .recipe.schema import ImageSpec, OutputSpec
 
 
@@ -35,11 +35,18 @@ class ChatEncoder:
         image: ImageSpec | None = None,
         train_on: str = "assistant",
         train_on_eos: bool = True,
+        tokenizer_engine: str = "auto",
     ):
         self.model: ModelFiles = load_model(Path(tokenizer), chat_template)
         output = OutputSpec(seq_len=1 << 30, train_on=train_on, train_on_eos=train_on_eos)  # type: ignore[arg-type]
-        plan = settings(self.model, image, output) | {"seed": 0, "mixture": "natural", "sources": [{"name": "encode"}]}
+        plan = settings(self.model, image, output) | {
+            "seed": 0, "mixture": "natural", "sources": [{"name": "encode"}], "tokenizer_engine": tokenizer_engine,
+        }
+        if tokenizer_engine_problem(tokenizer_engine):
+            raise ValueError(tokenizer_engine_problem(tokenizer_engine))
         self._core = _core.Compiler(msgspec.json.encode(plan), str(self.model.tokenizer_json), 0)
+        #: ("fast" or "hf", why).
+        self.tokenizer_engine: tuple[str, str] = self._core.tokenizer_engine()
 
     def token_id(self, token: str) -> int | None:
         return self._core.token_id(token)

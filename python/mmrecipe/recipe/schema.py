@@ -37,6 +37,10 @@ class ModelSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     tokenizer: str
     chat_template: str = "model"
     image: ImageSpec | None = None
+    # Which encoder turns text into ids: "fast" (the core's own byte-level BPE, for the
+    # tokenizer shapes it knows), "hf" (HF tokenizers), or "auto" (fast where it applies).
+    # The ids are the same either way, so it is not part of the release's identity.
+    tokenizer_engine: Literal["auto", "hf", "fast"] = "auto"
 
 
 class OutputSpec(_Spec, kw_only=True, forbid_unknown_fields=True):

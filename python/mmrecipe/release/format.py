@@ -21,6 +21,7 @@ import msgspec
 import pyarrow as pa
 
 from ..errors import ReleaseError
+from ..hashing import bytes_sha256
 
 # 2: image_positions count from the start of each packed row (in 1 they counted from the
 # start of the row group for every row but the first); image_roots and the image rule with
@@ -96,6 +97,24 @@ class Manifest(msgspec.Struct):
     image: dict[str, Any] | None = None
     stats_sha256: str = ""  # stats.json, byte for byte (empty in releases made before it was recorded)
     release_id: str = ""
+    # How the ids were computed: {"engine": "fast" | "hf", "reason": ...}. Both engines give
+    # the same bytes, so this is not part of the release id (see `release_id_of`).
+    tokenizer_engine: dict[str, str] = {}
+
+
+#: Manifest fields about how a release was made, not what it holds: left out of its id.
+NOT_IDENTITY = ("tokenizer_engine",)
+
+
+def release_id_of(manifest_json: bytes) -> str:
+    """A release's id: sha256 of its manifest's compact JSON with `release_id` empty and the
+    NOT_IDENTITY fields left out. Decoded generically (not into `Manifest`) so that a field
+    this version does not know still counts."""
+    raw = msgspec.json.decode(manifest_json)
+    raw["release_id"] = ""
+    for key in NOT_IDENTITY:
+        raw.pop(key, None)
+    return bytes_sha256(msgspec.json.encode(raw))
 
 
 def read_manifest(release: str | Path) -> Manifest:

@@ -9,11 +9,11 @@ from pathlib import Path
 import msgspec
 
 from ..errors import LLMError, ReleaseError
-from ..hashing import bytes_sha256, file_sha256
+from ..hashing import file_sha256
 from ..llm.cache import cache_digest
 from ..recipe.plan import CACHE_ROLE
 from ..recipe.pools import BUILTIN_PREFIX, pools_dir
-from .format import MANIFEST, STATS, read_manifest, read_stats
+from .format import MANIFEST, STATS, read_manifest, read_stats, release_id_of
 
 
 @dataclass
@@ -40,12 +40,8 @@ class VerifyReport:
 
 
 def expected_release_id(manifest_bytes: bytes) -> str:
-    """The release id the builder gives this manifest: sha256 of its compact JSON with
-    `release_id` empty. Decoded generically (not into `Manifest`) so that a field this
-    version does not know still counts."""
-    raw = msgspec.json.decode(manifest_bytes)
-    raw["release_id"] = ""
-    return bytes_sha256(msgspec.json.encode(raw))
+    """The release id the builder gives this manifest (`format.release_id_of`)."""
+    return release_id_of(manifest_bytes)
 
 
 def _short(sha: str) -> str:
