@@ -40,11 +40,13 @@ __all__ = [
     "__version__",
     "builtin_template",
     "content_keys",
+    "encode_texts",
     "fill_templates",
     "image_token_count",
     "pack_lengths",
     "parse_replies",
     "release_columns",
+    "tokenizer_engine",
 ]
 
 BUILTIN_TEMPLATES: list[str]
