@@ -256,28 +256,31 @@ impl TextTokenizer {
         if let Some(p) = self.tokenizer.get_pre_tokenizer() {
             p.pre_tokenize(&mut pre).map_err(err)?;
         }
+        self.with_word_cache(|cache| {
+            for (word, (start, _), _) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+                if !cache.contains_key(word) {
+                    let toks = self.tokenizer.get_model().tokenize(word).map_err(err)?;
+                    // Offsets, not values: an unk token's value is the unk token's text.
+                    let entry: Box<[(u32, u32)]> =
+                        toks.iter().map(|t| (t.id, word[t.offsets.0..t.offsets.1].chars().count() as u32)).collect();
+                    cache.insert(word.to_string(), entry);
+                }
+                push_word(out, base + start, &cache[word]);
+            }
+            Ok(())
+        })
+    }
+
+    /// This thread's word cache, emptied first when it belongs to another tokenizer or
+    /// has grown past its limit.
+    fn with_word_cache<R>(&self, f: impl FnOnce(&mut FxHashMap<String, Box<[(u32, u32)]>>) -> R) -> R {
         WORD_CACHE.with(|cell| {
             let mut cache = cell.borrow_mut();
             if cache.0 != self.id || cache.1.len() > WORD_CACHE_LIMIT {
                 cache.1.clear();
                 cache.0 = self.id;
             }
-            for (word, (start, _), _) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
-                if !cache.1.contains_key(word) {
-                    let toks = self.tokenizer.get_model().tokenize(word).map_err(err)?;
-                    // Offsets, not values: an unk token's value is the unk token's text.
-                    let entry: Box<[(u32, u32)]> =
-                        toks.iter().map(|t| (t.id, word[t.offsets.0..t.offsets.1].chars().count() as u32)).collect();
-                    cache.1.insert(word.to_string(), entry);
-                }
-                let mut pos = (base + start) as u32;
-                for &(id, len) in cache.1[word].iter() {
-                    out.ids.push(id);
-                    out.offsets.push((pos, pos + len));
-                    pos += len;
-                }
-            }
-            Ok(())
+            f(&mut cache.1)
         })
     }
 
@@ -285,30 +288,20 @@ impl TextTokenizer {
     /// per-thread cache (or its BPE). Token lengths are original bytes.
     fn encode_words_fast(&self, f: &FastBpe, text: &str, base: usize, out: &mut Encoded) {
         let first = out.ids.len();
-        WORD_CACHE.with(|cell| {
-            let mut cache = cell.borrow_mut();
-            if cache.0 != self.id || cache.1.len() > WORD_CACHE_LIMIT {
-                cache.1.clear();
-                cache.0 = self.id;
-            }
+        self.with_word_cache(|cache| {
             let mut scratch: Vec<(u32, u32)> = Vec::new();
             f.words(text, &mut |s, e| {
                 let word = &text[s..e];
-                let toks: &[(u32, u32)] = match cache.1.get(word) {
+                let toks: &[(u32, u32)] = match cache.get(word) {
                     Some(t) => t,
                     None => {
                         scratch.clear();
                         f.encode_word(word.as_bytes(), &mut scratch);
-                        cache.1.insert(word.to_string(), scratch.as_slice().into());
+                        cache.insert(word.to_string(), scratch.as_slice().into());
                         &scratch
                     }
                 };
-                let mut pos = (base + s) as u32;
-                for &(id, len) in toks {
-                    out.ids.push(id);
-                    out.offsets.push((pos, pos + len));
-                    pos += len;
-                }
+                push_word(out, base + s, toks);
             });
         });
         if self.fault && out.ids.len() > first {
@@ -403,6 +396,16 @@ impl TextTokenizer {
         }
         out.mask = response_mask(rendered, roles, &out.offsets, &kinds, train_on, train_on_eos);
         Ok(out)
+    }
+}
+
+/// Appends a word's tokens, `(id, byte length)` each, starting at byte `start` of the text.
+fn push_word(out: &mut Encoded, start: usize, toks: &[(u32, u32)]) {
+    let mut pos = start as u32;
+    for &(id, len) in toks {
+        out.ids.push(id);
+        out.offsets.push((pos, pos + len));
+        pos += len;
     }
 }
 

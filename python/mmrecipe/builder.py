@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import msgspec
 
 from . import __version__
-from .compile import batch_columns, make_compiler, tokenizer_engine_problem
+from .compile import batch_columns, check_tokenizer_engine, make_compiler
 from .errors import TokenizerError
 from .hashing import file_sha256
 from .llm.cache import cache_digest
@@ -169,8 +169,7 @@ def build(
     the release is the same for any engine."""
     if threads_problem(threads):
         raise ValueError(threads_problem(threads))
-    if tokenizer_engine_problem(tokenizer_engine):
-        raise ValueError(tokenizer_engine_problem(tokenizer_engine))
+    check_tokenizer_engine(tokenizer_engine)  # before anything is written
     plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
     out = check_destination(Path(out), overwrite, protected_paths(plan))
     stages = LLMStages(plan, mode="offline" if offline else "online", retry_failed=retry_failed, progress=progress)

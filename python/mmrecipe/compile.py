@@ -74,18 +74,16 @@ def settings(model: ModelFiles, image: ImageSpec | None, output: OutputSpec) -> 
     }
 
 
-def tokenizer_engine_problem(value: object) -> str | None:
-    if value is None or value in TOKENIZER_ENGINES:
-        return None
-    return f"tokenizer_engine: {value!r} is not one of {', '.join(repr(e) for e in TOKENIZER_ENGINES)}"
+def check_tokenizer_engine(value: object) -> None:
+    """ValueError unless `value` is None or one of TOKENIZER_ENGINES."""
+    if value is not None and value not in TOKENIZER_ENGINES:
+        raise ValueError(f"tokenizer_engine: {value!r} is not one of {', '.join(repr(e) for e in TOKENIZER_ENGINES)}")
 
 
 def make_compiler(plan: Plan, threads: int = 0, spill_dir: Path | None = None, tokenizer_engine: str | None = None) -> Any:
     """The core's compiler for `plan`: render, tokenize, mask, mix, pack (rayon, GIL released).
     `tokenizer_engine`: "auto", "hf" or "fast" instead of the recipe's `[model] tokenizer_engine`."""
-    problem = tokenizer_engine_problem(tokenizer_engine)
-    if problem:
-        raise ValueError(problem)
+    check_tokenizer_engine(tokenizer_engine)
     encoded = msgspec.json.encode(core_plan(plan, tokenizer_engine))
     return _core.Compiler(encoded, str(plan.model.tokenizer_json), threads, str(spill_dir) if spill_dir else None)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _core
 from .recipe.model import ModelFiles, load_model
-from .compile import settings, tokenizer_engine_problem
+from .compile import check_tokenizer_engine, settings
 from .recipe.schema import ImageSpec, OutputSpec
 
 
@@ -42,8 +42,7 @@ class ChatEncoder:
         plan = settings(self.model, image, output) | {
             "seed": 0, "mixture": "natural", "sources": [{"name": "encode"}], "tokenizer_engine": tokenizer_engine,
         }
-        if tokenizer_engine_problem(tokenizer_engine):
-            raise ValueError(tokenizer_engine_problem(tokenizer_engine))
+        check_tokenizer_engine(tokenizer_engine)
         self._core = _core.Compiler(msgspec.json.encode(plan), str(self.model.tokenizer_json), 0)
         #: ("fast" or "hf", why).
         self.tokenizer_engine: tuple[str, str] = self._core.tokenizer_engine()

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from ..errors import ReleaseError
 from ..hashing import file_sha256
 from ..release.format import Manifest, read_manifest, read_stats
+from ..release.guard import names_format
 
 FORMAT = "mmrecipe-export/1"
 MANIFEST = "export.json"
@@ -60,15 +61,7 @@ class ExportManifest(msgspec.Struct):
 
 def is_export(folder: Path) -> bool:
     """A folder an export wrote: its export.json names the export format."""
-    try:
-        head = msgspec.json.decode((folder / MANIFEST).read_bytes(), type=_Head)
-    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-        return False
-    return head.format.split("/")[0] == FORMAT.split("/")[0]
-
-
-class _Head(msgspec.Struct):
-    format: str
+    return names_format(folder, MANIFEST, FORMAT)
 
 
 def read_export_manifest(folder: str | Path) -> ExportManifest:

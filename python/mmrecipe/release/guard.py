@@ -27,13 +27,19 @@ def default_name(name: str, version: str) -> str:
     return text[:NAME_LIMIT]
 
 
-def is_release(folder: Path) -> bool:
-    """A folder mmrecipe wrote: its manifest names the release format."""
+def names_format(folder: Path, manifest: str, fmt: str) -> bool:
+    """Whether `folder/manifest` is JSON whose `format` is of the family of `fmt` (any
+    version): a folder mmrecipe wrote."""
     try:
-        head = msgspec.json.decode((folder / MANIFEST).read_bytes(), type=_Head)
+        head = msgspec.json.decode((folder / manifest).read_bytes(), type=_Head)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return False
-    return head.format.split("/")[0] == FORMAT.split("/")[0]
+    return head.format.split("/")[0] == fmt.split("/")[0]
+
+
+def is_release(folder: Path) -> bool:
+    """A folder mmrecipe wrote: its manifest names the release format."""
+    return names_format(folder, MANIFEST, FORMAT)
 
 
 class _Head(msgspec.Struct):

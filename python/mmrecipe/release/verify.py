@@ -39,11 +39,6 @@ class VerifyReport:
         return not self.problems
 
 
-def expected_release_id(manifest_bytes: bytes) -> str:
-    """The release id the builder gives this manifest (`format.release_id_of`)."""
-    return release_id_of(manifest_bytes)
-
-
 def _short(sha: str) -> str:
     return sha[:12]
 
@@ -95,7 +90,7 @@ def verify(release: str | Path, recipe_dir: str | Path | None = None) -> VerifyR
     report = VerifyReport(release, manifest.release_id, len(manifest.shards), None)
     problems = report.problems
 
-    expected = expected_release_id(manifest_bytes)
+    expected = release_id_of(manifest_bytes)
     if expected != manifest.release_id:
         problems.append(Problem("changed", MANIFEST, f"release_id {_short(manifest.release_id)}… does not match its content ({_short(expected)}…)"))
 
