@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("release", nargs="?", help="a release (default: build the demo into a temporary folder)")
     ap.add_argument("--model", choices=["llava", "qwen2-vl"], default="llava")
-    ap.add_argument("--recipe-dir", default=str(RECIPES), help="the folder of the release's recipe (for image roots)")
+    ap.add_argument("--recipe-dir", default=None,
+                    help="the folder of the release's recipe, where its relative image roots start "
+                         "(default: the roots the release records, as absolute paths)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
