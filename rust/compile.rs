@@ -46,6 +46,8 @@ pub struct SourceStats {
     pub rows: u64,
     pub skipped: u64,
     pub dropped_overlong: u64,
+    /// Samples with more images than `max_images` (no sequence could hold them).
+    pub dropped_images: u64,
     pub truncated: u64,
     pub usable: u64,
     pub selected: u64,
@@ -241,6 +243,10 @@ impl Compiler {
                 }
                 Ok(Outcome::Keep(done)) => {
                     for d in done {
+                        if self.plan.max_images.is_some_and(|m| d.enc.images.len() as u32 > m) {
+                            store.stats.dropped_images += 1;
+                            continue;
+                        }
                         append(store, &mut self.spill, batch, i, d)?;
                     }
                 }

@@ -6,7 +6,7 @@ use crate::compile::{Compiler, SourceStats, Store};
 use crate::error::{Error, Result};
 use crate::mix::{self, Pick};
 use crate::pack;
-use crate::plan::{MixturePlan, Packing, Plan};
+use crate::plan::{Balance, MixturePlan, Packing, Plan};
 use crate::rng;
 use crate::spill::Spill;
 use serde::Serialize;
@@ -72,9 +72,45 @@ pub struct Summary {
     pub seq_len: u32,
     /// Tokens over sequences × seq_len.
     pub fill: f64,
-    /// ⌈tokens / seq_len⌉: the fewest sequences any packing could use.
+    /// The best of the lower bounds in `packing.bounds`: no packing uses fewer sequences.
     pub lower_bound: u64,
     /// lower_bound / sequences: 1.0 means no packing could do better.
+    pub packing_efficiency: f64,
+    pub packing: PackingStats,
+}
+
+/// How the rows were packed and how close that is to the bounds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PackingStats {
+    /// The packer whose rows the release holds (`tight` keeps the best of several).
+    pub packer: Option<pack::Packer>,
+    pub bounds: pack::Bounds,
+    /// sequences / bounds.best − 1.
+    pub gap: f64,
+    /// Tokens per sequence over seq_len: min, median, max, and how many sequences fall in
+    /// each tenth (the last holds full ones).
+    pub fill_per_sequence: Spread,
+    pub fill_histogram: [u64; 10],
+    pub images_per_sequence: Spread,
+    /// `[output] max_images`, and the cap `balance = "images"` packed under.
+    pub max_images: Option<u32>,
+    pub image_cap: Option<u32>,
+    /// Under an image budget or balance: the packing by tokens alone, for comparison.
+    pub without_image_budget: Option<Unbudgeted>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Unbudgeted {
+    pub sequences: u64,
+    pub lower_bound: u64,
     pub packing_efficiency: f64,
 }
 
@@ -102,9 +138,17 @@ impl Compiler {
         count_usable(plan, &mut self.stores)?;
         let picks = select(plan, &self.stores, &self.source_keys)?;
         let items = interleave(&picks);
-        let lengths: Vec<u32> = items.iter().map(|(s, p)| self.stores[*s as usize].samples[p.index as usize].len).collect();
-        let bins = pack_rows(plan, &lengths);
-        let summary = summarize(plan, &self.stores, &items, &lengths, bins.len() as u64);
+        let rec = |&(s, p): &(u16, Pick)| self.stores[s as usize].samples[p.index as usize];
+        let lengths: Vec<u32> = items.iter().map(|it| rec(it).len).collect();
+        let images: Vec<u32> = items.iter().map(|it| rec(it).n_img).collect();
+        let (bins, mut packing) = pack_rows(plan, &lengths, &images);
+        packing.fill_per_sequence = spread(bins.iter().map(|b| b.iter().map(|&i| lengths[i as usize] as f64).sum::<f64>() / plan.seq_len as f64));
+        for b in &bins {
+            let fill = b.iter().map(|&i| lengths[i as usize] as u64).sum::<u64>() as f64 / plan.seq_len as f64;
+            packing.fill_histogram[((fill * 10.0) as usize).min(9)] += 1;
+        }
+        packing.images_per_sequence = spread(bins.iter().map(|b| b.iter().map(|&i| images[i as usize] as f64).sum::<f64>()));
+        let summary = summarize(plan, &self.stores, &items, bins.len() as u64, packing);
         self.layout = Some(Layout { items, bins });
         Ok(summary)
     }
@@ -222,29 +266,64 @@ fn interleave(picks: &[Vec<Pick>]) -> Vec<(u16, Pick)> {
         .collect()
 }
 
-/// Rows of item indices: packed best-fit decreasing (or one item per row), in the
-/// plan's row order.
-fn pack_rows(plan: &Plan, lengths: &[u32]) -> Vec<Vec<u32>> {
-    let mut bins: Vec<Vec<u32>> = match plan.packing {
-        Packing::Bfd => {
-            let mut bins = pack::best_fit_decreasing(lengths, plan.seq_len);
-            for b in bins.iter_mut() {
-                b.sort_unstable(); // segments in mixture order within a row
-            }
-            bins
+/// Rows of item indices, packed as the plan says, in the plan's row order; with what the
+/// packing stats know before the rows are measured.
+fn pack_rows(plan: &Plan, lengths: &[u32], images: &[u32]) -> (Vec<Vec<u32>>, PackingStats) {
+    let budget = pack::Budget { tokens: plan.seq_len, images: plan.max_images };
+    let bounds = pack::bounds(lengths, images, plan.seq_len, plan.max_images);
+    let mut stats = PackingStats { bounds, max_images: plan.max_images, ..Default::default() };
+    let (mut bins, packer) = match (plan.packing, plan.balance) {
+        (Packing::None, _) => ((0..lengths.len() as u32).map(|i| vec![i]).collect(), pack::Packer::None),
+        (Packing::Bfd, _) if plan.balance == Balance::None => (pack::best_fit_decreasing(lengths, images, budget), pack::Packer::Bfd),
+        (_, Balance::Images) => {
+            let (bins, packer, cap) = pack::balanced(lengths, images, budget);
+            stats.image_cap = cap;
+            (bins, packer)
         }
-        Packing::None => (0..lengths.len() as u32).map(|i| vec![i]).collect(),
+        (_, Balance::None) => pack::tight(lengths, images, budget),
     };
+    stats.packer = Some(packer);
+    if plan.packing != Packing::None && (plan.max_images.is_some() || plan.balance == Balance::Images) {
+        let alone = pack::bounds(lengths, images, plan.seq_len, None).best;
+        let sequences = pack::tight(lengths, images, pack::Budget::tokens(plan.seq_len)).0.len() as u64;
+        stats.without_image_budget =
+            Some(Unbudgeted { sequences, lower_bound: alone, packing_efficiency: efficiency(alone, sequences) });
+    }
+    if plan.packing != Packing::None {
+        for b in bins.iter_mut() {
+            b.sort_unstable(); // segments in mixture order within a row
+        }
+    }
     if plan.shuffle {
         rng::shuffle(&mut bins, plan.seed, rng::name_hash("mmrecipe/rows"));
-    } else if plan.packing == Packing::Bfd {
+    } else if plan.packing != Packing::None {
         bins.sort_unstable_by_key(|b| b[0]);
     }
-    bins
+    stats.gap = if bounds.best == 0 { 0.0 } else { bins.len() as f64 / bounds.best as f64 - 1.0 };
+    (bins, stats)
+}
+
+fn efficiency(bound: u64, sequences: u64) -> f64 {
+    if sequences == 0 {
+        1.0
+    } else {
+        bound as f64 / sequences as f64
+    }
+}
+
+/// Min, median, max and mean of some values (all 0 when there are none).
+fn spread(values: impl Iterator<Item = f64>) -> Spread {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return Spread::default();
+    }
+    v.sort_by(f64::total_cmp);
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    Spread { min: v[0], median: v[v.len() / 2], max: v[v.len() - 1], mean }
 }
 
 /// Per-source and overall counts of what was selected and packed.
-fn summarize(plan: &Plan, stores: &[Store], items: &[(u16, Pick)], lengths: &[u32], sequences: u64) -> Summary {
+fn summarize(plan: &Plan, stores: &[Store], items: &[(u16, Pick)], sequences: u64, packing: PackingStats) -> Summary {
     let mut sources: Vec<SourceStats> = stores.iter().map(|s| s.stats.clone()).collect();
     let (mut tokens, mut trained) = (0u64, 0u64);
     for &(s, pick) in items {
@@ -257,7 +336,7 @@ fn summarize(plan: &Plan, stores: &[Store], items: &[(u16, Pick)], lengths: &[u3
         tokens += rec.len as u64;
         trained += rec.trained as u64;
     }
-    let lower_bound = pack::lower_bound(lengths, plan.seq_len);
+    let lower_bound = packing.bounds.best;
     Summary {
         sources,
         sequences,
@@ -267,7 +346,8 @@ fn summarize(plan: &Plan, stores: &[Store], items: &[(u16, Pick)], lengths: &[u3
         seq_len: plan.seq_len,
         fill: if sequences == 0 { 0.0 } else { tokens as f64 / (sequences as f64 * plan.seq_len as f64) },
         lower_bound,
-        packing_efficiency: if sequences == 0 { 1.0 } else { lower_bound as f64 / sequences as f64 },
+        packing_efficiency: efficiency(lower_bound, sequences),
+        packing,
     }
 }
 

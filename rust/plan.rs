@@ -24,6 +24,12 @@ pub struct Plan {
     pub overlong: Overlong,
     #[serde(default)]
     pub packing: Packing,
+    /// Images per packed sequence at most (`[output] max_images`).
+    #[serde(default)]
+    pub max_images: Option<u32>,
+    /// `[output] balance = "images"`: image counts per sequence as even as the packing allows.
+    #[serde(default)]
+    pub balance: Balance,
     #[serde(default = "yes")]
     pub shuffle: bool,
     pub mixture: MixturePlan,
@@ -83,9 +89,19 @@ pub enum Overlong {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Packing {
+    /// Best-fit decreasing, then the refill and pattern packers where they use fewer rows.
     #[default]
+    Tight,
     Bfd,
     None,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    None,
+    Images,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -297,17 +297,53 @@ fn encode_texts<'py>(py: Python<'py>, tokenizer_path: &str, texts: Vec<String>, 
 /// (bin offsets, item indices).
 type PackedBins<'py> = (Bound<'py, numpy::PyArray1<i64>>, Bound<'py, numpy::PyArray1<u32>>);
 
-/// Best-fit-decreasing packing of `lengths` into bins of `capacity` (benchmarks, tests):
+/// Checks lengths and image counts for the packing functions: every item fits an empty
+/// bin, and there is an image count per item when one is needed.
+fn pack_items<'a>(lengths: &'a [u32], images: Option<&'a [u32]>, capacity: u32, max_images: Option<u32>) -> PyResult<&'a [u32]> {
+    if capacity == 0 {
+        return Err(PyValueError::new_err("the capacity must be at least 1"));
+    }
+    if let Some(i) = lengths.iter().position(|&l| l == 0 || l > capacity) {
+        return Err(PyValueError::new_err(format!("item {i}: a length of {} is outside 1..={capacity}", lengths[i])));
+    }
+    let images = images.unwrap_or(&[]);
+    if max_images.is_some() && images.len() != lengths.len() {
+        return Err(PyValueError::new_err(format!("{} image counts for {} lengths", images.len(), lengths.len())));
+    }
+    if let (Some(m), Some(i)) = (max_images, max_images.and_then(|m| images.iter().position(|&k| k > m))) {
+        return Err(PyValueError::new_err(format!("item {i}: {} images exceed max_images = {m}", images[i])));
+    }
+    Ok(images)
+}
+
+/// Packs `lengths` into bins of `capacity` tokens (and `max_images` images, counted by
+/// `images`) with `packer` ("bfd", "tight", "refill", "patterns"; benchmarks, tests):
 /// returns (bin offsets, item indices) with bin b holding items[offsets[b]..offsets[b+1]].
 #[pyfunction]
-fn pack_lengths<'py>(py: Python<'py>, lengths: PyReadonlyArray1<'py, u32>, capacity: u32) -> PyResult<PackedBins<'py>> {
+#[pyo3(signature = (lengths, capacity, packer = "bfd", images = None, max_images = None))]
+fn pack_lengths<'py>(
+    py: Python<'py>,
+    lengths: PyReadonlyArray1<'py, u32>,
+    capacity: u32,
+    packer: &str,
+    images: Option<PyReadonlyArray1<'py, u32>>,
+    max_images: Option<u32>,
+) -> PyResult<PackedBins<'py>> {
+    use crate::pack;
     let l = lengths.as_slice()?;
-    if let Some(&m) = l.iter().max() {
-        if m > capacity {
-            return Err(PyValueError::new_err(format!("a length of {m} exceeds the capacity {capacity}")));
-        }
+    let images = images.as_ref().map(|a| a.as_slice()).transpose()?;
+    let k = pack_items(l, images, capacity, max_images)?;
+    let budget = pack::Budget { tokens: capacity, images: max_images };
+    if packer == "patterns" && max_images.is_some() {
+        return Err(PyValueError::new_err("the pattern packer counts tokens only: no max_images"));
     }
-    let bins = py.detach(|| crate::pack::best_fit_decreasing(l, capacity));
+    let bins = match packer {
+        "bfd" => py.detach(|| pack::best_fit_decreasing(l, k, budget)),
+        "tight" => py.detach(|| pack::tight(l, k, budget).0),
+        "refill" => py.detach(|| pack::refill(l, k, budget)),
+        "patterns" => py.detach(|| pack::patterns(l, capacity)),
+        other => return Err(PyValueError::new_err(format!("unknown packer {other:?}; expected bfd, tight, refill or patterns"))),
+    };
     let mut offsets = Vec::with_capacity(bins.len() + 1);
     offsets.push(0i64);
     let mut items = Vec::with_capacity(l.len());
@@ -316,6 +352,28 @@ fn pack_lengths<'py>(py: Python<'py>, lengths: PyReadonlyArray1<'py, u32>, capac
         offsets.push(items.len() as i64);
     }
     Ok((offsets.into_pyarray(py), items.into_pyarray(py)))
+}
+
+/// The lower bounds on the bins any packing of `lengths` needs (`pack::Bounds` as a
+/// dict: l1, l2, count, dff, images, best).
+#[pyfunction]
+#[pyo3(signature = (lengths, capacity, images = None, max_images = None))]
+fn pack_bounds<'py>(
+    py: Python<'py>,
+    lengths: PyReadonlyArray1<'py, u32>,
+    capacity: u32,
+    images: Option<PyReadonlyArray1<'py, u32>>,
+    max_images: Option<u32>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let l = lengths.as_slice()?;
+    let images = images.as_ref().map(|a| a.as_slice()).transpose()?;
+    let k = pack_items(l, images, capacity, max_images)?;
+    let b = py.detach(|| crate::pack::bounds(l, k, capacity, max_images));
+    let d = PyDict::new(py);
+    for (key, v) in [("l1", b.l1), ("l2", b.l2), ("count", b.count), ("dff", b.dff), ("images", b.images), ("best", b.best)] {
+        d.set_item(key, v)?;
+    }
+    Ok(d)
 }
 
 /// A JSON Lines file, or a JSON array of records, read as JSON Lines chunks.
@@ -450,6 +508,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(builtin_template, m)?)?;
     m.add_function(wrap_pyfunction!(image_token_count, m)?)?;
     m.add_function(wrap_pyfunction!(pack_lengths, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_bounds, m)?)?;
     m.add_function(wrap_pyfunction!(fill_templates, m)?)?;
     m.add_function(wrap_pyfunction!(content_keys, m)?)?;
     m.add_function(wrap_pyfunction!(parse_replies, m)?)?;

@@ -43,6 +43,7 @@ __all__ = [
     "encode_texts",
     "fill_templates",
     "image_token_count",
+    "pack_bounds",
     "pack_lengths",
     "parse_replies",
     "release_columns",
@@ -151,8 +152,23 @@ def image_token_count(
 ) -> int:
     """Image tokens for an image of width × height under the Qwen2-VL rule."""
 
-def pack_lengths(lengths: npt.NDArray[np.uint32], capacity: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]]:
-    """Best-fit-decreasing packing: (bin offsets, item indices)."""
+def pack_lengths(
+    lengths: npt.NDArray[np.uint32],
+    capacity: int,
+    packer: str = "bfd",
+    images: npt.NDArray[np.uint32] | None = None,
+    max_images: int | None = None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]]:
+    """Packing by `packer` ("bfd", "tight", "refill", "patterns"), under `max_images` images
+    per bin when given: (bin offsets, item indices)."""
+
+def pack_bounds(
+    lengths: npt.NDArray[np.uint32],
+    capacity: int,
+    images: npt.NDArray[np.uint32] | None = None,
+    max_images: int | None = None,
+) -> dict[str, int]:
+    """Lower bounds on the bins any packing needs: l1, l2, count, dff, images, best."""
 
 def fill_templates(
     templates: list[str],

@@ -70,6 +70,8 @@ def settings(model: ModelFiles, image: ImageSpec | None, output: OutputSpec) -> 
         "train_on_eos": output.train_on_eos,
         "overlong": output.overlong,
         "packing": output.packing,
+        "max_images": output.max_images,
+        "balance": output.balance,
         "shuffle": output.shuffle,
     }
 

@@ -45,7 +45,13 @@ class ModelSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
 
 class OutputSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     seq_len: int = 4096
-    packing: Literal["bfd", "none"] = "bfd"
+    # "tight": best-fit decreasing, replaced by the refill or pattern packer where one
+    # needs fewer sequences; "bfd": best-fit decreasing alone; "none": one sample per row.
+    packing: Literal["tight", "bfd", "none"] = "tight"
+    # Images per sequence at most (samples with more are dropped and counted).
+    max_images: int | None = None
+    # "images": image counts per sequence as even as the packing allows.
+    balance: Literal["none", "images"] = "none"
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     train_on_eos: bool = True
     overlong: Literal["drop", "truncate", "split_turns"] = "drop"
