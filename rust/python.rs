@@ -317,7 +317,8 @@ fn pack_items<'a>(lengths: &'a [u32], images: Option<&'a [u32]>, capacity: u32, 
 }
 
 /// Packs `lengths` into bins of `capacity` tokens (and `max_images` images, counted by
-/// `images`) with `packer` ("bfd", "tight", "refill", "patterns"; benchmarks, tests):
+/// `images`) with `packer` ("bfd", "tight", "refill", "patterns", "balanced" for
+/// `balance = "images"`; benchmarks, tests):
 /// returns (bin offsets, item indices) with bin b holding items[offsets[b]..offsets[b+1]].
 #[pyfunction]
 #[pyo3(signature = (lengths, capacity, packer = "bfd", images = None, max_images = None))]
@@ -342,7 +343,9 @@ fn pack_lengths<'py>(
         "tight" => py.detach(|| pack::tight(l, k, budget).0),
         "refill" => py.detach(|| pack::refill(l, k, budget)),
         "patterns" => py.detach(|| pack::patterns(l, capacity)),
-        other => return Err(PyValueError::new_err(format!("unknown packer {other:?}; expected bfd, tight, refill or patterns"))),
+        "balanced" if images.is_some() => py.detach(|| pack::balanced(l, images.unwrap_or(&[]), budget).0),
+        "balanced" => return Err(PyValueError::new_err("the balanced packer needs the image counts")),
+        other => return Err(PyValueError::new_err(format!("unknown packer {other:?}; expected bfd, tight, refill, patterns or balanced"))),
     };
     let mut offsets = Vec::with_capacity(bins.len() + 1);
     offsets.push(0i64);

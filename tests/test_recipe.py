@@ -444,3 +444,15 @@ def test_extends_names_the_files_of_a_table_set_in_part(folder):
     with pytest.raises(RecipeError) as e:
         load_recipe(folder / "f.toml")
     assert "keys of two files: model from r.toml, method, templates, prompt from f.toml" in str(e.value)
+
+
+def test_every_value_outside_its_choices_is_named_with_the_choices(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(f'extends = "{DEMO}"\n[model]\ntokenizer_engine = "fst"\n[output]\npacking = "tigth"\ntrain_on = "everything"\n')
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    text = str(e.value)
+    assert "3 problems" in text
+    assert "model.tokenizer_engine: 'fst' is not one of: auto, hf, fast (did you mean 'fast'?)" in text
+    assert "output.packing: 'tigth' is not one of: tight, bfd, none (did you mean 'tight'?)" in text
+    assert "output.train_on: 'everything' is not one of: assistant, last_assistant, all" in text

@@ -14,11 +14,11 @@ from conftest import ROOT, sources_moved
 from mmrecipe import build
 
 PINNED = {
-    "demo": "a9c00f2bf3b2b7f8853d91070e94ca6bf569b2d6e02be3ad157298f5beab7aca",
-    "demo-llm": "6c80aec5adc3302cc3d932cbfc765994066eee18e8f34e8a3b07e345b5a81cd4",
-    "alignment": "0e1d7de26daf1d343de0681653aa919f1493952f721c86c7d1c68d5a8ba7c6c8",
-    "llava-1.5-mix": "266a5e338eddbff44601573cf3c366776b4072e5fb3ce38bfdaef478fba8e3ac",
-    "instructblip": "e40e566d5a173c67f61998202d6a0921f5339eed25d73bf4b5425916842d8859",
+    "demo": "229bafa820fb110fae46db530e87ea52d1b03b31e8ce684e5001460ac1528296",
+    "demo-llm": "b10c1bc1d639ffe8bbbfb0c6d11d71253246272159dba905faf2626ed296878b",
+    "alignment": "c6e019396a321fe0f6720861b0322c202e9ebd81a4a97930da2459bfaec1c7fb",
+    "llava-1.5-mix": "77484a765103937d44a0026288800e73154d15c9e3ea951926ac80d9dac164e3",
+    "instructblip": "15e38f13b03489491286945004ec87c4c55f82ea4e7413a4a28cf139f685e099",
 }
 
 

@@ -159,7 +159,7 @@ def pack_lengths(
     images: npt.NDArray[np.uint32] | None = None,
     max_images: int | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]]:
-    """Packing by `packer` ("bfd", "tight", "refill", "patterns"), under `max_images` images
+    """Packing by `packer` ("bfd", "tight", "refill", "patterns", "balanced"), under `max_images` images
     per bin when given: (bin offsets, item indices)."""
 
 def pack_bounds(

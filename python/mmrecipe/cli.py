@@ -101,7 +101,9 @@ Per source: the realized share of the packed samples against the target (weight 
 of weights, or weight x usable^alpha with temperature sampling; usable rows / all usable
 rows for a "natural" mixture; shares of tokens for a { tokens = N } total), samples, tokens,
 trained tokens, images, and the rows the build skipped, dropped as too long or truncated;
-then packing efficiency. Samples, tokens and packing are counted from the shards; numbers
+then packing: efficiency against the best lower bound (L1 = total tokens / seq_len,
+Martello-Toth L2, a counting bound, Fekete-Schepers DFF, images / max_images), the gap,
+fill and images per sequence. Samples, tokens and packing are counted from the shards; numbers
 on which the shards and stats.json disagree are reported on stderr.
 
 example:
@@ -145,6 +147,7 @@ def format_summary(summary: dict[str, Any], out: Path) -> str:
         f"tokens             {tokens:,} ({summary['trained_tokens']:,} trained, loss-token fraction {summary['trained_tokens'] / max(tokens, 1):.1%})",
         f"fill               {summary['fill']:.1%} of sequence capacity",
         f"packing efficiency {summary['packing_efficiency']:.2%} of the lower bound ({summary['lower_bound']:,} sequences)",
+        *packing_lines(summary.get("packing")),
         f"release            {out}",
     ]
     return "\n".join(lines)
@@ -295,8 +298,30 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"tokens             {stats['tokens']:,} ({stats['trained_tokens']:,} trained, loss-token fraction {stats['trained_tokens'] / max(stats['tokens'], 1):.1%})",
             f"fill               {stats['fill']:.1%} of sequence capacity",
             f"packing efficiency {stats['packing_efficiency']:.2%} of the lower bound ({stats['lower_bound']:,} sequences)",
+            *packing_lines(stats.get("packing")),
         ]
     )
+
+
+def packing_lines(packing: dict[str, Any] | None) -> list[str]:
+    """The bounds, the packer, fill and images per sequence (releases from before the
+    packing block have none)."""
+    if not packing:
+        return []
+    b = packing["bounds"]
+    bounds = f"L1 {b['l1']:,}, L2 {b['l2']:,}, counting {b['count']:,}, DFF {b['dff']:,}" + (f", images {b['images']:,}" if b["images"] else "")
+    fill, img = packing["fill_per_sequence"], packing["images_per_sequence"]
+    lines = [
+        f"bounds             {bounds}; gap {packing['gap']:.2%}" + (f" (packer: {packing['packer']})" if packing.get("packer") else ""),
+        f"fill per sequence  min {fill['min']:.1%}, median {fill['median']:.1%}, max {fill['max']:.1%}",
+    ]
+    if img["max"]:
+        cap = packing.get("image_cap") or packing.get("max_images")
+        lines.append(f"images / sequence  min {img['min']:g}, median {img['median']:g}, max {img['max']:g}" + (f" (at most {cap})" if cap else ""))
+    alone = packing.get("without_image_budget")
+    if alone:
+        lines.append(f"without the budget {alone['sequences']:,} sequences ({alone['packing_efficiency']:.2%} of its lower bound {alone['lower_bound']:,})")
+    return lines
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -312,7 +337,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for line in stats["disagreements"]:
         print(f"warning: {line}", file=sys.stderr)
     if args.plot:
-        path = plot_segment_lengths(counts, manifest.sources, manifest.seq_len, args.plot)
+        path = plot_segment_lengths(counts, manifest.sources, manifest.seq_len, args.plot, stats["packing"])
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -416,7 +441,7 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="realized mixture vs target, tokens, packing", description=STATS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     st.add_argument("release", help="the release folder")
     st.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    st.add_argument("--plot", metavar="FILE.png", help="also write a PNG of segment lengths per source (needs matplotlib)")
+    st.add_argument("--plot", metavar="FILE.png", help="also write a PNG of segment lengths per source and fill per sequence (needs matplotlib)")
     st.set_defaults(func=cmd_stats)
     d = sub.add_parser("diff", help="what changed between two releases", description=DIFF_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("a", metavar="A", help="the older release folder")

@@ -303,33 +303,23 @@ mod mixes {
     #[ignore]
     fn compare() {
         let n: usize = std::env::var("N").ok().and_then(|s| s.parse().ok()).unwrap_or(300_000);
+        type Run = fn(&[u32], &[u32]) -> Vec<Vec<u32>>;
+        let runs: [(&str, Run); 4] = [
+            ("bfd", |l, k| best_fit_decreasing(l, k, Budget::tokens(4096))),
+            ("refill", |l, k| refill(l, k, Budget::tokens(4096))),
+            ("patterns", |l, _| patterns(l, 4096)),
+            ("tight", |l, k| tight(l, k, Budget::tokens(4096)).0),
+        ];
         for name in NAMES {
             let (l, im) = mix(name, n);
             let b = bounds(&l, &im, 4096, None);
-            let t = Instant::now();
-            let bfd = best_fit_decreasing(&l, &im, Budget::tokens(4096)).len();
-            let tb = t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let rf = refill(&l, &im, Budget::tokens(4096)).len();
-            let tr = t.elapsed().as_secs_f64();
-            if std::env::var("DETAIL").is_ok() {
-                for (label, bins) in [("bfd", best_fit_decreasing(&l, &im, Budget::tokens(4096))), ("refill", refill(&l, &im, Budget::tokens(4096)))] {
-                    let slack: Vec<u64> = bins.iter().map(|b| 4096 - b.iter().map(|&i| l[i as usize] as u64).sum::<u64>()).collect();
-                    let dec: Vec<String> = slack.chunks(slack.len().div_ceil(10)).map(|c| format!("{:.0}", c.iter().sum::<u64>() as f64 / c.len() as f64)).collect();
-                    let items: Vec<String> = bins.chunks(bins.len().div_ceil(10)).map(|c| format!("{:.1}", c.iter().map(|b| b.len()).sum::<usize>() as f64 / c.len() as f64)).collect();
-                    println!("  {label}: mean slack per decile of bins {:?}; items/bin {:?}", dec, items);
-                }
+            let mut line = format!("{name:8} n={n} L1={} L2={} count={} dff={} |", b.l1, b.l2, b.count, b.dff);
+            for (packer, run) in runs {
+                let t = Instant::now();
+                let bins = run(&l, &im).len();
+                line += &format!(" {packer} {bins} ({:.3}%, {:.2}s)", 100.0 * b.best as f64 / bins as f64, t.elapsed().as_secs_f64());
             }
-            let t = Instant::now();
-            let k = patterns::patterns(&l, 4096).len();
-            println!("   patterns: {k} ({:.3}%, {:.2}s)", 100.0 * b.best as f64 / k as f64, t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            let k = tight(&l, &im, Budget::tokens(4096)).0.len();
-            println!("   tight: {k} ({:.3}%, {:.2}s)", 100.0 * b.best as f64 / k as f64, t.elapsed().as_secs_f64());
-            println!(
-                "{name:8} n={n} L1={} L2={} cnt={} dff={} | bfd {bfd} ({:.3}%, {tb:.2}s) refill {rf} ({:.3}%, {tr:.2}s)",
-                b.l1, b.l2, b.count, b.dff, 100.0 * b.best as f64 / bfd as f64, 100.0 * b.best as f64 / rf as f64
-            );
+            println!("{line}");
         }
     }
 }

@@ -306,7 +306,13 @@ mod tests {
                 } else { na >= 1 && nb >= 1 && fewest(a).unwrap() + fewest(b).unwrap() <= budget }
             });
             prop_assert_eq!(shelves.pair_summing_to(room, budget), first);
-            prop_assert_eq!(shelves.shortest(), (0..lengths.len()).filter(|&i| left[i]).map(|i| lengths[i]).min());
+            let mut sorted: Vec<u32> = (0..lengths.len()).filter(|&i| left[i]).map(|i| lengths[i]).collect();
+            sorted.sort_unstable();
+            prop_assert_eq!(shelves.shortest(), sorted.first().copied());
+            for q in [0.0, 0.3, 0.6, 0.999] {
+                let rank = ((q * sorted.len() as f64) as usize).min(sorted.len().saturating_sub(1));
+                prop_assert_eq!(shelves.quantile(q), sorted.get(rank).copied(), "quantile {}", q);
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,34 @@ def _struct_fields(tp: Any) -> dict[str, Any] | None:
     return None
 
 
+def _choices(tp: Any) -> tuple[str, ...] | None:
+    """The allowed strings of a `Literal[...]` type (or of `Literal[...] | None`)."""
+    if typing.get_origin(tp) is typing.Literal:
+        return tuple(a for a in typing.get_args(tp) if isinstance(a, str))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            if typing.get_origin(a) is typing.Literal:
+                return _choices(a)
+    return None
+
+
 def unknown_keys(data: Any, tp: Any, where: str, out: list[str]) -> None:
-    """Collects every unknown key under `data`, with a suggestion for likely typos."""
+    """Collects every unknown key under `data`, and every string that is not one of its
+    key's choices, each with a suggestion for likely typos."""
     fields = _struct_fields(tp)
     if fields is not None and isinstance(data, dict):
         for key, value in list(data.items()):
+            path = f"{where + '.' if where else ''}{key}"
             if key not in fields:
                 close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
                 hint = f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(fields)})"
-                out.append(f"{where + '.' if where else ''}{key}: unknown key{hint}")
+                out.append(f"{path}: unknown key{hint}")
                 del data[key]  # so the remaining checks can still run
+            elif isinstance(value, str) and (choices := _choices(fields[key])) is not None and value not in choices:
+                close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                out.append(f"{path}: '{value}' is not one of: {', '.join(choices)}{hint}")
+                del data[key]  # the default stands in, so the remaining checks can still run
             else:
                 unknown_keys(value, fields[key], f"{where + '.' if where else ''}{key}", out)
         return
@@ -86,6 +105,11 @@ def semantic_problems(r: Recipe) -> list[str]:
         keys = set(total)
         if len(keys) != 1 or not keys <= {"samples", "tokens"}:
             p.append(f"mixture.total: expected {{ samples = N }} or {{ tokens = N }}, got keys {sorted(keys)}")
+    if r.output.balance == "images" and r.output.packing == "none":
+        p.append('output.balance: "images" balances packed sequences; packing = "none" packs nothing (use "tight")')
+    if (r.output.max_images is not None or r.output.balance == "images") and r.model.image is None:
+        key = "max_images" if r.output.max_images is not None else "balance"
+        p.append(f"output.{key}: counts images, but the recipe has no [model] image rule")
     if not r.source:
         p.append("source: the recipe has no [[source]]")
     seen: dict[str, int] = {}

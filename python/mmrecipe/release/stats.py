@@ -24,6 +24,10 @@ class SegmentCounts:
     lengths: list[np.ndarray]  # per source: every segment's length
     trained: np.ndarray  # per source: loss-masked tokens
     images: np.ndarray  # per source: images
+    row_tokens: np.ndarray  # per sequence: tokens
+    row_images: np.ndarray  # per sequence: images
+    segment_lengths: np.ndarray  # every segment's length, in shard order
+    segment_images: np.ndarray  # every segment's images, in shard order
 
 
 def count_segments(release: str | Path, manifest: Manifest | None = None) -> SegmentCounts:
@@ -34,6 +38,10 @@ def count_segments(release: str | Path, manifest: Manifest | None = None) -> Seg
     trained = np.zeros(n, dtype=np.int64)
     images = np.zeros(n, dtype=np.int64)
     sequences = tokens = 0
+    row_tokens: list[np.ndarray] = []
+    row_images: list[np.ndarray] = []
+    all_lengths: list[np.ndarray] = []
+    all_images: list[np.ndarray] = []
     columns = ["loss_mask", "segment_lengths", "segment_source", "segment_images"]
     for shard in manifest.shards:
         path = release / shard.path
@@ -46,6 +54,13 @@ def count_segments(release: str | Path, manifest: Manifest | None = None) -> Seg
             mask, seg_len, seg_src = flat["loss_mask"], flat["segment_lengths"].astype(np.int64), flat["segment_source"]
             sequences += table.num_rows
             tokens += len(mask)
+            row_tokens.append(np.diff(table.column("loss_mask").combine_chunks().offsets.to_numpy()))
+            seg_img = flat["segment_images"].astype(np.int64)
+            seg_offsets = table.column("segment_images").combine_chunks().offsets.to_numpy()
+            per_row = np.concatenate([[0], np.cumsum(seg_img)])[seg_offsets]
+            row_images.append(np.diff(per_row))
+            all_lengths.append(seg_len)
+            all_images.append(seg_img)
             if not len(seg_len):
                 continue
             # Segments tile the rows, so in the flattened row group they tile the tokens too.
@@ -57,7 +72,11 @@ def count_segments(release: str | Path, manifest: Manifest | None = None) -> Seg
             for s in np.unique(seg_src):
                 lengths[s].append(seg_len[seg_src == s])
     joined = [np.concatenate(parts) if parts else np.zeros(0, np.int64) for parts in lengths]
-    return SegmentCounts(sequences, tokens, joined, trained, images)
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    return SegmentCounts(sequences, tokens, joined, trained, images, cat(row_tokens), cat(row_images), cat(all_lengths), cat(all_images))
 
 
 def release_stats(release: str | Path, counts: SegmentCounts | None = None) -> dict[str, Any]:
@@ -75,7 +94,8 @@ def release_stats(release: str | Path, counts: SegmentCounts | None = None) -> d
     kind = "natural" if total == "natural" else "tokens" if isinstance(total, dict) and "tokens" in total else "samples"
     disagreements: list[str] = []
     sources = _source_rows(build["sources"], counts, kind, alpha, disagreements)
-    totals = _totals(build, counts, manifest.seq_len, disagreements)
+    max_images = manifest.recipe.get("output", {}).get("max_images")
+    totals = _totals(build, counts, manifest.seq_len, max_images, disagreements)
     return {
         "release_id": manifest.release_id,
         "name": manifest.name,
@@ -122,9 +142,10 @@ def _source_rows(rows: list[dict[str, Any]], counts: SegmentCounts, kind: str, a
     return sources
 
 
-def _totals(build: dict[str, Any], counts: SegmentCounts, seq_len: int, disagreements: list[str]) -> dict[str, Any]:
+def _totals(build: dict[str, Any], counts: SegmentCounts, seq_len: int, max_images: int | None, disagreements: list[str]) -> dict[str, Any]:
     totals = {k: v for k, v in build.items() if k != "sources"}
-    lower_bound = math.ceil(counts.tokens / seq_len) if seq_len else 0
+    packing = _packing(build.get("packing"), counts, seq_len, max_images, disagreements)
+    lower_bound = packing["bounds"]["best"]
     for key, counted in (
         ("sequences", counts.sequences),
         ("segments", sum(len(x) for x in counts.lengths)),
@@ -138,14 +159,70 @@ def _totals(build: dict[str, Any], counts: SegmentCounts, seq_len: int, disagree
         ("fill", counts.tokens / (counts.sequences * seq_len) if counts.sequences else 0.0),
         ("packing_efficiency", lower_bound / counts.sequences if counts.sequences else 1.0),
     ):
-        if key in build and not math.isclose(build[key], value, rel_tol=1e-9):
-            disagreements.append(f"{key}: stats.json {build[key]}, shards {value}")
+        _close(key, build.get(key), value, disagreements)
         totals[key] = value
+    totals["packing"] = packing
     return totals
 
 
-def plot_segment_lengths(counts: SegmentCounts, names: list[str], seq_len: int, out: str | Path) -> Path:
-    """A PNG with one histogram of segment lengths per source, on a shared axis."""
+def _close(key: str, built: Any, value: float, disagreements: list[str]) -> None:
+    if built is not None and not math.isclose(built, value, rel_tol=1e-9, abs_tol=1e-12):
+        disagreements.append(f"{key}: stats.json {built}, shards {value}")
+
+
+def _agree(key: str, built: Any, value: Any, disagreements: list[str]) -> None:
+    """Floats within a tolerance, anything else exactly; nothing to compare in a release
+    built before stats.json had the key."""
+    if isinstance(value, float):
+        _close(key, built, value, disagreements)
+    elif built is not None and built != value:
+        disagreements.append(f"{key}: stats.json {built}, shards {value}")
+
+
+def _spread(values: np.ndarray) -> dict[str, float]:
+    """Min, median (the upper one, as the builder takes it), max and mean."""
+    if not len(values):
+        return {"min": 0.0, "median": 0.0, "max": 0.0, "mean": 0.0}
+    v = np.sort(values.astype(np.float64))
+    return {"min": float(v[0]), "median": float(v[len(v) // 2]), "max": float(v[-1]), "mean": float(v.mean())}
+
+
+def _packing(built: dict[str, Any] | None, counts: SegmentCounts, seq_len: int, max_images: int | None, disagreements: list[str]) -> dict[str, Any]:
+    """The packing block of stats.json, its bounds, fills and image counts recounted from
+    the shards (what packer ran and the comparison without an image budget come from the
+    build)."""
+    from .. import _core  # the bounds are the core's; computed the same way here
+
+    packing = dict(built or {})
+    lengths = counts.segment_lengths.astype(np.uint32)
+    images = counts.segment_images.astype(np.uint32)
+    bounds = _core.pack_bounds(lengths, seq_len, images, max_images) if len(lengths) and seq_len else {
+        k: 0 for k in ("l1", "l2", "count", "dff", "images", "best")
+    }
+    fill = counts.row_tokens / seq_len if seq_len else counts.row_tokens.astype(np.float64)
+    recounted = {
+        "bounds": bounds,
+        "fill_per_sequence": _spread(fill),
+        "fill_histogram": np.bincount(np.minimum((fill * 10).astype(np.int64), 9), minlength=10).tolist(),
+        "images_per_sequence": _spread(counts.row_images),
+    }
+    for key, value in recounted.items():
+        old = packing.get(key)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _agree(f"packing.{key}.{k}", (old or {}).get(k), v, disagreements)
+        else:
+            _agree(f"packing.{key}", old, value, disagreements)
+        packing[key] = value
+    gap = counts.sequences / bounds["best"] - 1.0 if bounds["best"] else 0.0
+    _agree("packing.gap", packing.get("gap"), gap, disagreements)
+    packing["gap"] = gap
+    return packing
+
+
+def plot_segment_lengths(counts: SegmentCounts, names: list[str], seq_len: int, out: str | Path, packing: dict[str, Any] | None = None) -> Path:
+    """A PNG with one histogram of segment lengths per source, on a shared axis, and one
+    of the fill of each packed sequence with the lower bounds and the gap to them."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global backend, no display
         from matplotlib.ticker import MaxNLocator
@@ -153,8 +230,11 @@ def plot_segment_lengths(counts: SegmentCounts, names: list[str], seq_len: int, 
         raise ReleaseError("--plot needs matplotlib: pip install matplotlib") from None
     out = Path(out)
     n = max(len(names), 1)
-    fig = Figure(figsize=(8, 1.6 + 1.4 * n))
-    axes = fig.subplots(n, 1, sharex=True, squeeze=False)
+    fig = Figure(figsize=(8, 3.0 + 1.4 * n), layout="constrained")
+    grid = fig.add_gridspec(n + 1, 1, height_ratios=[1.0] * n + [1.3])
+    axes = np.array([[fig.add_subplot(grid[i, 0])] for i in range(n)])
+    for ax in axes[1:, 0]:
+        ax.sharex(axes[0, 0])
     # The axis ends at the longest sample, not at seq_len: short samples stay readable.
     longest = max((int(x.max()) for x in counts.lengths if len(x)), default=seq_len)
     bins = np.linspace(0, max(longest, 1), 51)
@@ -166,8 +246,20 @@ def plot_segment_lengths(counts: SegmentCounts, names: list[str], seq_len: int, 
         ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))  # counts, not 2.5
     axes[-1, 0].set_xlabel(f"sample length in tokens (longest {longest:,}; packed sequences hold {seq_len:,})")
     axes[-1, 0].set_xlim(0, max(longest, 1))
-    fig.suptitle("Packed sample lengths per source")
-    fig.tight_layout()
+    fill_ax = fig.add_subplot(grid[n, 0])
+    fill = counts.row_tokens / seq_len if seq_len else counts.row_tokens
+    fill_ax.hist(fill * 100, bins=np.linspace(0, 100, 51), color="tab:green")
+    fill_ax.set_xlim(0, 100)
+    fill_ax.set_xlabel("tokens per packed sequence, % of seq_len")
+    fill_ax.set_ylabel("sequences")
+    if packing:
+        b = packing["bounds"]
+        fill_ax.set_title(
+            f"{counts.sequences:,} sequences; bounds L1 {b['l1']:,}, L2 {b['l2']:,}, best {b['best']:,}: gap {packing['gap']:.2%}",
+            fontsize=10,
+            loc="left",
+        )
+    fig.suptitle("Packed sample lengths per source, and fill per sequence")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return out
