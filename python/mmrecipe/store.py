@@ -67,8 +67,18 @@ SPEC_EXCLUDED = frozenset({
     "weight", "max_epochs",
 })
 # An LLM table ([lengthen.X] or [[generate]]): what shapes a reply is in the key (it is
-# part of each call's cache key too); how calls are made is not.
-LLM_EXCLUDED = frozenset({"endpoint", "api_key_env", "concurrency", "timeout", "retries", "backoff", "cache", "seeds", "path", "image_root", "weight", "max_epochs"})
+# part of each call's cache key too), and what the stage does with it; how calls are made
+# is not, nor the files whose content is in the key already.
+LLM_INCLUDED = frozenset({
+    "model", "system", "temperature", "top_p", "max_tokens", "seed", "method", "prompt", "templates", "pool", "on_error",
+    "name", "format", "json_key", "fields", "context", "reply", "min_turns", "conversations",
+})
+LLM_EXCLUDED = frozenset({
+    "endpoint", "api_key_env", "concurrency", "timeout", "retries", "backoff",  # how calls are made
+    "cache", "seeds", "path",  # files: in the key by content
+    "image_root",  # in the key resolved
+    "weight", "max_epochs",  # the mix
+})
 
 
 def cache_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
