@@ -53,9 +53,6 @@ impl<W: Write> Hashing<W> {
         self.len += bytes.len() as u64;
         self.inner.write_all(bytes)
     }
-    fn u16(&mut self, v: u16) -> std::io::Result<()> {
-        self.put(&v.to_le_bytes())
-    }
     fn u32(&mut self, v: u32) -> std::io::Result<()> {
         self.put(&v.to_le_bytes())
     }
@@ -80,8 +77,10 @@ pub(crate) fn save(
     path: &Path,
 ) -> Result<u64> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("entry");
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let tmp: PathBuf = path.with_file_name(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
+    // Unique among writers: other processes (pid), other builds of this one (counter).
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp: PathBuf = path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()));
     let result = write_entry(store, spill, key, seq_len, images, meta, &tmp).and_then(|size| {
         std::fs::rename(&tmp, path).map_err(io(path))?;
         Ok(size)
@@ -119,12 +118,15 @@ fn write_entry(
     }
     w.blob(meta).map_err(&e)?;
     w.u64(store.samples.len() as u64).map_err(&e)?;
+    let mut row = Vec::with_capacity(SAMPLE as usize);
     for s in &store.samples {
-        w.u64(s.row).map_err(&e)?;
-        w.u16(s.part).map_err(&e)?;
+        row.clear();
+        row.extend_from_slice(&s.row.to_le_bytes());
+        row.extend_from_slice(&s.part.to_le_bytes());
         for v in [s.len, s.trained, s.img, s.n_img, s.template as u32, s.record.bytes] {
-            w.u32(v).map_err(&e)?;
+            row.extend_from_slice(&v.to_le_bytes());
         }
+        w.put(&row).map_err(&e)?;
     }
     w.blob(store.image_paths.as_bytes()).map_err(&e)?;
     w.u64(store.image_path_ends.len() as u64).map_err(&e)?;
@@ -185,9 +187,6 @@ impl<R: Read> Body<R> {
         self.hash.update(&buf);
         self.left -= n;
         Ok(buf)
-    }
-    fn u16(&mut self) -> Miss<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
     }
     fn u32(&mut self) -> Miss<u32> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
@@ -341,28 +340,29 @@ fn read_meta<R: Read>(b: &mut Body<R>, store: &mut Store, images: &mut [u8; 32],
         .map(|_| b.blob().and_then(|v| String::from_utf8(v).map_err(|_| "a skipped example is not UTF-8".to_string())))
         .collect::<Miss<_>>()?;
     let meta = b.blob()?;
+    // Tables are read whole and parsed from memory.
     let n = b.count(SAMPLE)?;
-    let mut samples = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        let row = b.u64()?;
-        let part = b.u16()?;
-        let (len, trained, img, n_img, template, bytes) = (b.u32()?, b.u32()?, b.u32()?, b.u32()?, b.u32()?, b.u32()?);
-        samples.push(SampleRec {
-            row,
-            part,
-            record: Record { offset: 0, bytes },
-            len,
-            trained,
-            img,
-            n_img,
-            template: template as i32,
-        });
-    }
+    let table = b.take(n * SAMPLE)?;
+    let u32_at = |t: &[u8], i: usize| u32::from_le_bytes(t[i..i + 4].try_into().unwrap());
+    let u64_at = |t: &[u8], i: usize| u64::from_le_bytes(t[i..i + 8].try_into().unwrap());
+    let samples: Vec<SampleRec> = table
+        .chunks_exact(SAMPLE as usize)
+        .map(|r| SampleRec {
+            row: u64_at(r, 0),
+            part: u16::from_le_bytes([r[8], r[9]]),
+            len: u32_at(r, 10),
+            trained: u32_at(r, 14),
+            img: u32_at(r, 18),
+            n_img: u32_at(r, 22),
+            template: u32_at(r, 26) as i32,
+            record: Record { offset: 0, bytes: u32_at(r, 30) },
+        })
+        .collect();
     store.image_paths = String::from_utf8(b.blob()?).map_err(|_| "image paths are not UTF-8".to_string())?;
     let n = b.count(8)?;
-    store.image_path_ends = (0..n).map(|_| b.u64()).collect::<Miss<_>>()?;
+    store.image_path_ends = b.take(n * 8)?.chunks_exact(8).map(|c| u64_at(c, 0)).collect();
     let n = b.count(12)?;
-    store.image_grids = (0..n).map(|_| Ok([b.u32()?, b.u32()?, b.u32()?])).collect::<Miss<_>>()?;
+    store.image_grids = b.take(n * 12)?.chunks_exact(12).map(|c| [u32_at(c, 0), u32_at(c, 4), u32_at(c, 8)]).collect();
     // Every index the layout follows stays in bounds.
     let paths = store.image_paths.len() as u64;
     if store.image_path_ends.windows(2).any(|w| w[0] > w[1]) || store.image_path_ends.last().is_some_and(|&e| e > paths) {

@@ -324,8 +324,11 @@ def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: 
     with _progress(0, "tokenize", "sample", progress) as bar:
         for source in plan.sources:
             bar.set_postfix_str(f"{source.name} ({source.index + 1}/{len(plan.sources)} sources)")
-            stored = use.load(compiler, source)
-            lap("store")
+            stored = None
+            if use.store is not None:
+                lap("read")  # what came before (as without a store)
+                stored = use.load(compiler, source)
+                lap("store")
             if stored is not None:
                 notes.append(stored)
                 continue
@@ -343,7 +346,8 @@ def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: 
                 found += norm.notes
             # The stats' notes: the reading's, then the LLM stages' (stored as one list).
             use.save(compiler, source, found + stages.notes(source.name))
-            lap("store")
+            if use.store is not None:
+                lap("store")
             notes.append(found)
     return notes
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,7 +184,7 @@ class TokenStore:
     def describe(self, key: str, source: str, recipe: str, size: int) -> None:
         """Writes the entry's `.json` (what `ls` shows), renamed into place."""
         info = self.tokens / f"{key}.json"
-        tmp = info.with_name(f".{info.name}.tmp-{os.getpid()}")
+        tmp = info.with_name(f".{info.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         tmp.write_text(json.dumps({"source": source, "recipe": recipe, "bytes": size}), "utf-8")
         os.replace(tmp, info)
 
