@@ -262,6 +262,12 @@ impl PyCompiler {
         })
     }
 
+    /// The longest sample of source `source` tokenized so far, before the overlong policy
+    /// (when it fits seq_len, the policy changed no sample of the source).
+    fn source_max_len(&self, py: Python<'_>, source: usize) -> PyResult<u32> {
+        self.inner.source_max_len(source).map_err(|e| to_py(py, e))
+    }
+
     /// The id of a token, or None.
     fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.tokenizer().token_id(token)

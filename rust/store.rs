@@ -390,6 +390,11 @@ impl Compiler {
         save(store, &mut self.spill, key, self.plan.seq_len, &images, meta, path)
     }
 
+    /// The longest sample of source `source` tokenized so far, before the overlong policy.
+    pub fn source_max_len(&self, source: usize) -> Result<u32> {
+        self.stores.get(source).map(|s| s.max_len).ok_or_else(|| Error::internal(format!("no source with index {source}")))
+    }
+
     /// Loads the entry `path` as source `source`'s samples when it is whole and holds
     /// `key`: its meta, or why it was not used (the source is then tokenized as usual).
     pub fn load_source(&mut self, source: usize, key: &str, path: &Path) -> Result<Loaded> {

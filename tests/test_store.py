@@ -199,6 +199,15 @@ def test_a_shorter_seq_len_tokenizes_the_sources_with_samples_over_it(world, tmp
     assert over and over != SOURCES, "the demo has sources on both sides of 300 tokens"
     assert set(warm.store["tokenized"]) == over, warm.store["misses"]
     assert all("seq_len" in warm.store["misses"][name] for name in over)
+    # Both lengths are kept now: going back and forth tokenizes nothing.
+    for seq_len in (2048, 300):
+        edit_recipe(recipe, lambda d: d["output"].update(seq_len=seq_len))
+        r = build(recipe, tmp_path / f"again{seq_len}", progress=False, cache=store)
+        assert r.store["tokenized"] == [], r.store["misses"]
+    clean = build(recipe, tmp_path / "clean300", progress=False, cache=False)
+    assert release_bytes(r.path) == release_bytes(clean.path)
+    names = [e.key for e in TokenStore(store).entries()]
+    assert sum("@300" in n for n in names) == len(over) and len(names) == len(SOURCES) + len(over)
 
 
 def test_llm_tables_key_on_their_cache_content(world, builds):

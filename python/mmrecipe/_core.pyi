@@ -142,6 +142,10 @@ class Compiler:
         its batches): (meta, "") when the entry is whole and holds `key`, else (None, why),
         the source left empty to be tokenized."""
 
+    def source_max_len(self, source: int) -> int:
+        """The longest sample of source `source` tokenized so far, before the overlong policy
+        (when it fits seq_len, the policy changed no sample of the source)."""
+
     def token_id(self, token: str) -> int | None:
         """The id of a token, or None."""
 

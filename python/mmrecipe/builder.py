@@ -271,14 +271,18 @@ class _StoreUse:
         if self.retry_failed and (source.lengthen is not None or source.generate is not None):
             self.misses[source.name] = "--retry-failed asks its LLM table again"
             return None
-        key = self.key(source)
-        meta, why = compiler.load_source(source.index, key, str(self.store.path(key)))
-        if meta is None:
-            self.misses[source.name] = why
-            return None
-        self.store.touch(key)
-        self.reused.append(source.name)
-        return list(msgspec.json.decode(meta)["notes"])
+        key, seq_len = self.key(source), self.plan.recipe.output.seq_len
+        whys = []
+        # An entry made at this seq_len, then one valid at any seq_len its samples fit.
+        for path in (self.store.path(key, seq_len), self.store.path(key)):
+            meta, why = compiler.load_source(source.index, key, str(path))
+            if meta is not None:
+                self.store.touch(path)
+                self.reused.append(source.name)
+                return list(msgspec.json.decode(meta)["notes"])
+            whys.append(why)
+        self.misses[source.name] = whys[-1] if whys[0].startswith("open:") else whys[0]
+        return None
 
     def save(self, compiler: Any, source: SourcePlan, notes: list[str]) -> None:
         """Saves the source just tokenized (its key taken again: an LLM stage may have
@@ -286,10 +290,12 @@ class _StoreUse:
         self.tokenized.append(source.name)
         if self.store is None:
             return
-        key = self.key(source)
+        key, seq_len = self.key(source), self.plan.recipe.output.seq_len
+        # Valid at any seq_len its samples fit unless the overlong policy changed one.
+        path = self.store.path(key) if compiler.source_max_len(source.index) <= seq_len else self.store.path(key, seq_len)
         try:
-            size = compiler.save_source(source.index, key, msgspec.json.encode({"notes": notes}), str(self.store.path(key)))
-            self.store.describe(key, source.name, self.plan.recipe.recipe.name, size)
+            size = compiler.save_source(source.index, key, msgspec.json.encode({"notes": notes}), str(path))
+            self.store.describe(path, source.name, self.plan.recipe.recipe.name, size)
             self.saved += size
         except (MMRecipeError, OSError) as e:
             self.warning(f"token store: source '{source.name}' not saved ({e}); the build goes on")

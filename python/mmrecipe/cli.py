@@ -225,7 +225,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.action == "ls":
         entries = store.entries()
         when = lambda t: datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")  # noqa: E731
-        rows = [[e.key[:16], e.source, e.recipe, human(e.bytes), when(e.last_used)] for e in entries]
+        # The key's first 16 digits, and "@seq_len" for an entry valid at that seq_len only.
+        rows = [[e.key[:16] + ("@" + e.key.partition("@")[2] if "@" in e.key else ""), e.source, e.recipe, human(e.bytes), when(e.last_used)] for e in entries]
         if rows:
             print(_table(rows, ["key", "source", "recipe", "size", "last used"]))
         print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {human(sum(e.bytes for e in entries))} in {store.folder}")

@@ -18,8 +18,9 @@ whose key changed (and re-mixes and re-packs the rest from the stored lengths).
     (then no sample was dropped, truncated or split either way).
 
 Entries live in `<cache>/tokens/<key>.tok` (the format is the core's, rust/store.rs: a
-checked header, written beside its name and renamed into place) with `<key>.json` beside
-it (source, recipe, size) for `recipe cache ls`; an entry's modification time is its last
+checked header, written beside its name and renamed into place), or `<key>@<seq_len>.tok`
+when the overlong policy changed some sample at that seq_len (so entries for two such
+lengths coexist), with a `.json` beside each (source, recipe, size) for `recipe cache ls`; an entry's modification time is its last
 use, and the least recently used are pruned past the size cap after each build. The cache
 folder is `$MMRECIPE_CACHE`, else `$XDG_CACHE_HOME/mmrecipe`, else `~/.cache/mmrecipe`;
 `MMRECIPE_CACHE_MAX` caps it (bytes, or with a K/M/G/T suffix; default 20G)."""
@@ -167,23 +168,26 @@ class TokenStore:
         self.folder = folder
         self.tokens = folder / "tokens"
 
-    def path(self, key: str) -> Path:
-        return self.tokens / f"{key}{SUFFIX}"
+    def path(self, key: str, seq_len: int | None = None) -> Path:
+        """The entry of `key` (its name: the key, and `@seq_len` for an entry valid at that
+        seq_len only)."""
+        return self.tokens / f"{key}{'' if seq_len is None else f'@{seq_len}'}{SUFFIX}"
 
     def prepare(self) -> None:
         """The entries' folder, created (OSError if it cannot be)."""
         self.tokens.mkdir(parents=True, exist_ok=True)
 
-    def touch(self, key: str) -> None:
+    @staticmethod
+    def touch(path: Path) -> None:
         """Marks an entry used now (its modification time orders pruning)."""
         try:
-            os.utime(self.path(key))
+            os.utime(path)
         except OSError:
             pass
 
-    def describe(self, key: str, source: str, recipe: str, size: int) -> None:
-        """Writes the entry's `.json` (what `ls` shows), renamed into place."""
-        info = self.tokens / f"{key}.json"
+    def describe(self, path: Path, source: str, recipe: str, size: int) -> None:
+        """Writes the `.json` of the entry at `path` (what `ls` shows), renamed into place."""
+        info = path.with_suffix(".json")
         tmp = info.with_name(f".{info.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         tmp.write_text(json.dumps({"source": source, "recipe": recipe, "bytes": size}), "utf-8")
         os.replace(tmp, info)
@@ -203,11 +207,12 @@ class TokenStore:
                 info = json.loads((self.tokens / f"{key}.json").read_text("utf-8"))
             except (OSError, ValueError):
                 info = {}
-            out.append(Entry(key, str(info.get("source", "?")), str(info.get("recipe", "?")), st.st_size, st.st_mtime))
+            out.append(Entry(key, str(info.get("source", "?")), str(info.get("recipe", "?")), st.st_size, st.st_mtime))  # key: the name
         return sorted(out, key=lambda e: (-e.last_used, e.key))
 
-    def remove(self, key: str) -> None:
-        for p in (self.path(key), self.tokens / f"{key}.json"):
+    def remove(self, name: str) -> None:
+        """Removes the entry named `name` (an `Entry.key`)."""
+        for p in (self.tokens / f"{name}{SUFFIX}", self.tokens / f"{name}.json"):
             try:
                 p.unlink()
             except FileNotFoundError:
