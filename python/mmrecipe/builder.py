@@ -290,10 +290,10 @@ class _StoreUse:
         self.tokenized.append(source.name)
         if self.store is None:
             return
-        key, seq_len = self.key(source), self.plan.recipe.output.seq_len
-        # Valid at any seq_len its samples fit unless the overlong policy changed one.
-        path = self.store.path(key) if compiler.source_max_len(source.index) <= seq_len else self.store.path(key, seq_len)
         try:
+            key, seq_len = self.key(source), self.plan.recipe.output.seq_len
+            # Valid at any seq_len its samples fit unless the overlong policy changed one.
+            path = self.store.path(key) if compiler.source_max_len(source.index) <= seq_len else self.store.path(key, seq_len)
             size = compiler.save_source(source.index, key, msgspec.json.encode({"notes": notes}), str(path))
             self.store.describe(path, source.name, self.plan.recipe.recipe.name, size)
             self.saved += size
