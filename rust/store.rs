@@ -5,9 +5,10 @@
 //!
 //! ```text
 //!  entry file   header  magic "MMRSTORE" · format version u32 · body length u64 · sha256(body)
-//!               body    key · seq_len, max_len · stats (rows, skipped, dropped, truncated,
-//!                       skipped examples) · meta (Python's, opaque) · samples · image paths,
-//!                       path ends, grids · token records (the spill's bytes, in sample order)
+//!               body    key · seq_len, max_len · image fingerprint · stats (rows, skipped,
+//!                       dropped, truncated, skipped examples) · meta (Python's, opaque) ·
+//!                       samples · image paths, path ends, grids · token records (the
+//!                       spill's bytes, in sample order)
 //! ```
 //!
 //! An entry is written to a temporary file beside its name and renamed into place, so a

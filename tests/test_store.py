@@ -390,3 +390,24 @@ def test_recipe_build_says_what_it_reused_and_cache_commands(world, tmp_path, ca
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert main(["cache", "ls", "--cache", store]) == 0
+
+
+def test_the_core_calls_check_their_order(tmp_path):
+    """`load_source` only into a source with nothing added yet (InternalError otherwise),
+    and a missing entry is a miss with its reason, not an error."""
+    from mmrecipe.builder import normalize_source
+    from mmrecipe.compile import batch_columns, make_compiler
+    from mmrecipe.errors import InternalError
+
+    plan = resolve(load_recipe(RECIPES / "demo.toml"))
+    norm = normalize_source(plan, 3)
+    compiler = make_compiler(plan)
+    compiler.add_batch(3, batch_columns(norm, 0, len(norm)))
+    entry = tmp_path / "chat.tok"
+    assert compiler.save_source(3, "k", b"{}", entry) == entry.stat().st_size
+    assert compiler.load_source(0, "k", tmp_path / "absent.tok")[0] is None
+    with pytest.raises(InternalError, match="has samples"):
+        compiler.load_source(3, "k", entry)
+    fresh = make_compiler(plan)
+    assert fresh.load_source(3, "k", entry) == (b"{}", "")
+    assert fresh.load_source(2, "other", entry)[1] == "the entry holds another key"

@@ -194,7 +194,7 @@ class TokenStore:
 
     def entries(self) -> list[Entry]:
         """Every entry, most recently used first."""
-        out = []
+        out: list[Entry] = []
         if not self.tokens.is_dir():
             return out
         for p in self.tokens.glob(f"*{SUFFIX}"):
