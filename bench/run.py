@@ -3,6 +3,12 @@
 `tokenizers` `encode_batch` over the same rendered texts, in one script.
 
     python bench/run.py [--n 200000] [--threads 0] [--tokenizer-engine auto|hf|fast] [--data DIR] [--json]
+    python bench/run.py --rebuild [--n 100000]
+
+--rebuild measures the token store instead: a clean build without it, a clean build that
+fills it, then rebuilds after a weight change and after a seq_len change (every build in
+a child process, each release checked byte-identical to a clean build of its recipe), and
+the store's size on disk per million tokens.
 
 Generates the sources with bench/gen.py (cached under --data), builds a release in a child
 process (its peak RSS is measured there), then encodes the release's rendered texts with
@@ -66,14 +72,97 @@ def generate(data: Path, n: int) -> None:
     marker.touch()
 
 
-def child(recipe: Path, out: Path, threads: int, engine: str) -> None:
+def child(recipe: Path, out: Path, threads: int, engine: str, cache: str | None = None) -> None:
     from mmrecipe import build
 
     t = time.perf_counter()
-    result = build(recipe, out, threads=threads, progress=False, overwrite=True, tokenizer_engine=engine)
+    store = False if cache in (None, "") else cache  # the plain benchmark measures tokenizing
+    result = build(recipe, out, threads=threads, progress=False, overwrite=True, tokenizer_engine=engine, cache=store)
     seconds = time.perf_counter() - t
     print(json.dumps({"seconds": seconds, "timings": result.timings, "summary": result.summary,
-                      "engine": result.manifest.tokenizer_engine["engine"]}))
+                      "engine": result.manifest.tokenizer_engine["engine"], "store": result.store,
+                      "release_id": result.manifest.release_id}))
+
+
+REBUILD_RECIPE = RECIPE.replace('total = "natural"', "total = {{ samples = {total} }}").replace(
+    'layout = "conversation"\nimage_root', 'layout = "conversation"\nweight = {w_llava}\nimage_root'
+).replace('path = "{data}/sharegpt.jsonl"\nlayout = "conversation"', 'path = "{data}/sharegpt.jsonl"\nlayout = "conversation"\nweight = {w_sharegpt}')
+
+
+def _run_child(recipe: Path, out: Path, args: argparse.Namespace, cache: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--tokenizer-engine", args.tokenizer_engine,
+                           "--child", str(recipe), str(out), "--child-cache", cache], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def rebuild(args: argparse.Namespace, data: Path) -> None:
+    """Clean builds against rebuilds through the token store."""
+    import shutil
+
+    store = data / "token-store"
+    shutil.rmtree(store, ignore_errors=True)
+    recipe = data / "rebuild.toml"
+    total = args.n  # about every sample once; weights then decide the split
+
+    def write(w_llava: float, seq_len: int, natural: bool = False) -> None:
+        text = REBUILD_RECIPE.format(tokenizer=TOKENIZER, data=data, total=total, w_llava=w_llava, w_sharegpt=round(1 - w_llava, 2))
+        if natural:
+            text = text.replace(f"total = {{ samples = {total} }}", 'total = "natural"')
+        recipe.write_text(text.replace("seq_len = 4096", f"seq_len = {seq_len}"))
+
+    rows = []
+
+    def step(name: str, cache: str, check: bool) -> dict:
+        r = _run_child(recipe, data / "rebuild-out", args, cache)
+        if check:  # the same recipe built clean, without the store: the same release
+            clean = _run_child(recipe, data / "rebuild-clean", args, "")
+            assert clean["release_id"] == r["release_id"], (name, clean["release_id"], r["release_id"])
+            r["clean_seconds"] = clean["seconds"]
+        rows.append((name, r))
+        return r
+
+    write(0.7, 4096)
+    step("clean build, no token store", "", False)
+    step("clean build, filling the token store", str(store), False)
+    # Every stored sample once: the tokens the store holds, and its size, before any other entry.
+    write(0.7, 4096, natural=True)
+    stored_tokens = step("rebuild after a mixture change (-> natural)", str(store), True)["summary"]["tokens"]
+    size = _tree_bytes(store)
+    write(0.6, 4096)
+    step("rebuild after a weight change (0.7/0.3 -> 0.6/0.4)", str(store), True)
+    write(0.6, 8192)
+    step("rebuild after a seq_len change (4096 -> 8192)", str(store), True)
+    write(0.6, 2048)
+    step("rebuild after a seq_len change (8192 -> 2048)", str(store), True)
+    write(0.6, 4096)
+    step("rebuild after a seq_len change (2048 -> 4096)", str(store), True)
+    base = rows[0][1]["seconds"]
+    fig = {
+        "n_generated": args.n,
+        # Speed-up: against a clean build (no store) of the same recipe, run just after.
+        "steps": [{"step": name, "seconds": round(r["seconds"], 2), "clean_seconds": round(r.get("clean_seconds", base), 2),
+                   "speedup_vs_clean": round(r.get("clean_seconds", base) / r["seconds"], 2),
+                   "from_store": r["store"].get("reused", []), "tokenized": r["store"].get("tokenized", []),
+                   "stage_seconds": {k: round(v, 2) for k, v in r["timings"].items()}} for name, r in rows],
+        "store_bytes": size,
+        "stored_tokens": stored_tokens,
+        "store_bytes_per_million_tokens": round(size / stored_tokens * 1e6),
+    }
+    if args.json:
+        print(json.dumps(fig, indent=2))
+        return
+    print(f"token store, LLaVA-style mix of {args.n:,} generated samples ({stored_tokens:,} tokens stored)")
+    for st in fig["steps"]:
+        print(f"  {st['step']:<52} {st['seconds']:7.2f} s (clean {st['clean_seconds']:6.2f} s) {st['speedup_vs_clean']:5.2f}x  "
+              f"store: {len(st['from_store'])} loaded, {len(st['tokenized'])} tokenized")
+        print("      stages " + ", ".join(f"{k} {v:.2f} s" for k, v in st["stage_seconds"].items()))
+    print(f"  store on disk  {size / 2**20:,.1f} MiB, {fig['store_bytes_per_million_tokens'] / 2**20:.2f} MiB per million tokens")
 
 
 def reference(texts_file: Path) -> None:
@@ -117,11 +206,13 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ap.add_argument("--tokenizer-engine", default="auto", choices=["auto", "hf", "fast"], help="the build's tokenizer engine (default auto)")
     ap.add_argument("--no-reference", action="store_true", help="measure the build only (peak RSS at large N)")
+    ap.add_argument("--rebuild", action="store_true", help="measure rebuilds through the token store (see above)")
     ap.add_argument("--child", nargs=2, metavar=("RECIPE", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-cache", default="", help=argparse.SUPPRESS)
     ap.add_argument("--reference", metavar="TEXTS", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(Path(args.child[0]), Path(args.child[1]), args.threads, args.tokenizer_engine)
+        child(Path(args.child[0]), Path(args.child[1]), args.threads, args.tokenizer_engine, args.child_cache)
         return
     if args.reference:
         reference(Path(args.reference))
@@ -129,6 +220,9 @@ def main() -> None:
 
     data = args.data / f"n{args.n}"
     generate(data, args.n)
+    if args.rebuild:
+        rebuild(args, data)
+        return
     recipe = data / "bench.toml"
     recipe.write_text(RECIPE.format(tokenizer=TOKENIZER, data=data))
     out = data / "release"

@@ -69,6 +69,10 @@ pub(crate) struct Store {
     /// The (t, h, w) grid of every image, as `media::ImageInfo::grid`.
     pub image_grids: Vec<[u32; 3]>,
     pub stats: SourceStats,
+    /// The longest sample tokenized (before the overlong policy): when it fits seq_len,
+    /// no sample was dropped, truncated or split, so the store is the same for any
+    /// seq_len at least this long (the token store reuses it across such changes).
+    pub max_len: u32,
 }
 
 impl Store {
@@ -119,7 +123,7 @@ pub struct Compiler {
     templates: Vec<Vec<Template>>,
     pub(crate) source_keys: Vec<u64>,
     pub(crate) stores: Vec<Store>,
-    pool: ForkSafePool,
+    pub(crate) pool: ForkSafePool,
 }
 
 /// The instruction templates of every source, parsed, each placeholder checked to name
@@ -223,18 +227,19 @@ impl Compiler {
         }
         let pool = self.pool.get()?;
         let n = batch.rows.len();
-        let results: Vec<RowResult<Outcome>> =
+        let results: Vec<(RowResult<Outcome>, u32)> =
             pool.install(|| (0..n).into_par_iter().map(|i| self.process(source, batch, i)).collect());
         self.store_results(source, batch, results)
     }
 
     /// Appends the outcome of each row of a batch to its source's store, in row order.
-    fn store_results(&mut self, source: usize, batch: &Batch, results: Vec<RowResult<Outcome>>) -> Result<usize> {
+    fn store_results(&mut self, source: usize, batch: &Batch, results: Vec<(RowResult<Outcome>, u32)>) -> Result<usize> {
         let src = &self.plan.sources[source];
         let store = &mut self.stores[source];
         let before = store.samples.len();
-        for (i, result) in results.into_iter().enumerate() {
+        for (i, (result, len)) in results.into_iter().enumerate() {
             store.stats.rows += 1;
+            store.max_len = store.max_len.max(len);
             match result {
                 Ok(Outcome::Overlong) => store.stats.dropped_overlong += 1,
                 Ok(Outcome::EngineMismatch(message)) => {
@@ -265,8 +270,15 @@ impl Compiler {
         Ok(store.samples.len() - before)
     }
 
-    /// Sample `i` of a batch, through the whole pipeline and the overlong policy.
-    fn process(&self, source: usize, batch: &Batch, i: usize) -> RowResult<Outcome> {
+    /// Sample `i` of a batch, through the whole pipeline and the overlong policy; and
+    /// its length in tokens before that policy (0 when it failed before tokenizing).
+    fn process(&self, source: usize, batch: &Batch, i: usize) -> (RowResult<Outcome>, u32) {
+        let mut len = 0;
+        let outcome = self.process_row(source, batch, i, &mut len);
+        (outcome, len)
+    }
+
+    fn process_row(&self, source: usize, batch: &Batch, i: usize, len: &mut u32) -> RowResult<Outcome> {
         let plan = &self.plan;
         let (messages, template, infos) = self.sample_messages(source, batch, i)?;
         let image_counts: Vec<u32> = infos.iter().map(|i| i.tokens).collect();
@@ -274,6 +286,7 @@ impl Compiler {
         let (i0, i1) = (batch.image_offsets[i] as usize, batch.image_offsets[i + 1] as usize);
         let image_paths: Vec<usize> = (i0..i1).collect();
         let enc = self.encode(&messages, &image_counts)?;
+        *len = enc.ids.len().min(u32::MAX as usize) as u32;
         if let Some(mismatch) = self.shadow_check(source, batch.rows[i], &messages, &image_counts, &enc)? {
             return Ok(Outcome::EngineMismatch(mismatch));
         }

@@ -17,6 +17,7 @@
 //! - `fastbpe`: the fast engine tokenize uses for byte-level BPE shapes it knows.
 //! - `overlong`: what to do with a sample over seq_len (truncate, split at turns).
 //! - `spill`: tokenized samples kept compactly (on disk) until packing.
+//! - `store`: one source's tokenized samples saved to, and loaded from, the token store.
 //! - `layout`: selection, interleaving, packing, statistics and emitting the packed rows.
 //! - `mix`: exact mixture counts (largest remainder) and the seeded choice of samples.
 //! - `pack`: best-fit-decreasing bin packing and its lower bound.
@@ -47,6 +48,7 @@ pub mod pool;
 pub mod render;
 pub mod rng;
 pub mod spill;
+pub mod store;
 pub mod tokenize;
 
 #[cfg(feature = "python")]

@@ -236,6 +236,38 @@ impl PyCompiler {
         Ok(out)
     }
 
+    /// Saves source `source`'s samples (after its last batch) to the token store entry
+    /// `path` for `key`, with `meta` kept beside them; returns the entry's size in bytes.
+    /// The file is written beside `path` and renamed into place.
+    fn save_source(&mut self, py: Python<'_>, source: usize, key: &str, meta: &[u8], path: std::path::PathBuf) -> PyResult<u64> {
+        let inner = &mut self.inner;
+        py.detach(|| inner.save_source(source, key, meta, &path)).map_err(|e| to_py(py, e))
+    }
+
+    /// Loads the token store entry `path` as source `source`'s samples (before any of
+    /// its batches): (meta, "") when the entry is whole and holds `key`, else (None, why)
+    /// and the source is left empty, to be tokenized.
+    fn load_source<'py>(
+        &mut self,
+        py: Python<'py>,
+        source: usize,
+        key: &str,
+        path: std::path::PathBuf,
+    ) -> PyResult<(Option<Bound<'py, pyo3::types::PyBytes>>, String)> {
+        let inner = &mut self.inner;
+        let loaded = py.detach(|| inner.load_source(source, key, &path)).map_err(|e| to_py(py, e))?;
+        Ok(match loaded {
+            Ok(meta) => (Some(pyo3::types::PyBytes::new(py, &meta)), String::new()),
+            Err(why) => (None, why),
+        })
+    }
+
+    /// The longest sample of source `source` tokenized so far, before the overlong policy
+    /// (when it fits seq_len, the policy changed no sample of the source).
+    fn source_max_len(&self, py: Python<'_>, source: usize) -> PyResult<u32> {
+        self.inner.source_max_len(source).map_err(|e| to_py(py, e))
+    }
+
     /// The id of a token, or None.
     fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.tokenizer().token_id(token)

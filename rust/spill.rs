@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 pub struct Spill {
     sink: Sink,
     len: u64,
+    /// How much of the file the writer has flushed: a read past it flushes first.
+    flushed: u64,
 }
 
 enum Sink {
@@ -41,7 +43,7 @@ impl Spill {
                 Sink::File { writer: BufWriter::with_capacity(1 << 20, file), path, reader: None }
             }
         };
-        Ok(Spill { sink, len: 0 })
+        Ok(Spill { sink, len: 0, flushed: 0 })
     }
 
     /// Appends one sample; image-run tokens are not stored.
@@ -63,33 +65,72 @@ impl Spill {
             buf.extend_from_slice(&r.pos.to_le_bytes());
             buf.extend_from_slice(&r.len.to_le_bytes());
         }
-        let record = Record { offset: self.len, bytes: buf.len() as u32 };
+        self.append_raw(&buf)
+    }
+
+    /// Appends one record as `raw` gives its bytes (what `raw` returned, or a token
+    /// store entry holds).
+    pub fn append_raw(&mut self, buf: &[u8]) -> Result<Record> {
+        let bytes = u32::try_from(buf.len()).map_err(|_| Error::internal("a spill record over 4 GiB"))?;
+        Ok(Record { offset: self.append_bytes(buf)?, bytes })
+    }
+
+    /// Appends bytes holding whole records (a token store entry's), returning where they
+    /// start.
+    pub fn append_bytes(&mut self, buf: &[u8]) -> Result<u64> {
+        let offset = self.len;
         match &mut self.sink {
-            Sink::Memory(v) => v.extend_from_slice(&buf),
-            Sink::File { writer, path, .. } => writer.write_all(&buf).map_err(io(path))?,
+            Sink::Memory(v) => v.extend_from_slice(buf),
+            Sink::File { writer, path, .. } => writer.write_all(buf).map_err(io(path))?,
         }
         self.len += buf.len() as u64;
-        Ok(record)
+        Ok(offset)
+    }
+
+    /// The bytes `offset..offset + bytes` (whole records, e.g. a run of one source's).
+    pub fn raw_range(&mut self, offset: u64, bytes: u32) -> Result<Vec<u8>> {
+        self.raw(Record { offset, bytes })
+    }
+
+    /// The stored bytes of a record (for a token store entry).
+    pub fn raw(&mut self, rec: Record) -> Result<Vec<u8>> {
+        let mut owned = Vec::new();
+        let bytes = self.bytes(rec, &mut owned)?;
+        Ok(bytes.to_vec())
+    }
+
+    /// The bytes of `rec`: a slice of the memory sink, or read from the file into `owned`
+    /// (the writer flushed first whenever the record lies past what it has flushed, so a
+    /// read after later appends sees them).
+    fn bytes<'a>(&'a mut self, rec: Record, owned: &'a mut Vec<u8>) -> Result<&'a [u8]> {
+        let end = rec.offset + rec.bytes as u64;
+        if end > self.len {
+            return Err(Error::internal(format!("spill record {}..{end} past the end {}", rec.offset, self.len)));
+        }
+        match &mut self.sink {
+            Sink::Memory(v) => Ok(&v[rec.offset as usize..end as usize]),
+            Sink::File { writer, path, reader } => {
+                if end > self.flushed {
+                    writer.flush().map_err(io(path))?;
+                    self.flushed = self.len;
+                }
+                if reader.is_none() {
+                    *reader = Some(File::open(&*path).map_err(io(path))?);
+                }
+                let r = reader.as_mut().unwrap();
+                r.seek(SeekFrom::Start(rec.offset)).map_err(io(path))?;
+                owned.resize(rec.bytes as usize, 0);
+                r.read_exact(owned).map_err(io(path))?;
+                Ok(owned)
+            }
+        }
     }
 
     /// Reads a record back, appending the full token ids and mask to `ids` / `mask`
     /// (image runs filled with `image_token`), and returns the runs.
     pub fn read(&mut self, rec: Record, image_token: u32, ids: &mut Vec<u32>, mask: &mut Vec<u8>) -> Result<Vec<ImageRun>> {
         let mut owned = Vec::new();
-        let bytes: &[u8] = match &mut self.sink {
-            Sink::Memory(v) => &v[rec.offset as usize..(rec.offset + rec.bytes as u64) as usize],
-            Sink::File { writer, path, reader } => {
-                if reader.is_none() {
-                    writer.flush().map_err(io(path))?;
-                    *reader = Some(File::open(&*path).map_err(io(path))?);
-                }
-                let r = reader.as_mut().unwrap();
-                r.seek(SeekFrom::Start(rec.offset)).map_err(io(path))?;
-                owned.resize(rec.bytes as usize, 0);
-                r.read_exact(&mut owned).map_err(io(path))?;
-                &owned
-            }
-        };
+        let bytes = self.bytes(rec, &mut owned)?;
         let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
         let (n, k) = (word(0) as usize, word(4) as usize);
         let text_ids = 8;
@@ -115,6 +156,31 @@ impl Spill {
         }
         Ok(runs)
     }
+}
+
+/// Whether `bytes` is one well-formed record of a sample of `len` tokens: its text
+/// tokens, their mask and its image runs, in order and inside the sample (so `read`
+/// cannot go out of bounds on it).
+pub fn check_record(bytes: &[u8], len: u32) -> bool {
+    if bytes.len() < 8 {
+        return false;
+    }
+    let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap()) as u64;
+    let (n, k) = (word(0), word(4));
+    if bytes.len() as u64 != 8 + 5 * n + 8 * k {
+        return false;
+    }
+    let runs_at = (8 + 5 * n) as usize;
+    let (mut end, mut image) = (0u64, 0u64);
+    for j in 0..k as usize {
+        let (pos, run) = (word(runs_at + 8 * j), word(runs_at + 8 * j + 4));
+        if pos < end || pos - image > n {
+            return false;
+        }
+        end = pos + run;
+        image += run;
+    }
+    n + image == len as u64
 }
 
 impl Drop for Spill {
@@ -158,6 +224,34 @@ mod tests {
             assert!(r1.bytes < (s.ids.len() * 5 + 8) as u32, "image tokens are not stored");
         }
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the spill file is removed");
+        std::fs::remove_dir(&dir).unwrap();
+    }
+
+    /// Reads, then more appends, then reads of the new records: each sees its bytes (the
+    /// writer is flushed whenever a read reaches past what it flushed, not only on the
+    /// first read).
+    #[test]
+    fn reads_after_later_appends_see_them() {
+        let dir = std::env::temp_dir().join(format!("mmrecipe-spill-append-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for d in [None, Some(dir.as_path())] {
+            let mut spill = Spill::new(d).unwrap();
+            let first = spill.append(&sample()).unwrap();
+            let (mut ids, mut mask) = (Vec::new(), Vec::new());
+            spill.read(first, 9, &mut ids, &mut mask).unwrap();
+            let raw = spill.raw(first).unwrap();
+            let later = Encoded { ids: vec![7, 8, 9], mask: vec![0, 1, 1], offsets: vec![(0, 0); 3], images: vec![] };
+            let second = spill.append(&later).unwrap();
+            let copy = spill.append_raw(&raw).unwrap();
+            let (mut ids, mut mask) = (Vec::new(), Vec::new());
+            spill.read(second, 9, &mut ids, &mut mask).unwrap();
+            assert_eq!((ids, mask), (later.ids.clone(), later.mask.clone()));
+            let (mut ids, mut mask) = (Vec::new(), Vec::new());
+            let runs = spill.read(copy, 9, &mut ids, &mut mask).unwrap();
+            assert_eq!((ids, mask, runs), (sample().ids, sample().mask, sample().images));
+            assert!(spill.raw(Record { offset: copy.offset, bytes: copy.bytes + 1 }).is_err(), "past the end");
+            assert!(check_record(&raw, 9) && !check_record(&raw, 8) && !check_record(&raw[..raw.len() - 1], 9));
+        }
         std::fs::remove_dir(&dir).unwrap();
     }
 }

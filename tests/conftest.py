@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,11 @@ from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Never the user's token store: builds during collection and in session fixtures use a
+# folder of this run, and every test gets an empty one of its own (`isolated_token_store`),
+# so no test sees what another stored (CLI subprocesses inherit the variable).
+os.environ["MMRECIPE_CACHE"] = tempfile.mkdtemp(prefix="mmrecipe-test-store-")
+atexit.register(shutil.rmtree, os.environ["MMRECIPE_CACHE"], True)
 
 # CI: derandomized and bounded, so a run is reproducible and its length predictable.
 settings.register_profile("ci", derandomize=True, max_examples=100, deadline=None, print_blob=True,
@@ -49,6 +57,14 @@ def sources_moved(shipped: Path, folder: str, samples: int = 40) -> str:
             entry["join"] = {"path": moved(s.join.path)}
         sources.append(entry)
     return tomli_w.dumps({"mixture": {"total": {"samples": samples}}, "source": sources})
+
+
+@pytest.fixture(autouse=True)
+def isolated_token_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty token store folder for this test (MMRECIPE_CACHE)."""
+    folder = tmp_path_factory.mktemp("token-store")
+    monkeypatch.setenv("MMRECIPE_CACHE", str(folder))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ LAYERS = {
     "recipe": 1,
     "sources": 2,
     "llm": 3,
-    "compile": 4, "encode": 4,
+    "compile": 4, "encode": 4, "store": 4,
     "release": 5,
     "torch": 6, "loader": 6, "export": 6,
     "builder": 7,

@@ -88,7 +88,7 @@ def test_lengthened_answers_are_the_replies_and_rebuild_offline(tmp_path, stub):
     # Rebuilt with the server gone: byte for byte, offline or not (nothing is missing).
     stub.stop()
     build(recipe, tmp_path / "b", progress=False, offline=True)
-    again = build(recipe, tmp_path / "c", progress=False)
+    again = build(recipe, tmp_path / "c", progress=False, cache=False)  # the stage itself, not the token store
     assert again.llm["lengthen.r"]["called"] == 0 and again.llm["lengthen.r"]["cached"] == N
     assert same_release(tmp_path / "a", tmp_path / "b") and same_release(tmp_path / "a", tmp_path / "c")
     note = json.loads((tmp_path / "a" / "stats.json").read_text())["sources"][0]["notes"]

@@ -2,6 +2,7 @@
 released while it works. It defines the exception classes (`mmrecipe.errors` is their
 public name and documents them) and raises them itself."""
 
+import os
 from typing import Any, TypedDict, final
 
 import numpy as np
@@ -131,6 +132,20 @@ class Compiler:
 
     def encode_chats(self, chats_json: str) -> list[tuple[str, npt.NDArray[np.uint32], npt.NDArray[np.uint8], list[tuple[int, int]]]]:
         """Renders and tokenizes conversations given as JSON (previews and tests)."""
+
+    def save_source(self, source: int, key: str, meta: bytes, path: str | os.PathLike[str]) -> int:
+        """Saves source `source`'s samples (after its last batch) to the token store entry
+        `path` for `key`, with `meta` kept beside them; returns the entry's size in bytes.
+        Written beside `path` and renamed into place."""
+
+    def load_source(self, source: int, key: str, path: str | os.PathLike[str]) -> tuple[bytes | None, str]:
+        """Loads the token store entry `path` as source `source`'s samples (before any of
+        its batches): (meta, "") when the entry is whole and holds `key`, else (None, why),
+        the source left empty to be tokenized."""
+
+    def source_max_len(self, source: int) -> int:
+        """The longest sample of source `source` tokenized so far, before the overlong policy
+        (when it fits seq_len, the policy changed no sample of the source)."""
 
     def token_id(self, token: str) -> int | None:
         """The id of a token, or None."""

@@ -1,8 +1,10 @@
 """`recipe build`, and the one place that knows the order of the pipeline:
 
     recipe ──resolve──▶ Plan
-      for each source:  read ─▶ fields resolved ─▶ LLM stages ─▶ layout ─▶ core.add_batch
+      for each source:  its token store entry (store.py) when its key matches, else
+                        read ─▶ fields resolved ─▶ LLM stages ─▶ layout ─▶ core.add_batch
                         (a slice at a time when the source streams; tokens spill to disk)
+                        and the source saved to the token store
       core.finish():    exact mixture, interleave, packing (on lengths only)
       core.emit():      packed rows ─▶ shards ─▶ manifest.json + stats.json ─▶ renamed into place
 
@@ -14,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,8 +25,8 @@ import msgspec
 
 from . import __version__
 from .compile import batch_columns, check_tokenizer_engine, make_compiler
-from .errors import TokenizerError
-from .hashing import file_sha256
+from .errors import MMRecipeError, TokenizerError
+from .hashing import Hashes, file_sha256
 from .llm.cache import cache_digest
 from .llm.stages import LLMStages
 from .recipe import Plan, Recipe, SourcePlan, load_recipe, resolve
@@ -37,6 +40,7 @@ from .sources.columns import Normalized
 from .sources.fields import as_text, require, resolve_rows, resolves_on_no_row
 from .sources.layouts import to_internal
 from .sources.read import read_all, read_slices
+from .store import TokenStore, cache_dir, size_cap, source_key
 
 BATCH_ROWS = 8192
 
@@ -51,6 +55,14 @@ class BuildResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: Per LLM table: rows, served from the cache, calls made, failed, missing.
     llm: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: The token store: its folder (None: not used), the sources loaded from it
+    #: (`reused`) and those tokenized, why each tokenized one missed, bytes saved, and
+    #: warnings (a store that could not be read or written: the build went on without).
+    store: dict[str, Any] = field(default_factory=dict)
+
+
+class TokenStoreWarning(UserWarning):
+    """The token store could not be used (unwritable, full): the build went on without it."""
 
 
 def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
@@ -109,9 +121,10 @@ def protected_paths(plan: Plan) -> list[Path]:
     return paths
 
 
-def input_files(plan: Plan) -> list[InputFile]:
+def input_files(plan: Plan, hashes: Hashes | None = None) -> list[InputFile]:
     """The plan's inputs with their content hashes (call caches by their content, so the
     order calls finished in does not change the release), paths relative to the recipe."""
+    hashes = hashes or Hashes()
     base = plan.folder.resolve()
     items = []
     for ref in plan.inputs:
@@ -123,7 +136,7 @@ def input_files(plan: Plan) -> list[InputFile]:
         if ref.role.startswith(CACHE_ROLE):
             sha256, size = cache_digest(path)
         else:
-            sha256, size = file_sha256(path), path.stat().st_size
+            sha256, size = hashes.file(path), path.stat().st_size
         items.append(InputFile(role=ref.role, path=shown, sha256=sha256, bytes=size))
     return items
 
@@ -161,18 +174,26 @@ def build(
     offline: bool = False,
     retry_failed: bool = False,
     tokenizer_engine: str | None = None,
+    cache: str | os.PathLike[str] | bool | None = None,
 ) -> BuildResult:
     """Builds the release of `recipe` into the folder `out`. LLM stages call their
     endpoints only for what their caches lack; `offline` makes no call at all (and fails
     naming what is missing), `retry_failed` asks again for calls recorded as failed.
     `tokenizer_engine` ("auto", "hf", "fast") overrides the recipe's `[model] tokenizer_engine`;
-    the release is the same for any engine."""
+    the release is the same for any engine.
+
+    `cache`: the token store's folder (None: `store.cache_dir()`, i.e. `$MMRECIPE_CACHE`,
+    `$XDG_CACHE_HOME/mmrecipe` or `~/.cache/mmrecipe`; False: no store). A source whose
+    key matches an entry is loaded from it instead of being read and tokenized; the
+    release is byte-identical either way."""
     if threads_problem(threads):
         raise ValueError(threads_problem(threads))
     check_tokenizer_engine(tokenizer_engine)  # before anything is written
     plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
     out = check_destination(Path(out), overwrite, protected_paths(plan))
     stages = LLMStages(plan, mode="offline" if offline else "online", retry_failed=retry_failed, progress=progress)
+    hashes = Hashes()
+    store = _open_store(cache)
     with lock(out), stages, staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=spill_prefix(out)) as spill:
         timings: dict[str, float] = {}
         clock = [time.perf_counter()]
@@ -189,7 +210,8 @@ def build(
         if pad_id is None:
             raise TokenizerError(f"model.tokenizer: pad token {pad!r} is not in the vocabulary")
         image = image_rule(plan, compiler)
-        notes = _tokenize(plan, stages, compiler, lap, progress)
+        use = _StoreUse(store, plan, hashes, tokenizer_engine, retry_failed)
+        notes = _tokenize(plan, stages, compiler, lap, progress, use)
         summary = msgspec.json.decode(compiler.finish())
         for stats, source in zip(summary["sources"], plan.sources):
             # e.g. rows a join left out under on_error = "skip", answers an LLM lengthened
@@ -200,20 +222,122 @@ def build(
             shards = write_shards(tmp, compiler.emit, rows, plan.recipe.output.shard_sequences, wbar)
         del compiler  # its token store goes before the manifest is hashed
         write_json(tmp / STATS, summary)
-        manifest = _manifest(plan, int(pad_id), shards, summary, file_sha256(tmp / STATS), image)
+        manifest = _manifest(plan, int(pad_id), shards, summary, file_sha256(tmp / STATS), image, hashes)
         manifest.tokenizer_engine = {"engine": engine, "reason": engine_reason}
         write_json(tmp / MANIFEST, manifest)
         lap("write")
-    return BuildResult(path=out, summary=summary, manifest=manifest, timings=timings, llm=stages.summary())
+    use.prune()
+    return BuildResult(path=out, summary=summary, manifest=manifest, timings=timings, llm=stages.summary(), store=use.report())
 
 
-def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: bool) -> list[list[str]]:
-    """Reads and tokenizes one source at a time (its tokens wait in the spill); returns
-    each source's notes."""
+def _open_store(cache: str | os.PathLike[str] | bool | None) -> TokenStore | None:
+    """The token store `cache` names, its folder created; None when off or unusable (with
+    a warning: the build goes on without it)."""
+    if cache is False:
+        return None
+    folder = cache_dir(None if cache is None or cache is True else cache)
+    store = TokenStore(folder)
+    try:
+        store.prepare()
+    except OSError as e:
+        _warn(f"token store {folder} cannot be used ({e}); building without it")
+        return None
+    return store
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, TokenStoreWarning, stacklevel=3)
+
+
+class _StoreUse:
+    """One build's use of the token store: entries loaded, sources saved, what to report."""
+
+    def __init__(self, store: TokenStore | None, plan: Plan, hashes: Hashes, engine: str | None, retry_failed: bool) -> None:
+        self.store, self.plan, self.hashes, self.engine = store, plan, hashes, engine
+        self.retry_failed = retry_failed
+        self.reused: list[str] = []
+        self.tokenized: list[str] = []
+        self.misses: dict[str, str] = {}
+        self.saved = 0
+        self.warnings: list[str] = []
+
+    def key(self, source: SourcePlan) -> str:
+        return source_key(self.plan, source, self.hashes, self.engine)
+
+    def load(self, compiler: Any, source: SourcePlan) -> list[str] | None:
+        """The source's notes when it was loaded from its entry, else None."""
+        if self.store is None:
+            return None
+        if self.retry_failed and (source.lengthen is not None or source.generate is not None):
+            self.misses[source.name] = "--retry-failed asks its LLM table again"
+            return None
+        key, seq_len = self.key(source), self.plan.recipe.output.seq_len
+        whys = []
+        # An entry made at this seq_len, then one valid at any seq_len its samples fit.
+        for path in (self.store.path(key, seq_len), self.store.path(key)):
+            meta, why = compiler.load_source(source.index, key, str(path))
+            if meta is not None:
+                self.store.touch(path)
+                self.reused.append(source.name)
+                return list(msgspec.json.decode(meta)["notes"])
+            whys.append(why)
+        self.misses[source.name] = whys[-1] if whys[0].startswith("open:") else whys[0]
+        return None
+
+    def save(self, compiler: Any, source: SourcePlan, notes: list[str]) -> None:
+        """Saves the source just tokenized (its key taken again: an LLM stage may have
+        added calls to its cache meanwhile)."""
+        self.tokenized.append(source.name)
+        if self.store is None:
+            return
+        try:
+            key, seq_len = self.key(source), self.plan.recipe.output.seq_len
+            # Valid at any seq_len its samples fit unless the overlong policy changed one.
+            path = self.store.path(key) if compiler.source_max_len(source.index) <= seq_len else self.store.path(key, seq_len)
+            size = compiler.save_source(source.index, key, msgspec.json.encode({"notes": notes}), str(path))
+            self.store.describe(path, source.name, self.plan.recipe.recipe.name, size)
+            self.saved += size
+        except (MMRecipeError, OSError) as e:
+            self.warning(f"token store: source '{source.name}' not saved ({e}); the build goes on")
+
+    def warning(self, message: str) -> None:
+        self.warnings.append(message)
+        _warn(message)
+
+    def prune(self) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.prune(size_cap())
+        except (OSError, ValueError) as e:
+            self.warning(f"token store: not pruned ({e})")
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "folder": str(self.store.folder) if self.store else None,
+            "reused": self.reused,
+            "tokenized": self.tokenized,
+            "misses": self.misses,
+            "saved_bytes": self.saved,
+            "warnings": self.warnings,
+        }
+
+
+def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: bool, use: _StoreUse) -> list[list[str]]:
+    """Loads each source from the token store, or reads and tokenizes it (its tokens wait
+    in the spill) and saves it there; returns each source's notes."""
     notes: list[list[str]] = []
     with _progress(0, "tokenize", "sample", progress) as bar:
         for source in plan.sources:
             bar.set_postfix_str(f"{source.name} ({source.index + 1}/{len(plan.sources)} sources)")
+            stored = None
+            if use.store is not None:
+                lap("read")  # what came before (as without a store)
+                stored = use.load(compiler, source)
+                lap("store")
+            if stored is not None:
+                notes.append(stored)
+                continue
             found: list[str] = []
             for norm in normalized(source, stages, BATCH_ROWS):
                 bar.total += len(norm)  # known as the source is read
@@ -226,6 +350,10 @@ def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: 
                     lap("tokenize")
                     bar.update(min(BATCH_ROWS, len(norm) - start))
                 found += norm.notes
+            # The stats' notes: the reading's, then the LLM stages' (stored as one list).
+            use.save(compiler, source, found + stages.notes(source.name))
+            if use.store is not None:
+                lap("store")
             notes.append(found)
     return notes
 
@@ -251,7 +379,9 @@ def image_roots(plan: Plan) -> dict[str, str]:
     return {s.name: os.path.relpath(s.image_root.resolve(), base) for s in plan.sources if s.image_root is not None}
 
 
-def _manifest(plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any], stats_sha256: str, image: dict[str, Any] | None) -> Manifest:
+def _manifest(
+    plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any], stats_sha256: str, image: dict[str, Any] | None, hashes: Hashes
+) -> Manifest:
     recipe = plan.recipe
     manifest = Manifest(
         format=FORMAT,
@@ -260,7 +390,7 @@ def _manifest(plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any
         version=recipe.recipe.version,
         seed=recipe.recipe.seed,
         recipe=recipe_data(recipe),
-        inputs=input_files(plan),
+        inputs=input_files(plan, hashes),
         sources=[s.name for s in plan.sources],
         chat_template=plan.model.chat_template,
         seq_len=recipe.output.seq_len,

@@ -20,6 +20,7 @@ response-masked token sequences for multimodal instruction tuning.
   recipe diff out/old out/new                    what changed between two releases
   recipe export out/demo --to hf -o out/demo-hf  write it for TRL/HF datasets, Megatron or MosaicML
   recipe preview recipes/demo.toml -n 3          see samples with the trained tokens marked
+  recipe cache ls                                the token store: what rebuilds reuse
 
 Run `recipe COMMAND --help` for the options of a command."""
 
@@ -36,6 +37,17 @@ calls at a time; every finished call is written to the cache at once, so an inte
 build loses none. The cache is an input of the release: with it, the release rebuilds
 byte for byte with the endpoint off (--offline makes sure nothing is called).
 
+Rebuilds: each source's tokenized samples are saved to the token store (--cache DIR, else
+$MMRECIPE_CACHE, $XDG_CACHE_HOME/mmrecipe or ~/.cache/mmrecipe) under a key of everything
+that shapes them: the source's files (by content), its table, instruction templates, LLM
+cache content, tokenizer files, chat template, image rule, train_on, train_on_eos,
+overlong and seed. A rebuild loads every source whose key matches instead of reading and
+tokenizing it, and mixes and packs again: changing weights, the mixture total, alpha,
+packing, shuffle or the shard size tokenizes nothing; seq_len reuses a source when every
+sample fits both lengths. The release is byte-identical to a clean build either way.
+The store is capped at $MMRECIPE_CACHE_MAX (default 20G), least recently used pruned;
+`recipe cache ls|prune|clear` manages it.
+
 Layout of a release:
   OUT/manifest.json        recipe, content hashes of every input, shards, totals
   OUT/stats.json           per-source counts, tokens, trained tokens, packing efficiency
@@ -43,7 +55,22 @@ Layout of a release:
 
 example:
   recipe build recipes/demo.toml -o out/demo --threads 2
-  recipe build recipes/demo-llm.toml -o out/demo-llm --offline"""
+  recipe build recipes/demo-llm.toml -o out/demo-llm --offline
+  recipe build recipes/demo.toml -o out/demo --overwrite --no-cache"""
+
+CACHE_HELP = """\
+The token store keeps each source's tokenized samples between builds (see `recipe build
+--help`). Its folder: --cache DIR, else $MMRECIPE_CACHE, $XDG_CACHE_HOME/mmrecipe or
+~/.cache/mmrecipe.
+
+  ls      every entry: key, source, recipe, size, last used (most recent first)
+  prune   remove the least recently used entries past --max (default $MMRECIPE_CACHE_MAX
+          or 20G; builds do this after they finish)
+  clear   remove every entry
+
+example:
+  recipe cache ls
+  recipe cache prune --max 5G"""
 
 CHECK_HELP = """\
 Validates the recipe (every problem at once, with its key path), opens every source,
@@ -163,15 +190,76 @@ def cmd_build(args: argparse.Namespace) -> int:
     result = build(
         recipe, out, threads=args.threads, overwrite=args.overwrite, progress=not args.quiet,
         offline=args.offline, retry_failed=args.retry_failed, tokenizer_engine=args.tokenizer_engine,
+        cache=False if args.no_cache else args.cache,
     )
     print(f"built {recipe.recipe.name} {recipe.recipe.version} (release {result.manifest.release_id[:12]})")
     print(format_summary(result.summary, out))
+    print(format_store(result.store))
+    for warning in result.store.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     if result.llm:
         print("\n" + format_llm(result.llm))
     for source in result.summary["sources"]:
         for note in source.get("notes", []):
             print(f"note: {note}")
     return 0
+
+
+def format_store(store: dict[str, Any]) -> str:
+    """What the build took from the token store: "3 sources from the token store, 1 tokenized"."""
+    from .store import human
+
+    tokenized = len(store.get("tokenized", []))
+    if not store.get("folder"):
+        return f"token store        off ({tokenized} source{'s' * (tokenized != 1)} tokenized)"
+    reused = len(store["reused"])
+    text = f"token store        {reused} source{'s' * (reused != 1)} from the token store, {tokenized} tokenized"
+    if store.get("saved_bytes"):
+        text += f" (saved {human(store['saved_bytes'])})"
+    return text + f" in {store['folder']}"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import datetime
+
+    from .store import TokenStore, cache_dir, human, size_cap
+
+    store = TokenStore(cache_dir(args.cache))
+    if args.action == "ls":
+        entries = store.entries()
+        when = lambda t: datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")  # noqa: E731
+        # The key's first 16 digits, and "@seq_len" for an entry valid at that seq_len only.
+        rows = [[e.key[:16] + ("@" + e.key.partition("@")[2] if "@" in e.key else ""), e.source, e.recipe, human(e.bytes), when(e.last_used)] for e in entries]
+        if rows:
+            print(_table(rows, ["key", "source", "recipe", "size", "last used"]))
+        print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {human(sum(e.bytes for e in entries))} in {store.folder}")
+    elif args.action == "prune":
+        cap = args.max if args.max is not None else size_cap()
+        removed = store.prune(cap)
+        print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} ({human(sum(e.bytes for e in removed))}); "
+              f"{human(sum(e.bytes for e in store.entries()))} left in {store.folder} (cap {human(cap)})")
+    else:
+        n = store.clear()
+        print(f"removed {n} entr{'y' if n == 1 else 'ies'} from {store.folder}")
+    return 0
+
+
+def _size(text: str) -> int:
+    import os
+
+    from .store import size_cap
+
+    old = os.environ.get("MMRECIPE_CACHE_MAX")
+    os.environ["MMRECIPE_CACHE_MAX"] = text
+    try:
+        return size_cap()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("MMRECIPE_CACHE_MAX", "--max")) from None
+    finally:
+        if old is None:
+            del os.environ["MMRECIPE_CACHE_MAX"]
+        else:
+            os.environ["MMRECIPE_CACHE_MAX"] = old
 
 
 def format_llm(counts: dict[str, dict[str, int]], check: bool = False) -> str:
@@ -417,7 +505,17 @@ def parser() -> argparse.ArgumentParser:
                             "missing from a cache is an error that names it")
     calls.add_argument("--retry-failed", action="store_true",
                        help="ask the endpoint again for calls recorded in a cache as failed (on_error = keep or drop)")
+    store = b.add_mutually_exclusive_group()
+    store.add_argument("--cache", metavar="DIR",
+                       help="the token store folder (default: $MMRECIPE_CACHE, $XDG_CACHE_HOME/mmrecipe or ~/.cache/mmrecipe): "
+                            "sources whose samples it holds are not read or tokenized again")
+    store.add_argument("--no-cache", action="store_true", help="neither use nor fill the token store")
     b.set_defaults(func=cmd_build)
+    k = sub.add_parser("cache", help="list, prune or clear the token store", description=CACHE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("action", choices=["ls", "prune", "clear"], help="what to do")
+    k.add_argument("--cache", metavar="DIR", help="the token store folder (default as for `recipe build`)")
+    k.add_argument("--max", metavar="SIZE", type=_size, help="prune: the size to keep the store under (e.g. 5G; default $MMRECIPE_CACHE_MAX or 20G)")
+    k.set_defaults(func=cmd_cache)
     c = sub.add_parser("check", help="validate a recipe and its sources without building", description=CHECK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("recipe", help="the recipe TOML file")
     c.add_argument("--images", choices=["all", "sample", "none"], default="sample",

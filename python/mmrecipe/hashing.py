@@ -18,3 +18,18 @@ def file_sha256(path: Path) -> str:
 
 def bytes_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class Hashes:
+    """Content hashes of files, each computed once while its size and modification time
+    stay the same (a build hashes a source for its token store key and its manifest)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, int, int], str] = {}
+
+    def file(self, path: Path) -> str:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._seen:
+            self._seen[key] = file_sha256(path)
+        return self._seen[key]

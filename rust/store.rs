@@ -1,0 +1,585 @@
+//! The token store: one source's tokenized samples (its `compile::Store` and the spill
+//! records it points at) saved to one file after the source is tokenized, and loaded in
+//! place of reading and tokenizing it when a later build asks for the same key (Python
+//! derives the key from everything that shapes the samples; `mmrecipe.store`).
+//!
+//! ```text
+//!  entry file   header  magic "MMRSTORE" · format version u32 · body length u64 · sha256(body)
+//!               body    key · seq_len, max_len · image fingerprint · stats (rows, skipped,
+//!                       dropped too long or over max_images, truncated, skipped examples) ·
+//!                       meta (Python's, opaque) ·
+//!                       samples · image paths, path ends, grids · token records (the
+//!                       spill's bytes, in sample order)
+//! ```
+//!
+//! An entry is written to a temporary file beside its name and renamed into place, so a
+//! reader sees a whole entry or none, and two builds writing the same key race harmlessly
+//! (same key, same bytes). On load any mismatch (magic, version, length, hash, key, a
+//! record that does not parse) is a miss, never an error: the source is then tokenized.
+
+use crate::compile::{Compiler, SampleRec, SourceStats, Store};
+use crate::error::{Error, Result};
+use crate::spill::{self, Record, Spill};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+pub const MAGIC: &[u8; 8] = b"MMRSTORE";
+/// Bumped whenever the body's layout or the meaning of what it holds changes.
+pub const FORMAT_VERSION: u32 = 2;
+const HEADER: usize = 8 + 4 + 8 + 32;
+/// Bytes of one sample in the body.
+const SAMPLE: u64 = 8 + 2 + 4 * 6;
+/// Spill reads and writes are coalesced into pieces of about this size.
+const PIECE: u64 = 8 << 20;
+
+/// What a load found: the entry's meta bytes, or why it could not be used.
+pub type Loaded = std::result::Result<Vec<u8>, String>;
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Io { path: path.display().to_string(), message: format!("token store: {e}") }
+}
+
+/// A writer that hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Hashing<W> {
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.hash.update(bytes);
+        self.len += bytes.len() as u64;
+        self.inner.write_all(bytes)
+    }
+    fn u32(&mut self, v: u32) -> std::io::Result<()> {
+        self.put(&v.to_le_bytes())
+    }
+    fn u64(&mut self, v: u64) -> std::io::Result<()> {
+        self.put(&v.to_le_bytes())
+    }
+    fn blob(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.u64(bytes.len() as u64)?;
+        self.put(bytes)
+    }
+}
+
+/// Saves `store` (its records read back from `spill`) as the entry `path` for `key`;
+/// returns the entry's size in bytes.
+pub(crate) fn save(
+    store: &Store,
+    spill: &mut Spill,
+    key: &str,
+    seq_len: u32,
+    images: &[u8; 32],
+    meta: &[u8],
+    path: &Path,
+) -> Result<u64> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("entry");
+    // Unique among writers: other processes (pid), other builds of this one (counter).
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp: PathBuf = path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()));
+    let result = write_entry(store, spill, key, seq_len, images, meta, &tmp).and_then(|size| {
+        std::fs::rename(&tmp, path).map_err(io(path))?;
+        Ok(size)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn write_entry(
+    store: &Store,
+    spill: &mut Spill,
+    key: &str,
+    seq_len: u32,
+    images: &[u8; 32],
+    meta: &[u8],
+    tmp: &Path,
+) -> Result<u64> {
+    let file = File::create(tmp).map_err(io(tmp))?;
+    let mut w = Hashing { inner: BufWriter::with_capacity(1 << 20, file), hash: Sha256::new(), len: 0 };
+    w.inner.write_all(&[0u8; HEADER]).map_err(io(tmp))?;
+    let e = io(tmp);
+    let st = &store.stats;
+    w.blob(key.as_bytes()).map_err(&e)?;
+    w.u32(seq_len).map_err(&e)?;
+    w.u32(store.max_len).map_err(&e)?;
+    w.put(images).map_err(&e)?;
+    for v in [st.rows, st.skipped, st.dropped_overlong, st.dropped_images, st.truncated] {
+        w.u64(v).map_err(&e)?;
+    }
+    w.u64(st.skipped_examples.len() as u64).map_err(&e)?;
+    for ex in &st.skipped_examples {
+        w.blob(ex.as_bytes()).map_err(&e)?;
+    }
+    w.blob(meta).map_err(&e)?;
+    w.u64(store.samples.len() as u64).map_err(&e)?;
+    let mut row = Vec::with_capacity(SAMPLE as usize);
+    for s in &store.samples {
+        row.clear();
+        row.extend_from_slice(&s.row.to_le_bytes());
+        row.extend_from_slice(&s.part.to_le_bytes());
+        for v in [s.len, s.trained, s.img, s.n_img, s.template as u32, s.record.bytes] {
+            row.extend_from_slice(&v.to_le_bytes());
+        }
+        w.put(&row).map_err(&e)?;
+    }
+    w.blob(store.image_paths.as_bytes()).map_err(&e)?;
+    w.u64(store.image_path_ends.len() as u64).map_err(&e)?;
+    for &end in &store.image_path_ends {
+        w.u64(end).map_err(&e)?;
+    }
+    w.u64(store.image_grids.len() as u64).map_err(&e)?;
+    for g in &store.image_grids {
+        for &v in g {
+            w.u32(v).map_err(&e)?;
+        }
+    }
+    let tokens: u64 = store.samples.iter().map(|s| s.record.bytes as u64).sum();
+    w.u64(tokens).map_err(&e)?;
+    // The records in sample order, read in pieces where they lie one after another.
+    let mut i = 0;
+    while i < store.samples.len() {
+        let start = store.samples[i].record.offset;
+        let (mut end, mut j) = (start, i);
+        while j < store.samples.len() && store.samples[j].record.offset == end && end - start < PIECE {
+            end += store.samples[j].record.bytes as u64;
+            j += 1;
+        }
+        let piece = u32::try_from(end - start).map_err(|_| Error::internal("a spill piece over 4 GiB"))?;
+        w.put(&spill.raw_range(start, piece)?).map_err(&e)?;
+        i = j;
+    }
+    let body_len = w.len;
+    let digest = w.hash.finalize();
+    let mut file = w.inner.into_inner().map_err(|err| e(err.into_error()))?;
+    let mut header = Vec::with_capacity(HEADER);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header.extend_from_slice(&body_len.to_le_bytes());
+    header.extend_from_slice(&digest);
+    file.seek(SeekFrom::Start(0)).map_err(&e)?;
+    file.write_all(&header).map_err(&e)?;
+    file.flush().map_err(&e)?;
+    Ok(HEADER as u64 + body_len)
+}
+
+/// A reader of the body that hashes it and never reads past its declared length.
+struct Body<R> {
+    inner: R,
+    hash: Sha256,
+    left: u64,
+}
+
+type Miss<T> = std::result::Result<T, String>;
+
+impl<R: Read> Body<R> {
+    fn take(&mut self, n: u64) -> Miss<Vec<u8>> {
+        if n > self.left {
+            return Err("the entry is shorter than its contents say".into());
+        }
+        let mut buf = vec![0u8; n as usize];
+        self.inner.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
+        self.hash.update(&buf);
+        self.left -= n;
+        Ok(buf)
+    }
+    fn u32(&mut self) -> Miss<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Miss<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn blob(&mut self) -> Miss<Vec<u8>> {
+        let n = self.u64()?;
+        self.take(n)
+    }
+    /// A count of items of `each` bytes that fits in what is left.
+    fn count(&mut self, each: u64) -> Miss<u64> {
+        let n = self.u64()?;
+        if n.saturating_mul(each) > self.left {
+            return Err("a count runs past the end of the entry".into());
+        }
+        Ok(n)
+    }
+}
+
+/// Loads the entry `path` into `store` (empty: the source not yet added), its records
+/// appended to `spill`. A miss (`Err(reason)` inside) leaves `store` as it was; only a
+/// failure of the spill itself is an error.
+/// An entry read back: the source's store, the image fingerprint it was saved with, and
+/// the meta bytes.
+pub(crate) struct Entry {
+    pub store: Store,
+    pub images: [u8; 32],
+    pub meta: Vec<u8>,
+}
+
+/// Reads the entry `path` for `key`, its records appended to `spill`, the store's stats
+/// starting from `stats` (name, weight). A miss (`Err(reason)` inside) uses nothing;
+/// only a failure of the spill itself is an error.
+pub(crate) fn load(stats: &SourceStats, spill: &mut Spill, key: &str, seq_len: u32, path: &Path) -> Result<Miss<Entry>> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(format!("open: {e}"))),
+    };
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut header = [0u8; HEADER];
+    if reader.read_exact(&mut header).is_err() {
+        return Ok(Err("shorter than its header".into()));
+    }
+    if &header[..8] != MAGIC {
+        return Ok(Err("not a token store entry".into()));
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
+    if version != FORMAT_VERSION {
+        return Ok(Err(format!("format version {version}, this build reads {FORMAT_VERSION}")));
+    }
+    let body_len = u64::from_le_bytes(header[12..20].try_into().unwrap());
+    if HEADER as u64 + body_len != size {
+        return Ok(Err(format!("{size} bytes where the header says {}", HEADER as u64 + body_len)));
+    }
+    let mut body = Body { inner: reader, hash: Sha256::new(), left: body_len };
+    let mut fresh = Store {
+        stats: SourceStats { name: stats.name.clone(), weight: stats.weight, ..Default::default() },
+        ..Default::default()
+    };
+    let mut images = [0u8; 32];
+    match read_body(&mut body, &mut fresh, &mut images, spill, key, seq_len)? {
+        Ok(meta) => {
+            if body.left != 0 {
+                return Ok(Err("bytes after the end of the entry".into()));
+            }
+            if body.hash.finalize()[..] != header[20..] {
+                return Ok(Err("the content does not match its sha256".into()));
+            }
+            Ok(Ok(Entry { store: fresh, images, meta }))
+        }
+        Err(reason) => Ok(Err(reason)),
+    }
+}
+
+/// The body into `store`, its records appended to `spill`. The outer error is the
+/// spill's; the inner one a miss.
+fn read_body<R: Read>(
+    b: &mut Body<R>,
+    store: &mut Store,
+    images: &mut [u8; 32],
+    spill: &mut Spill,
+    key: &str,
+    seq_len: u32,
+) -> Result<Miss<Vec<u8>>> {
+    let meta = match read_meta(b, store, images, key, seq_len) {
+        Ok(m) => m,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    // The records: copied to the spill in pieces, each checked to parse as its sample.
+    let total = match b.u64() {
+        Ok(t) if t == b.left => t,
+        Ok(_) => return Ok(Err("the token records do not end the entry".into())),
+        Err(r) => return Ok(Err(r)),
+    };
+    let expected: u64 = store.samples.iter().map(|s| s.record.bytes as u64).sum();
+    if expected != total {
+        return Ok(Err("the token records do not add up to the samples' sizes".into()));
+    }
+    let mut i = 0;
+    while i < store.samples.len() {
+        let mut j = i;
+        let mut piece = 0u64;
+        while j < store.samples.len() && (j == i || piece + (store.samples[j].record.bytes as u64) <= PIECE) {
+            piece += store.samples[j].record.bytes as u64;
+            j += 1;
+        }
+        let bytes = match b.take(piece) {
+            Ok(v) => v,
+            Err(r) => return Ok(Err(r)),
+        };
+        let mut at = 0usize;
+        for s in &store.samples[i..j] {
+            let n = s.record.bytes as usize;
+            if !spill::check_record(&bytes[at..at + n], s.len) {
+                return Ok(Err("a token record does not parse".into()));
+            }
+            at += n;
+        }
+        let base = spill.append_bytes(&bytes)?;
+        let mut offset = base;
+        for s in &mut store.samples[i..j] {
+            s.record = Record { offset, bytes: s.record.bytes };
+            offset += s.record.bytes as u64;
+        }
+        i = j;
+    }
+    Ok(Ok(meta))
+}
+
+fn read_meta<R: Read>(b: &mut Body<R>, store: &mut Store, images: &mut [u8; 32], key: &str, seq_len: u32) -> Miss<Vec<u8>> {
+    if b.blob()? != key.as_bytes() {
+        return Err("the entry holds another key".into());
+    }
+    let (stored_len, max_len) = (b.u32()?, b.u32()?);
+    // The samples are the same for any seq_len every tokenized sample fits in.
+    if stored_len != seq_len && max_len > stored_len.min(seq_len) {
+        return Err(format!("saved with seq_len {stored_len}, a sample of {max_len} tokens is over {}", stored_len.min(seq_len)));
+    }
+    store.max_len = max_len;
+    images.copy_from_slice(&b.take(32)?);
+    let st: &mut SourceStats = &mut store.stats;
+    st.rows = b.u64()?;
+    st.skipped = b.u64()?;
+    st.dropped_overlong = b.u64()?;
+    st.dropped_images = b.u64()?;
+    st.truncated = b.u64()?;
+    let n = b.count(8)?;
+    st.skipped_examples = (0..n)
+        .map(|_| b.blob().and_then(|v| String::from_utf8(v).map_err(|_| "a skipped example is not UTF-8".to_string())))
+        .collect::<Miss<_>>()?;
+    let meta = b.blob()?;
+    // Tables are read whole and parsed from memory.
+    let n = b.count(SAMPLE)?;
+    let table = b.take(n * SAMPLE)?;
+    let u32_at = |t: &[u8], i: usize| u32::from_le_bytes(t[i..i + 4].try_into().unwrap());
+    let u64_at = |t: &[u8], i: usize| u64::from_le_bytes(t[i..i + 8].try_into().unwrap());
+    let samples: Vec<SampleRec> = table
+        .chunks_exact(SAMPLE as usize)
+        .map(|r| SampleRec {
+            row: u64_at(r, 0),
+            part: u16::from_le_bytes([r[8], r[9]]),
+            len: u32_at(r, 10),
+            trained: u32_at(r, 14),
+            img: u32_at(r, 18),
+            n_img: u32_at(r, 22),
+            template: u32_at(r, 26) as i32,
+            record: Record { offset: 0, bytes: u32_at(r, 30) },
+        })
+        .collect();
+    store.image_paths = String::from_utf8(b.blob()?).map_err(|_| "image paths are not UTF-8".to_string())?;
+    let n = b.count(8)?;
+    store.image_path_ends = b.take(n * 8)?.chunks_exact(8).map(|c| u64_at(c, 0)).collect();
+    let n = b.count(12)?;
+    store.image_grids = b.take(n * 12)?.chunks_exact(12).map(|c| [u32_at(c, 0), u32_at(c, 4), u32_at(c, 8)]).collect();
+    // Every index the layout follows stays in bounds.
+    let paths = store.image_paths.len() as u64;
+    if store.image_path_ends.windows(2).any(|w| w[0] > w[1]) || store.image_path_ends.last().is_some_and(|&e| e > paths) {
+        return Err("image path ends out of order".into());
+    }
+    if store.image_grids.len() != store.image_path_ends.len() {
+        return Err("image grids and paths differ in number".into());
+    }
+    let images = store.image_grids.len() as u64;
+    if samples.iter().any(|s| s.img as u64 + s.n_img as u64 > images) {
+        return Err("a sample's images lie past the image table".into());
+    }
+    store.samples = samples;
+    Ok(meta)
+}
+
+impl Compiler {
+    /// Saves source `source`'s samples (after its last batch) as the token store entry
+    /// `path` for `key`, with `meta` (what the caller needs back on a hit); returns the
+    /// entry's size in bytes.
+    pub fn save_source(&mut self, source: usize, key: &str, meta: &[u8], path: &Path) -> Result<u64> {
+        let pool = self.pool.get()?;
+        let store = self.stores.get(source).ok_or_else(|| Error::internal(format!("no source with index {source}")))?;
+        let images = image_fingerprint(&pool, self.plan.sources[source].image_root.as_deref(), store);
+        save(store, &mut self.spill, key, self.plan.seq_len, &images, meta, path)
+    }
+
+    /// The longest sample of source `source` tokenized so far, before the overlong policy.
+    pub fn source_max_len(&self, source: usize) -> Result<u32> {
+        self.stores.get(source).map(|s| s.max_len).ok_or_else(|| Error::internal(format!("no source with index {source}")))
+    }
+
+    /// Loads the entry `path` as source `source`'s samples when it is whole and holds
+    /// `key`: its meta, or why it was not used (the source is then tokenized as usual).
+    pub fn load_source(&mut self, source: usize, key: &str, path: &Path) -> Result<Loaded> {
+        if self.layout.is_some() {
+            return Err(Error::internal("a source loaded after finish()"));
+        }
+        let store = self.stores.get(source).ok_or_else(|| Error::internal(format!("no source with index {source}")))?;
+        if !store.samples.is_empty() || store.stats.rows > 0 {
+            return Err(Error::internal("a token store entry loaded into a source that has samples"));
+        }
+        let entry = match load(&store.stats, &mut self.spill, key, self.plan.seq_len, path)? {
+            Ok(entry) => entry,
+            Err(why) => return Ok(Err(why)),
+        };
+        let pool = self.pool.get()?;
+        if image_fingerprint(&pool, self.plan.sources[source].image_root.as_deref(), &entry.store) != entry.images {
+            return Ok(Err("an image file changed (size or modification time)".into()));
+        }
+        self.stores[source] = entry.store;
+        Ok(Ok(entry.meta))
+    }
+}
+
+/// A fingerprint of the image files a store's samples use: each one's path, size and
+/// modification time (under a grid rule their sizes shape the samples; under any rule
+/// a missing image would make its sample unusable). Stat only, in parallel.
+fn image_fingerprint(pool: &rayon::ThreadPool, root: Option<&str>, store: &Store) -> [u8; 32] {
+    let root = root.map(Path::new).unwrap_or(Path::new(""));
+    let n = store.image_path_ends.len();
+    let stamps: Vec<(u64, i128)> = pool.install(|| {
+        (0..n)
+            .into_par_iter()
+            .map(|k| {
+                let rel = String::from_utf8_lossy(store.image_path(k));
+                match std::fs::metadata(root.join(rel.as_ref())) {
+                    Ok(m) => {
+                        let mtime = m
+                            .modified()
+                            .ok()
+                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map(|d| d.as_nanos() as i128)
+                            .unwrap_or(-1);
+                        (m.len(), mtime)
+                    }
+                    Err(_) => (u64::MAX, -2),
+                }
+            })
+            .collect()
+    });
+    let mut hash = Sha256::new();
+    for (k, (len, mtime)) in stamps.iter().enumerate() {
+        let path = store.image_path(k);
+        hash.update((path.len() as u64).to_le_bytes());
+        hash.update(path);
+        hash.update(len.to_le_bytes());
+        hash.update(mtime.to_le_bytes());
+    }
+    hash.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::columns::{Batch, StrCol};
+    use crate::compile::tests::{batch, cols, convs, plan, TOKENIZER};
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mmrecipe-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// The packed release of a compiler (everything `emit` gives).
+    fn release(comp: &mut Compiler) -> (String, Vec<u32>, Vec<u8>, Vec<u64>, Vec<i32>, Vec<i64>) {
+        let summary = serde_json::to_string(&comp.finish().unwrap()).unwrap();
+        let p = comp.emit(0, usize::MAX).unwrap();
+        (summary, p.input_ids, p.loss_mask, p.segment_row, p.segment_template, p.row_offsets)
+    }
+
+    #[test]
+    fn a_loaded_source_builds_the_same_release() {
+        let d = dir("same");
+        let c = cols(&convs(50));
+        let spill_dir = d.join("spill");
+        std::fs::create_dir_all(&spill_dir).unwrap();
+        for spill in [None, Some(spill_dir.as_path())] {
+            let mut clean = Compiler::new(plan(""), TOKENIZER, 2, spill).unwrap();
+            clean.add_batch(0, &batch(&c)).unwrap();
+            clean.add_batch(1, &batch(&c)).unwrap();
+            let size = clean.save_source(1, "k1", b"meta", &d.join("b.tok")).unwrap();
+            assert_eq!(size, std::fs::metadata(d.join("b.tok")).unwrap().len());
+            let want = release(&mut clean);
+            // Source 1 from the store, source 0 tokenized after it: records interleave.
+            let mut again = Compiler::new(plan(""), TOKENIZER, 2, spill).unwrap();
+            assert_eq!(again.load_source(1, "k1", &d.join("b.tok")).unwrap(), Ok(b"meta".to_vec()));
+            again.add_batch(0, &batch(&c)).unwrap();
+            assert_eq!(release(&mut again), want);
+            // Another key, or a smaller seq_len a sample is over: a miss.
+            let mut other = Compiler::new(plan(""), TOKENIZER, 2, spill).unwrap();
+            assert!(other.load_source(1, "k2", &d.join("b.tok")).unwrap().is_err());
+            other.plan.seq_len = 8;
+            assert!(other.load_source(1, "k1", &d.join("b.tok")).unwrap().unwrap_err().contains("seq_len"));
+            // A larger one all samples fit in either way: a hit, same samples.
+            other.plan.seq_len = 4096;
+            assert!(other.load_source(1, "k1", &d.join("b.tok")).unwrap().is_ok());
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn any_damage_is_a_miss_and_leaves_the_source_empty() {
+        let d = dir("damage");
+        let c = cols(&convs(20));
+        let mut comp = Compiler::new(plan(""), TOKENIZER, 1, None).unwrap();
+        comp.add_batch(0, &batch(&c)).unwrap();
+        let path = d.join("a.tok");
+        comp.save_source(0, "k", b"", &path).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let mut damaged: Vec<Vec<u8>> =
+            vec![good[..good.len() - 1].to_vec(), good[..10].to_vec(), vec![], [good.clone(), vec![0]].concat()];
+        for at in [0, 9, 13, 30, HEADER + 3, good.len() / 2, good.len() - 1] {
+            let mut v = good.clone();
+            v[at] ^= 0x40;
+            damaged.push(v);
+        }
+        for (k, bytes) in damaged.iter().enumerate() {
+            std::fs::write(&path, bytes).unwrap();
+            let mut fresh = Compiler::new(plan(""), TOKENIZER, 1, None).unwrap();
+            let got = fresh.load_source(0, "k", &path).unwrap();
+            assert!(got.is_err(), "damage {k} went unnoticed");
+            assert!(fresh.stores[0].samples.is_empty() && fresh.stores[0].stats.rows == 0);
+        }
+        let mut fresh = Compiler::new(plan(""), TOKENIZER, 1, None).unwrap();
+        assert!(fresh.load_source(0, "k", &d.join("absent.tok")).unwrap().is_err());
+        std::fs::write(&path, &good).unwrap();
+        assert!(fresh.load_source(0, "k", &path).unwrap().is_ok());
+        assert!(fresh.load_source(0, "k", &path).is_err(), "only into an empty source");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A changed image (its size or modification time) makes the entry a miss.
+    #[test]
+    fn a_changed_image_is_a_miss() {
+        let d = dir("images");
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/demo/data/images/astronaut.jpg");
+        std::fs::copy(src, d.join("a.jpg")).unwrap();
+        let mut plan = plan(r#", "image": {"placeholder": "<image>", "token": "<image>", "count": 4}"#);
+        plan.seq_len = 128;
+        plan.sources[0].image_root = Some(d.display().to_string());
+        let n = 3;
+        let c = cols(&convs(n));
+        let image_offsets: Vec<i64> = (0..=n as i64).collect();
+        let path_offsets: Vec<i64> = (0..=n as i64).map(|k| k * 5).collect();
+        let path_data = b"a.jpg".repeat(n);
+        let with_images =
+            Batch { image_offsets: &image_offsets, images: StrCol { offsets: &path_offsets, data: &path_data }, ..batch(&c) };
+        let mut comp = Compiler::new(plan.clone(), TOKENIZER, 1, None).unwrap();
+        comp.add_batch(0, &with_images).unwrap();
+        let entry = d.join("e.tok");
+        comp.save_source(0, "k", b"", &entry).unwrap();
+        let mut again = Compiler::new(plan.clone(), TOKENIZER, 1, None).unwrap();
+        assert!(again.load_source(0, "k", &entry).unwrap().is_ok());
+        let mut bytes = std::fs::read(d.join("a.jpg")).unwrap();
+        bytes.extend_from_slice(b"trailing");
+        std::fs::write(d.join("a.jpg"), bytes).unwrap();
+        let mut again = Compiler::new(plan, TOKENIZER, 1, None).unwrap();
+        assert!(again.load_source(0, "k", &entry).unwrap().unwrap_err().contains("image"));
+        assert!(again.stores[0].samples.is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn writes_leave_no_temporary_file() {
+        let d = dir("tmp");
+        let c = cols(&convs(5));
+        let mut comp = Compiler::new(plan(""), TOKENIZER, 1, None).unwrap();
+        comp.add_batch(0, &batch(&c)).unwrap();
+        comp.save_source(0, "k", b"", &d.join("a.tok")).unwrap();
+        assert!(comp.save_source(0, "k", b"", &d.join("missing").join("a.tok")).is_err());
+        let names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("a.tok")]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
