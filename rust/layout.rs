@@ -141,13 +141,7 @@ impl Compiler {
         let rec = |&(s, p): &(u16, Pick)| self.stores[s as usize].samples[p.index as usize];
         let lengths: Vec<u32> = items.iter().map(|it| rec(it).len).collect();
         let images: Vec<u32> = items.iter().map(|it| rec(it).n_img).collect();
-        let (bins, mut packing) = pack_rows(plan, &lengths, &images);
-        packing.fill_per_sequence = spread(bins.iter().map(|b| b.iter().map(|&i| lengths[i as usize] as f64).sum::<f64>() / plan.seq_len as f64));
-        for b in &bins {
-            let fill = b.iter().map(|&i| lengths[i as usize] as u64).sum::<u64>() as f64 / plan.seq_len as f64;
-            packing.fill_histogram[((fill * 10.0) as usize).min(9)] += 1;
-        }
-        packing.images_per_sequence = spread(bins.iter().map(|b| b.iter().map(|&i| images[i as usize] as f64).sum::<f64>()));
+        let (bins, packing) = pack_rows(plan, &lengths, &images);
         let summary = summarize(plan, &self.stores, &items, bins.len() as u64, packing);
         self.layout = Some(Layout { items, bins });
         Ok(summary)
@@ -266,21 +260,21 @@ fn interleave(picks: &[Vec<Pick>]) -> Vec<(u16, Pick)> {
         .collect()
 }
 
-/// Rows of item indices, packed as the plan says, in the plan's row order; with what the
-/// packing stats know before the rows are measured.
+/// Rows of item indices, packed as the plan says, in the plan's row order, and the
+/// packing's stats.
 fn pack_rows(plan: &Plan, lengths: &[u32], images: &[u32]) -> (Vec<Vec<u32>>, PackingStats) {
     let budget = pack::Budget { tokens: plan.seq_len, images: plan.max_images };
     let bounds = pack::bounds(lengths, images, plan.seq_len, plan.max_images);
     let mut stats = PackingStats { bounds, max_images: plan.max_images, ..Default::default() };
     let (mut bins, packer) = match (plan.packing, plan.balance) {
         (Packing::None, _) => ((0..lengths.len() as u32).map(|i| vec![i]).collect(), pack::Packer::None),
-        (Packing::Bfd, _) if plan.balance == Balance::None => (pack::best_fit_decreasing(lengths, images, budget), pack::Packer::Bfd),
         (_, Balance::Images) => {
             let (bins, packer, cap) = pack::balanced(lengths, images, budget);
             stats.image_cap = cap;
             (bins, packer)
         }
-        (_, Balance::None) => pack::tight(lengths, images, budget),
+        (Packing::Bfd, Balance::None) => (pack::best_fit_decreasing(lengths, images, budget), pack::Packer::Bfd),
+        (Packing::Tight, Balance::None) => pack::tight(lengths, images, budget),
     };
     stats.packer = Some(packer);
     if plan.packing != Packing::None && (plan.max_images.is_some() || plan.balance == Balance::Images) {
@@ -300,6 +294,13 @@ fn pack_rows(plan: &Plan, lengths: &[u32], images: &[u32]) -> (Vec<Vec<u32>>, Pa
         bins.sort_unstable_by_key(|b| b[0]);
     }
     stats.gap = if bounds.best == 0 { 0.0 } else { bins.len() as f64 / bounds.best as f64 - 1.0 };
+    let total = |b: &Vec<u32>, of: &[u32]| b.iter().map(|&i| of[i as usize] as f64).sum::<f64>();
+    let fills: Vec<f64> = bins.iter().map(|b| total(b, lengths) / plan.seq_len as f64).collect();
+    for &fill in &fills {
+        stats.fill_histogram[((fill * 10.0) as usize).min(9)] += 1;
+    }
+    stats.fill_per_sequence = spread(fills.into_iter());
+    stats.images_per_sequence = spread(bins.iter().map(|b| total(b, images)));
     (bins, stats)
 }
 

@@ -31,10 +31,10 @@ pub fn balanced(lengths: &[u32], images: &[u32], budget: Budget) -> (Vec<Vec<u32
         let (b, p) = tight(lengths, images, Budget { tokens: budget.tokens, images: Some(cap) });
         if b.len() <= allowed {
             found = Some((b, p, cap));
-            if cap == 0 {
-                break;
+            match cap.checked_sub(1) {
+                Some(below) => hi = below,
+                None => break,
             }
-            hi = cap - 1;
         } else {
             lo = cap + 1;
         }

@@ -117,8 +117,13 @@ impl Shelves {
 
     /// The fewest images an item of length `l` left has, if any is left.
     fn fewest_images(&self, l: u32) -> Option<u32> {
+        self.first_class(l).map(|c| self.class_images[c])
+    }
+
+    /// The class with the fewest images that still has an item of length `l`.
+    fn first_class(&self, l: u32) -> Option<usize> {
         let span = self.capacity as usize + 1;
-        (0..self.class_images.len()).find(|&c| self.next[c * span + l as usize] < self.end[c * span + l as usize]).map(|c| self.class_images[c])
+        (0..self.class_images.len()).find(|&c| self.next[c * span + l as usize] < self.end[c * span + l as usize])
     }
 
     /// The fewest images two items of length `l` left have together.
@@ -214,12 +219,9 @@ impl Shelves {
     /// Takes an item of length `l` with at most `images` images (the fewest there are):
     /// its index and image count. The caller checked that one is left.
     pub(super) fn take(&mut self, l: u32, images: u32) -> (u32, u32) {
-        let span = self.capacity as usize + 1;
-        let c = (0..self.class_images.len())
-            .find(|&c| self.next[c * span + l as usize] < self.end[c * span + l as usize])
-            .expect("an item of this length is left");
+        let c = self.first_class(l).expect("an item of this length is left");
         debug_assert!(self.class_images[c] <= images);
-        let g = c * span + l as usize;
+        let g = c * (self.capacity as usize + 1) + l as usize;
         let id = self.ids[self.next[g] as usize];
         self.next[g] += 1;
         self.remaining -= 1;
