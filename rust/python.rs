@@ -87,6 +87,12 @@ struct BatchColumns<'py> {
     image_offsets: PyReadonlyArray1<'py, i64>,
     image_path_offsets: PyReadonlyArray1<'py, i64>,
     image_path_data: PyReadonlyArray1<'py, u8>,
+    /// Per image, its bytes where the source holds them (a parquet cell); absent or
+    /// all empty: every image is read from its path.
+    #[pyo3(default)]
+    image_data_offsets: Option<PyReadonlyArray1<'py, i64>>,
+    #[pyo3(default)]
+    image_data: Option<PyReadonlyArray1<'py, u8>>,
     fields: Vec<(PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, u8>)>,
 }
 
@@ -100,6 +106,10 @@ impl BatchColumns<'_> {
             contents: str_col(&self.content_offsets, &self.content_data)?,
             image_offsets: self.image_offsets.as_slice()?,
             images: str_col(&self.image_path_offsets, &self.image_path_data)?,
+            image_data: match (&self.image_data_offsets, &self.image_data) {
+                (Some(o), Some(d)) => Some(str_col(o, d)?),
+                _ => None,
+            },
             fields: self.fields.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?,
         })
     }

@@ -4,6 +4,8 @@ public name and documents them) and raises them itself."""
 
 from typing import Any, TypedDict, final
 
+from typing_extensions import NotRequired
+
 import numpy as np
 import numpy.typing as npt
 
@@ -20,6 +22,10 @@ class _BatchColumns(TypedDict):
     image_offsets: npt.NDArray[np.int64]
     image_path_offsets: npt.NDArray[np.int64]
     image_path_data: npt.NDArray[np.uint8]
+    #: Per image, its bytes where the source holds them (parquet cells), as (offsets,
+    #: bytes); an empty entry, or none given: the image is read from its path.
+    image_data_offsets: NotRequired[npt.NDArray[np.int64]]
+    image_data: NotRequired[npt.NDArray[np.uint8]]
     #: (offsets, bytes) per template field, in the plan's field order.
     fields: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]]
 
