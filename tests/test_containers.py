@@ -294,3 +294,35 @@ def test_check_reads_container_images(tmp_path: Path):
     body = f'name = "c"\npath = "pq/t.parquet"\n{CAPTION}fields = {{ image = "image", caption = "caption" }}'
     with pytest.raises(DataError, match=r"row 3, field 'image': t.parquet#rg=1,row=0,col=image: not an image"):
         check(recipe(tmp_path, body, "p.toml"), images="all")
+
+
+def test_parquet_list_of_images_equals_loose_files(tmp_path: Path):
+    """A list column of image structs (datasets' Sequence(Image)): each element a reference
+    of its own, by its position in the row group's flattened lists."""
+    from mmrecipe.loader.pixels import open_image
+
+    counts = [2, 0, 1, 3, 1]
+    (tmp_path / "loose").mkdir()
+    rows, cells, k = [], [], 0
+    for i, c in enumerate(counts):
+        names = []
+        for _ in range(c):
+            (tmp_path / "loose" / f"{k}.png").write_bytes(image_bytes(k))
+            names.append(f"{k}.png")
+            k += 1
+        rows.append({"images": names, "question": f"What is in picture {i}?", "answer": caption(i)})
+        cells.append([{"bytes": (tmp_path / "loose" / n).read_bytes(), "path": n} for n in names])
+    (tmp_path / "loose" / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"images": pa.array(cells, pa.list_(struct)), "question": [r["question"] for r in rows],
+                             "answer": [r["answer"] for r in rows]}), tmp_path / "pq" / "qa.parquet", row_group_size=3)
+    fields = 'layout = "qa"\ninstructions = ["{question}"]\nfields = { images = "images", question = "question", answer = "answer" }'
+    build(recipe(tmp_path, f'name = "c"\npath = "loose/qa.jsonl"\n{fields}', "a.toml"), tmp_path / "o-loose", progress=False)
+    build(recipe(tmp_path, f'name = "c"\npath = "pq/qa.parquet"\n{fields}', "b.toml"), tmp_path / "o-pq", progress=False)
+    same_but_paths(tmp_path / "o-loose", tmp_path / "o-pq")
+    paths = [p for ps in release_rows(tmp_path / "o-pq").column("image_paths").to_pylist() for p in ps]
+    assert paths == [f"qa.parquet#rg={rg},row={r},col=images" for rg, r in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]]
+    loose = [p for ps in release_rows(tmp_path / "o-loose").column("image_paths").to_pylist() for p in ps]
+    for a, b in zip(loose, paths):
+        assert np.array_equal(np.asarray(open_image(str(tmp_path / "loose" / a))), np.asarray(open_image(str(tmp_path / "pq" / b))))

@@ -100,13 +100,7 @@ def open_source(text: str) -> object:
 
 
 def _cell(ref: Cell) -> bytes:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    table = _row_group(ref.container, ref.rg, ref.col)
-    cells = table.column(0).combine_chunks()
-    if pa.types.is_list(cells.type) or pa.types.is_large_list(cells.type):
-        cells = pc.list_flatten(cells)
+    cells = _row_group(ref.container, ref.rg, ref.col)
     if ref.row >= len(cells):
         raise OSError(f"{ref.container}: row group {ref.rg} of column '{ref.col}' has {len(cells)} images, not image {ref.row}")
     value = cells[ref.row].as_py()
@@ -119,9 +113,15 @@ def _cell(ref: Cell) -> bytes:
 
 @functools.lru_cache(maxsize=4)  # a loader reads neighbouring rows of one row group
 def _row_group(path: str, rg: int, col: str):  # type: ignore[no-untyped-def]
+    """The cells of column `col` in row group `rg` (a list column's lists flattened)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     f = pq.ParquetFile(path)
     if rg >= f.num_row_groups:
         raise OSError(f"{path} has {f.num_row_groups} row groups, not row group {rg}")
-    return f.read_row_group(rg, columns=[col])
+    cells = f.read_row_group(rg, columns=[col]).column(0).combine_chunks()
+    if pa.types.is_list(cells.type) or pa.types.is_large_list(cells.type):
+        cells = pc.list_flatten(cells)
+    return cells
