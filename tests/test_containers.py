@@ -326,3 +326,21 @@ def test_parquet_list_of_images_equals_loose_files(tmp_path: Path):
     loose = [p for ps in release_rows(tmp_path / "o-loose").column("image_paths").to_pylist() for p in ps]
     for a, b in zip(loose, paths):
         assert np.array_equal(np.asarray(open_image(str(tmp_path / "loose" / a))), np.asarray(open_image(str(tmp_path / "pq" / b))))
+
+
+def test_members_of_other_kinds_are_left_out(tmp_path: Path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    with tarfile.open(folder / "s.tar", "w") as tar:
+        add(tar, "README", b"about these shards")
+        add(tar, "d/a.png", image_bytes(0))
+        add(tar, "d/a.seg.png", image_bytes(1))  # a second image kind of key a: not read
+        add(tar, "d/a.TXT", b"a caption")
+        add(tar, "d/b.jpg", image_bytes(2, "JPEG"))
+        add(tar, "d/b.cls", b"7")
+    res = build(recipe(tmp_path, f'name = "c"\npath = "shards/s.tar"\n{CAPTION}fields = {{ caption = "txt" }}\non_error = "skip"'),
+                tmp_path / "o", progress=False)
+    rows = release_rows(tmp_path / "o")
+    assert rows.num_rows == 1 and rows.column("image_paths").to_pylist()[0][0].startswith("s.tar#offset=")
+    # Key d/b has a text member (.cls) but no caption: the caption is missing, a counted skip.
+    assert any("rows without a value for 'caption' (first: row 1)" in n for n in res.summary["sources"][0]["notes"])

@@ -6,7 +6,8 @@ WebDataset: the members of a shard are grouped by key (the member name up to the
 dot of its last path part); per key one image (`.jpg`, `.jpeg`, `.png`, `.webp`) and
 its text members, each a column named by its extension: `txt` (text), `json` (decoded,
 so `fields = { caption = "json.caption" }` reads a field of it), any other extension
-that is a plain name as text. Columns: `key`, `image` (the reference), `txt`, `json` ….
+that is a plain name as text; other members ("a.seg.png") are left out. Columns: `key`,
+`image` (the reference), `txt`, `json` ….
 
 Parquet: the image column (binary, or the Hugging Face `Image` struct {bytes, path},
 or a list of either) becomes its references; the bytes travel beside them in
@@ -19,7 +20,6 @@ row and member, or skips and counts it under on_error = "skip"."""
 from __future__ import annotations
 
 import os
-import re
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -36,7 +36,7 @@ from .columns import IMAGE_BYTES, PROBLEM
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 #: Text members read as columns of their own: plain names ("txt", "json", "cls").
-_TEXT_EXT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
+_TEXT_EXT = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 def container_name(source: SourcePlan, path: Path) -> str:
@@ -94,13 +94,16 @@ def read_shard(source: SourcePlan, path: Path) -> pl.DataFrame:
         pl.format("{}#offset={},size={}", pl.lit(rel), "__offset", "__size").alias("image"),
         pl.col("__name").alias("__image_member"),
     )
-    texts = frame.filter(~is_image & pl.col("__ext").str.contains(_TEXT_EXT.pattern))
-    values = _member_texts(name, path, texts)
-    keys = frame.group_by("__key", maintain_order=True).agg(pl.col("__order").min()).sort("__order").select("__key")
+    is_text = ~is_image & pl.col("__ext").str.contains(_TEXT_EXT)
+    texts = frame.filter(is_text)
+    texts = texts.with_columns(pl.Series("__v", _member_texts(name, path, texts), dtype=pl.String))
+    # Keys in the order of their first member; members of other kinds are left out.
+    used = frame.filter(is_image | is_text)
+    keys = used.group_by("__key", maintain_order=True).agg(pl.col("__order").min()).sort("__order").select("__key")
     out = keys.join(images, on="__key", how="left", maintain_order="left")
     ext_names = texts["__ext"].unique(maintain_order=True).to_list()
     for ext in ext_names:
-        part = texts.with_columns(pl.Series("__v", values, dtype=pl.String)).filter(pl.col("__ext") == ext)
+        part = texts.filter(pl.col("__ext") == ext)
         col = part.select("__key", pl.col("__v").alias(ext), pl.col("__name").alias(f"__m_{ext}"))
         out = out.join(col, on="__key", how="left", maintain_order="left")
         if ext == "json":
