@@ -95,6 +95,7 @@ def main() -> None:
                               f'[[source]]\nname = "s"\nlayout = "caption"\ninstructions = [""]\n{body}\n')
             res = build(recipe, folder / f"out-{name}", progress=False, overwrite=True)
             t_build = res.timings.get("read", 0.0) + res.timings.get("tokenize", 0.0)
+            print(f"  {name}: read {res.timings.get('read', 0):.2f} s, tokenize {res.timings.get('tokenize', 0):.2f} s", file=sys.stderr)
             root = folder / {"loose": "loose", "webdataset": "wds", "parquet": "pq"}[name]
             ds = PackedDataset(folder / f"out-{name}")
             paths = [str(root / p) for i in range(len(ds)) for p in ds[i]["image_paths"]]

@@ -344,3 +344,18 @@ def test_members_of_other_kinds_are_left_out(tmp_path: Path):
     assert rows.num_rows == 1 and rows.column("image_paths").to_pylist()[0][0].startswith("s.tar#offset=")
     # Key d/b has a text member (.cls) but no caption: the caption is missing, a counted skip.
     assert any("rows without a value for 'caption' (first: row 1)" in n for n in res.summary["sources"][0]["notes"])
+
+
+def test_a_header_read_through_a_window_on_the_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("torch")
+    from mmrecipe.loader.pixels import upright_size
+
+    [shard] = write_shards(tmp_path / "s", 3, per_shard=3)
+    with tarfile.open(shard) as tar:
+        m = tar.getmember("sample00001.png")
+    ref = imageref.range_ref(str(shard), m.offset_data, m.size)
+    monkeypatch.setattr(imageref, "WINDOW_FROM", 0)
+    with imageref.opened(ref, header_only=True) as src:
+        assert isinstance(src, io.BufferedReader) and src.read(4) == b"\x89PNG"
+    upright_size.cache_clear()
+    assert upright_size(ref) == (SIZES[1][1], SIZES[1][0])

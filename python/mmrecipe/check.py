@@ -110,7 +110,7 @@ def _image_problem(root: Path, row: int, rel: str) -> ImageProblem | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(imageref.open_source(str(path))) as im:
+            with imageref.opened(str(path), header_only=True) as src, Image.open(src) as im:
                 width, height = im.size
     except Image.DecompressionBombError:
         return None  # very large, but a readable image: the model's processor decides

@@ -26,15 +26,23 @@ only to read a parquet cell."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import quote, unquote
 
 _N = r"(0|[1-9][0-9]*)"
 RANGE = re.compile(rf"#offset={_N},size={_N}$")
 CELL = re.compile(rf"#rg={_N},row={_N},col=([A-Za-z0-9._~%-]+)$")
+
+
+#: Members smaller than this are read whole even for a header: one read beats the
+#: window's many small ones.
+WINDOW_FROM = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -92,11 +100,68 @@ def read_bytes(text: str) -> bytes:
     return _cell(ref)
 
 
-def open_source(text: str) -> object:
-    """What PIL's `Image.open` takes for `text`: the file path, or the member's bytes."""
-    import io
+def open_source(text: str, header_only: bool = False) -> object:
+    """What PIL's `Image.open` takes for `text`: the file path, or the member's bytes
+    (`header_only`: a tar member above WINDOW_FROM bytes as a window on the shard, so
+    that a header read reads a block or two, not the member)."""
+    ref = parse(text)
+    if ref is None:
+        return text
+    if header_only and isinstance(ref, Range) and ref.size > WINDOW_FROM:
+        f = open(ref.container, "rb")
+        f.seek(0, io.SEEK_END)
+        if f.tell() < ref.offset + ref.size:
+            f.close()
+            read_bytes(text)  # raises, naming the truncation
+        return io.BufferedReader(_Window(f, ref.offset, ref.size))
+    return io.BytesIO(read_bytes(text))
 
-    return text if parse(text) is None else io.BytesIO(read_bytes(text))
+
+@contextlib.contextmanager
+def opened(text: str, header_only: bool = False) -> Iterator[object]:
+    """`open_source(text, header_only)`, closed afterwards (PIL leaves a file object it
+    is given open)."""
+    src = open_source(text, header_only)
+    try:
+        yield src
+    finally:
+        if isinstance(src, io.IOBase):
+            src.close()
+
+
+class _Window(io.RawIOBase):
+    """Bytes [start, start + size) of an open file, as a file of their own."""
+
+    def __init__(self, f, start: int, size: int):  # type: ignore[no-untyped-def]
+        self.f, self.start, self.size, self.pos = f, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        n = max(0, min(len(b), self.size - self.pos))
+        self.f.seek(self.start + self.pos)
+        data = self.f.read(n)
+        b[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.size}[whence]
+        if base + offset < 0:
+            raise OSError("seek before the start of the member")
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
 
 
 def _cell(ref: Cell) -> bytes:

@@ -25,7 +25,7 @@ def open_image(path: str) -> Any:
     container reference (`mmrecipe.imageref`): a tar member or a parquet cell."""
     from PIL import Image, ImageOps
 
-    with Image.open(imageref.open_source(path)) as img:
+    with imageref.opened(path) as src, Image.open(src) as img:
         img.load()
         return ImageOps.exif_transpose(img).convert("RGB")
 
@@ -35,7 +35,7 @@ def upright_size(path: str) -> tuple[int, int]:
     """(height, width) of an image as `open_image` gives it, from the header only."""
     from PIL import Image
 
-    with Image.open(imageref.open_source(path)) as img:
+    with imageref.opened(path, header_only=True) as src, Image.open(src) as img:
         w, h = img.size
         if img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
             w, h = h, w
