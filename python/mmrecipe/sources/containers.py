@@ -176,7 +176,8 @@ def read_row_groups(source: SourcePlan, path: Path) -> Iterator[pl.DataFrame]:
         values = pc.list_flatten(cells) if listed else cells
         if pa.types.is_struct(values.type):
             data = values.field("bytes") if values.type.get_field_index("bytes") >= 0 else pa.nulls(len(values), pa.binary())
-            data = pc.if_else(values.is_null(), pa.scalar(None, data.type), data)
+            if values.null_count:  # a null struct's child slot may hold anything
+                data = pc.if_else(values.is_null(), pa.scalar(None, data.type), data)
         else:
             data = values
         frame = pl.from_arrow(table.drop_columns([col]))
@@ -197,8 +198,8 @@ def read_row_groups(source: SourcePlan, path: Path) -> Iterator[pl.DataFrame]:
             null = pl.col(IMAGE_BYTES).list.eval(pl.element().is_null()).list.any()
             what = f": an image of column '{col}' is null"
         else:
-            frame = frame.with_columns(flat_refs.alias(col), pl.Series(IMAGE_BYTES, data.cast(pa.binary())))
-            frame = frame.with_columns(pl.concat_list(pl.col(IMAGE_BYTES)).alias(IMAGE_BYTES))
+            one_each = pa.array(np.arange(n + 1, dtype=np.int32))
+            frame = frame.with_columns(flat_refs.alias(col), pl.Series(IMAGE_BYTES, pa.ListArray.from_arrays(one_each, data.cast(pa.binary()))))
             null = pl.col(IMAGE_BYTES).list.first().is_null()
             what = f": the image cell '{col}' is null"
         why = pl.concat_str(pl.lit(f"{path}, row group {rg}, row "), pl.int_range(n).cast(pl.String), pl.lit(what))
