@@ -47,6 +47,7 @@ pub mod pool;
 pub mod render;
 pub mod rng;
 pub mod spill;
+pub mod tar;
 pub mod tokenize;
 
 #[cfg(feature = "python")]

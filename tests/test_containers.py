@@ -359,3 +359,24 @@ def test_a_header_read_through_a_window_on_the_shard(tmp_path: Path, monkeypatch
         assert isinstance(src, io.BufferedReader) and src.read(4) == b"\x89PNG"
     upright_size.cache_clear()
     assert upright_size(ref) == (SIZES[1][1], SIZES[1][0])
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "gnu", "pax"])
+def test_the_core_lists_the_members_tarfile_lists(tmp_path: Path, fmt: int):
+    from mmrecipe import _core
+
+    path = tmp_path / "s.tar"
+    long = "deep/" * 12 + "k.json"  # over 100 characters: a prefix, a GNU long name or a pax path
+    with tarfile.open(path, "w", format=fmt) as tar:
+        d = tarfile.TarInfo("folder")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        add(tar, "folder/a.png", image_bytes(0))
+        add(tar, "folder/a.txt", "é caption".encode())
+        if fmt != tarfile.USTAR_FORMAT or len(long.rsplit("/", 1)[0]) <= 155:
+            add(tar, long, b"{}")
+        add(tar, "empty.txt", b"")
+    with tarfile.open(path) as tar:
+        want = [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isfile()]
+    names, offsets, sizes = _core.tar_members(path)
+    assert list(zip(names, offsets.tolist(), sizes.tolist())) == want and len(want) >= 3

@@ -20,7 +20,6 @@ row and member, or skips and counts it under on_error = "skip"."""
 from __future__ import annotations
 
 import os
-import tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +27,7 @@ import msgspec
 import numpy as np
 import polars as pl
 
-from .. import imageref
+from .. import _core, imageref
 from ..buffers import arrow
 from ..errors import SourceError
 from ..recipe.plan import SourcePlan
@@ -51,27 +50,16 @@ def container_name(source: SourcePlan, path: Path) -> str:
 def read_shard(source: SourcePlan, path: Path) -> pl.DataFrame:
     """One WebDataset shard as rows, one per key, in the shard's order."""
     name = source.name
-    members: list[tarfile.TarInfo] = []
     try:
-        with tarfile.open(path, "r:") as tar:
-            while (m := tar.next()) is not None:
-                if m.isfile():
-                    members.append(m)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        if members and "unexpected end of data" in str(e):
-            last = members[-1]
-            raise SourceError(f"source '{name}': {path} is truncated: member '{last.name}' ends at byte "
-                              f"{last.offset_data + last.size}, the file has {path.stat().st_size}") from None
+        names, offsets, sizes = _core.tar_members(path)
+    except EOFError as e:
+        raise SourceError(f"source '{name}': {path} is truncated: {e}") from None
+    except (ValueError, OSError) as e:
         raise SourceError(f"source '{name}': {path} is not a readable (uncompressed) tar file: {e}") from None
-    length = path.stat().st_size
-    for m in members:
-        if m.offset_data + m.size > length:
-            raise SourceError(f"source '{name}': {path} is truncated: member '{m.name}' ends at byte {m.offset_data + m.size}, the file has {length}")
-    if not members:
+    if not names:
         return pl.DataFrame()
-    names = [m.name for m in members]
     frame = pl.DataFrame(
-        {"__name": names, "__offset": [m.offset_data for m in members], "__size": [m.size for m in members]},
+        {"__name": names, "__offset": offsets, "__size": sizes},
         schema={"__name": pl.String, "__offset": pl.UInt64, "__size": pl.UInt64},
     ).with_row_index("__order")
     base = pl.col("__name").str.split("/").list.last()
