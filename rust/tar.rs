@@ -176,7 +176,7 @@ mod tests {
         tar.extend(member("././@LongLink", format!("{long}\0").as_bytes(), b'L'));
         tar.extend(member("d/xxxx", b"caption", b'0'));
         tar.extend(member("dir/", b"", b'5'));
-        tar.extend(member("pax", b"20 path=p/b.json\n13 size=2\n", b'x'));
+        tar.extend(member("pax", b"17 path=p/b.json\n10 size=2\n", b'x'));
         tar.extend(member("ignored", b"{}", b'0'));
         let full = tar.len();
         tar.extend([0u8; 1024]);
