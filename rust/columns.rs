@@ -37,6 +37,11 @@ impl<'a> StrCol<'a> {
         }
     }
 
+    /// Entry `i` as bytes (in range once `check_str` passed).
+    pub fn bytes(&self, i: usize) -> &'a [u8] {
+        &self.data[self.offsets[i] as usize..self.offsets[i + 1] as usize]
+    }
+
     pub fn get(&self, i: usize) -> std::result::Result<&'a str, String> {
         let (s, e) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
         std::str::from_utf8(&self.data[s..e]).map_err(|e| format!("not valid UTF-8 ({e})"))
@@ -66,6 +71,9 @@ pub struct Batch<'a> {
     /// Per sample, the range of its images in `images`.
     pub image_offsets: &'a [i64],
     pub images: StrCol<'a>,
+    /// The bytes of each image where the source holds them in memory (a parquet cell),
+    /// one entry per image, empty for an image read from its path; None: no bytes at all.
+    pub image_data: Option<StrCol<'a>>,
     /// Extra per-sample fields for instruction templates, in the plan's order.
     pub fields: Vec<StrCol<'a>>,
 }
@@ -88,6 +96,12 @@ impl Batch<'_> {
         self.images.check("batch.images")?;
         check_offsets(self.turn_offsets, n, self.roles.len(), "batch.turn_offsets")?;
         check_offsets(self.image_offsets, n, self.images.len(), "batch.image_offsets")?;
+        if let Some(data) = &self.image_data {
+            data.check("batch.image_data")?;
+            if data.len() != self.images.len() {
+                return Err(Error::internal("batch.image_data: one entry per image expected"));
+            }
+        }
         if self.contents.len() != self.roles.len() {
             return Err(Error::internal("batch.contents: one content per turn expected"));
         }

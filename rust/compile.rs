@@ -412,7 +412,8 @@ impl Compiler {
             for k in i0..i1 {
                 let rel = batch.images.get(k).map_err(|m| ("image", m))?;
                 let path: PathBuf = root.join(rel);
-                infos.push(media::image_info(img, &path).map_err(|m| ("image", m))?);
+                let bytes = batch.image_data.map(|d| d.bytes(k)).filter(|b| !b.is_empty());
+                infos.push(media::image_info_in(img, &path, bytes).map_err(|m| ("image", m))?);
             }
             media::place_images(messages, &img.placeholder, i1 - i0).map_err(|m| ("image", m))?;
         }
@@ -558,6 +559,7 @@ pub(crate) mod tests {
             contents: StrCol { offsets: &c.offsets, data: &c.data },
             image_offsets: &c.image_offsets,
             images: StrCol { offsets: &c.no_paths, data: &[] },
+            image_data: None,
             fields: vec![],
         }
     }

@@ -49,6 +49,7 @@ pub mod render;
 pub mod rng;
 pub mod spill;
 pub mod store;
+pub mod tar;
 pub mod tokenize;
 
 #[cfg(feature = "python")]

@@ -118,9 +118,15 @@ pub fn image_tokens(plan: &ImagePlan, path: &Path) -> std::result::Result<u32, S
 /// The tokens and grid of one image, from its header (and its EXIF orientation under the
 /// grid rule).
 pub fn image_info(plan: &ImagePlan, path: &Path) -> std::result::Result<ImageInfo, String> {
+    image_info_in(plan, path, None)
+}
+
+/// `image_info` of the image `path` names (a file, or a container reference: see
+/// `open_image`), read from `bytes` where the caller holds them (a parquet cell).
+pub fn image_info_in(plan: &ImagePlan, path: &Path, bytes: Option<&[u8]>) -> std::result::Result<ImageInfo, String> {
     // The header is read even for a fixed count: a missing or broken image is caught here,
     // with its source and row, not by the training job.
-    let (width, height) = image_size(path)?;
+    let (width, height) = image_size_in(path, bytes)?;
     if width == 0 || height == 0 {
         return Err(format!("image {} has zero size", path.display()));
     }
@@ -129,7 +135,7 @@ pub fn image_info(plan: &ImagePlan, path: &Path) -> std::result::Result<ImageInf
         return Ok(ImageInfo { tokens, grid: [0; 3] });
     }
     // A quarter turn swaps the sides: the same token count, the grid transposed.
-    let (width, height) = if quarter_turned(path) { (height, width) } else { (width, height) };
+    let (width, height) = if quarter_turned_in(path, bytes) { (height, width) } else { (width, height) };
     Ok(ImageInfo { tokens, grid: grid_for(plan, width, height) })
 }
 
@@ -145,7 +151,11 @@ pub fn grid_for(plan: &ImagePlan, width: u64, height: u64) -> [u32; 3] {
 /// EXIF block of a JPEG, PNG (`eXIf`), WebP (`EXIF`) or TIFF file. An unreadable or absent
 /// block means upright, as PIL's `exif_transpose` treats it.
 pub fn quarter_turned(path: &Path) -> bool {
-    let Ok(file) = File::open(path) else { return false };
+    quarter_turned_in(path, None)
+}
+
+fn quarter_turned_in(path: &Path, bytes: Option<&[u8]>) -> bool {
+    let Ok(file) = open_image(path, bytes) else { return false };
     let mut reader = BufReader::new(Budget { inner: file, left: HEADER_READ_LIMIT });
     let raw = match exif_block(&mut reader) {
         Some(raw) => exif::Reader::new().read_raw(raw).ok(),
@@ -213,16 +223,122 @@ pub fn tokens_for(plan: &ImagePlan, width: u64, height: u64) -> std::result::Res
 /// (width, height) from the file's header. Only a regular file is opened, and at most
 /// `HEADER_READ_LIMIT` bytes are read.
 pub fn image_size(path: &Path) -> std::result::Result<(u64, u64), String> {
+    image_size_in(path, None)
+}
+
+/// `image_size` of the image `path` names, read from `bytes` where given.
+pub fn image_size_in(path: &Path, bytes: Option<&[u8]>) -> std::result::Result<(u64, u64), String> {
     let cannot = |e: std::io::Error| format!("cannot read image {}: {e}", path.display());
-    let meta = std::fs::metadata(path).map_err(cannot)?;
-    if !meta.is_file() {
-        return Err(format!("cannot read image {}: not a regular file", path.display()));
-    }
-    let reader = BufReader::new(Budget { inner: File::open(path).map_err(cannot)?, left: HEADER_READ_LIMIT });
+    let reader = BufReader::new(Budget { inner: open_image(path, bytes)?, left: HEADER_READ_LIMIT });
     header_size(reader).map_err(|e| match e {
         imagesize::ImageError::IoError(io) => cannot(io),
         other => format!("cannot read the size of image {}: {other}", path.display()),
     })
+}
+
+/// A readable, seekable image.
+pub trait ReadSeek: Read + Seek {}
+impl<T: Read + Seek> ReadSeek for T {}
+
+/// The image `path` names, to read: `bytes` where the caller holds them; else, for a
+/// container reference (the grammar is python/mmrecipe/imageref.py's), the member:
+/// `CONTAINER#offset=N,size=N` is that byte range of the container file (a tar member),
+/// read in place; `CONTAINER#rg=N,row=N,col=NAME` is a parquet cell, whose bytes come
+/// with the batch; else the file itself. Only regular files are opened.
+pub fn open_image<'a>(path: &Path, bytes: Option<&'a [u8]>) -> std::result::Result<Box<dyn ReadSeek + 'a>, String> {
+    if let Some(bytes) = bytes {
+        return Ok(Box::new(std::io::Cursor::new(bytes)));
+    }
+    let text = path.to_str().unwrap_or_default();
+    if let Some((container, offset, size)) = parse_range(text) {
+        let file = Path::new(container);
+        let len = regular_file(file)?;
+        let end = offset.saturating_add(size);
+        if end > len {
+            return Err(format!(
+                "cannot read image {}: the container is truncated ({} bytes, the member ends at byte {end})",
+                path.display(),
+                len
+            ));
+        }
+        let cannot = |e: std::io::Error| format!("cannot read image {}: {e}", path.display());
+        let mut f = File::open(file).map_err(cannot)?;
+        f.seek(SeekFrom::Start(offset)).map_err(cannot)?;
+        return Ok(Box::new(Window { inner: f, start: offset, len: size, pos: 0 }));
+    }
+    if is_cell(text) {
+        // The reader hands over every parquet cell's bytes with the batch: none means none.
+        return Err(format!("cannot read image {}: the parquet cell holds no image bytes (null or empty)", path.display()));
+    }
+    regular_file(path)?;
+    Ok(Box::new(File::open(path).map_err(|e| format!("cannot read image {}: {e}", path.display()))?))
+}
+
+/// The length of a regular file (a FIFO blocks on open, a device never ends).
+fn regular_file(path: &Path) -> std::result::Result<u64, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read image {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("cannot read image {}: not a regular file", path.display()));
+    }
+    Ok(meta.len())
+}
+
+/// A canonical decimal ("0" or no leading zero).
+fn decimal(s: &str) -> Option<u64> {
+    let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    if ok {
+        s.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// `CONTAINER#offset=N,size=N` as (container, offset, size).
+pub fn parse_range(text: &str) -> Option<(&str, u64, u64)> {
+    let (container, member) = text.rsplit_once('#')?;
+    let (offset, size) = member.strip_prefix("offset=")?.split_once(",size=")?;
+    Some((container, decimal(offset)?, decimal(size)?))
+}
+
+/// Whether `text` is a parquet cell reference, `CONTAINER#rg=N,row=N,col=NAME`.
+pub fn is_cell(text: &str) -> bool {
+    let Some((_, member)) = text.rsplit_once('#') else { return false };
+    let Some(rest) = member.strip_prefix("rg=") else { return false };
+    let Some((rg, rest)) = rest.split_once(",row=") else { return false };
+    let Some((row, col)) = rest.split_once(",col=") else { return false };
+    let name_ok = !col.is_empty() && col.bytes().all(|b| b.is_ascii_alphanumeric() || b"._~%-".contains(&b));
+    decimal(rg).is_some() && decimal(row).is_some() && name_ok
+}
+
+/// Bytes [start, start + len) of a reader, seen as a stream of their own.
+struct Window<R> {
+    inner: R,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl<R: Read> Read for Window<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = buf.len().min(self.len.saturating_sub(self.pos).min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for Window<R> {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+        }
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the start of the member"))?;
+        self.inner.seek(SeekFrom::Start(self.start.saturating_add(target)))?;
+        self.pos = target;
+        Ok(target)
+    }
 }
 
 /// (width, height) from a header read through `reader`.
@@ -344,6 +460,34 @@ mod tests {
         broken.extend(png_chunk(b"eXIf", b"MM\0*garbage"));
         let broken = Temp::new("broken-exif.png", &broken);
         assert!(!quarter_turned(&broken.0));
+    }
+
+    #[test]
+    fn container_members_are_read_in_place() {
+        // A container holding junk, a 300×120 PNG, junk: the reference names the PNG's bytes.
+        let image = png(300, 120);
+        let mut bytes = vec![7u8; 1536];
+        bytes.extend(&image);
+        bytes.extend([9u8; 700]);
+        let file = Temp::new("shard.tar", &bytes);
+        let at = |offset: usize, size: usize| std::path::PathBuf::from(format!("{}#offset={offset},size={size}", file.0.display()));
+        assert_eq!(image_size(&at(1536, image.len())), Ok((300, 120)));
+        let grid = plan(r#","patch":14,"merge":2,"min_pixels":3136,"max_pixels":50176"#);
+        assert_eq!(image_info(&grid, &at(1536, image.len())).unwrap().grid, grid_for(&grid, 300, 120));
+        // The member's window: a reference to the junk is not an image.
+        assert!(image_size(&at(0, 1536)).unwrap_err().contains("cannot read the size of image"));
+        // A member past the end of the file: the container is truncated.
+        let e = image_size(&at(1536, bytes.len())).unwrap_err();
+        assert!(e.contains("the container is truncated"), "{e}");
+        // Not canonical decimals: a plain (missing) file name, not a reference.
+        assert_eq!(parse_range("a.tar#offset=01,size=2"), None);
+        assert_eq!(parse_range("a#b.tar#offset=0,size=2"), Some(("a#b.tar", 0, 2)));
+        // A parquet cell comes with its bytes; without them it has none.
+        assert!(is_cell("x.parquet#rg=0,row=12,col=image") && !is_cell("x.parquet#rg=0,row=12,col="));
+        let cell = Path::new("x.parquet#rg=0,row=3,col=image");
+        assert!(image_size(cell).unwrap_err().contains("the parquet cell holds no image bytes"));
+        assert_eq!(image_size_in(cell, Some(&image)), Ok((300, 120)));
+        assert!(image_size_in(cell, Some(b"not an image")).unwrap_err().contains("x.parquet#rg=0,row=3,col=image"));
     }
 
     #[test]

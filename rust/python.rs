@@ -87,6 +87,12 @@ struct BatchColumns<'py> {
     image_offsets: PyReadonlyArray1<'py, i64>,
     image_path_offsets: PyReadonlyArray1<'py, i64>,
     image_path_data: PyReadonlyArray1<'py, u8>,
+    /// Per image, its bytes where the source holds them (a parquet cell); absent or
+    /// all empty: every image is read from its path.
+    #[pyo3(default)]
+    image_data_offsets: Option<PyReadonlyArray1<'py, i64>>,
+    #[pyo3(default)]
+    image_data: Option<PyReadonlyArray1<'py, u8>>,
     fields: Vec<(PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, u8>)>,
 }
 
@@ -100,6 +106,10 @@ impl BatchColumns<'_> {
             contents: str_col(&self.content_offsets, &self.content_data)?,
             image_offsets: self.image_offsets.as_slice()?,
             images: str_col(&self.image_path_offsets, &self.image_path_data)?,
+            image_data: match (&self.image_data_offsets, &self.image_data) {
+                (Some(o), Some(d)) => Some(str_col(o, d)?),
+                _ => None,
+            },
             fields: self.fields.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?,
         })
     }
@@ -529,6 +539,24 @@ fn parse_replies<'py>(
     ))
 }
 
+/// The regular-file members of an uncompressed tar file: (names, data offsets, sizes).
+/// Raises EOFError for a truncated file, ValueError for one that is not a tar archive.
+#[pyfunction]
+fn tar_members<'py>(
+    py: Python<'py>,
+    path: std::path::PathBuf,
+) -> PyResult<(Vec<String>, Arr<'py, u64>, Arr<'py, u64>)> {
+    let found = py.detach(|| crate::tar::members(&path));
+    let members = found.map_err(|e| match e {
+        crate::tar::TarError::Truncated(m) => pyo3::exceptions::PyEOFError::new_err(m),
+        crate::tar::TarError::Unreadable(m) => PyValueError::new_err(m),
+    })?;
+    let offsets: Vec<u64> = members.iter().map(|m| m.offset).collect();
+    let sizes: Vec<u64> = members.iter().map(|m| m.size).collect();
+    let names = members.into_iter().map(|m| m.name).collect();
+    Ok((names, offsets.into_pyarray(py), sizes.into_pyarray(py)))
+}
+
 /// The list columns of a release, in order (`layout::RELEASE_COLUMNS`).
 #[pyfunction]
 fn release_columns() -> Vec<&'static str> {
@@ -541,6 +569,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCompiler>()?;
     m.add_class::<PyJsonChunks>()?;
     m.add_function(wrap_pyfunction!(builtin_template, m)?)?;
+    m.add_function(wrap_pyfunction!(tar_members, m)?)?;
     m.add_function(wrap_pyfunction!(image_token_count, m)?)?;
     m.add_function(wrap_pyfunction!(pack_lengths, m)?)?;
     m.add_function(wrap_pyfunction!(pack_bounds, m)?)?;

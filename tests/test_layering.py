@@ -20,7 +20,7 @@ PACKAGE = ROOT / "python" / "mmrecipe"
 # The layer of each top-level module or package: a module may import only from its own
 # layer or an earlier one. Layer 0 is the foundation every stage may use.
 LAYERS = {
-    "_core": 0, "errors": 0, "hashing": 0, "buffers": 0,
+    "_core": 0, "errors": 0, "hashing": 0, "buffers": 0, "imageref": 0,
     "recipe": 1,
     "sources": 2,
     "llm": 3,

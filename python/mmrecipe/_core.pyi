@@ -5,6 +5,8 @@ public name and documents them) and raises them itself."""
 import os
 from typing import Any, TypedDict, final
 
+from typing_extensions import NotRequired
+
 import numpy as np
 import numpy.typing as npt
 
@@ -21,6 +23,10 @@ class _BatchColumns(TypedDict):
     image_offsets: npt.NDArray[np.int64]
     image_path_offsets: npt.NDArray[np.int64]
     image_path_data: npt.NDArray[np.uint8]
+    #: Per image, its bytes where the source holds them (parquet cells), as (offsets,
+    #: bytes); an empty entry, or none given: the image is read from its path.
+    image_data_offsets: NotRequired[npt.NDArray[np.int64]]
+    image_data: NotRequired[npt.NDArray[np.uint8]]
     #: (offsets, bytes) per template field, in the plan's field order.
     fields: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]]
 
@@ -48,6 +54,7 @@ __all__ = [
     "pack_lengths",
     "parse_replies",
     "release_columns",
+    "tar_members",
     "tokenizer_engine",
 ]
 
@@ -215,6 +222,11 @@ def parse_replies(
     (0 a finished reply, 1 cut at max_tokens, 2 no reply). Returns (valid, turn offsets,
     roles, content offsets, content bytes, reason offsets, reason bytes): a row's turns,
     or why its reply is no conversation of at least `min_turns` exchanges."""
+
+def tar_members(path: str | os.PathLike[str]) -> tuple[list[str], npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """The regular-file members of an uncompressed tar file, in archive order: (names,
+    data offsets, sizes). Raises EOFError for a truncated file, ValueError for one that
+    is not a tar archive, OSError when it cannot be opened."""
 
 def release_columns() -> list[str]:
     """The list columns of a release, in order, as `Compiler.emit` names them."""

@@ -19,6 +19,15 @@ def string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets, data
 
 
+def binary_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int64, bytes) of a binary array (nulls as empty entries)."""
+    arr = arr.cast(pa.large_binary())
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1] if bufs[1] else np.zeros(1, np.int64)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return offsets, data
+
+
 def arrow(series: pl.Series) -> pa.Array:
     """A polars column as one contiguous Arrow array."""
     out = series.to_arrow(compat_level=pl.CompatLevel.oldest())

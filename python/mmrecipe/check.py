@@ -11,6 +11,7 @@ from typing import Literal
 
 import polars as pl
 
+from . import imageref
 from .builder import normalize_source
 from .compile import make_compiler
 from .errors import DataError
@@ -103,12 +104,13 @@ def _image_problem(root: Path, row: int, rel: str) -> ImageProblem | None:
     from PIL import Image, UnidentifiedImageError
 
     path = root / rel
-    if not path.is_file():
-        return ImageProblem(row, rel, f"file not found ({path})")
+    container = imageref.parse(str(path))
+    if not Path(container.container if container else path).is_file():
+        return ImageProblem(row, rel, f"file not found ({container.container if container else path})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with imageref.opened(str(path), header_only=True) as src, Image.open(src) as im:
                 width, height = im.size
     except Image.DecompressionBombError:
         return None  # very large, but a readable image: the model's processor decides

@@ -17,11 +17,11 @@ import polars as pl
 import pyarrow as pa
 
 from . import _core
-from .buffers import arrow, string_buffers
+from .buffers import arrow, binary_buffers, string_buffers
 from .recipe.model import ModelFiles
 from .recipe.plan import Plan
 from .recipe.schema import ImageSpec, OutputSpec
-from .sources.columns import CONTENTS, IMAGES, ROLES, ROW, Normalized, template_column
+from .sources.columns import CONTENTS, IMAGE_BYTES, IMAGES, ROLES, ROW, Normalized, template_column
 
 if TYPE_CHECKING:
     from ._core import _BatchColumns
@@ -108,7 +108,12 @@ def batch_columns(norm: Normalized, start: int, length: int) -> _BatchColumns:
     content_offsets, content_data = string_buffers(contents)
     image_offsets, images = _list_parts(part[IMAGES])
     image_path_offsets, image_path_data = string_buffers(images)
+    extra: dict[str, Any] = {}
+    if IMAGE_BYTES in part.columns:  # images held in the source's files: their bytes, per image
+        _, data = _list_parts(part[IMAGE_BYTES])
+        extra["image_data_offsets"], extra["image_data"] = binary_buffers(data)
     return {
+        **extra,
         "rows": part[ROW].to_numpy().astype(np.uint64, copy=False),
         "turn_offsets": turn_offsets,
         "roles": np.asarray(roles.to_numpy(zero_copy_only=False), dtype=np.uint8),

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .. import imageref
 from .release_info import ImageRule
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -20,10 +21,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def open_image(path: str) -> Any:
-    """The image at `path` decoded, upright (EXIF orientation) and RGB."""
+    """The image at `path` decoded, upright (EXIF orientation) and RGB. `path` may be a
+    container reference (`mmrecipe.imageref`): a tar member or a parquet cell."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as img:
+    with imageref.opened(path) as src, Image.open(src) as img:
         img.load()
         return ImageOps.exif_transpose(img).convert("RGB")
 
@@ -33,7 +35,7 @@ def upright_size(path: str) -> tuple[int, int]:
     """(height, width) of an image as `open_image` gives it, from the header only."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    with imageref.opened(path, header_only=True) as src, Image.open(src) as img:
         w, h = img.size
         if img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
             w, h = h, w

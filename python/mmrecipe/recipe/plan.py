@@ -16,6 +16,7 @@ Everything after this module reads the plan and never goes back to the recipe.""
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 import msgspec
@@ -33,7 +34,9 @@ SHORT_ANSWER = {
 }
 # The role prefix of a call cache among the inputs: hashed by content, not by bytes.
 CACHE_ROLE = "cache:"
-FORMATS = ("jsonl", "json", "parquet", "csv")
+FORMATS = ("jsonl", "json", "parquet", "csv", "webdataset")
+# Where a source keeps its images inside its files (sources/containers.py).
+WEBDATASET, PARQUET_IMAGES = "webdataset", "parquet"
 
 
 class InputRef(msgspec.Struct, frozen=True):
@@ -86,6 +89,10 @@ class SourcePlan(msgspec.Struct, frozen=True):
     image_root: Path | None
     lengthen: LengthenPlan | None = None
     generate: GeneratePlan | None = None
+    # Images inside the source's files, read in place: "webdataset" (tar shards) or
+    # "parquet" (an image column of bytes, `image_column`); None: loose image files.
+    container: str | None = None
+    image_column: str | None = None
 
     @property
     def streamable(self) -> bool:
@@ -96,6 +103,8 @@ class SourcePlan(msgspec.Struct, frozen=True):
             return False
         if self.generate is not None:  # context fields are checked on every row before any call
             return False
+        if self.container is not None:  # a shard or a row group at a time
+            return True
         return all(f in ("jsonl", "json") for f in self.formats)
 
     @property
@@ -170,9 +179,13 @@ def format_of(name: str, declared: str | None, path: Path) -> str:
     ext = path.suffix.lower().lstrip(".")
     if ext in ("jsonl", "ndjson"):
         return "jsonl"
+    if ext == "tar":
+        return WEBDATASET
     if ext in FORMATS:
         return ext
-    raise SourceError(f"source '{name}': cannot tell the format of {path.name}; set format = \"jsonl\" | \"json\" | \"parquet\" | \"csv\"")
+    raise SourceError(
+        f"source '{name}': cannot tell the format of {path.name}; set format = \"jsonl\" | \"json\" | \"parquet\" | \"csv\" | \"webdataset\""
+    )
 
 
 def _join(spec: SourceSpec, key: str, folder: Path, files: list[Path]) -> JoinPlan | None:
@@ -206,14 +219,23 @@ def _templates(recipe: Recipe, spec: SourceSpec) -> list[str]:
 
 def _source(recipe: Recipe, folder: Path, index: int, spec: SourceSpec, key: str, generate: GeneratePlan | None = None) -> SourcePlan:
     files = _files(spec, key, folder)
-    root = path_in(folder, spec.image_root) if spec.image_root else (files[0].parent if files else None)
+    formats = [format_of(spec.name, spec.format, f) for f in files]
+    container, image_column = _container(spec, key, files, formats)
+    if spec.image_root:
+        root: Path | None = path_in(folder, spec.image_root)
+    elif container is not None:  # every shard's path is relative to their common folder
+        root = Path(os.path.commonpath([f.parent for f in files]))
+    else:
+        root = files[0].parent if files else None
     return SourcePlan(
+        container=container,
+        image_column=image_column,
         index=index,
         name=spec.name,
         key=key,
         spec=spec,
         files=files,
-        formats=[format_of(spec.name, spec.format, f) for f in files],
+        formats=formats,
         join=_join(spec, key, folder, files),
         templates=_templates(recipe, spec),
         template_fields=[k for k in spec.fields if k not in RESERVED_FIELDS],
@@ -221,6 +243,41 @@ def _source(recipe: Recipe, folder: Path, index: int, spec: SourceSpec, key: str
         lengthen=_lengthen(recipe, folder, spec),
         generate=generate,
     )
+
+
+def _container(spec: SourceSpec, key: str, files: list[Path], formats: list[str]) -> tuple[str | None, str | None]:
+    """Whether the source's images live inside its files: WebDataset shards, or parquet
+    files whose image column (fields.image or fields.images when it names a whole
+    column, else `image`) holds bytes (binary, or the Hugging Face `Image` struct {bytes, path})."""
+    kinds = set(formats)
+    if WEBDATASET in kinds:
+        if kinds != {WEBDATASET}:
+            raise SourceError(f"source '{spec.name}' ({key}.path): WebDataset shards cannot be mixed with other formats in one source")
+        for bad in ("join", "json_key", "group_by"):
+            if getattr(spec, bad):
+                raise SourceError(f"source '{spec.name}' ({key}.{bad}): not available for WebDataset shards")
+        return WEBDATASET, None
+    if kinds != {"parquet"} or spec.join is not None or spec.group_by is not None:
+        return None, None
+    mapped = spec.fields.get("image") or spec.fields.get("images") or "image"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(files[0])
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
+        raise SourceError(f"source '{spec.name}': cannot read {files[0]} as parquet: {e}") from None
+    name = mapped  # a path into the column ("image.path") reads it as a loose path
+    if name not in schema.names:
+        return None, None
+    t = schema.field(name).type
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    if pa.types.is_struct(t):
+        t = t.field("bytes").type if t.get_field_index("bytes") >= 0 else None
+    if t is not None and (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+        return PARQUET_IMAGES, name
+    return None, None
 
 
 def _seed(recipe: Recipe, spec: LengthenSpec | GenerateSpec) -> int:

@@ -68,7 +68,8 @@ class MixtureSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
 
 
 Layout = Literal["qa", "caption", "conversation", "alpaca"]
-Format = Literal["jsonl", "json", "parquet", "csv"]
+# "webdataset": tar shards of {key}.jpg|jpeg|png|webp + {key}.txt|json (sources/containers.py).
+Format = Literal["jsonl", "json", "parquet", "csv", "webdataset"]
 
 # Fields a layout consumes itself; any other mapped field is available to templates.
 RESERVED_FIELDS = frozenset(

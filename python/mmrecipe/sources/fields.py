@@ -12,7 +12,7 @@ from ..errors import DataError, SourceError, recipe_error
 from ..recipe.plan import SourcePlan
 from ..recipe.schema import SourceSpec
 from . import fieldpath
-from .columns import ROW, field_column
+from .columns import PROBLEM, ROW, field_column
 from .joins import join
 
 
@@ -38,6 +38,8 @@ def resolve_rows(source: SourcePlan, frame: pl.DataFrame, row_offset: int = 0, p
     spec = source.spec
     frame = frame.with_row_index(ROW, offset=row_offset).with_columns(pl.col(ROW).cast(pl.UInt64))
     notes: list[str] = []
+    if PROBLEM in frame.columns:
+        frame = flagged(frame, source, notes)
     if source.join is not None:
         frame = join(frame, source, notes)
     resolved: dict[str, str] = {}
@@ -124,6 +126,21 @@ def require(frame: pl.DataFrame, col: str, source: SourcePlan, key: str, notes: 
         notes.append(f"source '{spec.name}': {int(nulls.sum())} rows without a value for '{key}' (first: row {row}); skipped")
         return frame.filter(~nulls)
     raise data_error(spec.name, row, key, f"missing value ({spec.fields.get(key, key)}); fix the data, or set on_error = \"skip\" to drop such rows")
+
+
+def flagged(frame: pl.DataFrame, source: SourcePlan, notes: list[str]) -> pl.DataFrame:
+    """The rows a reader found usable (PROBLEM null); a flagged row is a data error, or,
+    under on_error = "skip", dropped and counted in `notes`."""
+    bad = frame[PROBLEM].is_not_null()
+    if bad.any():
+        first = frame.filter(bad)
+        row, why = int(first[ROW][0]), str(first[PROBLEM][0])
+        if source.spec.on_error == "skip":
+            notes.append(f"source '{source.name}': {int(bad.sum())} unusable rows (first: row {row}: {why}); skipped")
+            frame = frame.filter(~bad)
+        else:
+            raise data_error(source.name, row, "image", f"{why}; fix the data, or set on_error = \"skip\" to drop such rows")
+    return frame.drop(PROBLEM)
 
 
 def _columns(spec: SourceSpec, key: str) -> list[str]:

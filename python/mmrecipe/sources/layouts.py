@@ -11,7 +11,8 @@ import polars as pl
 
 from ..errors import SourceError, recipe_error
 from ..recipe.plan import SourcePlan
-from .columns import ASSISTANT, CONTENTS, IMAGES, ROLES, ROW, SYSTEM, USER, Normalized, template_column
+from .. import imageref
+from .columns import ASSISTANT, CONTENTS, IMAGE_BYTES, IMAGES, ROLES, ROW, SYSTEM, USER, Normalized, template_column
 from .fields import Rows, as_text, require
 from .joins import group_by_image
 
@@ -150,12 +151,24 @@ def _images_expr(frame: pl.DataFrame, resolved: dict[str, str]) -> pl.Expr:
     return empty
 
 
-def _check_image_paths(frame: pl.DataFrame, name: str) -> None:
+def _check_image_paths(frame: pl.DataFrame, source: SourcePlan) -> None:
+    name = source.name
     paths = frame.select(ROW, IMAGES).explode(IMAGES).drop_nulls(IMAGES)
     bad = paths.filter(pl.col(IMAGES).str.starts_with("/") | pl.col(IMAGES).str.contains(r"(^|/)\.\.(/|$)"))
     if bad.height:
         row, path = bad.row(0)
         raise SourceError(f"source '{name}', row {row}, field 'image': the path '{path}' escapes the source's image_root")
+    if source.container is None:
+        # A loose path that reads as a container reference would be opened as one.
+        like = paths.filter(
+            pl.col(IMAGES).str.contains(imageref.RANGE.pattern) | pl.col(IMAGES).str.contains(imageref.CELL.pattern)
+        )
+        if like.height:
+            row, path = like.row(0)
+            raise SourceError(
+                f"source '{name}', row {row}, field 'image': the path '{path}' reads as a container reference "
+                "(…#offset=N,size=N or …#rg=N,row=N,col=NAME); rename the file"
+            )
 
 
 def to_internal(rows: Rows) -> Normalized:
@@ -163,10 +176,11 @@ def to_internal(rows: Rows) -> Normalized:
     source, frame, resolved = rows.source, rows.frame, rows.resolved
     frame = LAYOUTS[source.spec.layout](frame, source, resolved, rows.notes)
     frame = frame.with_columns(_images_expr(frame, resolved).alias(IMAGES))
-    _check_image_paths(frame, source.name)
+    _check_image_paths(frame, source)
     if source.spec.group_by == "image":
         frame = require(frame, resolved["image"], source, "image", rows.notes)
         frame = group_by_image(frame, resolved["image"])
     texts = [as_text(frame, resolved[k]).fill_null("").alias(template_column(k)) for k in source.template_fields]
-    out = frame.select(ROW, ROLES, CONTENTS, IMAGES, *texts)
+    carried = [IMAGE_BYTES] if IMAGE_BYTES in frame.columns else []
+    out = frame.select(ROW, ROLES, CONTENTS, IMAGES, *carried, *texts)
     return Normalized(source=source, frame=out.rechunk(), notes=rows.notes, resolved=rows.found)

@@ -12,7 +12,8 @@ import polars as pl
 
 from .. import _core
 from ..errors import SourceError
-from ..recipe.plan import SourcePlan
+from ..recipe.plan import WEBDATASET, SourcePlan
+from .containers import read_row_groups, read_shard
 
 
 def read_file(name: str, path: Path, fmt: str, json_key: str | None = None) -> pl.DataFrame:
@@ -66,6 +67,9 @@ def raise_bad_json_line(name: str, path: Path) -> None:
 def read_all(source: SourcePlan) -> pl.DataFrame:
     """Every row of the source's files (one frame; columns a file lacks are null)."""
     spec = source.spec
+    if source.container is not None:
+        parts = [f for f in read_slices(source, 0) if f.height]
+        return parts[0] if len(parts) == 1 else pl.concat(parts, how="diagonal_relaxed")
     frames = [read_file(spec.name, f, fmt, spec.json_key) for f, fmt in zip(source.files, source.formats)]
     frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
     if frame.height == 0:
@@ -74,9 +78,20 @@ def read_all(source: SourcePlan) -> pl.DataFrame:
 
 
 def read_slices(source: SourcePlan, rows: int) -> Iterator[pl.DataFrame]:
-    """A streamable source, `rows` records at a time, in file order."""
+    """A streamable source, `rows` records at a time, in file order (a container source:
+    a WebDataset shard or a parquet row group at a time)."""
     name = source.name
     total = 0
+    if source.container is not None:
+        for path in source.files:
+            parts = [read_shard(source, path)] if source.container == WEBDATASET else read_row_groups(source, path)
+            for frame in parts:
+                if frame.height:
+                    total += frame.height
+                    yield frame
+        if total == 0:
+            raise no_rows(source)
+        return
     for path, fmt in zip(source.files, source.formats):
         try:
             reader = _core.JsonChunks(str(path), fmt == "json")
