@@ -181,3 +181,16 @@ def test_a_task_error_is_the_sources_own(cluster, tmp_path):
         build(recipe, tmp_path / "ray", progress=False, cache=False, engine="ray", ray_address=cluster[0])
     assert str(local.value) in str(remote.value)
     assert not (tmp_path / "ray").exists()
+
+
+def test_the_command_line(cluster, tmp_path):
+    """`recipe build --engine ray --address ADDR`: the pinned release, a bar of the
+    sources done on the cluster with its CPUs, and the time of each stage."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    run = subprocess.run([sys.executable, "-m", "mmrecipe", "build", str(DEMO), "-o", str(tmp_path / "demo"), "--no-cache",
+                          "--engine", "ray", "--address", cluster[0]], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"(release {PINNED['demo'][:12]})" in run.stdout
+    assert "2 CPUs in the cluster" in run.stderr
+    times = next(line for line in run.stdout.splitlines() if line.startswith("time "))
+    assert all(f"{stage} " in times for stage in ("read", "connect", "tokenize", "pack", "write"))
