@@ -58,7 +58,7 @@ class BuildResult:
     #: Seconds per stage: read (sources → normalized columns), tokenize (render, tokenize,
     #: mask), pack (mixture + packing), write (shards, hashes, manifest); with a token
     #: store, store (entries loaded and saved); with engine "ray", connect (to the
-    #: cluster), and tokenize is the wait for the cluster's tasks and their entries loaded.
+    #: cluster, and from it), and tokenize is the wait for the cluster's tasks and their entries loaded.
     timings: dict[str, float] = field(default_factory=dict)
     #: Per LLM table: rows, served from the cache, calls made, failed, missing.
     llm: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -245,6 +245,8 @@ def build(
             lap("connect")  # to the cluster
         notes = _tokenize(plan, stages, compiler, lap, progress, use, remote)
         on_cluster.close()  # the cluster's work is done (and the staged entries loaded)
+        if remote is not None:
+            lap("connect")  # and disconnect
         summary = msgspec.json.decode(compiler.finish())
         for stats, source in zip(summary["sources"], plan.sources):
             # e.g. rows a join left out under on_error = "skip", answers an LLM lengthened
