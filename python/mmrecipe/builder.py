@@ -21,9 +21,9 @@ import sys
 import tempfile
 import time
 import warnings
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import ExitStack
 from typing import Any, Iterator
 
 import msgspec
@@ -237,7 +237,7 @@ def build(
             from .engines.ray import Cluster
 
             lap("read")
-            cluster = on_cluster.enter_context(_closing(Cluster(ray_address, progress)))
+            cluster = on_cluster.enter_context(closing(Cluster(ray_address, progress)))
             entries = Path(spill) / "entries" if ray_staging is None else Path(
                 on_cluster.enter_context(tempfile.TemporaryDirectory(dir=ray_staging, prefix=f".{out.name}.entries-{os.getpid()}-")))
             entries.mkdir(exist_ok=True)
@@ -266,17 +266,6 @@ def build(
 
 
 ENGINES = ("local", "ray")
-
-
-class _closing:
-    def __init__(self, thing: Any) -> None:
-        self.thing = thing
-
-    def __enter__(self) -> Any:
-        return self.thing
-
-    def __exit__(self, *exc: Any) -> None:
-        self.thing.close()
 
 
 def _open_store(cache: str | os.PathLike[str] | bool | None) -> TokenStore | None:
@@ -445,7 +434,7 @@ class _OnCluster:
             if source.lengthen is not None or source.generate is not None or use.stored(source):
                 continue
             key = use.key(source)
-            path = self.folder / f"{key}{source.index}.tok"
+            path = self.folder / f"{key}-{source.index}.tok"
             self.cluster.submit(key, tokenize_entry, plan, source.index, key, str(path), self.threads, self.engine)
             self.sent[source.index] = key
         self.cluster.start_bar()
