@@ -27,6 +27,7 @@ LAYERS = {
     "compile": 4, "encode": 4, "store": 4,
     "release": 5,
     "torch": 6, "loader": 6, "export": 6,
+    "engines": 6,
     "builder": 7,
     "check": 8, "preview": 8,
     "cli": 9, "__main__": 10,

@@ -5,6 +5,9 @@
                         read ─▶ fields resolved ─▶ LLM stages ─▶ layout ─▶ core.add_batch
                         (a slice at a time when the source streams; tokens spill to disk)
                         and the source saved to the token store
+                        (engine "ray": a source without LLM stages is read and tokenized
+                        by a task on the cluster, which saves its entry to a staging
+                        folder; the entry is then loaded here as from the token store)
       core.finish():    exact mixture, interleave, packing (on lengths only)
       core.emit():      packed rows ─▶ shards ─▶ manifest.json + stats.json ─▶ renamed into place
 
@@ -13,10 +16,12 @@ Python orchestrates whole batches; no loop runs per sample."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
 import warnings
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,7 +30,7 @@ import msgspec
 
 from . import __version__
 from .compile import batch_columns, check_tokenizer_engine, make_compiler
-from .errors import MMRecipeError, TokenizerError
+from .errors import MMRecipeError, ReleaseError, TokenizerError
 from .hashing import Hashes, file_sha256
 from .llm.cache import cache_digest
 from .llm.stages import LLMStages
@@ -51,7 +56,9 @@ class BuildResult:
     summary: dict[str, Any]
     manifest: Manifest
     #: Seconds per stage: read (sources → normalized columns), tokenize (render, tokenize,
-    #: mask), pack (mixture + packing), write (shards, hashes, manifest).
+    #: mask), pack (mixture + packing), write (shards, hashes, manifest); with a token
+    #: store, store (entries loaded and saved); with engine "ray", connect (to the
+    #: cluster, and from it), and tokenize is the wait for the cluster's tasks and their entries loaded.
     timings: dict[str, float] = field(default_factory=dict)
     #: Per LLM table: rows, served from the cache, calls made, failed, missing.
     llm: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -175,6 +182,9 @@ def build(
     retry_failed: bool = False,
     tokenizer_engine: str | None = None,
     cache: str | os.PathLike[str] | bool | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_staging: str | os.PathLike[str] | None = None,
 ) -> BuildResult:
     """Builds the release of `recipe` into the folder `out`. LLM stages call their
     endpoints only for what their caches lack; `offline` makes no call at all (and fails
@@ -185,16 +195,27 @@ def build(
     `cache`: the token store's folder (None: `store.cache_dir()`, i.e. `$MMRECIPE_CACHE`,
     `$XDG_CACHE_HOME/mmrecipe` or `~/.cache/mmrecipe`; False: no store). A source whose
     key matches an entry is loaded from it instead of being read and tokenized; the
-    release is byte-identical either way."""
+    release is byte-identical either way.
+
+    `engine`: "local" (this machine) or "ray": every source without LLM stages that the
+    token store lacks is read and tokenized by a task on the Ray cluster at `ray_address`
+    (None: `$RAY_ADDRESS`, else a new local instance), which writes its token store entry
+    to a staging folder the nodes share (`ray_staging`, else the hidden spill folder
+    beside `out`); the entries are loaded here, then mixed, packed and written as by the
+    local engine: the same release, byte for byte."""
     if threads_problem(threads):
         raise ValueError(threads_problem(threads))
+    if engine not in ENGINES:
+        raise ValueError(f"engine: {engine!r} is not one of {', '.join(map(repr, ENGINES))}")
+    if engine != "ray" and (ray_address is not None or ray_staging is not None):
+        raise ValueError("ray_address and ray_staging are for engine='ray'")
     check_tokenizer_engine(tokenizer_engine)  # before anything is written
     plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
     out = check_destination(Path(out), overwrite, protected_paths(plan))
     stages = LLMStages(plan, mode="offline" if offline else "online", retry_failed=retry_failed, progress=progress)
     hashes = Hashes()
     store = _open_store(cache)
-    with lock(out), stages, staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=spill_prefix(out)) as spill:
+    with lock(out), stages, staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=spill_prefix(out)) as spill, ExitStack() as on_cluster:
         timings: dict[str, float] = {}
         clock = [time.perf_counter()]
 
@@ -204,14 +225,28 @@ def build(
             clock[0] = now
 
         compiler = make_compiler(plan, threads, Path(spill), tokenizer_engine)
-        engine, engine_reason = compiler.tokenizer_engine()
+        tk_engine, engine_reason = compiler.tokenizer_engine()
         pad = plan.model.pad_token or plan.model.eos_token
         pad_id = compiler.token_id(pad) if pad else None
         if pad_id is None:
             raise TokenizerError(f"model.tokenizer: pad token {pad!r} is not in the vocabulary")
         image = image_rule(plan, compiler)
         use = _StoreUse(store, plan, hashes, tokenizer_engine, retry_failed)
-        notes = _tokenize(plan, stages, compiler, lap, progress, use)
+        remote = None
+        if engine == "ray":
+            from .engines.ray import Cluster
+
+            lap("read")
+            cluster = on_cluster.enter_context(closing(Cluster(ray_address, progress)))
+            entries = Path(spill) / "entries" if ray_staging is None else Path(
+                on_cluster.enter_context(tempfile.TemporaryDirectory(dir=ray_staging, prefix=f".{out.name}.entries-{os.getpid()}-")))
+            entries.mkdir(exist_ok=True)
+            remote = _OnCluster(cluster, entries, threads, tokenizer_engine)
+            lap("connect")  # to the cluster
+        notes = _tokenize(plan, stages, compiler, lap, progress, use, remote)
+        on_cluster.close()  # the cluster's work is done (and the staged entries loaded)
+        if remote is not None:
+            lap("connect")  # and disconnect
         summary = msgspec.json.decode(compiler.finish())
         for stats, source in zip(summary["sources"], plan.sources):
             # e.g. rows a join left out under on_error = "skip", answers an LLM lengthened
@@ -223,11 +258,14 @@ def build(
         del compiler  # its token store goes before the manifest is hashed
         write_json(tmp / STATS, summary)
         manifest = _manifest(plan, int(pad_id), shards, summary, file_sha256(tmp / STATS), image, hashes)
-        manifest.tokenizer_engine = {"engine": engine, "reason": engine_reason}
+        manifest.tokenizer_engine = {"engine": tk_engine, "reason": engine_reason}
         write_json(tmp / MANIFEST, manifest)
         lap("write")
     use.prune()
     return BuildResult(path=out, summary=summary, manifest=manifest, timings=timings, llm=stages.summary(), store=use.report())
+
+
+ENGINES = ("local", "ray")
 
 
 def _open_store(cache: str | os.PathLike[str] | bool | None) -> TokenStore | None:
@@ -291,10 +329,43 @@ class _StoreUse:
         if self.store is None:
             return
         try:
-            key, seq_len = self.key(source), self.plan.recipe.output.seq_len
-            # Valid at any seq_len its samples fit unless the overlong policy changed one.
-            path = self.store.path(key) if compiler.source_max_len(source.index) <= seq_len else self.store.path(key, seq_len)
-            size = compiler.save_source(source.index, key, msgspec.json.encode({"notes": notes}), str(path))
+            key = self.key(source)
+            path = self.entry_path(compiler, source, key)
+            size = compiler.save_source(source.index, key, entry_meta(notes), str(path))
+            self.store.describe(path, source.name, self.plan.recipe.recipe.name, size)
+            self.saved += size
+        except (MMRecipeError, OSError) as e:
+            self.warning(f"token store: source '{source.name}' not saved ({e}); the build goes on")
+
+    def entry_path(self, compiler: Any, source: SourcePlan, key: str) -> Path:
+        """Where the entry of `source` (in `compiler`) goes in the store: valid at any
+        seq_len its samples fit unless the overlong policy changed one."""
+        assert self.store is not None
+        seq_len = self.plan.recipe.output.seq_len
+        return self.store.path(key) if compiler.source_max_len(source.index) <= seq_len else self.store.path(key, seq_len)
+
+    def stored(self, source: SourcePlan) -> bool:
+        """Whether the store has a file where the entry of `source` would be (to be
+        loaded, not tokenized elsewhere; `load` then tells whether it is valid)."""
+        if self.store is None or (self.retry_failed and (source.lengthen is not None or source.generate is not None)):
+            return False
+        key = self.key(source)
+        return self.store.path(key, self.plan.recipe.output.seq_len).is_file() or self.store.path(key).is_file()
+
+    def adopt(self, compiler: Any, source: SourcePlan, staged: Path, size: int) -> None:
+        """Takes the entry a cluster task saved for `source` (already loaded into
+        `compiler`) into the store: moved when it can be, else copied and renamed."""
+        self.tokenized.append(source.name)
+        if self.store is None:
+            return
+        try:
+            path = self.entry_path(compiler, source, self.key(source))
+            try:
+                os.replace(staged, path)
+            except OSError:  # another file system
+                part = path.with_name(f".{path.name}.tmp-{os.getpid()}-adopt")
+                shutil.copyfile(staged, part)
+                os.replace(part, path)
             self.store.describe(path, source.name, self.plan.recipe.recipe.name, size)
             self.saved += size
         except (MMRecipeError, OSError) as e:
@@ -323,13 +394,80 @@ class _StoreUse:
         }
 
 
-def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: bool, use: _StoreUse) -> list[list[str]]:
+def entry_meta(notes: list[str]) -> bytes:
+    """The meta a token store entry holds: the source's notes."""
+    return msgspec.json.encode({"notes": notes})
+
+
+def tokenize_entry(plan: Plan, index: int, key: str, path: str, threads: int, tokenizer_engine: str | None) -> dict[str, Any]:
+    """Reads and tokenizes source `index` of `plan` (one without LLM stages) with a
+    compiler of its own, and saves its token store entry at `path` (written beside it and
+    renamed into place: running it again gives the same file). What a cluster task runs;
+    returns small metadata only."""
+    source = plan.sources[index]
+    with tempfile.TemporaryDirectory(prefix="mmrecipe-task-") as spill, LLMStages(plan, mode="offline", progress=False) as stages:
+        compiler = make_compiler(plan, threads, Path(spill), tokenizer_engine)
+        found: list[str] = []
+        rows = samples = 0
+        for norm in normalized(source, stages, BATCH_ROWS):
+            rows += len(norm)
+            for start in range(0, len(norm), BATCH_ROWS):
+                samples += compiler.add_batch(index, batch_columns(norm, start, BATCH_ROWS))
+            found += norm.notes
+        size = compiler.save_source(index, key, entry_meta(found + stages.notes(source.name)), path)
+        max_len = compiler.source_max_len(index)
+        del compiler
+    return {"path": path, "rows": rows, "samples": samples, "bytes": size, "max_len": max_len}
+
+
+class _OnCluster:
+    """The sources a build tokenizes on a Ray cluster: one task per source (the unit of
+    work in this version), each saving the source's token store entry under `folder`."""
+
+    def __init__(self, cluster: Any, folder: Path, threads: int, tokenizer_engine: str | None) -> None:
+        self.cluster, self.folder, self.threads, self.engine = cluster, folder, threads, tokenizer_engine
+        self.sent: dict[int, str] = {}  # source index → its key
+
+    def submit(self, plan: Plan, use: _StoreUse) -> None:
+        """A task for each source without LLM stages (those run here) that the store lacks."""
+        for source in plan.sources:
+            if source.lengthen is not None or source.generate is not None or use.stored(source):
+                continue
+            key = use.key(source)
+            path = self.folder / f"{key}-{source.index}.tok"
+            self.cluster.submit(key, tokenize_entry, plan, source.index, key, str(path), self.threads, self.engine)
+            self.sent[source.index] = key
+        self.cluster.start_bar()
+
+    def load(self, compiler: Any, source: SourcePlan, use: _StoreUse) -> list[str]:
+        """Waits for the task of `source`, loads the entry it saved (as from the token
+        store) and hands it to the store; returns the source's notes."""
+        key = self.sent[source.index]
+        info = self.cluster.result(key)
+        meta, why = compiler.load_source(source.index, key, info["path"])
+        if meta is None:
+            raise ReleaseError(f"source '{source.name}': the entry its cluster task saved at {info['path']} cannot be loaded ({why})")
+        use.adopt(compiler, source, Path(info["path"]), int(info["bytes"]))
+        return list(msgspec.json.decode(meta)["notes"])
+
+
+def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: bool, use: _StoreUse,
+              remote: _OnCluster | None = None) -> list[list[str]]:
     """Loads each source from the token store, or reads and tokenizes it (its tokens wait
-    in the spill) and saves it there; returns each source's notes."""
+    in the spill) and saves it there; returns each source's notes. With `remote`, the
+    sources it takes are tokenized on the cluster meanwhile, and loaded in their turn."""
     notes: list[list[str]] = []
+    if remote is not None:
+        remote.submit(plan, use)
+        lap("read")
     with _progress(0, "tokenize", "sample", progress) as bar:
         for source in plan.sources:
             bar.set_postfix_str(f"{source.name} ({source.index + 1}/{len(plan.sources)} sources)")
+            if remote is not None and source.index in remote.sent:
+                lap("read")
+                notes.append(remote.load(compiler, source, use))
+                lap("tokenize")  # the wait for the cluster, and the entry loaded
+                continue
             stored = None
             if use.store is not None:
                 lap("read")  # what came before (as without a store)

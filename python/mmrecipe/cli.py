@@ -191,10 +191,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         recipe, out, threads=args.threads, overwrite=args.overwrite, progress=not args.quiet,
         offline=args.offline, retry_failed=args.retry_failed, tokenizer_engine=args.tokenizer_engine,
         cache=False if args.no_cache else args.cache,
+        engine=args.engine, ray_address=args.address, ray_staging=args.ray_staging,
     )
     print(f"built {recipe.recipe.name} {recipe.recipe.version} (release {result.manifest.release_id[:12]})")
     print(format_summary(result.summary, out))
     print(format_store(result.store))
+    print("time               " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in result.timings.items()))
     for warning in result.store.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     if result.llm:
@@ -510,6 +512,14 @@ def parser() -> argparse.ArgumentParser:
                        help="the token store folder (default: $MMRECIPE_CACHE, $XDG_CACHE_HOME/mmrecipe or ~/.cache/mmrecipe): "
                             "sources whose samples it holds are not read or tokenized again")
     store.add_argument("--no-cache", action="store_true", help="neither use nor fill the token store")
+    b.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="where sources are read and tokenized: this machine, or a Ray cluster (pip install \"mmrecipe[ray]\"); "
+                        "the release is the same either way")
+    b.add_argument("--address", metavar="ADDR",
+                   help="--engine ray: the cluster's address, e.g. 10.0.0.1:6379 (default: $RAY_ADDRESS, else a new local instance)")
+    b.add_argument("--ray-staging", metavar="DIR",
+                   help="--engine ray: a folder every node can write and this machine read, for the tasks' token store "
+                        "entries (default: a hidden folder beside OUT)")
     b.set_defaults(func=cmd_build)
     k = sub.add_parser("cache", help="list, prune or clear the token store", description=CACHE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     k.add_argument("action", choices=["ls", "prune", "clear"], help="what to do")

@@ -1,0 +1,107 @@
+"""Running per-source work on a Ray cluster (`pip install "mmrecipe[ray]"`).
+
+The builder submits one task per source: a top-level function of its own (pickled by
+reference, so every node needs mmrecipe installed) that tokenizes the source and saves its
+token store entry onto storage the nodes share, returning only small metadata. A task is
+idempotent (its entry is written beside its name and renamed into place), so Ray may run it
+again: `max_retries` retries a task whose worker died. Ray is imported only here, lazily."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import MMRecipeError
+
+#: How often Ray runs a task again after its worker process died (killed, out of memory).
+MAX_RETRIES = 3
+
+#: Test-only: a folder; while it exists, each task kills its own worker the first time it
+#: runs for a given name (a marker file records that), so that Ray has to retry it.
+KILL_ONCE_ENV = "MMRECIPE_TEST_KILL_WORKER_ONCE"
+
+
+class RayEngineError(MMRecipeError):
+    """Ray is missing, the cluster cannot be reached, or a task failed on it."""
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise RayEngineError('--engine ray needs Ray: pip install "mmrecipe[ray]"') from None
+    return ray
+
+
+def _task(name: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """What runs on a worker: the builder's function on its arguments."""
+    marks = os.environ.get(KILL_ONCE_ENV)
+    if marks and Path(marks).is_dir():  # test-only hook (see KILL_ONCE_ENV)
+        mark = Path(marks) / name
+        if not mark.exists():
+            mark.touch()
+            os._exit(1)
+    return fn(*args)
+
+
+class Cluster:
+    """A connection to a Ray cluster for one build: tasks submitted, results awaited with a
+    progress bar of the sources done and the cluster's CPUs."""
+
+    def __init__(self, address: str | None, progress: bool) -> None:
+        ray = self.ray = _ray()
+        self.owned = not ray.is_initialized()
+        if self.owned:
+            try:
+                # A new local instance when no address is given (and $RAY_ADDRESS is unset).
+                extra = {} if address else {"include_dashboard": False}
+                ray.init(address=address, log_to_driver=False, configure_logging=False, **extra)
+            except Exception as e:  # Ray raises ConnectionError, RuntimeError, ...
+                raise RayEngineError(f"--engine ray: cannot connect to the Ray cluster at {address or 'a local instance'} ({e})") from None
+        self.cpus = int(self.ray.cluster_resources().get("CPU", 0))
+        self.remote = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(_task)
+        self.pending: dict[Any, str] = {}
+        self.done: dict[str, Any] = {}
+        self.progress = progress
+        self.bar: Any = None
+
+    def submit(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Runs `fn(*args)` as a task; `name` (unique in the build) gets its result."""
+        self.pending[self.remote.remote(name, fn, args)] = name
+
+    def start_bar(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(self.pending), desc="tokenize (ray)", unit="source", disable=not self.progress,
+                        file=sys.stderr, dynamic_ncols=True, leave=False)
+        self.bar.set_postfix_str(f"{self.cpus} CPUs in the cluster")
+
+    def result(self, name: str) -> Any:
+        """The result of task `name`, waiting for it (and counting others that end meanwhile)."""
+        while name not in self.done:
+            ready, _ = self.ray.wait(list(self.pending), num_returns=1)
+            for ref in ready:
+                which = self.pending.pop(ref)
+                try:
+                    self.done[which] = self.ray.get(ref)
+                except self.ray.exceptions.RayTaskError as e:
+                    cause = e.as_instanceof_cause()
+                    if isinstance(cause, MMRecipeError):
+                        raise cause from None  # the source's own error, as the local engine gives it
+                    raise RayEngineError(f"source '{which}': its task failed on the cluster ({e})") from None
+                except self.ray.exceptions.RayError as e:  # a worker died more than max_retries times, ...
+                    raise RayEngineError(f"source '{which}': its task failed on the cluster ({e})") from None
+                if self.bar is not None:
+                    self.bar.update(1)
+        return self.done.pop(name)
+
+    def close(self) -> None:
+        for ref in self.pending:
+            self.ray.cancel(ref, force=True)
+        self.pending.clear()
+        if self.bar is not None:
+            self.bar.close()
+        if self.owned:
+            self.ray.shutdown()

@@ -1,0 +1,196 @@
+"""`--engine ray` on a real two-node Ray cluster on loopback (two `ray start` processes):
+the release is the one the local engine builds, byte for byte, also when a worker dies
+mid-task and Ray runs the task again; and a driver that fails after the cluster's work
+leaves nothing beside OUT. Skipped without Ray (`pip install "mmrecipe[ray]"`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import DEMO
+from test_release_ids import PINNED, lay_out
+
+ray = pytest.importorskip("ray")
+
+from mmrecipe import build  # noqa: E402
+from mmrecipe import builder as builder_module  # noqa: E402
+from mmrecipe.engines.ray import KILL_ONCE_ENV  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(log: Path, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if "Ray runtime started" in log.read_text("utf-8", "replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    pytest.fail(f"{what} did not start:\n{log.read_text('utf-8', 'replace')[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A head node and a second node, 1 CPU each, as separate `ray start --block`
+    processes (ended by their ids at teardown, which stops what each started). Yields
+    the address and the folder that arms the worker-kill hook while it exists."""
+    folder = tmp_path_factory.mktemp("ray")
+    port = _free_port()
+    kill = folder / "kill-once"
+    # Loopback only: no token authentication between the test's own processes.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", KILL_ONCE_ENV: str(kill), "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus", "1", "--disable-usage-stats"]
+    temp = Path("/tmp") / f"mmr-ray-{os.getpid()}"  # Ray's socket paths must stay short
+    procs = []
+    try:
+        head_log = folder / "head.log"
+        head = subprocess.Popen([*ray_cli, "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir", str(temp)],
+                                stdout=head_log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        procs.append(head)
+        _wait_for(head_log, head, "the head node")
+        node_log = folder / "node.log"
+        node = subprocess.Popen([*ray_cli, "--address", f"127.0.0.1:{port}"],
+                                stdout=node_log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        procs.append(node)
+        _wait_for(node_log, node, "the second node")
+        old = os.environ.get("RAY_AUTH_MODE")
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        address = f"127.0.0.1:{port}"
+        ray.init(address=address, log_to_driver=False)
+        try:
+            end = time.monotonic() + 60
+            while ray.cluster_resources().get("CPU", 0) < 2 and time.monotonic() < end:
+                time.sleep(0.5)
+            assert ray.cluster_resources().get("CPU", 0) == 2, "both nodes joined"
+        finally:
+            ray.shutdown()
+        yield address, kill
+        if old is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = old
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def files(release: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(release)): p.read_bytes() for p in sorted(release.rglob("*")) if p.is_file()}
+
+
+def both(recipe: Path, out: Path, address: str, **kw) -> tuple[object, object]:
+    local = build(recipe, out / "local", progress=False, offline=True, cache=False, **kw)
+    remote = build(recipe, out / "ray", progress=False, offline=True, cache=False, engine="ray", ray_address=address, **kw)
+    return local, remote
+
+
+def test_the_demo_is_the_same_release_on_the_cluster(cluster, tmp_path):
+    local, remote = both(DEMO, tmp_path, cluster[0])
+    assert remote.manifest.release_id == local.manifest.release_id == PINNED["demo"]
+    assert files(tmp_path / "ray") == files(tmp_path / "local")
+    assert sorted(remote.store["tokenized"]) == sorted(s["name"] for s in remote.summary["sources"])
+    assert "connect" in remote.timings and "connect" not in local.timings
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-mix", "demo-llm"])
+def test_shipped_recipes_are_the_same_release_on_the_cluster(cluster, tmp_path, name):
+    """llava-1.5-mix on its fixtures (images, ten sources); demo-llm, whose one source
+    has an LLM stage and is therefore tokenized on the driver."""
+    recipes = lay_out(tmp_path / "work")
+    recipe = recipes / (f"{name}.toml" if name.startswith("demo") else f"{name}-fixtures.toml")
+    local, remote = both(recipe, tmp_path / "out", cluster[0])
+    assert remote.manifest.release_id == local.manifest.release_id == PINNED[name]
+    assert files(tmp_path / "out" / "ray") == files(tmp_path / "out" / "local")
+
+
+def test_a_killed_worker_is_retried_and_the_release_is_the_same(cluster, tmp_path):
+    address, kill = cluster
+    kill.mkdir()  # armed: every task kills its worker on its first run
+    try:
+        remote = build(DEMO, tmp_path / "ray", progress=False, cache=False, engine="ray", ray_address=address)
+    finally:
+        killed = sorted(p.name for p in kill.iterdir())
+        for p in kill.iterdir():
+            p.unlink()
+        kill.rmdir()
+    assert len(killed) == 4, "each of the demo's four tasks killed its worker once"
+    local = build(DEMO, tmp_path / "local", progress=False, cache=False)
+    assert remote.manifest.release_id == local.manifest.release_id
+    assert files(tmp_path / "ray") == files(tmp_path / "local")
+
+
+def test_the_cluster_fills_the_token_store_for_a_local_rebuild(cluster, tmp_path, isolated_token_store):
+    first = build(DEMO, tmp_path / "ray", progress=False, engine="ray", ray_address=cluster[0])
+    assert first.store["saved_bytes"] > 0 and first.store["reused"] == []
+    again = build(DEMO, tmp_path / "local", progress=False)
+    assert sorted(again.store["reused"]) == sorted(first.store["tokenized"]) and again.store["tokenized"] == []
+    assert files(tmp_path / "ray") == files(tmp_path / "local")
+    # And the cluster gets no task for what the store holds.
+    third = build(DEMO, tmp_path / "ray2", progress=False, engine="ray", ray_address=cluster[0])
+    assert third.store["tokenized"] == [] and third.manifest.release_id == first.manifest.release_id
+
+
+def test_a_driver_failing_after_the_tasks_leaves_nothing(cluster, tmp_path, monkeypatch):
+    def fail(*a, **k):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(builder_module, "write_shards", fail)  # after every entry is loaded
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    parent = tmp_path / "rel"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build(DEMO, parent / "demo", progress=False, cache=False, engine="ray", ray_address=cluster[0])
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build(DEMO, parent / "demo", progress=False, cache=False, engine="ray", ray_address=cluster[0], ray_staging=staging)
+    assert list(parent.iterdir()) == []
+    assert list(staging.iterdir()) == []
+
+
+def test_a_task_error_is_the_sources_own(cluster, tmp_path):
+    """A source that fails on a worker fails the build as it would locally."""
+    from mmrecipe.errors import MMRecipeError
+
+    from conftest import small_recipe
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "q"}\n')
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(small_recipe(f'name = "s"\npath = "{data}"\nlayout = "vqa"'))
+    with pytest.raises(MMRecipeError) as local:
+        build(recipe, tmp_path / "local", progress=False, cache=False)
+    with pytest.raises(MMRecipeError) as remote:
+        build(recipe, tmp_path / "ray", progress=False, cache=False, engine="ray", ray_address=cluster[0])
+    assert str(local.value) in str(remote.value)
+    assert not (tmp_path / "ray").exists()
+
+
+def test_the_command_line(cluster, tmp_path):
+    """`recipe build --engine ray --address ADDR`: the pinned release, a bar of the
+    sources done on the cluster with its CPUs, and the time of each stage."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    run = subprocess.run([sys.executable, "-m", "mmrecipe", "build", str(DEMO), "-o", str(tmp_path / "demo"), "--no-cache",
+                          "--engine", "ray", "--address", cluster[0]], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"(release {PINNED['demo'][:12]})" in run.stdout
+    assert "2 CPUs in the cluster" in run.stderr
+    times = next(line for line in run.stdout.splitlines() if line.startswith("time "))
+    assert all(f"{stage} " in times for stage in ("read", "connect", "tokenize", "pack", "write"))
