@@ -168,3 +168,51 @@ def test_real_server_lengthens_generates_and_rebuilds_offline(tmp_path, llama_se
     recipe.write_text(recipe.read_text().replace("one complete sentence", "one full sentence"))
     with pytest.raises(LLMError, match=r"lengthen.rephrase: 6 of 6 calls for source 'vqa' are not in the cache"):
         build(recipe, tmp_path / "c", progress=False, offline=True)
+
+
+def test_real_server_writes_a_pool_from_seeds_and_rebuilds_offline(tmp_path, llama_server):
+    """Four caption instructions for six samples, written by the model from three seeds:
+    each kept one a valid template of this source (no placeholders here), none a
+    duplicate of another; with the server stopped the release rebuilds from the cache."""
+    data = RECIPES / "demo" / "data"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "captions.json").write_text(json.dumps(json.loads((data / "captions.json").read_text())[:6]))
+    shutil.copytree(data / "images", tmp_path / "data" / "images")
+    seeds = ["Describe the image briefly.", "Write a short caption for this image.", "Give a concise caption for the photo."]
+    body = f'''name = "captions"
+path = "data/captions.json"
+layout = "caption"
+fields = {{ image = "image", caption = "caption" }}
+image_root = "data"
+instructions = "written"
+
+[pool.written]
+task = "caption"
+[pool.written.generate]
+seeds = {json.dumps(seeds)}
+count = 4
+endpoint = "{llama_server.url}"
+model = "smollm2"
+max_tokens = 48
+timeout = 120
+'''
+    recipe = tmp_path / "pool.toml"
+    recipe.write_text(small_recipe(body, model='image = { placeholder = "<image>", token = "<image>", count = 16 }', output="seq_len = 1024"))
+    first = build(recipe, tmp_path / "a", progress=False, cache=False)
+    calls = first.llm["pool.written"]["called"]
+    assert calls >= 4
+    from mmrecipe.check import check
+    from mmrecipe.llm.pools import _keys
+
+    pool = check(recipe, images="none").pools["written"].templates
+    written = pool[len(seeds):]
+    assert pool[: len(seeds)] == seeds and len(written) == 4, pool
+    assert all("{" not in t and 4 <= len(t) for t in written), written
+    assert len({k for t in pool for k in _keys(t)}) == 2 * len(pool)  # no two alike
+    note = first.summary["sources"][0]["notes"][0]
+    assert note.startswith(f"pool.written: 4 of 4 instructions written in {calls} calls, pool of 7"), note
+
+    llama_server.stop()
+    offline = build(recipe, tmp_path / "b", progress=False, offline=True, cache=False)
+    assert offline.llm["pool.written"]["called"] == 0
+    assert offline.manifest.release_id == first.manifest.release_id

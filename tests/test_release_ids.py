@@ -16,6 +16,7 @@ from mmrecipe import build
 PINNED = {
     "demo": "229bafa820fb110fae46db530e87ea52d1b03b31e8ce684e5001460ac1528296",
     "demo-llm": "b10c1bc1d639ffe8bbbfb0c6d11d71253246272159dba905faf2626ed296878b",
+    "demo-pool": "cb1645cd9dde9152bcb613686e723c9c21af7b98edfd0912d23d8cc7bd818fcb",
     "alignment": "c6e019396a321fe0f6720861b0322c202e9ebd81a4a97930da2459bfaec1c7fb",
     "llava-1.5-mix": "77484a765103937d44a0026288800e73154d15c9e3ea951926ac80d9dac164e3",
     "instructblip": "15e38f13b03489491286945004ec87c4c55f82ea4e7413a4a28cf139f685e099",

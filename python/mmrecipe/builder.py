@@ -33,6 +33,7 @@ from .compile import batch_columns, check_tokenizer_engine, make_compiler
 from .errors import MMRecipeError, ReleaseError, TokenizerError
 from .hashing import Hashes, file_sha256
 from .llm.cache import cache_digest
+from .llm.pools import expand_pools
 from .llm.stages import LLMStages
 from .recipe import Plan, Recipe, SourcePlan, load_recipe, resolve
 from .recipe.limits import threads_problem
@@ -216,6 +217,7 @@ def build(
     hashes = Hashes()
     store = _open_store(cache)
     with lock(out), stages, staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=spill_prefix(out)) as spill, ExitStack() as on_cluster:
+        plan, _ = expand_pools(plan, stages)  # before anything keys on the sources' templates
         timings: dict[str, float] = {}
         clock = [time.perf_counter()]
 
@@ -250,7 +252,7 @@ def build(
         summary = msgspec.json.decode(compiler.finish())
         for stats, source in zip(summary["sources"], plan.sources):
             # e.g. rows a join left out under on_error = "skip", answers an LLM lengthened
-            stats["notes"] = notes[source.index] + stages.notes(source.name)
+            stats["notes"] = stages.pool_note(source) + notes[source.index] + stages.notes(source.name)
         lap("pack")
         rows = summary["sequences"]
         with _progress(rows, "write", "seq", progress) as wbar:

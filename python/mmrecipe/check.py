@@ -15,6 +15,7 @@ from . import imageref
 from .builder import normalize_source
 from .compile import make_compiler
 from .errors import DataError
+from .llm.pools import PoolResult, expand_pools
 from .llm.stages import LLMStages
 from .recipe import Plan, Recipe, load_recipe, resolve
 from .recipe.model import ModelFiles
@@ -64,6 +65,8 @@ class CheckReport:
     llm: dict[str, dict[str, int]] = field(default_factory=dict)
     #: The engine a build will tokenize with ("fast" or "hf") and why.
     tokenizer_engine: tuple[str, str] = ("hf", "")
+    #: Generated pools as the call cache holds them: templates and what was left out.
+    pools: dict[str, PoolResult] = field(default_factory=dict)
 
 
 def check(recipe: str | Path | Recipe | Plan, images: ImageMode = "sample") -> CheckReport:
@@ -76,9 +79,10 @@ def check(recipe: str | Path | Recipe | Plan, images: ImageMode = "sample") -> C
     and so are unusable images of every source with on_error = "fail"."""
     plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
     with LLMStages(plan, mode="cache", progress=False) as stages:  # no calls: what the caches hold
+        plan, pools = expand_pools(plan, stages)
         sources = [normalize_source(plan, source.index, stages) for source in plan.sources]
     engine = make_compiler(plan, threads=1).tokenizer_engine()
-    report = CheckReport(plan, plan.model, sources, warnings=[n for s in sources for n in s.notes], llm=stages.summary(), tokenizer_engine=engine)
+    report = CheckReport(plan, plan.model, sources, warnings=[n for s in sources for n in s.notes], llm=stages.summary(), tokenizer_engine=engine, pools=pools)
     if images != "none":
         report.images = [_check_images(norm, images) for norm in sources]
         _raise_or_warn(report)

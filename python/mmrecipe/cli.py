@@ -274,11 +274,34 @@ def format_llm(counts: dict[str, dict[str, int]], check: bool = False) -> str:
     return _table(rows, ["llm table", "rows", "from cache", "calls made", "failed"])
 
 
+def _print_pools(report: Any) -> None:
+    """Every pool the sources use: its templates (a generated pool's as the cache holds them)."""
+    shown: set[str] = set()
+    for s in report.plan.sources:
+        name = s.spec.instructions if isinstance(s.spec.instructions, str) else None
+        if name is None or name in shown:
+            continue
+        shown.add(name)
+        result = report.pools.get(name)
+        head = f"pool '{name}'" + (f" ({result.note(_pool_count(report.plan, name))})" if result is not None else "")
+        print(head + ":")
+        templates = result.templates if result is not None else s.templates
+        for t in templates:
+            print("  " + t.replace("\n", "\\n"))
+        print()
+
+
+def _pool_count(plan: Any, name: str) -> int:
+    return next(p.spec.count for p in plan.pools if p.name == name)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import check
 
     report = check(args.recipe, images=args.images)
     checked = {c.source: c for c in report.images}
+    if args.pools:
+        _print_pools(report)
 
     def images(name: str) -> str:
         c = checked.get(name)
@@ -530,6 +553,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("recipe", help="the recipe TOML file")
     c.add_argument("--images", choices=["all", "sample", "none"], default="sample",
                    help="open every image, up to 200 per source (default), or none")
+    c.add_argument("--pools", action="store_true", help="print the instruction templates of every pool the sources use (generated ones as the call cache holds them)")
     c.set_defaults(func=cmd_check)
     v = sub.add_parser("verify", help="re-hash a release's shards (and inputs) against its manifest", description=VERIFY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("release", help="the release folder")

@@ -12,6 +12,7 @@ import numpy as np
 from .builder import normalized
 from .compile import batch_columns, make_compiler
 from .errors import RecipeError
+from .llm.pools import expand_pools
 from .llm.stages import LLMStages
 from .recipe import Plan, Recipe, load_recipe, resolve
 from .sources.columns import ROW
@@ -66,11 +67,12 @@ def preview(recipe: str | Path | Recipe | Plan, n: int = 5, source: str | None =
     names = [s.name for s in plan.sources]
     if source is not None and source not in names:
         raise RecipeError(f"--source: no source named '{source}' (sources: {', '.join(names)})")
-    picked = [s for s in plan.sources if source is None or s.name == source]
-    compiler = make_compiler(plan, threads=0)
     out = []
     with LLMStages(plan, mode="cache", progress=False) as stages:
+        plan, _ = expand_pools(plan, stages)  # what the cache holds of generated pools
+        picked = [s for s in plan.sources if source is None or s.name == source]
         firsts = [next(iter(normalized(s, stages))) for s in picked]
+    compiler = make_compiler(plan, threads=0)
     for norm in firsts:
         results = compiler.preview_batch(norm.source.index, batch_columns(norm, 0, n))
         rows = norm.frame[ROW].head(n).to_list()

@@ -22,8 +22,8 @@ import polars as pl
 from .. import _core
 from ..buffers import arrow, string_buffers, strings
 from ..errors import LLMError
-from ..recipe.plan import GeneratePlan, Plan, SourcePlan
-from ..recipe.schema import GenerateSpec, LLMSpec
+from ..recipe.plan import GeneratePlan, Plan, SourcePlan, pool_of
+from ..recipe.schema import GenerateSpec, LLMSpec, PoolGenerateSpec
 from ..sources.columns import ROW
 from . import replies
 from .cache import CallCache, Record
@@ -65,6 +65,8 @@ class LLMStages:
         self._bars: dict[str, Any] = {}
         self._call_failures: Counter[str] = Counter()
         self._prefixes: dict[str, list[dict[str, str]]] = {}
+        #: Generated pool → what generating it gave, for the notes of the sources using it.
+        self.pool_notes: dict[str, str] = {}
 
     def __enter__(self) -> LLMStages:
         return self
@@ -82,6 +84,12 @@ class LLMStages:
 
     def summary(self) -> dict[str, dict[str, int]]:
         return {table: asdict(c) for table, c in self.counts.items()}
+
+    def pool_note(self, source: SourcePlan) -> list[str]:
+        """What generating the source's pool gave (every build generates it again, from
+        the cache: so the note is never kept in a token store entry)."""
+        pool = pool_of(source.spec)
+        return [self.pool_notes[pool]] if pool in self.pool_notes else []
 
     def notes(self, source: str) -> list[str]:
         """What the LLM stages did to a source, for its stats."""
@@ -209,6 +217,14 @@ class LLMStages:
             self._caches[path] = CallCache(path)
         return self._caches[path]
 
+    def ask(
+        self, table: str, where: str, spec: LLMSpec, cache_path: Path, prefix: list[dict[str, str]], texts: pl.Series, rows: pl.Series,
+        source: str, seed: int,
+    ) -> pl.DataFrame:
+        """Per text: response, finish, error and `missing`, from the cache or a new call
+        (as the mode allows); `rows` number the texts in messages."""
+        return self._ask(table, where, spec, cache_path, prefix, texts, rows, source, seed)
+
     def _ask(
         self, table: str, where: str, spec: LLMSpec, cache_path: Path, prefix: list[dict[str, str]], texts: pl.Series, rows: pl.Series,
         source: str, seed: int,
@@ -323,7 +339,7 @@ class LLMStages:
 
 def _other_policies(spec: LLMSpec) -> str:
     """The on_error values that record a failed call and go on."""
-    return '"drop"' if isinstance(spec, GenerateSpec) else '"keep" or "drop"'
+    return '"drop"' if isinstance(spec, (GenerateSpec, PoolGenerateSpec)) else '"keep" or "drop"'
 
 
 def _n(count: int, one: str, many: str | None = None) -> str:

@@ -9,6 +9,8 @@ the list of inputs whose content the release records.
                             ├─ sources: [SourcePlan] (written sources, then generated ones)
                             │     files, formats, join, templates, image_root,
                             │     lengthen: LengthenPlan | None, generate: GeneratePlan | None
+                            ├─ pools: [PoolPlan] (pools an LLM expands from seeds; until the
+                            │     LLM stage fills them in, sources hold their fixed part)
                             └─ inputs: [InputRef] (role, file): hashed into the manifest
 
 Everything after this module reads the plan and never goes back to the recipe."""
@@ -24,7 +26,7 @@ import msgspec
 from ..errors import SourceError
 from .model import ModelFiles, load_model
 from .pools import builtin_pool_path, load_pool
-from .schema import RESERVED_FIELDS, GenerateSpec, LengthenSpec, Recipe, SourceSpec
+from .schema import RESERVED_FIELDS, GenerateSpec, LengthenSpec, PoolGenerateSpec, PoolSpec, Recipe, SourceSpec
 from .validate import is_glob, lengthen_fields
 
 # LLaVA-1.5's wording for short-answer data, appended to the instruction.
@@ -76,6 +78,18 @@ class GeneratePlan(msgspec.Struct, frozen=True):
     cache: Path
 
 
+class PoolPlan(msgspec.Struct, frozen=True):
+    """A [pool.NAME] whose instructions an LLM writes from seeds."""
+
+    name: str
+    table: str  # "pool.NAME": the name in counts, caches and notes
+    spec: PoolGenerateSpec
+    fixed: list[str]  # the pool's own templates, then the seeds (each once)
+    task: str  # the pool's task or description, for the prompt
+    seed: int
+    cache: Path
+
+
 class SourcePlan(msgspec.Struct, frozen=True):
     index: int
     name: str
@@ -121,10 +135,24 @@ class Plan(msgspec.Struct, frozen=True):
     model: ModelFiles
     sources: list[SourcePlan]
     inputs: list[InputRef]
+    pools: list[PoolPlan] = []
 
     @property
     def seed(self) -> int:
         return self.recipe.recipe.seed
+
+    def with_pools(self, generated: dict[str, list[str]]) -> Plan:
+        """The plan with each generated pool's instructions (`generated[name]`, the whole
+        pool) in the sources and template lengthening that use it."""
+        sources = []
+        for s in self.sources:
+            pool = pool_of(s.spec)
+            if pool in generated:
+                s = msgspec.structs.replace(s, templates=source_templates(generated[pool], s.spec))
+            if s.lengthen is not None and s.lengthen.spec.method == "template" and not s.lengthen.spec.templates and s.lengthen.spec.pool in generated:
+                s = msgspec.structs.replace(s, lengthen=msgspec.structs.replace(s.lengthen, templates=list(generated[s.lengthen.spec.pool])))
+            sources.append(s)
+        return msgspec.structs.replace(self, sources=sources)
 
     def source(self, name: str) -> SourcePlan:
         return next(s for s in self.sources if s.name == name)
@@ -140,7 +168,27 @@ def resolve(recipe: Recipe) -> Plan:
         _generated(recipe, folder, len(written) + j, j, g) for j, g in enumerate(recipe.generate)
     ]
     sources = written + generated
-    return Plan(recipe=recipe, folder=folder, model=model, sources=sources, inputs=_inputs(recipe, model, sources))
+    used = {pool_of(s.spec) for s in sources} | {s.lengthen.spec.pool for s in sources if s.lengthen is not None}
+    pools = [_pool(recipe, folder, name, p) for name, p in recipe.pool.items() if p.generate is not None and name in used]
+    return Plan(recipe=recipe, folder=folder, model=model, sources=sources, inputs=_inputs(recipe, model, sources, pools), pools=pools)
+
+
+def _pool(recipe: Recipe, folder: Path, name: str, pool: PoolSpec) -> PoolPlan:
+    g = pool.generate
+    assert g is not None
+    table = f"pool.{name}"
+    fixed = list(dict.fromkeys([*pool.templates, *g.seeds]))
+    cache = path_in(folder, g.cache or f"cache/{table}.jsonl").resolve()
+    return PoolPlan(name=name, table=table, spec=g, fixed=fixed, task=pool.task or pool.description, seed=_seed(recipe, g), cache=cache)
+
+
+def pool_templates(recipe: Recipe, name: str) -> list[str]:
+    """A pool's templates as the recipe writes them: a generated pool's fixed part (its
+    templates and seeds) until the LLM stage adds what it writes."""
+    pool = load_pool(name, recipe.pool)
+    if pool.generate is not None:
+        return list(dict.fromkeys([*pool.templates, *pool.generate.seeds]))
+    return list(pool.templates)
 
 
 def path_in(folder: Path, value: str) -> Path:
@@ -211,10 +259,14 @@ def pool_of(spec: SourceSpec) -> str | None:
 
 def _templates(recipe: Recipe, spec: SourceSpec) -> list[str]:
     pool = pool_of(spec)
-    templates = load_pool(pool, recipe.pool).templates if pool else list(spec.instructions or [])
+    return source_templates(pool_templates(recipe, pool) if pool else list(spec.instructions or []), spec)
+
+
+def source_templates(templates: list[str], spec: SourceSpec) -> list[str]:
+    """A source's instruction templates from its pool's: the short-answer wording added."""
     if spec.short_answer:
-        templates = [t + SHORT_ANSWER[spec.short_answer] for t in (templates or ["{question}"])]
-    return templates
+        return [t + SHORT_ANSWER[spec.short_answer] for t in (templates or ["{question}"])]
+    return list(templates)
 
 
 def _source(recipe: Recipe, folder: Path, index: int, spec: SourceSpec, key: str, generate: GeneratePlan | None = None) -> SourcePlan:
@@ -289,7 +341,7 @@ def _lengthen(recipe: Recipe, folder: Path, spec: SourceSpec) -> LengthenPlan | 
         return None
     table, t = f"lengthen.{spec.lengthen}", recipe.lengthen[spec.lengthen]
     if t.method == "template":
-        templates = t.templates or load_pool(t.pool or "", recipe.pool).templates
+        templates = t.templates or pool_templates(recipe, t.pool or "")
         return LengthenPlan(table=table, spec=t, seed=_seed(recipe, t), fields=lengthen_fields(spec), templates=templates, cache=None)
     cache = path_in(folder, t.cache or f"cache/{table}.jsonl").resolve()
     return LengthenPlan(table=table, spec=t, seed=_seed(recipe, t), fields=lengthen_fields(spec), templates=[], cache=cache)
@@ -314,7 +366,7 @@ def _generated(recipe: Recipe, folder: Path, index: int, j: int, g: GenerateSpec
     return _source(recipe, folder, index, spec, plan.key, generate=plan)
 
 
-def _inputs(recipe: Recipe, model: ModelFiles, sources: list[SourcePlan]) -> list[InputRef]:
+def _inputs(recipe: Recipe, model: ModelFiles, sources: list[SourcePlan], generated: list[PoolPlan]) -> list[InputRef]:
     """The files whose content the release records, in manifest order."""
     items: list[InputRef] = []
     if recipe.path:
@@ -338,5 +390,7 @@ def _inputs(recipe: Recipe, model: ModelFiles, sources: list[SourcePlan]) -> lis
             llm[f"{CACHE_ROLE}{s.generate.table}"] = s.generate.cache
             if s.generate.seeds is not None:
                 llm[f"seeds:{s.generate.table}"] = s.generate.seeds
+    for pool in generated:
+        llm[f"{CACHE_ROLE}{pool.table}"] = pool.cache
     items += [InputRef(role, path) for role, path in sorted(llm.items())]
     return items

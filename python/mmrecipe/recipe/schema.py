@@ -110,12 +110,6 @@ class SourceSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     on_error: Literal["fail", "skip"] = "fail"
 
 
-class PoolSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
-    templates: list[str]
-    description: str = ""
-    task: str = ""
-
-
 class LLMSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     """An OpenAI-compatible chat endpoint and how to call it. Everything that shapes a
     reply (model, system prompt, sampling parameters) is part of each call's cache key;
@@ -137,6 +131,39 @@ class LLMSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     backoff: float = 1.0
     # JSON Lines of finished calls, relative to the recipe; default cache/<table>.jsonl.
     cache: str | None = None
+
+
+class PoolGenerateSpec(LLMSpec, kw_only=True, forbid_unknown_fields=True):
+    """`[pool.NAME] generate = {...}`: more instructions written by an LLM in the style of
+    hand-written seeds. Calls k = 0, 1, ... (call seed = seed + k, the seeds shown as the
+    model's earlier replies, from the k-th on) each ask for `per_call` instructions, one
+    per line, until `count`
+    new ones survive the filters (duplicates, near duplicates, unknown or missing
+    placeholders) or `max_calls` calls were made; the pool is the templates, the seeds and
+    the first `count` survivors, in that order."""
+
+    seeds: list[str]
+    count: int = 40
+    # One per call suits small models best; larger ones can write ten at once.
+    per_call: int = 1
+    # Default: 3 calls per `per_call` asked, plus 2.
+    max_calls: int | None = None
+    # The user turn of each call, after the seeds; {per_call} and {task} are filled in.
+    prompt: str | None = None
+    # A candidate whose ROUGE-L (word LCS F1) against an instruction already in the pool
+    # is above this is a near duplicate (Self-Instruct's 0.7); 1.0 keeps all but duplicates.
+    max_similarity: float = 0.7
+    temperature: float = 0.9
+    max_tokens: int = 512
+    # A failed call: recorded, and the next call asked ("drop"), or the build stops.
+    on_error: Literal["drop", "fail"] = "drop"
+
+
+class PoolSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    templates: list[str] = []
+    description: str = ""
+    task: str = ""
+    generate: PoolGenerateSpec | None = None
 
 
 class LengthenSpec(LLMSpec, kw_only=True, forbid_unknown_fields=True):

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from .pools import builtin_pool_path, builtin_pools
-from .schema import RESERVED_FIELDS, LLMSpec, Recipe, SourceSpec
+from .schema import RESERVED_FIELDS, LLMSpec, PoolGenerateSpec, Recipe, SourceSpec
 
 _NOT_FROM_TOML = ("path", "bases")
 
@@ -134,8 +134,13 @@ def semantic_problems(r: Recipe) -> list[str]:
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known pools: {', '.join(names)})"
             p.append(f"source[{i}].instructions: no pool named '{s.instructions}'{hint}")
     for name, pool in r.pool.items():
-        if not pool.templates:
-            p.append(f"pool.{name}.templates: the pool is empty")
+        if pool.generate is not None:
+            p += _pool_generate_problems(pool.generate, f"pool.{name}.generate")
+        elif not pool.templates:
+            p.append(f"pool.{name}.templates: the pool is empty (list templates, or generate = {{ seeds = [...], ... }})")
+        for j, t in enumerate(pool.templates):
+            if (problem := template_problem(t)) is not None:
+                p.append(f"pool.{name}.templates[{j}]: {problem}")
     p += _lengthen_problems(r)
     p += _generate_problems(r, seen)
     return p
@@ -147,6 +152,50 @@ _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 def placeholders(template: str) -> list[str]:
     """The `{field}` names of a template (`{{` and `}}` are literal braces)."""
     return [m.group(1).strip() for m in _PLACEHOLDER.finditer(template) if m.group(1) is not None]
+
+
+def template_problem(template: str) -> str | None:
+    """Why `template` is not a valid instruction template (None when it is): the rules of
+    the core's template parser, a brace that is neither `{{`, `}}` nor a `{field}`."""
+    for m in _TEMPLATE_PIECE.finditer(template):
+        piece = m.group(0)
+        if piece in ("{{", "}}"):
+            continue
+        if piece == "}":
+            return f"lone '}}' at character {m.start()} (write '}}}}' for a literal brace)"
+        if piece == "{":
+            return f"unclosed '{{' at character {m.start()} (write '{{{{' for a literal brace)"
+        name = piece[1:-1].strip()
+        if not name or not all(c.isalnum() or c == "_" for c in name):
+            return f"'{piece}' is not a field placeholder (use letters, digits and '_')"
+    return None
+
+
+_TEMPLATE_PIECE = re.compile(r"\{\{|\}\}|\{[^}]*\}|\{|\}")
+
+#: What a generated pool's prompt fills in (other braces stay as written: instructions
+#: have `{field}` placeholders of their own).
+POOL_PROMPT_FIELDS = ("per_call", "task")
+
+
+def _pool_generate_problems(g: PoolGenerateSpec, where: str) -> list[str]:
+    p = _llm_problems(g, where)
+    if not g.seeds:
+        p.append(f"{where}.seeds: list a few hand-written instructions for the LLM to follow")
+    for j, t in enumerate(g.seeds):
+        if (problem := template_problem(t)) is not None:
+            p.append(f"{where}.seeds[{j}]: {problem}")
+    if not 1 <= g.count <= 10_000:
+        p.append(f"{where}.count: {g.count} is not between 1 and 10000")
+    if not 1 <= g.per_call <= 200:
+        p.append(f"{where}.per_call: {g.per_call} is not between 1 and 200")
+    if g.max_calls is not None and not 1 <= g.max_calls <= 10_000:
+        p.append(f"{where}.max_calls: {g.max_calls} is not between 1 and 10000")
+    if not 0.0 < g.max_similarity <= 1.0:
+        p.append(f"{where}.max_similarity: {g.max_similarity} is not in (0, 1]")
+    if g.prompt is not None and not g.prompt.strip():
+        p.append(f"{where}.prompt: an empty prompt asks for nothing (leave it out for the default)")
+    return p
 
 
 def _llm_problems(spec: LLMSpec, where: str) -> list[str]:
