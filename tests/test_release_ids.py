@@ -18,6 +18,7 @@ PINNED = {
     "demo-llm": "b10c1bc1d639ffe8bbbfb0c6d11d71253246272159dba905faf2626ed296878b",
     "demo-pool": "cb1645cd9dde9152bcb613686e723c9c21af7b98edfd0912d23d8cc7bd818fcb",
     "alignment": "c6e019396a321fe0f6720861b0322c202e9ebd81a4a97930da2459bfaec1c7fb",
+    "alignment-parquet": "ad4c8e1c4afea22843dc82aeb4e8fd3d724a73ddd51f7045a6a9ee5092aaf6cc",
     "llava-1.5-mix": "77484a765103937d44a0026288800e73154d15c9e3ea951926ac80d9dac164e3",
     "instructblip": "15e38f13b03489491286945004ec87c4c55f82ea4e7413a4a28cf139f685e099",
 }
@@ -28,7 +29,7 @@ def lay_out(folder: Path) -> Path:
     on the fixtures as `NAME-fixtures.toml`, with paths relative to the recipes."""
     shutil.copytree(ROOT / "recipes", folder / "recipes")
     shutil.copytree(ROOT / "tests" / "fixtures", folder / "fixtures")
-    for stem in ("alignment", "llava-1.5-mix", "instructblip"):
+    for stem in ("alignment", "alignment-parquet", "llava-1.5-mix", "instructblip"):
         body = sources_moved(folder / "recipes" / f"{stem}.toml", "../fixtures", 40)
         (folder / "recipes" / f"{stem}-fixtures.toml").write_text(f'extends = "{stem}.toml"\n' + body)
     return folder / "recipes"
