@@ -116,7 +116,7 @@ def test_a_short_pool_is_kept_with_a_note(tmp_path, stub):
     pool_recipe(tmp_path, stub, generate="max_calls = 2")
     templates, result = pool_of(tmp_path / "r.toml")
     assert templates == [*SEEDS, "{question} Short, please."]
-    assert result.note(6) == "pool.mine: 1 of 6 instructions written in 2 calls, pool of 3 (left out: 1 duplicates)"
+    assert result.note() == "pool.mine: 1 of 6 instructions written in 2 calls, pool of 3 (left out: 1 duplicates)"
 
 
 def test_build_rebuilds_offline_byte_for_byte_and_the_cache_is_an_input(tmp_path, stub):

@@ -283,16 +283,12 @@ def _print_pools(report: Any) -> None:
             continue
         shown.add(name)
         result = report.pools.get(name)
-        head = f"pool '{name}'" + (f" ({result.note(_pool_count(report.plan, name))})" if result is not None else "")
+        head = f"pool '{name}'" + (f" ({result.note()})" if result is not None else "")
         print(head + ":")
         templates = result.templates if result is not None else s.templates
         for t in templates:
             print("  " + t.replace("\n", "\\n"))
         print()
-
-
-def _pool_count(plan: Any, name: str) -> int:
-    return next(p.spec.count for p in plan.pools if p.name == name)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

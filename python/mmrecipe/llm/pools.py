@@ -52,18 +52,24 @@ class PoolResult:
     table: str
     templates: list[str]
     fixed: int  # templates and seeds, before the generated ones
+    asked: int  # the pool's `count`
     calls: int = 0  # calls whose replies were read
     missing: int = 0  # calls the cache lacked in a run that makes no calls
     dropped: Counter[str] = field(default_factory=Counter)
 
-    def note(self, count: int) -> str:
-        new = len(self.templates) - self.fixed
-        text = f"{self.table}: {new} of {count} instructions written in {self.calls} calls, pool of {len(self.templates)}"
+    @property
+    def written(self) -> int:
+        return len(self.templates) - self.fixed
+
+    def left_out(self) -> str:
+        """" (left out: 2 duplicates, ...)", or "" when nothing was."""
+        return " (left out: " + ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) + ")" if self.dropped else ""
+
+    def note(self) -> str:
+        text = f"{self.table}: {self.written} of {self.asked} instructions written in {self.calls} calls, pool of {len(self.templates)}"
         if self.missing:
             text += " (the cache holds no more calls)"
-        if self.dropped:
-            text += " (left out: " + ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) + ")"
-        return text
+        return text + self.left_out()
 
 
 def expand_pools(plan: Plan, stages: LLMStages) -> tuple[Plan, dict[str, PoolResult]]:
@@ -71,8 +77,8 @@ def expand_pools(plan: Plan, stages: LLMStages) -> tuple[Plan, dict[str, PoolRes
     in, and what each gave. In the stages' "cache" mode a pool holds what the cache has
     (maybe only its fixed part)."""
     results = {p.name: generate_pool(p, stages) for p in plan.pools}
-    for p in plan.pools:
-        stages.pool_notes[p.name] = results[p.name].note(p.spec.count)
+    for name, result in results.items():
+        stages.pool_notes[name] = result.note()
     return plan.with_pools({name: r.templates for name, r in results.items()}), results
 
 
@@ -81,12 +87,11 @@ def generate_pool(pool: PoolPlan, stages: LLMStages) -> PoolResult:
     max_calls = g.max_calls if g.max_calls is not None else 3 * -(-g.count // g.per_call) + 2
     required = set.intersection(*(set(placeholders(s)) for s in g.seeds)) if g.seeds else set()
     allowed = {f for t in pool.fixed for f in placeholders(t)}
-    result = PoolResult(table=pool.table, templates=list(pool.fixed), fixed=len(pool.fixed))
+    result = PoolResult(table=pool.table, templates=list(pool.fixed), fixed=len(pool.fixed), asked=g.count)
     seen = {key for t in pool.fixed for key in _keys(t)}
     kept = [_words(t) for t in pool.fixed]
     ask = g.prompt if g.prompt is not None else (ASK_ONE if g.per_call == 1 else ASK_MANY)
     ask = ask.replace("{per_call}", str(g.per_call)).replace("{task}", pool.task)
-    new = 0
     for k in range(max_calls):
         got = stages.ask(pool.table, f"{pool.table}.generate", g, pool.cache, _turns(pool, k, allowed), pl.Series([ask]),
                          pl.Series([k]), pool.table, pool.seed + k)
@@ -114,14 +119,12 @@ def generate_pool(pool: PoolPlan, stages: LLMStages) -> PoolResult:
             seen |= keys
             kept.append(words)
             result.templates.append(candidate)
-            new += 1
-            if new == g.count:
+            if result.written == g.count:
                 return result
-    if new == 0 and result.missing == 0:
+    if result.written == 0 and result.missing == 0:
         raise LLMError(
-            f"{pool.table}.generate: {result.calls} calls gave no usable instruction"
-            + (f" (left out: {', '.join(f'{n} {why}' for why, n in sorted(result.dropped.items()))})" if result.dropped else "")
-            + "; check the model and prompt, or raise max_calls"
+            f"{pool.table}.generate: {result.calls} calls gave no usable instruction{result.left_out()}; "
+            "check the model and prompt, or raise max_calls"
         )
     return result
 

@@ -134,7 +134,7 @@ class LLMStages:
         assert t.prompt is not None and plan.cache is not None
         prompts = _fill([t.prompt], plan.seed, spec.name, rows, values)
         system = [{"role": "system", "content": t.system}] if t.system else []
-        got = self._ask(table, table, t, plan.cache, system, prompts, rows, spec.name, plan.seed)
+        got = self.ask(table, table, t, plan.cache, system, prompts, rows, spec.name, plan.seed)
         reply = got["response"].str.strip_chars()
         reason = (
             pl.when(pl.col("error").is_not_null()).then(pl.col("error"))
@@ -174,7 +174,7 @@ class LLMStages:
         o = self.outcomes[g.name]
         parts = []
         for k in range(g.conversations):
-            got = self._ask(table, where, g, plan.cache, prefix, contexts, rows, g.name, plan.seed + k)
+            got = self.ask(table, where, g, plan.cache, prefix, contexts, rows, g.name, plan.seed + k)
             failed = got["error"].is_not_null() & ~got["missing"]
             self.counts[table].failed += int(failed.sum())
             if g.on_error == "fail" and failed.any():
@@ -218,14 +218,6 @@ class LLMStages:
         return self._caches[path]
 
     def ask(
-        self, table: str, where: str, spec: LLMSpec, cache_path: Path, prefix: list[dict[str, str]], texts: pl.Series, rows: pl.Series,
-        source: str, seed: int,
-    ) -> pl.DataFrame:
-        """Per text: response, finish, error and `missing`, from the cache or a new call
-        (as the mode allows); `rows` number the texts in messages."""
-        return self._ask(table, where, spec, cache_path, prefix, texts, rows, source, seed)
-
-    def _ask(
         self, table: str, where: str, spec: LLMSpec, cache_path: Path, prefix: list[dict[str, str]], texts: pl.Series, rows: pl.Series,
         source: str, seed: int,
     ) -> pl.DataFrame:

@@ -177,7 +177,7 @@ def _pool(recipe: Recipe, folder: Path, name: str, pool: PoolSpec) -> PoolPlan:
     g = pool.generate
     assert g is not None
     table = f"pool.{name}"
-    fixed = list(dict.fromkeys([*pool.templates, *g.seeds]))
+    fixed = fixed_templates(pool)
     cache = path_in(folder, g.cache or f"cache/{table}.jsonl").resolve()
     return PoolPlan(name=name, table=table, spec=g, fixed=fixed, task=pool.task or pool.description, seed=_seed(recipe, g), cache=cache)
 
@@ -185,10 +185,12 @@ def _pool(recipe: Recipe, folder: Path, name: str, pool: PoolSpec) -> PoolPlan:
 def pool_templates(recipe: Recipe, name: str) -> list[str]:
     """A pool's templates as the recipe writes them: a generated pool's fixed part (its
     templates and seeds) until the LLM stage adds what it writes."""
-    pool = load_pool(name, recipe.pool)
-    if pool.generate is not None:
-        return list(dict.fromkeys([*pool.templates, *pool.generate.seeds]))
-    return list(pool.templates)
+    return fixed_templates(load_pool(name, recipe.pool))
+
+
+def fixed_templates(pool: PoolSpec) -> list[str]:
+    """A pool's own templates, then a generated pool's seeds (each once)."""
+    return list(dict.fromkeys([*pool.templates, *(pool.generate.seeds if pool.generate is not None else [])]))
 
 
 def path_in(folder: Path, value: str) -> Path:

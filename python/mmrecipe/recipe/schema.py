@@ -137,10 +137,9 @@ class PoolGenerateSpec(LLMSpec, kw_only=True, forbid_unknown_fields=True):
     """`[pool.NAME] generate = {...}`: more instructions written by an LLM in the style of
     hand-written seeds. Calls k = 0, 1, ... (call seed = seed + k, the seeds shown as the
     model's earlier replies, from the k-th on) each ask for `per_call` instructions, one
-    per line, until `count`
-    new ones survive the filters (duplicates, near duplicates, unknown or missing
-    placeholders) or `max_calls` calls were made; the pool is the templates, the seeds and
-    the first `count` survivors, in that order."""
+    per line, until `count` new ones survive the filters (duplicates, near duplicates,
+    unknown or missing placeholders) or `max_calls` calls were made; the pool is the
+    templates, the seeds and the first `count` survivors, in that order."""
 
     seeds: list[str]
     count: int = 40

@@ -173,11 +173,6 @@ def template_problem(template: str) -> str | None:
 
 _TEMPLATE_PIECE = re.compile(r"\{\{|\}\}|\{[^}]*\}|\{|\}")
 
-#: What a generated pool's prompt fills in (other braces stay as written: instructions
-#: have `{field}` placeholders of their own).
-POOL_PROMPT_FIELDS = ("per_call", "task")
-
-
 def _pool_generate_problems(g: PoolGenerateSpec, where: str) -> list[str]:
     p = _llm_problems(g, where)
     if not g.seeds:
