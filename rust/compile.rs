@@ -375,7 +375,7 @@ impl Compiler {
             let text = batch.contents.get(t).map_err(|m| ("content", m))?;
             let content = if role == Role::User && !self.templates[source].is_empty() {
                 let pool = &self.templates[source];
-                let k = instruct::choose(plan.seed, self.source_keys[source], row, user_turn, pool.len());
+                let k = instruct::choose(plan.epoch_seed(), self.source_keys[source], row, user_turn, pool.len());
                 if template < 0 {
                     template = k as i32;
                 }

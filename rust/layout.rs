@@ -210,7 +210,7 @@ fn select(plan: &Plan, stores: &[Store], source_keys: &[u64]) -> Result<Vec<Vec<
                 MixturePlan::Samples(total) => mix::largest_remainder(&weights, total),
                 _ => sizes.clone(),
             };
-            stores.iter().enumerate().map(|(s, st)| mix::select(&rows_of(st), counts[s], plan.seed, source_keys[s])).collect()
+            stores.iter().enumerate().map(|(s, st)| mix::select(&rows_of(st), counts[s], plan.epoch_seed(), source_keys[s])).collect()
         }
         MixturePlan::Tokens(total) => {
             let targets = mix::largest_remainder(&weights, total);
@@ -219,7 +219,7 @@ fn select(plan: &Plan, stores: &[Store], source_keys: &[u64]) -> Result<Vec<Vec<
                 .enumerate()
                 .map(|(s, st)| {
                     let lengths: Vec<u32> = st.samples.iter().map(|r| r.len).collect();
-                    mix::select_tokens(&rows_of(st), &lengths, targets[s], plan.seed, source_keys[s])
+                    mix::select_tokens(&rows_of(st), &lengths, targets[s], plan.epoch_seed(), source_keys[s])
                 })
                 .collect()
         }
@@ -289,7 +289,7 @@ fn pack_rows(plan: &Plan, lengths: &[u32], images: &[u32]) -> (Vec<Vec<u32>>, Pa
         }
     }
     if plan.shuffle {
-        rng::shuffle(&mut bins, plan.seed, rng::name_hash("mmrecipe/rows"));
+        rng::shuffle(&mut bins, plan.epoch_seed(), rng::name_hash("mmrecipe/rows"));
     } else if plan.packing != Packing::None {
         bins.sort_unstable_by_key(|b| b[0]);
     }

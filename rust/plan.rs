@@ -7,6 +7,9 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     pub seed: u64,
+    /// The epoch of a multi-epoch release this plan builds (`[output] epochs`; 0 for the first).
+    #[serde(default)]
+    pub epoch: u64,
     /// Jinja source of the chat template (the model's own, or a built-in's text).
     pub chat_template: String,
     #[serde(default)]
@@ -40,6 +43,13 @@ pub struct Plan {
     /// `[model] tokenizer_engine`: which encoder turns text into ids (the ids are the same).
     #[serde(default)]
     pub tokenizer_engine: TokenizerEngine,
+}
+
+impl Plan {
+    /// The seed of this plan's epoch: templates, subset, order and packing drawn by it.
+    pub fn epoch_seed(&self) -> u64 {
+        crate::rng::epoch_seed(self.seed, self.epoch)
+    }
 }
 
 fn yes() -> bool {

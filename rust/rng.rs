@@ -7,8 +7,19 @@ pub const PURPOSE_TEMPLATE: u64 = 0x7465_6d70;
 pub const PURPOSE_SUBSET: u64 = 0x7375_6273;
 pub const PURPOSE_SHUFFLE: u64 = 0x7368_7566;
 pub const PURPOSE_LENGTHEN: u64 = 0x6c65_6e67;
+pub const PURPOSE_EPOCH: u64 = 0x6570_6f63;
 /// The samples the fast tokenizer engine's output is also checked against HF's.
 pub const PURPOSE_SHADOW: u64 = 0x7368_6164;
+
+/// The seed of `epoch`: the recipe's own for epoch 0 (so a one-epoch release is what it
+/// was before epochs existed), a keyed derivation of it for every later epoch.
+pub fn epoch_seed(seed: u64, epoch: u64) -> u64 {
+    if epoch == 0 {
+        seed
+    } else {
+        keyed(seed, name_hash("mmrecipe/epoch"), epoch, PURPOSE_EPOCH)
+    }
+}
 
 /// SplitMix64 finalizer: a bijective 64-bit mixer with full avalanche.
 #[inline]
@@ -52,6 +63,17 @@ pub fn shuffle<T>(items: &mut [T], seed: u64, stream: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoch_zero_keeps_the_seed_and_later_epochs_differ() {
+        for seed in [0u64, 7, u64::MAX >> 1] {
+            assert_eq!(epoch_seed(seed, 0), seed);
+            let later: std::collections::HashSet<u64> = (1..50).map(|e| epoch_seed(seed, e)).collect();
+            assert_eq!(later.len(), 49);
+            assert!(!later.contains(&seed));
+            assert_eq!(epoch_seed(seed, 3), epoch_seed(seed, 3));
+        }
+    }
 
     #[test]
     fn keyed_is_pure_and_sensitive() {
