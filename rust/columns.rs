@@ -76,6 +76,9 @@ pub struct Batch<'a> {
     pub image_data: Option<StrCol<'a>>,
     /// Extra per-sample fields for instruction templates, in the plan's order.
     pub fields: Vec<StrCol<'a>>,
+    /// Per sample, its audio clips (a path each), as `image_offsets` and `images`;
+    /// None for a source without audio.
+    pub audio: Option<(&'a [i64], StrCol<'a>)>,
 }
 
 fn check_offsets(offsets: &[i64], n: usize, len: usize, what: &str) -> Result<()> {
@@ -101,6 +104,10 @@ impl Batch<'_> {
             if data.len() != self.images.len() {
                 return Err(Error::internal("batch.image_data: one entry per image expected"));
             }
+        }
+        if let Some((offsets, paths)) = &self.audio {
+            paths.check("batch.audio")?;
+            check_offsets(offsets, n, paths.len(), "batch.audio_offsets")?;
         }
         if self.contents.len() != self.roles.len() {
             return Err(Error::internal("batch.contents: one content per turn expected"));

@@ -7,6 +7,7 @@ use crate::columns::Batch;
 use crate::error::{Error, Result};
 use crate::instruct::{self, Template};
 use crate::layout::Layout;
+use crate::audio::{self, AudioInfo};
 use crate::media::{self, ImageInfo};
 use crate::overlong;
 use crate::plan::{OnError, Overlong, Plan, TrainOn};
@@ -37,6 +38,9 @@ pub(crate) struct SampleRec {
     /// First of its images in the store's image paths and grids.
     pub img: u32,
     pub n_img: u32,
+    /// First of its audio clips in the store's audio paths and infos.
+    pub aud: u32,
+    pub n_aud: u32,
     pub template: i32,
 }
 
@@ -68,6 +72,10 @@ pub(crate) struct Store {
     pub image_path_ends: Vec<u64>,
     /// The (t, h, w) grid of every image, as `media::ImageInfo::grid`.
     pub image_grids: Vec<[u32; 3]>,
+    /// Audio paths of every sample, as image paths; and each clip's tokens and length.
+    pub audio_paths: String,
+    pub audio_path_ends: Vec<u64>,
+    pub audio_infos: Vec<AudioInfo>,
     pub stats: SourceStats,
     /// The longest sample tokenized (before the overlong policy): when it fits seq_len,
     /// no sample was dropped, truncated or split, so the store is the same for any
@@ -81,6 +89,12 @@ impl Store {
         let start = if k == 0 { 0 } else { self.image_path_ends[k - 1] as usize };
         &self.image_paths.as_bytes()[start..self.image_path_ends[k] as usize]
     }
+
+    /// The bytes of audio path `k`.
+    pub fn audio_path(&self, k: usize) -> &[u8] {
+        let start = if k == 0 { 0 } else { self.audio_path_ends[k - 1] as usize };
+        &self.audio_paths.as_bytes()[start..self.audio_path_ends[k] as usize]
+    }
 }
 
 /// One processed sample before it joins its source's store.
@@ -89,6 +103,8 @@ struct Done {
     template: i32,
     image_paths: Vec<usize>,
     image_grids: Vec<[u32; 3]>,
+    /// The sample's audio clips: (index in the batch's audio paths, info) each.
+    audios: Vec<(usize, AudioInfo)>,
     truncated: bool,
     /// Which piece of a conversation split at turn boundaries (0 otherwise).
     part: u16,
@@ -159,7 +175,11 @@ impl Compiler {
         let renderer = ChatRenderer::new(&plan.chat_template, plan.bos_token.as_deref(), plan.eos_token.as_deref())?;
         let tk = TextTokenizer::from_file(tokenizer_path)?;
         let image = plan.image.as_ref().map(|i| (i.placeholder.as_str(), i.token.as_str(), i.start.as_deref(), i.end.as_deref()));
-        let mut tokenizer = TextTokenizer::new(tk, image, plan.tokenizer_engine)?;
+        let aud = plan.audio.as_ref().map(|a| (a.placeholder.as_str(), a.token.as_str(), a.start.as_deref(), a.end.as_deref()));
+        if let Some(a) = &plan.audio {
+            audio::check_plan(a)?;
+        }
+        let mut tokenizer = TextTokenizer::with_media(tk, image, aud, plan.tokenizer_engine)?;
         // Test hook for the shadow check (tests/test_tokenizer_engine.py); never set otherwise.
         if std::env::var_os("MMRECIPE_TEST_FAST_ENGINE_FAULT").is_some() {
             tokenizer.inject_fast_engine_fault();
@@ -280,33 +300,37 @@ impl Compiler {
 
     fn process_row(&self, source: usize, batch: &Batch, i: usize, len: &mut u32) -> RowResult<Outcome> {
         let plan = &self.plan;
-        let (messages, template, infos) = self.sample_messages(source, batch, i)?;
+        let (messages, template, infos, audios) = self.sample_messages(source, batch, i)?;
         let image_counts: Vec<u32> = infos.iter().map(|i| i.tokens).collect();
         let image_grids: Vec<[u32; 3]> = infos.iter().map(|i| i.grid).collect();
+        let audio_counts: Vec<u32> = audios.iter().map(|(_, a)| a.tokens).collect();
+        let counts = (image_counts.as_slice(), audio_counts.as_slice());
         let (i0, i1) = (batch.image_offsets[i] as usize, batch.image_offsets[i + 1] as usize);
         let image_paths: Vec<usize> = (i0..i1).collect();
-        let enc = self.encode(&messages, &image_counts)?;
+        let enc = self.encode(&messages, counts)?;
         *len = enc.ids.len().min(u32::MAX as usize) as u32;
-        if let Some(mismatch) = self.shadow_check(source, batch.rows[i], &messages, &image_counts, &enc)? {
+        if let Some(mismatch) = self.shadow_check(source, batch.rows[i], &messages, counts, &enc)? {
             return Ok(Outcome::EngineMismatch(mismatch));
         }
         if enc.ids.len() <= plan.seq_len as usize {
-            return self.keep(vec![Done { enc, template, image_paths, image_grids, truncated: false, part: 0 }]);
+            return self.keep(vec![Done { enc, template, image_paths, image_grids, audios, truncated: false, part: 0 }]);
         }
         match plan.overlong {
             Overlong::Drop => Ok(Outcome::Overlong),
             Overlong::Truncate => {
                 let mut enc = enc;
-                if !overlong::truncate(&mut enc, plan.seq_len as usize, self.tokenizer.image_wrappers()) {
+                let wraps = (self.tokenizer.image_wrappers(), self.tokenizer.audio_wrappers());
+                if !overlong::truncate_media(&mut enc, plan.seq_len as usize, wraps.0, wraps.1) {
                     return Ok(Outcome::Overlong);
                 }
-                let (mut image_paths, mut image_grids) = (image_paths, image_grids);
+                let (mut image_paths, mut image_grids, mut audios) = (image_paths, image_grids, audios);
                 image_paths.truncate(enc.images.len());
                 image_grids.truncate(enc.images.len());
-                self.keep(vec![Done { enc, template, image_paths, image_grids, truncated: true, part: 0 }])
+                audios.truncate(enc.audios.len());
+                self.keep(vec![Done { enc, template, image_paths, image_grids, audios, truncated: true, part: 0 }])
             }
             Overlong::SplitTurns => {
-                let parts = self.split_turns(&messages, &image_counts)?;
+                let parts = self.split_turns(&messages, counts)?;
                 if parts.is_empty() {
                     return Ok(Outcome::Overlong);
                 }
@@ -318,6 +342,7 @@ impl Compiler {
                         template,
                         image_paths: image_paths.clone(),
                         image_grids: image_grids.clone(),
+                        audios: audios.clone(),
                         truncated: true,
                         part: k as u16,
                     })
@@ -337,12 +362,14 @@ impl Compiler {
             (0..n)
                 .into_par_iter()
                 .map(|i| {
-                    let (messages, template, infos) =
+                    let (messages, template, infos, audios) =
                         self.sample_messages(source, batch, i).map_err(|(f, m)| format!("{f}: {m}"))?;
                     let counts: Vec<u32> = infos.iter().map(|i| i.tokens).collect();
+                    let audio_counts: Vec<u32> = audios.iter().map(|(_, a)| a.tokens).collect();
                     let rendered = self.renderer.render(&messages).map_err(|e| e.to_string())?;
                     let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
-                    let enc = self.tokenizer.encode(&rendered, &roles, &counts, self.plan.train_on, self.plan.train_on_eos)?;
+                    let (train_on, eos) = (self.plan.train_on, self.plan.train_on_eos);
+                    let enc = self.tokenizer.encode_media(&rendered, &roles, (&counts, &audio_counts), train_on, eos)?;
                     Ok((rendered.text, enc, template))
                 })
                 .collect()
@@ -350,14 +377,43 @@ impl Compiler {
     }
 
     /// The messages of sample `i` with its instruction template applied and image
-    /// placeholders in place, the template id, and the tokens and grid of each image.
-    fn sample_messages(&self, source: usize, batch: &Batch, i: usize) -> RowResult<(Vec<Message>, i32, Vec<ImageInfo>)> {
+    /// placeholders in place, the template id, the tokens and grid of each image, and
+    /// each audio clip (its index in the batch and its tokens).
+    #[allow(clippy::type_complexity)]
+    fn sample_messages(
+        &self,
+        source: usize,
+        batch: &Batch,
+        i: usize,
+    ) -> RowResult<(Vec<Message>, i32, Vec<ImageInfo>, Vec<(usize, AudioInfo)>)> {
         let (mut messages, template) = self.instructed_turns(source, batch, i)?;
         if self.plan.train_on != TrainOn::All && !messages.iter().any(|m| m.role == Role::Assistant) {
             return Err(("messages", "the sample has no assistant turn to train on".to_string()));
         }
         let infos = self.sample_images(source, batch, i, &mut messages)?;
-        Ok((messages, template, infos))
+        let audios = self.sample_audios(source, batch, i, &mut messages)?;
+        Ok((messages, template, infos, audios))
+    }
+
+    /// The tokens of each audio clip of sample `i` (its header read), with the audio
+    /// placeholders put into `messages` where the text has none.
+    fn sample_audios(&self, source: usize, batch: &Batch, i: usize, messages: &mut [Message]) -> RowResult<Vec<(usize, AudioInfo)>> {
+        let Some((offsets, paths)) = &batch.audio else { return Ok(Vec::new()) };
+        let (a0, a1) = (offsets[i] as usize, offsets[i + 1] as usize);
+        if a1 == a0 {
+            return Ok(Vec::new());
+        }
+        let Some(plan) = &self.plan.audio else {
+            return Err(("audio", "the sample has audio but the recipe sets no [model] audio".to_string()));
+        };
+        let root = self.plan.sources[source].audio_root.as_deref().map(Path::new).unwrap_or(Path::new(""));
+        let mut out = Vec::with_capacity(a1 - a0);
+        for k in a0..a1 {
+            let rel = paths.get(k).map_err(|m| ("audio", m))?;
+            out.push((k, audio::audio_info(plan, &root.join(rel)).map_err(|m| ("audio", m))?));
+        }
+        media::place_images(messages, &plan.placeholder, a1 - a0).map_err(|m| ("audio", m.replace("images", "audio")))?;
+        Ok(out)
     }
 
     /// The turns of sample `i` as messages, each user turn through the instruction
@@ -420,11 +476,11 @@ impl Compiler {
         Ok(infos)
     }
 
-    fn encode(&self, messages: &[Message], image_counts: &[u32]) -> RowResult<Encoded> {
+    fn encode(&self, messages: &[Message], counts: (&[u32], &[u32])) -> RowResult<Encoded> {
         let rendered = self.renderer.render(messages).map_err(|e| ("messages", e.to_string()))?;
         let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
         self.tokenizer
-            .encode(&rendered, &roles, image_counts, self.plan.train_on, self.plan.train_on_eos)
+            .encode_media(&rendered, &roles, counts, self.plan.train_on, self.plan.train_on_eos)
             .map_err(|m| ("messages", m))
     }
 
@@ -436,7 +492,7 @@ impl Compiler {
         source: usize,
         row: u64,
         messages: &[Message],
-        counts: &[u32],
+        counts: (&[u32], &[u32]),
         enc: &Encoded,
     ) -> RowResult<Option<String>> {
         if self.tokenizer.engine().0 != "fast" {
@@ -468,19 +524,23 @@ impl Compiler {
     }
 
     /// `overlong = "split_turns"`, with each part keeping the sample's images.
-    fn split_turns(&self, messages: &[Message], image_counts: &[u32]) -> RowResult<Vec<Encoded>> {
+    fn split_turns(&self, messages: &[Message], counts: (&[u32], &[u32])) -> RowResult<Vec<Encoded>> {
+        let (image_counts, audio_counts) = counts;
         overlong::split_turns(messages, self.plan.seq_len as usize, |chunk| {
             let mut chunk = chunk.to_vec();
             if let Some(img) = self.plan.image.as_ref().filter(|_| !image_counts.is_empty()) {
                 media::place_images(&mut chunk, &img.placeholder, image_counts.len()).map_err(|m| ("image", m))?;
             }
-            self.encode(&chunk, image_counts)
+            if let Some(aud) = self.plan.audio.as_ref().filter(|_| !audio_counts.is_empty()) {
+                media::place_images(&mut chunk, &aud.placeholder, audio_counts.len()).map_err(|m| ("audio", m))?;
+            }
+            self.encode(&chunk, counts)
         })
     }
 }
 
 fn append(store: &mut Store, spill: &mut Spill, batch: &Batch, i: usize, done: Done) -> Result<()> {
-    let Done { enc, template, image_paths, image_grids, truncated, part } = done;
+    let Done { enc, template, image_paths, image_grids, audios, truncated, part } = done;
     let rec = SampleRec {
         row: batch.rows[i],
         part,
@@ -489,8 +549,17 @@ fn append(store: &mut Store, spill: &mut Spill, batch: &Batch, i: usize, done: D
         trained: enc.trained() as u32,
         img: store.image_path_ends.len() as u32,
         n_img: enc.images.len() as u32,
+        aud: store.audio_path_ends.len() as u32,
+        n_aud: enc.audios.len() as u32,
         template,
     };
+    if let Some((_, paths)) = &batch.audio {
+        for (k, info) in audios {
+            store.audio_paths.push_str(paths.get(k).unwrap_or_default());
+            store.audio_path_ends.push(store.audio_paths.len() as u64);
+            store.audio_infos.push(info);
+        }
+    }
     for k in image_paths {
         // Validated as UTF-8 when the image was read.
         store.image_paths.push_str(batch.images.get(k).unwrap_or_default());
@@ -561,6 +630,7 @@ pub(crate) mod tests {
             images: StrCol { offsets: &c.no_paths, data: &[] },
             image_data: None,
             fields: vec![],
+            audio: None,
         }
     }
 

@@ -2,7 +2,7 @@
 //! order (interleaved by source), packed into which rows (best-fit decreasing), with the
 //! build's statistics; and the packed rows, emitted in pieces as flat arrays.
 
-use crate::compile::{Compiler, SourceStats, Store};
+use crate::compile::{Compiler, SampleRec, SourceStats, Store};
 use crate::error::{Error, Result};
 use crate::mix::{self, Pick};
 use crate::pack;
@@ -60,6 +60,14 @@ pub struct Packed {
     pub image_grid_t: Vec<u32>,
     pub image_grid_h: Vec<u32>,
     pub image_grid_w: Vec<u32>,
+    /// Audio runs as image runs: row r's are `audio_offsets[r]..audio_offsets[r+1]`;
+    /// each clip's length in samples at the model's rate. Empty without audio.
+    pub audio_offsets: Vec<i64>,
+    pub audio_positions: Vec<u32>,
+    pub audio_lengths: Vec<u32>,
+    pub audio_path_offsets: Vec<i64>,
+    pub audio_path_data: Vec<u8>,
+    pub audio_samples: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -161,17 +169,26 @@ impl Compiler {
         let layout = self.layout.as_ref().ok_or_else(|| Error::internal("emit() before finish()"))?;
         let hi = hi.min(layout.bins.len());
         let image_token = self.tokenizer.image_token().unwrap_or(0);
+        let audio_token = self.tokenizer.audio_token();
         let mut out = Packed::default();
         out.row_offsets.push(0);
         out.segment_offsets.push(0);
         out.image_offsets.push(0);
         out.image_path_offsets.push(0);
+        out.audio_offsets.push(0);
+        out.audio_path_offsets.push(0);
         for bin in &layout.bins[lo.min(hi)..hi] {
             let row_start = out.input_ids.len();
             for &it in bin {
                 let (s, pick) = layout.items[it as usize];
-                emit_segment(&mut out, &mut self.spill, &self.stores[s as usize], (s, pick), row_start, image_token)?;
+                let store = &self.stores[s as usize];
+                let seg_start = out.input_ids.len();
+                emit_segment(&mut out, &mut self.spill, store, (s, pick), row_start, image_token)?;
+                if let Some(token) = audio_token {
+                    emit_audio(&mut out, store, store.samples[pick.index as usize], seg_start, row_start, token)?;
+                }
             }
+            out.audio_offsets.push(out.audio_positions.len() as i64);
             out.row_offsets.push(out.input_ids.len() as i64);
             out.segment_offsets.push(out.segment_lengths.len() as i64);
             out.image_offsets.push(out.image_positions.len() as i64);
@@ -350,6 +367,27 @@ fn summarize(plan: &Plan, stores: &[Store], items: &[(u16, Pick)], sequences: u6
         packing_efficiency: efficiency(lower_bound, sequences),
         packing,
     }
+}
+
+/// The audio runs of the sample whose tokens start at `seg_start` of `out`: each clip's
+/// run is the next stretch of audio tokens (they come from placeholders only: text never
+/// tokenizes to them), its length the clip's tokens.
+fn emit_audio(out: &mut Packed, store: &Store, rec: SampleRec, seg_start: usize, row_start: usize, token: u32) -> Result<()> {
+    let mut at = seg_start;
+    for k in rec.aud as usize..(rec.aud + rec.n_aud) as usize {
+        let info = store.audio_infos[k];
+        let found = out.input_ids[at..].iter().position(|&t| t == token).map(|p| p + at);
+        let Some(pos) = found.filter(|&p| p + info.tokens as usize <= out.input_ids.len()) else {
+            return Err(Error::internal("an audio run is missing from its sample's tokens"));
+        };
+        out.audio_positions.push((pos - row_start) as u32);
+        out.audio_lengths.push(info.tokens);
+        out.audio_path_data.extend_from_slice(store.audio_path(k));
+        out.audio_path_offsets.push(out.audio_path_data.len() as i64);
+        out.audio_samples.push(info.samples);
+        at = pos + info.tokens as usize;
+    }
+    Ok(())
 }
 
 /// Appends one selected sample to `out`, in the row that starts at token `row_start`:

@@ -11,6 +11,7 @@
 //! - `plan`: the build plan, a resolved recipe as the core reads it (JSON from Python).
 //! - `compile`: the per-sample pipeline of each batch, into one store per source.
 //! - `instruct`: instruction templates (`{question}`, `{field}`) and the choice of one per turn.
+//! - `audio`: audio token counts (fixed, or the Whisper rule from the header's length).
 //! - `media`: image token counts (fixed, or Qwen2-VL's rule from the file header) and placeholders.
 //! - `render`: chat-template rendering (minijinja) with each message's span in the text.
 //! - `tokenize`: tokenization with response-only loss masks and image token runs.
@@ -29,6 +30,7 @@
 //! - `error`: the one error type; `python`: the binding (`mmrecipe._core`), behind the
 //!   `python` feature so `cargo test` runs without linking Python.
 
+pub mod audio;
 pub mod chunks;
 pub mod columns;
 pub mod compile;

@@ -18,6 +18,8 @@ pub struct Plan {
     pub eos_token: Option<String>,
     #[serde(default)]
     pub image: Option<ImagePlan>,
+    #[serde(default)]
+    pub audio: Option<AudioPlan>,
     pub seq_len: u32,
     #[serde(default)]
     pub train_on: TrainOn,
@@ -171,6 +173,53 @@ fn default_max_pixels() -> u64 {
     28 * 28 * 1280
 }
 
+/// `[model] audio`: how `<audio>` placeholders expand (audio.rs).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AudioPlan {
+    pub placeholder: String,
+    pub token: String,
+    #[serde(default)]
+    pub start: Option<String>,
+    #[serde(default)]
+    pub end: Option<String>,
+    /// Fixed tokens per clip; when absent, the Whisper rule from the clip's length.
+    #[serde(default)]
+    pub count: Option<u32>,
+    #[serde(default = "default_sampling_rate")]
+    pub sampling_rate: u32,
+    #[serde(default = "default_chunk_seconds")]
+    pub chunk_seconds: u32,
+    #[serde(default = "default_hop_length")]
+    pub hop_length: u32,
+    #[serde(default = "default_pool")]
+    pub pool: u32,
+    #[serde(default)]
+    pub long: LongAudio,
+}
+
+/// A clip longer than the window: an error, or cut to it as the feature extractor does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LongAudio {
+    #[default]
+    Error,
+    Truncate,
+}
+
+fn default_sampling_rate() -> u32 {
+    16_000
+}
+fn default_chunk_seconds() -> u32 {
+    30
+}
+fn default_hop_length() -> u32 {
+    160
+}
+fn default_pool() -> u32 {
+    2
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourcePlan {
@@ -184,6 +233,9 @@ pub struct SourcePlan {
     /// Directory that image paths are relative to.
     #[serde(default)]
     pub image_root: Option<String>,
+    /// Directory that audio paths are relative to.
+    #[serde(default)]
+    pub audio_root: Option<String>,
     #[serde(default = "default_weight")]
     pub weight: f64,
     #[serde(default)]

@@ -94,6 +94,13 @@ struct BatchColumns<'py> {
     #[pyo3(default)]
     image_data: Option<PyReadonlyArray1<'py, u8>>,
     fields: Vec<(PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, u8>)>,
+    /// Per sample, its audio clips (offsets into the path column); absent without audio.
+    #[pyo3(default)]
+    audio_offsets: Option<PyReadonlyArray1<'py, i64>>,
+    #[pyo3(default)]
+    audio_path_offsets: Option<PyReadonlyArray1<'py, i64>>,
+    #[pyo3(default)]
+    audio_path_data: Option<PyReadonlyArray1<'py, u8>>,
 }
 
 impl BatchColumns<'_> {
@@ -111,6 +118,10 @@ impl BatchColumns<'_> {
                 _ => None,
             },
             fields: self.fields.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?,
+            audio: match (&self.audio_offsets, &self.audio_path_offsets, &self.audio_path_data) {
+                (Some(a), Some(o), Some(d)) => Some((a.as_slice()?, str_col(o, d)?)),
+                _ => None,
+            },
         })
     }
 }
@@ -220,6 +231,12 @@ impl PyCompiler {
             image_grid_t,
             image_grid_h,
             image_grid_w,
+            audio_offsets,
+            audio_positions,
+            audio_lengths,
+            audio_path_offsets,
+            audio_path_data,
+            audio_samples,
         ))
     }
 

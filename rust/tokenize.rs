@@ -49,6 +49,8 @@ pub struct Encoded {
     /// Byte range of every token in the rendered text.
     pub offsets: Vec<(u32, u32)>,
     pub images: Vec<ImageRun>,
+    /// Audio token runs, as image runs are recorded (the clip's tokens, wrappers excluded).
+    pub audios: Vec<ImageRun>,
 }
 
 impl Encoded {
@@ -57,7 +59,10 @@ impl Encoded {
     }
 }
 
-/// How image placeholders expand.
+/// (placeholder, token, start, end) as text.
+pub type MediaSpec<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>);
+
+/// How image (or audio) placeholders expand.
 #[derive(Debug, Clone)]
 pub struct ImageTokens {
     pub placeholder: String,
@@ -110,16 +115,19 @@ pub struct TextTokenizer {
     /// Test hook: the fast engine gives a wrong id (to exercise the build's shadow check).
     fault: bool,
     id: u64,
-    /// Patterns: the special tokens, then the image placeholder (when set).
+    /// Patterns: the special tokens, then the image placeholder (when set), then the
+    /// audio placeholder (when set).
     cutter: AhoCorasick,
     special_ids: Vec<u32>,
     image: Option<ImageTokens>,
+    audio: Option<ImageTokens>,
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Cut {
     Special(u32),
     Image,
+    Audio,
 }
 
 impl TextTokenizer {
@@ -131,9 +139,15 @@ impl TextTokenizer {
     }
 
     /// `image`: (placeholder, token, start, end) as text; each token must exist.
-    pub fn new(
+    pub fn new(tokenizer: Tokenizer, image: Option<MediaSpec<'_>>, engine: TokenizerEngine) -> Result<Self> {
+        Self::with_media(tokenizer, image, None, engine)
+    }
+
+    /// As `new`, with `<audio>`-style placeholders too (`audio`, as `image`).
+    pub fn with_media(
         mut tokenizer: Tokenizer,
-        image: Option<(&str, &str, Option<&str>, Option<&str>)>,
+        image: Option<MediaSpec<'_>>,
+        audio: Option<MediaSpec<'_>>,
         engine: TokenizerEngine,
     ) -> Result<Self> {
         tokenizer.set_encode_special_tokens(true);
@@ -158,6 +172,24 @@ impl TextTokenizer {
             }),
             None => None,
         };
+        let audio = match audio {
+            Some((placeholder, token, start, end)) => Some(ImageTokens {
+                placeholder: placeholder.to_string(),
+                token: lookup(token, "audio token")?,
+                start: start.map(|s| lookup(s, "audio start token")).transpose()?,
+                end: end.map(|s| lookup(s, "audio end token")).transpose()?,
+            }),
+            None => None,
+        };
+        if let Some(aud) = &audio {
+            if aud.placeholder.is_empty() {
+                return Err(Error::plan("model.audio.placeholder", "must not be empty"));
+            }
+            if image.as_ref().is_some_and(|i| i.placeholder == aud.placeholder) {
+                return Err(Error::plan("model.audio.placeholder", "must differ from the image placeholder"));
+            }
+            specials.retain(|(s, _)| *s != aud.placeholder);
+        }
         if let Some(img) = &image {
             if img.placeholder.is_empty() {
                 return Err(Error::plan("model.image.placeholder", "must not be empty"));
@@ -170,6 +202,9 @@ impl TextTokenizer {
         if let Some(img) = &image {
             patterns.push(&img.placeholder);
         }
+        if let Some(aud) = &audio {
+            patterns.push(&aud.placeholder);
+        }
         let cutter = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
             .build(&patterns)
@@ -178,7 +213,7 @@ impl TextTokenizer {
         let hf_words = byte_level_bpe(&tokenizer);
         let (engine, engine_reason) = choose_engine(&tokenizer, engine)?;
         let id = NEXT_TOKENIZER_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(TextTokenizer { tokenizer, engine, engine_reason, hf_words, fault: false, id, cutter, special_ids, image })
+        Ok(TextTokenizer { tokenizer, engine, engine_reason, hf_words, fault: false, id, cutter, special_ids, image, audio })
     }
 
     /// Turns HF's word path off: every piece through the full `Tokenizer::encode` (tests
@@ -206,6 +241,16 @@ impl TextTokenizer {
         self.image.as_ref().map(|i| i.token)
     }
 
+    /// The id audio placeholders expand to.
+    pub fn audio_token(&self) -> Option<u32> {
+        self.audio.as_ref().map(|i| i.token)
+    }
+
+    /// Whether audio runs are wrapped in start / end tokens.
+    pub fn audio_wrappers(&self) -> (bool, bool) {
+        self.audio.as_ref().map(|i| (i.start.is_some(), i.end.is_some())).unwrap_or((false, false))
+    }
+
     /// Whether image runs are wrapped in start / end tokens.
     pub fn image_wrappers(&self) -> (bool, bool) {
         self.image.as_ref().map(|i| (i.start.is_some(), i.end.is_some())).unwrap_or((false, false))
@@ -218,8 +263,10 @@ impl TextTokenizer {
     fn cut_kind(&self, pattern: usize) -> Cut {
         if pattern < self.special_ids.len() {
             Cut::Special(self.special_ids[pattern])
-        } else {
+        } else if pattern == self.special_ids.len() && self.image.is_some() {
             Cut::Image
+        } else {
+            Cut::Audio
         }
     }
 
@@ -319,7 +366,19 @@ impl TextTokenizer {
         train_on: TrainOn,
         train_on_eos: bool,
     ) -> std::result::Result<Encoded, String> {
-        self.encode_with(rendered, roles, image_counts, train_on, train_on_eos, false)
+        self.encode_with(rendered, roles, (image_counts, &[]), train_on, train_on_eos, false)
+    }
+
+    /// As `encode`, with the tokens of each audio clip, in order.
+    pub fn encode_media(
+        &self,
+        rendered: &Rendered,
+        roles: &[Role],
+        counts: (&[u32], &[u32]),
+        train_on: TrainOn,
+        train_on_eos: bool,
+    ) -> std::result::Result<Encoded, String> {
+        self.encode_with(rendered, roles, counts, train_on, train_on_eos, false)
     }
 
     /// As `encode`, every piece through HF's full `Tokenizer::encode` (the shadow check's
@@ -328,16 +387,16 @@ impl TextTokenizer {
         &self,
         rendered: &Rendered,
         roles: &[Role],
-        image_counts: &[u32],
+        (image_counts, audio_counts): (&[u32], &[u32]),
     ) -> std::result::Result<Encoded, String> {
-        self.encode_with(rendered, roles, image_counts, TrainOn::All, false, true)
+        self.encode_with(rendered, roles, (image_counts, audio_counts), TrainOn::All, false, true)
     }
 
     fn encode_with(
         &self,
         rendered: &Rendered,
         roles: &[Role],
-        image_counts: &[u32],
+        (image_counts, audio_counts): (&[u32], &[u32]),
         train_on: TrainOn,
         train_on_eos: bool,
         reference: bool,
@@ -348,6 +407,7 @@ impl TextTokenizer {
         let mut kinds: Vec<u8> = Vec::new();
         let mut pos = 0usize;
         let mut n_images = 0usize;
+        let mut n_audios = 0usize;
         for m in self.cutter.find_iter(text) {
             let cut = self.cut_kind(m.pattern().as_usize());
             if let Cut::Special(_) = cut {
@@ -382,6 +442,25 @@ impl TextTokenizer {
                     }
                     out.images.push(ImageRun { pos: first, len: count });
                 }
+                Cut::Audio => {
+                    let aud = self.audio.as_ref().expect("audio pattern only exists with an audio config");
+                    let Some(&count) = audio_counts.get(n_audios) else {
+                        return Err(format!(
+                            "the text has more '{}' placeholders than the sample has audio clips ({})",
+                            aud.placeholder,
+                            audio_counts.len()
+                        ));
+                    };
+                    n_audios += 1;
+                    let first = out.ids.len() as u32 + aud.start.is_some() as u32;
+                    let run = aud.start.into_iter().chain(std::iter::repeat_n(aud.token, count as usize)).chain(aud.end);
+                    for id in run {
+                        out.ids.push(id);
+                        out.offsets.push(span);
+                        kinds.push(KIND_IMAGE);
+                    }
+                    out.audios.push(ImageRun { pos: first, len: count });
+                }
             }
             pos = m.end();
         }
@@ -392,6 +471,14 @@ impl TextTokenizer {
                 "the sample has {} images but its text has {} '{ph}' placeholders",
                 image_counts.len(),
                 n_images
+            ));
+        }
+        if n_audios != audio_counts.len() {
+            let ph = self.audio.as_ref().map(|i| i.placeholder.as_str()).unwrap_or("<audio>");
+            return Err(format!(
+                "the sample has {} audio clips but its text has {} '{ph}' placeholders",
+                audio_counts.len(),
+                n_audios
             ));
         }
         out.mask = response_mask(rendered, roles, &out.offsets, &kinds, train_on, train_on_eos);
@@ -556,7 +643,7 @@ mod tests {
                     prop_assert_eq!(&a.mask, &want.mask);
                     prop_assert_eq!(&a.images, &want.images);
                 }
-                let reference = fast.encode_reference(&rendered, &roles, &counts).unwrap();
+                let reference = fast.encode_reference(&rendered, &roles, (&counts, &[])).unwrap();
                 prop_assert_eq!(&reference.ids, &want.ids);
                 let image_tokens = want.ids.iter().filter(|&&i| i == 49152).count();
                 prop_assert_eq!(image_tokens, 3 * n);
