@@ -111,6 +111,14 @@ def test_the_demo_is_the_same_release_on_the_cluster(cluster, tmp_path):
     assert "connect" in remote.timings and "connect" not in local.timings
 
 
+def test_a_multi_epoch_release_is_the_same_on_the_cluster(cluster, tmp_path):
+    """The templated sources are tokenized again for each later epoch, on the cluster."""
+    local, remote = both(DEMO.parent / "demo-epochs.toml", tmp_path, cluster[0])
+    assert remote.manifest.release_id == local.manifest.release_id == PINNED["demo-epochs"]
+    assert files(tmp_path / "ray") == files(tmp_path / "local")
+    assert "vqa (epoch 2)" in remote.store["tokenized"] and remote.manifest.epoch_count == 3
+
+
 @pytest.mark.parametrize("name", ["llava-1.5-mix", "demo-llm"])
 def test_shipped_recipes_are_the_same_release_on_the_cluster(cluster, tmp_path, name):
     """llava-1.5-mix on its fixtures (images, ten sources); demo-llm, whose one source

@@ -39,7 +39,7 @@ from .recipe import Plan, Recipe, SourcePlan, load_recipe, resolve
 from .recipe.limits import threads_problem
 from .recipe.plan import CACHE_ROLE
 from .recipe.pools import BUILTIN_PREFIX, pools_dir
-from .release.format import FORMAT, MANIFEST, STATS, InputFile, Manifest, release_id_of
+from .release.format import FORMAT, MANIFEST, STATS, EpochPart, InputFile, Manifest, epoch_folder, release_id_of
 from .release.guard import check_destination, lock
 from .release.write import spill_prefix, staging, write_json, write_shards
 from .sources.columns import Normalized
@@ -67,6 +67,8 @@ class BuildResult:
     #: (`reused`) and those tokenized, why each tokenized one missed, bytes saved, and
     #: warnings (a store that could not be read or written: the build went on without).
     store: dict[str, Any] = field(default_factory=dict)
+    #: A multi-epoch release: each epoch's totals (`summary` is epoch 0's); else empty.
+    epochs: list[dict[str, Any]] = field(default_factory=list)
 
 
 class TokenStoreWarning(UserWarning):
@@ -169,6 +171,9 @@ def recipe_data(recipe: Recipe) -> dict[str, Any]:
         d.pop(key, None)
     # How ids are computed, not what they are (the manifest records the engine used).
     d["model"].pop("tokenizer_engine", None)
+    # A one-epoch release is what it was before epochs existed (its id unchanged).
+    if d["output"].get("epochs") == 1:
+        del d["output"]["epochs"]
     return d
 
 
@@ -226,14 +231,15 @@ def build(
             timings[stage] = timings.get(stage, 0.0) + now - clock[0]
             clock[0] = now
 
-        compiler = make_compiler(plan, threads, Path(spill), tokenizer_engine)
-        tk_engine, engine_reason = compiler.tokenizer_engine()
-        pad = plan.model.pad_token or plan.model.eos_token
-        pad_id = compiler.token_id(pad) if pad else None
-        if pad_id is None:
-            raise TokenizerError(f"model.tokenizer: pad token {pad!r} is not in the vocabulary")
-        image = image_rule(plan, compiler)
-        use = _StoreUse(store, plan, hashes, tokenizer_engine, retry_failed)
+        epochs = plan.recipe.output.epochs
+        if store is None and epochs > 1:
+            # Without a token store, the build's own in the spill folder: a source every
+            # epoch shares (one without templates to draw) is tokenized once.
+            store = TokenStore(Path(spill) / "store")
+            store.prepare()
+            use = _StoreUse(store, plan, hashes, tokenizer_engine, retry_failed, private=True)
+        else:
+            use = _StoreUse(store, plan, hashes, tokenizer_engine, retry_failed)
         remote = None
         if engine == "ray":
             from .engines.ray import Cluster
@@ -245,26 +251,53 @@ def build(
             entries.mkdir(exist_ok=True)
             remote = _OnCluster(cluster, entries, threads, tokenizer_engine)
             lap("connect")  # to the cluster
-        notes = _tokenize(plan, stages, compiler, lap, progress, use, remote)
+        parts: list[EpochPart] = []
+        for epoch in range(epochs):
+            use.epoch = epoch
+            folder = tmp / epoch_folder(epoch)
+            folder.mkdir(exist_ok=True)
+            # Each epoch's compiler spills into a folder of its own (one at a time).
+            epoch_spill = Path(spill) / f"epoch-{epoch}"
+            epoch_spill.mkdir()
+            compiler = make_compiler(plan, threads, epoch_spill, tokenizer_engine, epoch)
+            if epoch == 0:
+                tk_engine, engine_reason = compiler.tokenizer_engine()
+                pad = plan.model.pad_token or plan.model.eos_token
+                pad_id = compiler.token_id(pad) if pad else None
+                if pad_id is None:
+                    raise TokenizerError(f"model.tokenizer: pad token {pad!r} is not in the vocabulary")
+                image = image_rule(plan, compiler)
+            label = "" if epochs == 1 else f" (epoch {epoch}, {epoch + 1}/{epochs})"
+            notes = _tokenize(plan, stages, compiler, lap, progress, use, remote, label)
+            summary = msgspec.json.decode(compiler.finish())
+            for stats, source in zip(summary["sources"], plan.sources):
+                # e.g. rows a join left out under on_error = "skip", answers an LLM lengthened
+                stats["notes"] = stages.pool_note(source) + notes[source.index] + stages.notes(source.name)
+            lap("pack")
+            rows = summary["sequences"]
+            with _progress(rows, "write" + label, "seq", progress) as wbar:
+                shards = write_shards(folder, compiler.emit, rows, plan.recipe.output.shard_sequences, wbar)
+            del compiler  # its spill goes before the next epoch's
+            shutil.rmtree(epoch_spill, ignore_errors=True)
+            prefix = epoch_folder(epoch)
+            shards = [msgspec.structs.replace(sh, path=f"{prefix}/{sh.path}") for sh in shards] if prefix else shards
+            write_json(folder / STATS, summary)
+            stats_name = f"{prefix}/{STATS}" if prefix else STATS
+            totals = {k: v for k, v in summary.items() if k != "sources"}
+            parts.append(EpochPart(epoch=epoch, shards=shards, totals=totals, stats=stats_name, stats_sha256=file_sha256(tmp / stats_name)))
+            if epoch == 0:
+                first = summary
+            lap("write")
         on_cluster.close()  # the cluster's work is done (and the staged entries loaded)
         if remote is not None:
             lap("connect")  # and disconnect
-        summary = msgspec.json.decode(compiler.finish())
-        for stats, source in zip(summary["sources"], plan.sources):
-            # e.g. rows a join left out under on_error = "skip", answers an LLM lengthened
-            stats["notes"] = stages.pool_note(source) + notes[source.index] + stages.notes(source.name)
-        lap("pack")
-        rows = summary["sequences"]
-        with _progress(rows, "write", "seq", progress) as wbar:
-            shards = write_shards(tmp, compiler.emit, rows, plan.recipe.output.shard_sequences, wbar)
-        del compiler  # its token store goes before the manifest is hashed
-        write_json(tmp / STATS, summary)
-        manifest = _manifest(plan, int(pad_id), shards, summary, file_sha256(tmp / STATS), image, hashes)
+        manifest = _manifest(plan, int(pad_id), parts, first, image, hashes)
         manifest.tokenizer_engine = {"engine": tk_engine, "reason": engine_reason}
         write_json(tmp / MANIFEST, manifest)
         lap("write")
     use.prune()
-    return BuildResult(path=out, summary=summary, manifest=manifest, timings=timings, llm=stages.summary(), store=use.report())
+    return BuildResult(path=out, summary=first, manifest=manifest, timings=timings, llm=stages.summary(), store=use.report(),
+                       epochs=[p.totals for p in parts] if epochs > 1 else [])
 
 
 ENGINES = ("local", "ray")
@@ -292,9 +325,12 @@ def _warn(message: str) -> None:
 class _StoreUse:
     """One build's use of the token store: entries loaded, sources saved, what to report."""
 
-    def __init__(self, store: TokenStore | None, plan: Plan, hashes: Hashes, engine: str | None, retry_failed: bool) -> None:
+    def __init__(self, store: TokenStore | None, plan: Plan, hashes: Hashes, engine: str | None, retry_failed: bool,
+                 private: bool = False) -> None:
         self.store, self.plan, self.hashes, self.engine = store, plan, hashes, engine
         self.retry_failed = retry_failed
+        self.private = private  # a store of this build alone (in its spill folder): not reported, not pruned
+        self.epoch = 0  # the epoch being built
         self.reused: list[str] = []
         self.tokenized: list[str] = []
         self.misses: dict[str, str] = {}
@@ -302,14 +338,18 @@ class _StoreUse:
         self.warnings: list[str] = []
 
     def key(self, source: SourcePlan) -> str:
-        return source_key(self.plan, source, self.hashes, self.engine)
+        return source_key(self.plan, source, self.hashes, self.engine, self.epoch)
+
+    def named(self, source: SourcePlan) -> str:
+        """The source as the report names it: with its epoch past the first."""
+        return source.name if self.epoch == 0 else f"{source.name} (epoch {self.epoch})"
 
     def load(self, compiler: Any, source: SourcePlan) -> list[str] | None:
         """The source's notes when it was loaded from its entry, else None."""
         if self.store is None:
             return None
         if self.retry_failed and (source.lengthen is not None or source.generate is not None):
-            self.misses[source.name] = "--retry-failed asks its LLM table again"
+            self.misses[self.named(source)] = "--retry-failed asks its LLM table again"
             return None
         key, seq_len = self.key(source), self.plan.recipe.output.seq_len
         whys = []
@@ -318,16 +358,16 @@ class _StoreUse:
             meta, why = compiler.load_source(source.index, key, str(path))
             if meta is not None:
                 self.store.touch(path)
-                self.reused.append(source.name)
+                self.reused.append(self.named(source))
                 return list(msgspec.json.decode(meta)["notes"])
             whys.append(why)
-        self.misses[source.name] = whys[-1] if whys[0].startswith("open:") else whys[0]
+        self.misses[self.named(source)] = whys[-1] if whys[0].startswith("open:") else whys[0]
         return None
 
     def save(self, compiler: Any, source: SourcePlan, notes: list[str]) -> None:
         """Saves the source just tokenized (its key taken again: an LLM stage may have
         added calls to its cache meanwhile)."""
-        self.tokenized.append(source.name)
+        self.tokenized.append(self.named(source))
         if self.store is None:
             return
         try:
@@ -357,7 +397,7 @@ class _StoreUse:
     def adopt(self, compiler: Any, source: SourcePlan, staged: Path, size: int) -> None:
         """Takes the entry a cluster task saved for `source` (already loaded into
         `compiler`) into the store: moved when it can be, else copied and renamed."""
-        self.tokenized.append(source.name)
+        self.tokenized.append(self.named(source))
         if self.store is None:
             return
         try:
@@ -378,7 +418,7 @@ class _StoreUse:
         _warn(message)
 
     def prune(self) -> None:
-        if self.store is None:
+        if self.store is None or self.private:
             return
         try:
             self.store.prune(size_cap())
@@ -387,7 +427,7 @@ class _StoreUse:
 
     def report(self) -> dict[str, Any]:
         return {
-            "folder": str(self.store.folder) if self.store else None,
+            "folder": str(self.store.folder) if self.store and not self.private else None,
             "reused": self.reused,
             "tokenized": self.tokenized,
             "misses": self.misses,
@@ -401,14 +441,15 @@ def entry_meta(notes: list[str]) -> bytes:
     return msgspec.json.encode({"notes": notes})
 
 
-def tokenize_entry(plan: Plan, index: int, key: str, path: str, threads: int, tokenizer_engine: str | None) -> dict[str, Any]:
-    """Reads and tokenizes source `index` of `plan` (one without LLM stages) with a
-    compiler of its own, and saves its token store entry at `path` (written beside it and
+def tokenize_entry(plan: Plan, index: int, key: str, path: str, threads: int, tokenizer_engine: str | None,
+                   epoch: int = 0) -> dict[str, Any]:
+    """Reads and tokenizes source `index` of `plan` (one without LLM stages; at `epoch`)
+    with a compiler of its own, and saves its token store entry at `path` (written beside it and
     renamed into place: running it again gives the same file). What a cluster task runs;
     returns small metadata only."""
     source = plan.sources[index]
     with tempfile.TemporaryDirectory(prefix="mmrecipe-task-") as spill, LLMStages(plan, mode="offline", progress=False) as stages:
-        compiler = make_compiler(plan, threads, Path(spill), tokenizer_engine)
+        compiler = make_compiler(plan, threads, Path(spill), tokenizer_engine, epoch)
         found: list[str] = []
         rows = samples = 0
         for norm in normalized(source, stages, BATCH_ROWS):
@@ -431,13 +472,15 @@ class _OnCluster:
         self.sent: dict[int, str] = {}  # source index → its key
 
     def submit(self, plan: Plan, use: _StoreUse) -> None:
-        """A task for each source without LLM stages (those run here) that the store lacks."""
+        """A task for each source without LLM stages (those run here) that the store lacks
+        (at the epoch `use` is at: a build submits once per epoch)."""
+        self.sent = {}
         for source in plan.sources:
             if source.lengthen is not None or source.generate is not None or use.stored(source):
                 continue
             key = use.key(source)
             path = self.folder / f"{key}-{source.index}.tok"
-            self.cluster.submit(key, tokenize_entry, plan, source.index, key, str(path), self.threads, self.engine)
+            self.cluster.submit(key, tokenize_entry, plan, source.index, key, str(path), self.threads, self.engine, use.epoch)
             self.sent[source.index] = key
         self.cluster.start_bar()
 
@@ -454,7 +497,7 @@ class _OnCluster:
 
 
 def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: bool, use: _StoreUse,
-              remote: _OnCluster | None = None) -> list[list[str]]:
+              remote: _OnCluster | None = None, label: str = "") -> list[list[str]]:
     """Loads each source from the token store, or reads and tokenizes it (its tokens wait
     in the spill) and saves it there; returns each source's notes. With `remote`, the
     sources it takes are tokenized on the cluster meanwhile, and loaded in their turn."""
@@ -462,7 +505,7 @@ def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: 
     if remote is not None:
         remote.submit(plan, use)
         lap("read")
-    with _progress(0, "tokenize", "sample", progress) as bar:
+    with _progress(0, "tokenize" + label, "sample", progress) as bar:
         for source in plan.sources:
             bar.set_postfix_str(f"{source.name} ({source.index + 1}/{len(plan.sources)} sources)")
             if remote is not None and source.index in remote.sent:
@@ -520,8 +563,10 @@ def image_roots(plan: Plan) -> dict[str, str]:
 
 
 def _manifest(
-    plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any], stats_sha256: str, image: dict[str, Any] | None, hashes: Hashes
+    plan: Plan, pad_id: int, parts: list[EpochPart], summary: dict[str, Any], image: dict[str, Any] | None, hashes: Hashes
 ) -> Manifest:
+    """The manifest: epoch 0 at the top level (what a one-epoch build writes), and every
+    epoch listed when there are more."""
     recipe = plan.recipe
     manifest = Manifest(
         format=FORMAT,
@@ -535,11 +580,12 @@ def _manifest(
         chat_template=plan.model.chat_template,
         seq_len=recipe.output.seq_len,
         pad_token_id=pad_id,
-        shards=shards,
-        totals={k: v for k, v in summary.items() if k != "sources"},
+        shards=parts[0].shards,
+        totals=parts[0].totals,
         image_roots=image_roots(plan),
         image=image,
-        stats_sha256=stats_sha256,
+        stats_sha256=parts[0].stats_sha256,
+        epochs=parts if len(parts) > 1 else msgspec.UNSET,
     )
     manifest.release_id = release_id_of(msgspec.json.encode(manifest))
     return manifest

@@ -52,6 +52,9 @@ Layout of a release:
   OUT/manifest.json        recipe, content hashes of every input, shards, totals
   OUT/stats.json           per-source counts, tokens, trained tokens, packing efficiency
   OUT/data/part-*.parquet  one row per packed sequence
+  OUT/epoch-EEEEE/         with [output] epochs = N > 1: epoch E (1..N-1), its own
+                           templates, subset, order and packing (stats.json, data/);
+                           epoch 0 is the top level, as a one-epoch build writes it
 
 example:
   recipe build recipes/demo.toml -o out/demo --threads 2
@@ -195,6 +198,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     print(f"built {recipe.recipe.name} {recipe.recipe.version} (release {result.manifest.release_id[:12]})")
     print(format_summary(result.summary, out))
+    if result.epochs:
+        print(format_epochs(result.epochs))
     print(format_store(result.store))
     print("time               " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in result.timings.items()))
     for warning in result.store.get("warnings", []):
@@ -205,6 +210,15 @@ def cmd_build(args: argparse.Namespace) -> int:
         for note in source.get("notes", []):
             print(f"note: {note}")
     return 0
+
+
+def format_epochs(totals: list[dict[str, Any]]) -> str:
+    """One line per epoch of a multi-epoch release (the table above is epoch 0's)."""
+    lines = [f"epochs             {len(totals)} (the table above is epoch 0; `recipe stats OUT --epoch E` shows another)"]
+    for e, t in enumerate(totals):
+        lines.append(f"  epoch {e:<10} {t['sequences']:,} sequences, {t['segments']:,} samples, {t['tokens']:,} tokens "
+                     f"({t['trained_tokens']:,} trained), fill {t['fill']:.1%}")
+    return "\n".join(lines)
 
 
 def format_store(store: dict[str, Any]) -> str:
@@ -340,7 +354,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
 
-    result = export(args.release, args.to, args.out, overwrite=args.overwrite, drop_images=args.drop_images)
+    result = export(args.release, args.to, args.out, overwrite=args.overwrite, drop_images=args.drop_images, epoch=args.epoch)
     m = result.manifest
     print(f"exported release {m.release_id[:12]} as {m.to}: {m.rows:,} sequences, {m.segments:,} samples, "
           f"{m.tokens:,} tokens, {len(m.files)} file(s) in {result.path}")
@@ -398,7 +412,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     header = ["source", "target", "realized", "samples", "tokens", "trained", "images", "rows", "skipped", "too long", "truncated"]
     return "\n".join(
         [
-            f"{stats['name']} {stats['version']} (release {stats['release_id'][:12]}); target and realized are shares of the {'tokens' if stats['mixture'] == 'tokens' else 'samples'}"
+            f"{stats['name']} {stats['version']} (release {stats['release_id'][:12]}"
+            + (f", epoch {stats['epoch']} of 0..{stats['epochs'] - 1}" if "epochs" in stats else "") + f"); target and realized are shares of the {'tokens' if stats['mixture'] == 'tokens' else 'samples'}"
             + (f" (alpha {stats['alpha']:g})" if stats["alpha"] else ""),
             "",
             _table(rows, header),
@@ -439,9 +454,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from .release.stats import count_segments, plot_segment_lengths, release_stats
     from .release.format import read_manifest
 
-    manifest = read_manifest(args.release)
+    manifest = read_manifest(args.release).epoch(args.epoch)
     counts = count_segments(args.release, manifest)
-    stats = release_stats(args.release, counts)
+    stats = release_stats(args.release, counts, args.epoch)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     for line in stats["disagreements"]:
         print(f"warning: {line}", file=sys.stderr)
@@ -476,6 +491,8 @@ def format_diff(d: dict[str, Any]) -> str:
             return f"{old:,} -> {new:,} ({new - old:+,})"
         return f"{absent if old is None else old} -> {absent if new is None else new}"
 
+    if d.get("epoch"):
+        lines += ["", f"counts of epoch {d['epoch']}:"]
     rows = [[s["name"], pair(s["weight"]), pair(s["selected"]), pair(s["tokens"]), pair(s["trained_tokens"])] for s in d["sources"]]
     lines += ["", _table(rows, ["source", "weight", "samples", "tokens", "trained"])]
     return "\n".join(lines)
@@ -486,9 +503,19 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     from .release.diff import diff_releases
 
-    d = diff_releases(args.a, args.b)
+    d = diff_releases(args.a, args.b, args.epoch)
     print(json.dumps(d, indent=2) if args.json else format_diff(d))
     return 0
+
+
+def _epoch(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an epoch number (0, 1, ...), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"epochs count from 0, got {value}")
+    return value
 
 
 def _threads(text: str) -> int:
@@ -562,6 +589,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--to", required=True, choices=FORMATS, help="the format to write")
     e.add_argument("-o", "--out", required=True, metavar="DIR", help="the folder to create")
     e.add_argument("--overwrite", action="store_true", help="replace DIR if it is an earlier export (or empty)")
+    e.add_argument("--epoch", type=_epoch, default=None, metavar="E", help="the epoch to export of a multi-epoch release (required for one)")
     e.add_argument("--drop-images", action="store_true",
                    help="export a release with images into a format that cannot carry them (megatron): the image "
                         "tokens stay in the sequences, masked as built, and the images are left behind")
@@ -570,11 +598,13 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("release", help="the release folder")
     st.add_argument("--json", action="store_true", help="print the numbers as JSON")
     st.add_argument("--plot", metavar="FILE.png", help="also write a PNG of segment lengths per source and fill per sequence (needs matplotlib)")
+    st.add_argument("--epoch", type=_epoch, default=0, metavar="E", help="the epoch of a multi-epoch release to count (default 0)")
     st.set_defaults(func=cmd_stats)
     d = sub.add_parser("diff", help="what changed between two releases", description=DIFF_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("a", metavar="A", help="the older release folder")
     d.add_argument("b", metavar="B", help="the newer release folder")
     d.add_argument("--json", action="store_true", help="print the differences as JSON")
+    d.add_argument("--epoch", type=_epoch, default=0, metavar="E", help="compare the counts of this epoch of multi-epoch releases (default 0)")
     d.set_defaults(func=cmd_diff)
     v = sub.add_parser("preview", help="show rendered samples with trained tokens highlighted", description=PREVIEW_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("recipe", help="the recipe TOML file")

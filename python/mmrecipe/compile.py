@@ -31,9 +31,9 @@ if TYPE_CHECKING:
 TOKENIZER_ENGINES = ("auto", "hf", "fast")
 
 
-def core_plan(plan: Plan, tokenizer_engine: str | None = None) -> dict[str, Any]:
+def core_plan(plan: Plan, tokenizer_engine: str | None = None, epoch: int = 0) -> dict[str, Any]:
     """The build plan the Rust core executes (it needs no source data); `tokenizer_engine`
-    overrides the recipe's."""
+    overrides the recipe's; `epoch`: the epoch of a multi-epoch release it builds."""
     recipe = plan.recipe
     total = recipe.mixture.total
     sources = [
@@ -50,6 +50,7 @@ def core_plan(plan: Plan, tokenizer_engine: str | None = None) -> dict[str, Any]
     ]
     return settings(plan.model, recipe.model.image, recipe.output) | {
         "seed": recipe.recipe.seed,
+        "epoch": epoch,
         "mixture": "natural" if isinstance(total, str) else dict(total),
         "alpha": recipe.mixture.alpha,
         "sources": sources,
@@ -82,11 +83,13 @@ def check_tokenizer_engine(value: object) -> None:
         raise ValueError(f"tokenizer_engine: {value!r} is not one of {', '.join(repr(e) for e in TOKENIZER_ENGINES)}")
 
 
-def make_compiler(plan: Plan, threads: int = 0, spill_dir: Path | None = None, tokenizer_engine: str | None = None) -> Any:
-    """The core's compiler for `plan`: render, tokenize, mask, mix, pack (rayon, GIL released).
-    `tokenizer_engine`: "auto", "hf" or "fast" instead of the recipe's `[model] tokenizer_engine`."""
+def make_compiler(plan: Plan, threads: int = 0, spill_dir: Path | None = None, tokenizer_engine: str | None = None,
+                  epoch: int = 0) -> Any:
+    """The core's compiler for `plan` (at `epoch`): render, tokenize, mask, mix, pack (rayon,
+    GIL released). `tokenizer_engine`: "auto", "hf" or "fast" instead of the recipe's
+    `[model] tokenizer_engine`."""
     check_tokenizer_engine(tokenizer_engine)
-    encoded = msgspec.json.encode(core_plan(plan, tokenizer_engine))
+    encoded = msgspec.json.encode(core_plan(plan, tokenizer_engine, epoch))
     return _core.Compiler(encoded, str(plan.model.tokenizer_json), threads, str(spill_dir) if spill_dir else None)
 
 

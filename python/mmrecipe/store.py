@@ -11,6 +11,10 @@ whose key changed (and re-mixes and re-packs the rest from the stored lengths).
       + content hashes: the source's files in order, the tokenizer files, the call cache
         (by content) and the seed examples its LLM table reads
 
+    + the epoch of a multi-epoch release, for a source with more than one template only
+      (epoch e > 0 draws its templates anew; every other source's samples are the same
+      in every epoch, so its one entry serves them all)
+
     not in the key: weights, mixture total, alpha, max_epochs, packing, shuffle, shard
     size, tokenizer_engine (the ids are equal for every engine), and seq_len: an entry
     records the seq_len it was built with and its longest sample before the overlong
@@ -57,6 +61,7 @@ CORE_EXCLUDED = frozenset({
     "seq_len",  # checked by the entry itself: reused when every sample fits both lengths
     "packing", "shuffle", "mixture", "alpha", "balance",  # mixing and packing run on stored lengths
     "tokenizer_engine",  # every engine gives the same ids
+    "epoch",  # in the key only where it shapes samples: a source with templates to draw from
 })
 # A source's entry in the core plan.
 SOURCE_INCLUDED = frozenset({"name", "templates", "fields", "image_root", "on_error"})
@@ -137,7 +142,10 @@ def key_parts(plan: Plan, source: SourcePlan, core: dict[str, Any], hashes: Hash
             "seeds": hashes.file(g.seeds) if g.seeds is not None and g.seeds.is_file() else None,
             "cache": cache_digest(g.cache)[0] if g.cache.is_file() else None,
         }
-    return {
+    parts: dict[str, Any] = {}
+    if core.get("epoch") and len(core["sources"][source.index]["templates"]) > 1:
+        parts["epoch"] = core["epoch"]  # later epochs draw other templates; other sources keep their samples
+    return parts | {
         "version": KEY_VERSION,
         "core": shared,
         "source": entry,
@@ -149,9 +157,9 @@ def key_parts(plan: Plan, source: SourcePlan, core: dict[str, Any], hashes: Hash
     }
 
 
-def source_key(plan: Plan, source: SourcePlan, hashes: Hashes, tokenizer_engine: str | None = None) -> str:
-    """The token store key of one source of `plan` (hex sha256)."""
-    core = core_plan(plan, tokenizer_engine)
+def source_key(plan: Plan, source: SourcePlan, hashes: Hashes, tokenizer_engine: str | None = None, epoch: int = 0) -> str:
+    """The token store key of one source of `plan` at `epoch` (hex sha256)."""
+    core = core_plan(plan, tokenizer_engine, epoch)
     return bytes_sha256(json.dumps(key_parts(plan, source, core, hashes), sort_keys=True, ensure_ascii=True).encode())
 
 

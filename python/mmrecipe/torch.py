@@ -25,25 +25,55 @@ from .loader.pixels import Pixels
 from .loader.release_info import image_roots, image_rule, missing_roots_error, raw_manifest, recorded_token_id
 from .release.format import read_manifest, read_stats
 
-__all__ = ["IGNORE_INDEX", "Batch", "Collator", "PackedDataset", "ReleaseSampler", "collate", "dataloader"]
+__all__ = ["IGNORE_INDEX", "Batch", "Collator", "EpochWrapWarning", "PackedDataset", "ReleaseSampler", "collate", "dataloader"]
 
 COLUMNS = ("input_ids", "loss_mask", "segment_lengths", "segment_source", "segment_row",
            "image_positions", "image_lengths", "image_paths")
 IMAGE_COLUMNS = ("segment_images",)  # needed once a release has images
 
 
+class EpochWrapWarning(UserWarning):
+    """`set_epoch(e)` past the epochs a release holds: epoch e % epochs is read again."""
+
+
 class PackedDataset(Dataset):
     """One item per packed sequence of a release. `image_positions` of an item are
     row-relative, read from the image token's runs and checked against the release's
-    records; `index` is the release row."""
+    records; `index` is the release row.
 
-    def __init__(self, release: str | Path, image_token_id: int | None = None):
+    A release built with `[output] epochs = N` holds N epochs, each with its own
+    templates, subset, order and packing (and so its own length): `set_epoch(e)` (or
+    `epoch=`) reads epoch e, and past N wraps to e % N with an `EpochWrapWarning`."""
+
+    def __init__(self, release: str | Path, image_token_id: int | None = None, epoch: int = 0):
         self.root = Path(release)
-        self.manifest = read_manifest(self.root)
+        self.release_manifest = read_manifest(self.root)
+        self.epochs = self.release_manifest.epoch_count
         self.raw = raw_manifest(self.root)
-        self.pad_token_id = self.manifest.pad_token_id
-        self.seq_len = self.manifest.seq_len
+        self.pad_token_id = self.release_manifest.pad_token_id
+        self.seq_len = self.release_manifest.seq_len
         self.rule = image_rule(self.raw)
+        self.epoch = -1
+        self.set_epoch(epoch)
+        self.image_token_id = image_token_id if image_token_id is not None else recorded_token_id(self.raw)
+        if self.image_token_id is None and self.rule is not None:
+            self.image_token_id = self._infer_token_id()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reads epoch `epoch` of the release from now on (e % epochs past the last, with
+        an EpochWrapWarning). Call it before iterating each epoch; DataLoader workers
+        started before the call keep the epoch they had (see `dataloader`)."""
+        if epoch < 0:
+            raise ValueError(f"epochs count from 0, got {epoch}")
+        if epoch >= self.epochs:
+            warnings.warn(f"{self.root} holds {self.epochs} epoch(s); epoch {epoch} reads its epoch {epoch % self.epochs} again "
+                          f"(build it with [output] epochs = {epoch + 1} or more for fresh samples)", EpochWrapWarning, stacklevel=2)
+        part = epoch % self.epochs
+        self.requested_epoch = epoch
+        if part == self.epoch:
+            return
+        self.epoch = part
+        self.manifest = self.release_manifest.epoch(part)
         self._groups: list[tuple[int, int]] = []  # (shard, row group)
         starts = [0]
         for s, shard in enumerate(self.manifest.shards):
@@ -55,9 +85,6 @@ class PackedDataset(Dataset):
         self._starts = starts
         self._files: dict[int, pq.ParquetFile] = {}
         self._cached: tuple[int, dict[str, Any]] | None = None
-        self.image_token_id = image_token_id if image_token_id is not None else recorded_token_id(self.raw)
-        if self.image_token_id is None and self.rule is not None:
-            self.image_token_id = self._infer_token_id()
 
     def _check_columns(self, shard: str, names: list[str]) -> None:
         lacking = [c for c in COLUMNS + (IMAGE_COLUMNS if self.rule is not None else ()) if c not in names]
@@ -173,7 +200,10 @@ class ReleaseSampler(Sampler[int]):
     yield exactly the rest. A DataLoader fetches indices ahead of the batches it has handed
     out (prefetching, worker queues), so to resume at a training step, save
     `{**sampler.state_dict(), "yielded": batches_done_this_epoch * batch_size}` rather than the sampler's
-    own count."""
+    own count.
+
+    Over a multi-epoch `PackedDataset`, `set_epoch(e)` also sets the dataset's epoch (each
+    epoch of a release has its own length), so one call per epoch does both."""
 
     def __init__(
         self,
@@ -184,6 +214,7 @@ class ReleaseSampler(Sampler[int]):
         shuffle: bool = True,
         drop_last: bool = True,
     ):
+        self.dataset = None if isinstance(dataset, int) else dataset
         size = dataset if isinstance(dataset, int) else len(dataset)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
@@ -191,15 +222,26 @@ class ReleaseSampler(Sampler[int]):
             raise ValueError(f"seed must be >= 0, not {seed}")
         self.size, self.rank, self.world_size = size, rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
-        self.num_samples = size // world_size if drop_last else -(-size // world_size)
+        self._resize(size)
         self.epoch = 0
         self.yielded = 0
+
+    def _resize(self, size: int) -> None:
+        self.size = size
+        self.num_samples = size // self.world_size if self.drop_last else -(-size // self.world_size)
+
+    def _follow(self, epoch: int) -> None:
+        """The dataset at `epoch` too, where it has epochs of its own."""
+        if hasattr(self.dataset, "set_epoch") and getattr(self.dataset, "epochs", 1) > 1:
+            self.dataset.set_epoch(epoch)
+            self._resize(len(self.dataset))
 
     def set_epoch(self, epoch: int) -> None:
         # Setting the epoch already in progress keeps the position, so a resumed run can
         # call set_epoch at the top of its loop like any other.
         if epoch != self.epoch:
             self.epoch, self.yielded = epoch, 0
+        self._follow(epoch)
 
     def indices(self) -> list[int]:
         """All of this rank's indices for the current epoch."""
@@ -228,6 +270,7 @@ class ReleaseSampler(Sampler[int]):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         # A different seed, world size or release would put other samples at each position.
+        self._follow(int(state["epoch"]))  # a multi-epoch release's size is its epoch's
         for key in ("seed", "world_size", "size"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume: the saved {key} is {state[key]}, this sampler's is {getattr(self, key)}")
@@ -297,6 +340,7 @@ def dataloader(
     rank: int | None = None,
     world_size: int | None = None,
     seed: int = 0,
+    epoch: int = 0,
     **kwargs: Any,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over a release whose batches go to a transformers model as
@@ -309,8 +353,16 @@ def dataloader(
     image (listed in `batch.skipped`) instead of raising. `attention="4d"` adds a
     block-diagonal mask of `mask_dtype`. Given `rank` and `world_size`, it reads through a
     `ReleaseSampler` (shuffled unless `shuffle=False`, drop_last) reachable as
-    `loader.sampler`: call `loader.sampler.set_epoch(epoch)`."""
-    ds = PackedDataset(release, image_token_id=image_token_id)
+    `loader.sampler`: call `loader.sampler.set_epoch(epoch)`.
+
+    A multi-epoch release (`[output] epochs = N`) starts at `epoch`; call
+    `loader.sampler.set_epoch(e)` (with rank/world_size) or `loader.dataset.set_epoch(e)`
+    before iterating epoch e. Workers copy the dataset when an iteration starts, so
+    `persistent_workers=True` (which would keep the first epoch) is refused for it."""
+    ds = PackedDataset(release, image_token_id=image_token_id, epoch=epoch)
+    if ds.epochs > 1 and kwargs.get("persistent_workers"):
+        raise ValueError(f"{ds.root} holds {ds.epochs} epochs: persistent DataLoader workers would keep reading the epoch "
+                         "they started with; leave persistent_workers off (workers then copy each epoch's dataset)")
     if (rank is None) != (world_size is None):
         raise ValueError("give both rank and world_size, or neither")
     collator = Collator(ds.pad_token_id, flatten, pad_to, attention=attention, mask_dtype=mask_dtype,

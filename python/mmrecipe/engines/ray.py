@@ -72,8 +72,13 @@ class Cluster:
         self.pending[self.remote.remote(name, fn, args)] = name
 
     def start_bar(self) -> None:
+        """The bar of tasks done, counting those submitted since it started too."""
         from tqdm.auto import tqdm
 
+        if self.bar is not None:
+            self.bar.total = self.bar.n + len(self.pending)
+            self.bar.refresh()
+            return
         self.bar = tqdm(total=len(self.pending), desc="tokenize (ray)", unit="source", disable=not self.progress,
                         file=sys.stderr, dynamic_ncols=True, leave=False)
         self.bar.set_postfix_str(f"{self.cpus} CPUs in the cluster")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from ..errors import ReleaseError
 from ..release.guard import check_destination, lock
 from ..release.write import staging, write_json
@@ -38,18 +40,19 @@ def _writer(to: str):
 
 
 def export(release: str | Path, to: str, out: str | Path, *, overwrite: bool = False,
-           drop_images: bool = False) -> ExportResult:
+           drop_images: bool = False, epoch: int | None = None) -> ExportResult:
     """Writes the release at `release` in format `to` ("hf", "megatron" or "mds") into the
     folder `out`. The release must verify; `out` may exist only with `overwrite`, and
     only as an earlier export (or empty); a format that cannot carry the release's images
-    (megatron) refuses them unless `drop_images`."""
+    (megatron) refuses them unless `drop_images`. A multi-epoch release exports the
+    epoch `epoch` names."""
     write = _writer(to)
-    release, manifest = checked_release(release)
+    release, manifest = checked_release(release, epoch)
     out = Path(out)
     dest = check_destination(out, overwrite, [release], replaceable=is_export, what="an export")
     if release.resolve() in dest.parents:
         raise ReleaseError(f"-o {out} is inside the release {release}; choose a folder outside it")
-    images = release_images(release)
+    images = release_images(release, epoch or 0)
     with lock(dest), staging(dest, overwrite) as tmp:
         counts, notes = write(release, manifest, tmp, images=images, drop_images=drop_images)
         from .. import __version__
@@ -61,6 +64,7 @@ def export(release: str | Path, to: str, out: str | Path, *, overwrite: bool = F
             segments=counts["segments"], tokens=counts["tokens"], images=images,
             drop_images=bool(drop_images and images), image_roots=dict(manifest.image_roots),
             image=manifest.image, files=hashed(tmp), notes=notes,
+            epoch=epoch if manifest.epoch_count > 1 else msgspec.UNSET,
         )
         write_json(tmp / MANIFEST, result)
     return ExportResult(dest, result)

@@ -57,6 +57,8 @@ class ExportManifest(msgspec.Struct):
     image: dict[str, Any] | None
     files: list[ExportFile]
     notes: list[str] = []  # what this format does not carry, in words
+    # The epoch exported, of a multi-epoch release (absent for a one-epoch release).
+    epoch: int | msgspec.UnsetType = msgspec.UNSET
 
 
 def is_export(folder: Path) -> bool:
@@ -83,9 +85,9 @@ def require(module: str, package: str, to: str) -> ModuleType:
                            f'install it with: pip install "mmrecipe[{EXTRA}]"') from None
 
 
-def release_images(release: Path) -> int:
-    """Image runs in the release, from its (verified) stats.json."""
-    return sum(int(s.get("images", 0)) for s in read_stats(release).get("sources", []))
+def release_images(release: Path, epoch: int = 0) -> int:
+    """Image runs in the release (in epoch `epoch`), from its (verified) stats.json."""
+    return sum(int(s.get("images", 0)) for s in read_stats(release, epoch).get("sources", []))
 
 
 @dataclass
@@ -150,8 +152,9 @@ def hashed(folder: Path) -> list[ExportFile]:
     return files
 
 
-def checked_release(release: str | Path) -> tuple[Path, Manifest]:
-    """The release, once `recipe verify` finds nothing wrong with it."""
+def checked_release(release: str | Path, epoch: int | None = None) -> tuple[Path, Manifest]:
+    """The release, once `recipe verify` finds nothing wrong with it, as epoch `epoch`
+    sees it (a multi-epoch release must name one: each is a release of its own)."""
     from ..release.verify import verify
 
     release = Path(release)
@@ -162,4 +165,7 @@ def checked_release(release: str | Path) -> tuple[Path, Manifest]:
         more = f" (and {len(report.problems) - 5} more)" if len(report.problems) > 5 else ""
         raise ReleaseError(f"{release} does not verify, so it is not exported: {listed}{more}; "
                            f"run `recipe verify {release}` and rebuild it")
-    return release, manifest
+    if manifest.epoch_count > 1 and epoch is None:
+        raise ReleaseError(f"{release} has {manifest.epoch_count} epochs; export one of them with --epoch E "
+                           f"(0..{manifest.epoch_count - 1}), once for each epoch a training run needs")
+    return release, manifest.epoch(epoch or 0)

@@ -39,6 +39,7 @@ LIMITS: dict[str, Limit] = {
     "recipe.seed": Limit(0, U63),  # the counter-based generator is keyed by a u64
     "output.seq_len": Limit(16, 1 << 20),  # token positions are u32; a row is kept in memory
     "output.shard_sequences": Limit(1, 1_000_000),
+    "output.epochs": Limit(1, 1000),  # each epoch is a full copy of the release's shards
     "output.max_images": Limit(1, 65_536),  # image-room classes the packer keeps per bin
     "mixture.total.samples": Limit(1, 10**12),
     "mixture.total.tokens": Limit(1, 10**15),

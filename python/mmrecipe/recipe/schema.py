@@ -57,6 +57,9 @@ class OutputSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     overlong: Literal["drop", "truncate", "split_turns"] = "drop"
     shuffle: bool = True
     shard_sequences: int = 4096
+    # Parts of the release, each with its own templates, subset, order and packing drawn by
+    # (seed, epoch); the loader's set_epoch(e) reads part e.
+    epochs: int = 1
 
 
 class MixtureSpec(_Spec, kw_only=True, forbid_unknown_fields=True):

@@ -43,11 +43,13 @@ def _changed_keys(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
     return [_change(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
 
 
-def diff_releases(a: str | Path, b: str | Path) -> dict[str, Any]:
+def diff_releases(a: str | Path, b: str | Path, epoch: int = 0) -> dict[str, Any]:
     """What changed from release `a` to release `b`: inputs, recipe keys, release fields,
-    per-source counts and totals."""
+    per-source counts and totals (of epoch `epoch` in each, for multi-epoch releases; the
+    number of epochs is a release field)."""
     ma, mb = read_manifest(a), read_manifest(b)
-    sa, sb = read_stats(a), read_stats(b)
+    ma.epoch(epoch), mb.epoch(epoch)  # both have it
+    sa, sb = read_stats(a, epoch), read_stats(b, epoch)
 
     ins_a = {(i.role, i.path): i for i in ma.inputs}
     ins_b = {(i.role, i.path): i for i in mb.inputs}
@@ -73,7 +75,8 @@ def diff_releases(a: str | Path, b: str | Path) -> dict[str, Any]:
     }
 
     fields = ("format", "mmrecipe_version", "chat_template", "seq_len", "pad_token_id")
-    release_fields = _changed_keys({f: getattr(ma, f) for f in fields}, {f: getattr(mb, f) for f in fields})
+    release_fields = _changed_keys({f: getattr(ma, f) for f in fields} | {"epochs": ma.epoch_count},
+                                   {f: getattr(mb, f) for f in fields} | {"epochs": mb.epoch_count})
 
     rows_a = {r["name"]: r for r in sa["sources"]}
     rows_b = {r["name"]: r for r in sb["sources"]}
@@ -92,6 +95,7 @@ def diff_releases(a: str | Path, b: str | Path) -> dict[str, Any]:
         "a": {"path": str(a), "release_id": ma.release_id},
         "b": {"path": str(b), "release_id": mb.release_id},
         "identical": ma.release_id == mb.release_id,
+        "epoch": epoch,
         "inputs": inputs,
         "recipe": _changed_keys(flatten(ma.recipe), flatten(mb.recipe)),
         "release": release_fields,

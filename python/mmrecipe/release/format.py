@@ -6,6 +6,9 @@ diff and the torch reader all use.
       manifest.json            Manifest: the resolved recipe, every input's sha256, shards
       stats.json               the build summary: per source and in total
       data/part-NNNNN.parquet  one row per packed sequence, the columns of COLUMNS
+      epoch-EEEEE/             with `[output] epochs = N > 1`: epoch E (1..N-1), its own
+        stats.json, data/...   templates, subset, order and packing; epoch 0 is the top
+                               level, the release a one-epoch build of the recipe writes
 
 Each column is a list per packed row. Its values are cut into rows by one of three
 offset arrays the core emits: `row_offsets` (one entry per token), `segment_offsets`
@@ -75,6 +78,21 @@ class Shard(msgspec.Struct):
     tokens: int
 
 
+class EpochPart(msgspec.Struct):
+    """One epoch of a multi-epoch release: its shards, totals and stats file."""
+
+    epoch: int
+    shards: list[Shard]
+    totals: dict[str, Any]
+    stats: str  # its stats.json, relative to the release
+    stats_sha256: str
+
+
+def epoch_folder(epoch: int) -> str:
+    """Where epoch `epoch` of a release lives, relative to it ("" for epoch 0)."""
+    return "" if epoch == 0 else f"epoch-{epoch:05d}"
+
+
 class Manifest(msgspec.Struct):
     format: str
     mmrecipe_version: str
@@ -100,6 +118,29 @@ class Manifest(msgspec.Struct):
     # How the ids were computed: {"engine": "fast" | "hf", "reason": ...}. Both engines give
     # the same bytes, so this is not part of the release id (see `release_id_of`).
     tokenizer_engine: dict[str, str] = {}
+    # Every epoch of a release built with `[output] epochs = N > 1` (epoch 0 first, the
+    # same as the fields above); absent from a one-epoch release.
+    epochs: list[EpochPart] | msgspec.UnsetType = msgspec.UNSET
+
+    @property
+    def epoch_count(self) -> int:
+        return 1 if self.epochs is msgspec.UNSET else len(self.epochs)
+
+    def epoch(self, epoch: int) -> "Manifest":
+        """This manifest as epoch `epoch` of the release sees it (its shards, totals and
+        stats); ReleaseError when the release has no such epoch."""
+        if not 0 <= epoch < self.epoch_count:
+            raise ReleaseError(f"release {self.name} {self.version} has {self.epoch_count} epoch(s) (0..{self.epoch_count - 1}); "
+                               f"there is no epoch {epoch}")
+        if self.epochs is msgspec.UNSET:
+            return self
+        part = self.epochs[epoch]
+        return msgspec.structs.replace(self, shards=part.shards, totals=part.totals, stats_sha256=part.stats_sha256)
+
+    def stats_path(self, epoch: int = 0) -> str:
+        """The stats.json of epoch `epoch`, relative to the release."""
+        self.epoch(epoch)  # in range
+        return STATS if self.epochs is msgspec.UNSET else self.epochs[epoch].stats
 
 
 #: Manifest fields about how a release was made, not what it holds: left out of its id.
@@ -127,5 +168,7 @@ def read_manifest(release: str | Path) -> Manifest:
         raise ReleaseError(f"{path}: not a valid manifest: {e}") from None
 
 
-def read_stats(release: str | Path) -> dict[str, Any]:
-    return json.loads((Path(release) / STATS).read_text("utf-8"))
+def read_stats(release: str | Path, epoch: int = 0) -> dict[str, Any]:
+    """The build summary of epoch `epoch` (stats.json of a one-epoch release)."""
+    name = STATS if epoch == 0 else read_manifest(release).stats_path(epoch)
+    return json.loads((Path(release) / name).read_text("utf-8"))

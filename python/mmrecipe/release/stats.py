@@ -79,15 +79,17 @@ def count_segments(release: str | Path, manifest: Manifest | None = None) -> Seg
     return SegmentCounts(sequences, tokens, joined, trained, images, cat(row_tokens), cat(row_images), cat(all_lengths), cat(all_images))
 
 
-def release_stats(release: str | Path, counts: SegmentCounts | None = None) -> dict[str, Any]:
+def release_stats(release: str | Path, counts: SegmentCounts | None = None, epoch: int = 0) -> dict[str, Any]:
     """The build summary (stats.json) with the realized mixture (`share`) next to the
     target (`target_share`), both of samples or, for a `{ tokens = N }` total, of tokens. What
     the shards can tell (selected, tokens, trained tokens, images, packing) is counted from
     them; what only the build saw (rows, skipped, dropped, truncated) comes from stats.json.
-    `disagreements` lists every number on which the two differ."""
+    `disagreements` lists every number on which the two differ. `epoch`: the epoch of a
+    multi-epoch release to count (its shards and stats.json)."""
     release = Path(release)
-    manifest = read_manifest(release)
-    build = read_stats(release)
+    whole = read_manifest(release)
+    manifest = whole.epoch(epoch)
+    build = read_stats(release, epoch)
     counts = counts or count_segments(release, manifest)
     mixture = manifest.recipe.get("mixture", {})
     total, alpha = mixture.get("total", "natural"), float(mixture.get("alpha", 0.0))
@@ -102,6 +104,7 @@ def release_stats(release: str | Path, counts: SegmentCounts | None = None) -> d
         "version": manifest.version,
         "mixture": kind,  # what `share` and `target_share` are shares of: samples or tokens
         "alpha": alpha,
+        **({"epoch": epoch, "epochs": whole.epoch_count} if whole.epoch_count > 1 else {}),
         "sources": sources,
         **totals,
         "disagreements": disagreements,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -13,7 +14,7 @@ from ..hashing import file_sha256
 from ..llm.cache import cache_digest
 from ..recipe.plan import CACHE_ROLE
 from ..recipe.pools import BUILTIN_PREFIX, pools_dir
-from .format import MANIFEST, STATS, read_manifest, read_stats, release_id_of
+from .format import MANIFEST, read_manifest, read_stats, release_id_of
 
 
 @dataclass
@@ -81,9 +82,27 @@ def _input_path(shown: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _check_stats(release: Path, name: str, part: Any, epoch: int, problems: list[Problem]) -> None:
+    """The stats.json of one epoch: its hash, and its totals against the manifest's."""
+    if part.stats_sha256 and (release / name).is_file():
+        _check_file(release / name, name, part.stats_sha256, None, problems)
+    if not (release / name).is_file():
+        problems.append(Problem("missing", name, "the build summary is missing"))
+        return
+    try:
+        totals = {k: v for k, v in read_stats(release, epoch).items() if k != "sources"}
+    except ValueError:  # not JSON any more
+        problems.append(Problem("changed", name, "not valid JSON"))
+        return
+    if totals != part.totals:
+        keys = sorted(k for k in totals.keys() | part.totals.keys() if totals.get(k) != part.totals.get(k))
+        problems.append(Problem("inconsistent", name, f"totals differ from the manifest's: {', '.join(keys)}"))
+
+
 def verify(release: str | Path, recipe_dir: str | Path | None = None) -> VerifyReport:
-    """Re-hashes every shard (and, given the folder of the recipe, every input) against
-    the manifest, and names each file that differs, is missing or is not listed."""
+    """Re-hashes every shard of every epoch (and, given the folder of the recipe, every
+    input) against the manifest, and names each file that differs, is missing or is not
+    listed."""
     release = Path(release)
     manifest = read_manifest(release)
     manifest_bytes = (release / MANIFEST).read_bytes()
@@ -94,28 +113,19 @@ def verify(release: str | Path, recipe_dir: str | Path | None = None) -> VerifyR
     if expected != manifest.release_id:
         problems.append(Problem("changed", MANIFEST, f"release_id {_short(manifest.release_id)}… does not match its content ({_short(expected)}…)"))
 
-    for shard in manifest.shards:
-        _check_file(release / shard.path, shard.path, shard.sha256, None, problems)
-    listed = {Path(s.path) for s in manifest.shards} | {Path(MANIFEST), Path(STATS)}
+    parts = [manifest.epoch(e) for e in range(manifest.epoch_count)]
+    for part in parts:
+        for shard in part.shards:
+            _check_file(release / shard.path, shard.path, shard.sha256, None, problems)
+    stats_names = [manifest.stats_path(e) for e in range(manifest.epoch_count)]
+    listed = {Path(s.path) for part in parts for s in part.shards} | {Path(MANIFEST)} | {Path(n) for n in stats_names}
     for path in sorted(release.rglob("*")):
         rel = path.relative_to(release)
         if not path.is_dir() and rel not in listed:
             problems.append(Problem("extra", rel.as_posix(), "in the release but not in the manifest"))
-    if manifest.stats_sha256 and (release / STATS).is_file():
-        _check_file(release / STATS, STATS, manifest.stats_sha256, None, problems)
-
-    stats_path = release / STATS
-    if not stats_path.is_file():
-        problems.append(Problem("missing", STATS, "the build summary is missing"))
-    else:
-        try:
-            totals = {k: v for k, v in read_stats(release).items() if k != "sources"}
-        except ValueError:  # not JSON any more
-            totals = None
-            problems.append(Problem("changed", STATS, "not valid JSON"))
-        if totals is not None and totals != manifest.totals:
-            keys = sorted(k for k in totals.keys() | manifest.totals.keys() if totals.get(k) != manifest.totals.get(k))
-            problems.append(Problem("inconsistent", STATS, f"totals differ from the manifest's: {', '.join(keys)}"))
+    for epoch, (part, name) in enumerate(zip(parts, stats_names)):
+        _check_stats(release, name, part, epoch, problems)
+    report.shards = sum(len(part.shards) for part in parts)
 
     if recipe_dir is not None:
         base = recipe_folder(recipe_dir)
