@@ -6,6 +6,7 @@ leaves nothing beside OUT. Skipped without Ray (`pip install "mmrecipe[ray]"`)."
 from __future__ import annotations
 
 import os
+from contextlib import closing
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ ray = pytest.importorskip("ray")
 
 from mmrecipe import build  # noqa: E402
 from mmrecipe import builder as builder_module  # noqa: E402
-from mmrecipe.engines.ray import KILL_ONCE_ENV  # noqa: E402
+from mmrecipe.engines.ray import KILL_ONCE_ENV, RayEngineError  # noqa: E402
 
 
 def _free_port() -> int:
@@ -109,6 +110,32 @@ def test_the_demo_is_the_same_release_on_the_cluster(cluster, tmp_path):
     assert files(tmp_path / "ray") == files(tmp_path / "local")
     assert sorted(remote.store["tokenized"]) == sorted(s["name"] for s in remote.summary["sources"])
     assert "connect" in remote.timings and "connect" not in local.timings
+
+
+def test_every_node_is_checked_to_see_the_staging_folder(cluster, tmp_path):
+    from mmrecipe.engines.ray import Cluster
+
+    folder = tmp_path / "staging"
+    folder.mkdir()
+    with closing(Cluster(cluster[0], progress=False)) as c:
+        assert c.check_shared(folder) == 2  # both nodes read the probe
+    assert list(folder.iterdir()) == []  # and it is gone
+
+
+@pytest.mark.parametrize("probe, detail", [
+    (lambda folder, name, token: None, "cannot read .*probe-.*No such file"),
+    (lambda folder, name, token: (folder / name).write_text("another"), "holds another build's probe"),
+])
+def test_a_node_that_cannot_see_the_staging_folder_is_named(cluster, tmp_path, monkeypatch, probe, detail):
+    """The nodes here share the disk, so what a node elsewhere would find is staged: no
+    probe file, or another folder's under the same path."""
+    from mmrecipe.engines import ray as engine
+
+    monkeypatch.setattr(engine, "write_probe", probe)
+    with pytest.raises(RayEngineError, match=rf"staging folder .* must be on storage every node shares, and 2 of 2 node\(s\) "
+                                             rf"cannot see it \(node \S+ \(.*, id [0-9a-f]{{12}}\): .*{detail}.*--ray-staging DIR"):
+        build(DEMO, tmp_path / "out", progress=False, cache=False, engine="ray", ray_address=cluster[0])
+    assert list(tmp_path.iterdir()) == []  # no release, nothing beside it
 
 
 def test_a_multi_epoch_release_is_the_same_on_the_cluster(cluster, tmp_path):
@@ -202,3 +229,70 @@ def test_the_command_line(cluster, tmp_path):
     assert "2 CPUs in the cluster" in run.stderr
     times = next(line for line in run.stdout.splitlines() if line.startswith("time "))
     assert all(f"{stage} " in times for stage in ("read", "connect", "tokenize", "pack", "write"))
+
+
+def _generated_mix(folder: Path, samples: int) -> Path:
+    """A text-only mix of `samples` rows in four JSON Lines sources (VQA-style questions
+    with a pool, captions, two-turn chats, alpaca records), mixed to a fixed total."""
+    import json
+
+    folder.mkdir()
+    quarter = samples // 4
+    writers = {
+        "qa": lambda i: {"question": f"What is {i} plus {i % 97}?", "answer": str(i + i % 97)},
+        "caption": lambda i: {"caption": f"A picture of {i % 13} cats and {i % 7} dogs on a {('red', 'blue', 'green')[i % 3]} sofa."},
+        "chat": lambda i: {"messages": [{"role": "user", "content": f"Tell me about number {i}."},
+                                        {"role": "assistant", "content": f"{i} is {'even' if i % 2 == 0 else 'odd'}, "
+                                                                         f"and its square is {i * i}."}]},
+        "alpaca": lambda i: {"instruction": f"Spell {i} backwards.", "input": "", "output": str(i)[::-1]},
+    }
+    for name, row in writers.items():
+        with (folder / f"{name}.jsonl").open("w") as f:
+            for i in range(quarter):
+                f.write(json.dumps(row(i)) + "\n")
+    (folder / "mix.toml").write_text(f"""
+[recipe]
+name = "generated-mix"
+seed = 7
+[model]
+tokenizer = "{DEMO.parent / 'models' / 'smollm2'}"
+[output]
+seq_len = 1024
+[mixture]
+total = {{ samples = {samples * 9 // 10} }}
+[[source]]
+name = "qa"
+path = "qa.jsonl"
+layout = "qa"
+fields = {{ question = "question", answer = "answer" }}
+instructions = "vqa-short"
+weight = 2
+[[source]]
+name = "caption"
+path = "caption.jsonl"
+layout = "caption"
+fields = {{ caption = "caption" }}
+instructions = "caption-brief"
+[[source]]
+name = "chat"
+path = "chat.jsonl"
+layout = "conversation"
+[[source]]
+name = "alpaca"
+path = "alpaca.jsonl"
+layout = "alpaca"
+""")
+    return folder / "mix.toml"
+
+
+#: The generated mix's size; MMRECIPE_RAY_SAMPLES sets another (CI runs the full 50k: ~1 min).
+SAMPLES = int(os.environ.get("MMRECIPE_RAY_SAMPLES", "50000"))
+
+
+def test_a_generated_50k_mix_is_the_same_release_on_the_cluster(cluster, tmp_path):
+    recipe = _generated_mix(tmp_path / "mix", SAMPLES)
+    local, remote = both(recipe, tmp_path / "out", cluster[0])
+    assert remote.manifest.release_id == local.manifest.release_id
+    assert files(tmp_path / "out" / "ray") == files(tmp_path / "out" / "local")
+    assert remote.summary["segments"] == SAMPLES * 9 // 10
+    assert sorted(remote.store["tokenized"]) == ["alpaca", "caption", "chat", "qa"]  # all four on the cluster

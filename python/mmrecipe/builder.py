@@ -249,6 +249,7 @@ def build(
             entries = Path(spill) / "entries" if ray_staging is None else Path(
                 on_cluster.enter_context(tempfile.TemporaryDirectory(dir=ray_staging, prefix=f".{out.name}.entries-{os.getpid()}-")))
             entries.mkdir(exist_ok=True)
+            cluster.check_shared(entries)  # before any work: a node that cannot see it fails now, named
             remote = _OnCluster(cluster, entries, threads, tokenizer_engine)
             lap("connect")  # to the cluster
         parts: list[EpochPart] = []

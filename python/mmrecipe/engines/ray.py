@@ -18,6 +18,9 @@ from ..errors import MMRecipeError
 #: How often Ray runs a task again after its worker process died (killed, out of memory).
 MAX_RETRIES = 3
 
+#: Seconds to wait for every node to read the staging folder's probe file.
+PROBE_TIMEOUT = 120
+
 #: Test-only: a folder; while it exists, each task kills its own worker the first time it
 #: runs for a given name (a marker file records that), so that Ray has to retry it.
 KILL_ONCE_ENV = "MMRECIPE_TEST_KILL_WORKER_ONCE"
@@ -46,6 +49,27 @@ def _task(name: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     return fn(*args)
 
 
+def _sees(folder: str, name: str, token: str) -> dict[str, str]:
+    """What runs on each node before any work: whether the probe file the driver wrote
+    in the staging folder is there with its content (the folder is shared)."""
+    import socket
+
+    here = {"node": socket.gethostname()}
+    try:
+        ray = _ray()
+        here["node"] = f"{ray.util.get_node_ip_address()} ({here['node']}, id {ray.get_runtime_context().get_node_id()[:12]})"
+        found = (Path(folder) / name).read_text("utf-8")
+    except OSError as e:
+        return here | {"problem": f"cannot read {Path(folder) / name}: {e.strerror or e}"}
+    if found != token:
+        return here | {"problem": f"{Path(folder) / name} holds another build's probe: the path names another folder there"}
+    return here
+
+
+def write_probe(folder: Path, name: str, token: str) -> None:
+    (folder / name).write_text(token, "utf-8")
+
+
 class Cluster:
     """A connection to a Ray cluster for one build: tasks submitted, results awaited with a
     progress bar of the sources done and the cluster's CPUs."""
@@ -66,6 +90,34 @@ class Cluster:
         self.done: dict[str, Any] = {}
         self.progress = progress
         self.bar: Any = None
+
+    def check_shared(self, folder: Path) -> int:
+        """That every alive node sees `folder` (the tasks' entries go there): a probe
+        file written here, read by one task pinned to each node. RayEngineError naming
+        the folder and each node that cannot; else the number of nodes."""
+        import uuid
+
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        name, token = f".probe-{uuid.uuid4().hex}", uuid.uuid4().hex
+        write_probe(folder, name, token)
+        try:
+            nodes = [n["NodeID"] for n in self.ray.nodes() if n.get("Alive")]
+            probe = self.ray.remote(num_cpus=0, max_retries=0)(_sees)
+            refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(folder), name, token)
+                    for node in nodes]
+            try:
+                seen = self.ray.get(refs, timeout=PROBE_TIMEOUT)
+            except Exception as e:  # a node that cannot run the probe (gone, no mmrecipe)
+                raise RayEngineError(f"--engine ray: could not check that every node sees the staging folder {folder} ({e})") from None
+        finally:
+            (folder / name).unlink(missing_ok=True)
+        blind = [f"node {s['node']}: {s['problem']}" for s in seen if "problem" in s]
+        if blind:
+            raise RayEngineError(f"--engine ray: the staging folder {folder} must be on storage every node shares, and "
+                                 f"{len(blind)} of {len(seen)} node(s) cannot see it ({'; '.join(blind)}); "
+                                 "pass --ray-staging DIR on shared storage (and OUT's folder, or DIR, on it)")
+        return len(seen)
 
     def submit(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
         """Runs `fn(*args)` as a task; `name` (unique in the build) gets its result."""
