@@ -9,7 +9,10 @@
                         by a task on the cluster, which saves its entry to a staging
                         folder; the entry is then loaded here as from the token store)
       core.finish():    exact mixture, interleave, packing (on lengths only)
-      core.emit():      packed rows ─▶ shards ─▶ manifest.json + stats.json ─▶ renamed into place
+      core.emit():      packed rows ─▶ shards + stats.json
+      (`[output] epochs = N`: the above once per epoch, with the epoch's seed; a source
+      without templates to draw is loaded from the token store after the first)
+      manifest.json ─▶ the release renamed into place
 
 Python orchestrates whole batches; no loop runs per sample."""
 
@@ -255,8 +258,6 @@ def build(
         parts: list[EpochPart] = []
         for epoch in range(epochs):
             use.epoch = epoch
-            folder = tmp / epoch_folder(epoch)
-            folder.mkdir(exist_ok=True)
             # Each epoch's compiler spills into a folder of its own (one at a time).
             epoch_spill = Path(spill) / f"epoch-{epoch}"
             epoch_spill.mkdir()
@@ -275,17 +276,10 @@ def build(
                 # e.g. rows a join left out under on_error = "skip", answers an LLM lengthened
                 stats["notes"] = stages.pool_note(source) + notes[source.index] + stages.notes(source.name)
             lap("pack")
-            rows = summary["sequences"]
-            with _progress(rows, "write" + label, "seq", progress) as wbar:
-                shards = write_shards(folder, compiler.emit, rows, plan.recipe.output.shard_sequences, wbar)
+            with _progress(summary["sequences"], "write" + label, "seq", progress) as wbar:
+                parts.append(_write_epoch(tmp, epoch, compiler, summary, plan.recipe.output.shard_sequences, wbar))
             del compiler  # its spill goes before the next epoch's
             shutil.rmtree(epoch_spill, ignore_errors=True)
-            prefix = epoch_folder(epoch)
-            shards = [msgspec.structs.replace(sh, path=f"{prefix}/{sh.path}") for sh in shards] if prefix else shards
-            write_json(folder / STATS, summary)
-            stats_name = f"{prefix}/{STATS}" if prefix else STATS
-            totals = {k: v for k, v in summary.items() if k != "sources"}
-            parts.append(EpochPart(epoch=epoch, shards=shards, totals=totals, stats=stats_name, stats_sha256=file_sha256(tmp / stats_name)))
             if epoch == 0:
                 first = summary
             lap("write")
@@ -302,6 +296,20 @@ def build(
 
 
 ENGINES = ("local", "ray")
+
+
+def _write_epoch(tmp: Path, epoch: int, compiler: Any, summary: dict[str, Any], per_shard: int, bar: Any) -> EpochPart:
+    """Epoch `epoch`'s shards and stats.json, in its folder of the staged release."""
+    prefix = epoch_folder(epoch)
+    folder = tmp / prefix
+    folder.mkdir(exist_ok=True)
+    shards = write_shards(folder, compiler.emit, summary["sequences"], per_shard, bar)
+    if prefix:
+        shards = [msgspec.structs.replace(sh, path=f"{prefix}/{sh.path}") for sh in shards]
+    stats = f"{prefix}/{STATS}" if prefix else STATS
+    write_json(tmp / stats, summary)
+    totals = {k: v for k, v in summary.items() if k != "sources"}
+    return EpochPart(epoch=epoch, shards=shards, totals=totals, stats=stats, stats_sha256=file_sha256(tmp / stats))
 
 
 def _open_store(cache: str | os.PathLike[str] | bool | None) -> TokenStore | None:
