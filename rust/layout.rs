@@ -283,16 +283,33 @@ fn pack_rows(plan: &Plan, lengths: &[u32], images: &[u32]) -> (Vec<Vec<u32>>, Pa
     let budget = pack::Budget { tokens: plan.seq_len, images: plan.max_images };
     let bounds = pack::bounds(lengths, images, plan.seq_len, plan.max_images);
     let mut stats = PackingStats { bounds, max_images: plan.max_images, ..Default::default() };
+    // A later epoch hands the packer the items in an order of its own, so samples of equal
+    // length share rows with other samples than in epoch 0 (packers break ties by position).
+    let order: Option<Vec<u32>> = (plan.epoch > 0 && plan.packing != Packing::None).then(|| {
+        let mut order: Vec<u32> = (0..lengths.len() as u32).collect();
+        rng::shuffle(&mut order, plan.epoch_seed(), rng::name_hash("mmrecipe/pack"));
+        order
+    });
+    let reordered = |of: &[u32]| -> Vec<u32> { order.as_ref().map(|o| o.iter().map(|&i| of[i as usize]).collect()).unwrap_or_default() };
+    let (own_lengths, own_images) = (reordered(lengths), reordered(images));
+    let (lengths_in, images_in) = if order.is_some() { (&own_lengths[..], &own_images[..]) } else { (lengths, images) };
     let (mut bins, packer) = match (plan.packing, plan.balance) {
         (Packing::None, _) => ((0..lengths.len() as u32).map(|i| vec![i]).collect(), pack::Packer::None),
         (_, Balance::Images) => {
-            let (bins, packer, cap) = pack::balanced(lengths, images, budget);
+            let (bins, packer, cap) = pack::balanced(lengths_in, images_in, budget);
             stats.image_cap = cap;
             (bins, packer)
         }
-        (Packing::Bfd, Balance::None) => (pack::best_fit_decreasing(lengths, images, budget), pack::Packer::Bfd),
-        (Packing::Tight, Balance::None) => pack::tight(lengths, images, budget),
+        (Packing::Bfd, Balance::None) => (pack::best_fit_decreasing(lengths_in, images_in, budget), pack::Packer::Bfd),
+        (Packing::Tight, Balance::None) => pack::tight(lengths_in, images_in, budget),
     };
+    if let Some(order) = &order {
+        for b in bins.iter_mut() {
+            for i in b.iter_mut() {
+                *i = order[*i as usize];
+            }
+        }
+    }
     stats.packer = Some(packer);
     if plan.packing != Packing::None && (plan.max_images.is_some() || plan.balance == Balance::Images) {
         let alone = pack::bounds(lengths, images, plan.seq_len, None).best;
@@ -442,6 +459,30 @@ mod tests {
         let a = p.segment_source.iter().filter(|&&s| s == 0).count();
         assert_eq!((a, p.segment_source.len()), (13, 25));
         assert_eq!(p.row_offsets.len(), 26);
+    }
+
+    #[test]
+    fn later_epochs_pack_samples_of_equal_length_with_other_partners() {
+        let mut p = plan(r#", "packing": "bfd", "shuffle": false"#);
+        p.seq_len = 100;
+        let lengths: Vec<u32> = (0..24).map(|i| 30 + (i % 3)).collect();
+        let images = vec![0u32; lengths.len()];
+        let (first, _) = pack_rows(&p, &lengths, &images);
+        p.epoch = 1;
+        let (later, _) = pack_rows(&p, &lengths, &images);
+        let items = |bins: &Vec<Vec<u32>>| {
+            let mut all: Vec<u32> = bins.iter().flatten().copied().collect();
+            all.sort_unstable();
+            all
+        };
+        assert_eq!(items(&first), (0..24).collect::<Vec<u32>>());
+        assert_eq!(items(&later), items(&first), "every item once");
+        assert_eq!(later.len(), first.len(), "as many rows");
+        assert_ne!(later, first, "other partners");
+        for b in &later {
+            assert!(b.windows(2).all(|w| w[0] < w[1]), "mixture order within a row");
+            assert!(b.iter().map(|&i| lengths[i as usize]).sum::<u32>() <= 100);
+        }
     }
 
     #[test]

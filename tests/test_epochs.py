@@ -215,3 +215,40 @@ def test_bad_epochs_name_the_key(tmp_path, value, message):
     recipe.write_text(f'extends = "{DEMO}"\n[output]\nepochs = {value}\n')
     with pytest.raises(RecipeError, match=message):
         load_recipe(recipe)
+
+
+def test_epochs_of_the_same_samples_pack_them_anew(tmp_path):
+    """Sources without templates, every row once: each epoch has the very same samples,
+    yet its rows put them together otherwise (and in another order)."""
+    data = RECIPES / "demo" / "data"
+    recipe = tmp_path / "same.toml"
+    recipe.write_text(f"""
+[recipe]
+name = "same"
+[model]
+tokenizer = "{RECIPES / 'models' / 'smollm2'}"
+image = {{ placeholder = "<image>", token = "<image>", count = 64 }}
+[output]
+seq_len = 2048
+epochs = 2
+[[source]]
+name = "llava"
+path = "{data / 'llava.json'}"
+layout = "conversation"
+image_root = "{data}"
+[[source]]
+name = "chat"
+path = "{data / 'chat.jsonl'}"
+layout = "conversation"
+""")
+    out = build(recipe, tmp_path / "out", progress=False, cache=False).path
+    per = [segments(out, e) for e in range(2)]
+    assert per[0] == per[1] and len(per[0]) == 51 + 81  # the same samples, token for token
+    manifest = read_manifest(out)
+
+    def rows(e: int) -> list[frozenset]:
+        table = pq.read_table(out / manifest.epoch(e).shards[0].path, columns=["segment_source", "segment_row"]).to_pylist()
+        return [frozenset(zip(r["segment_source"], r["segment_row"])) for r in table]
+
+    assert sorted(map(sorted, rows(0))) != sorted(map(sorted, rows(1)))  # other partners in the rows
+    assert set().union(*rows(0)) == set().union(*rows(1))

@@ -16,7 +16,7 @@ from mmrecipe import build
 PINNED = {
     "demo": "229bafa820fb110fae46db530e87ea52d1b03b31e8ce684e5001460ac1528296",
     "demo-llm": "b10c1bc1d639ffe8bbbfb0c6d11d71253246272159dba905faf2626ed296878b",
-    "demo-epochs": "43ce37f5e7f5c349244903c1be96ab16b10144a2aeb1e827d5f9db72146cb633",
+    "demo-epochs": "12952dc05122a4f45284786bc07e118f75fe9bae68ee1d8a301a9bbda20c6b06",
     "demo-pool": "cb1645cd9dde9152bcb613686e723c9c21af7b98edfd0912d23d8cc7bd818fcb",
     "alignment": "c6e019396a321fe0f6720861b0322c202e9ebd81a4a97930da2459bfaec1c7fb",
     "alignment-parquet": "ad4c8e1c4afea22843dc82aeb4e8fd3d724a73ddd51f7045a6a9ee5092aaf6cc",
