@@ -30,7 +30,7 @@ import msgspec
 
 from . import __version__
 from .compile import batch_columns, check_tokenizer_engine, make_compiler
-from .errors import MMRecipeError, ReleaseError, TokenizerError
+from .errors import MMRecipeError, RecipeError, ReleaseError, TokenizerError
 from .hashing import Hashes, file_sha256
 from .llm.cache import cache_digest
 from .llm.pools import expand_pools
@@ -169,6 +169,12 @@ def recipe_data(recipe: Recipe) -> dict[str, Any]:
         d.pop(key, None)
     # How ids are computed, not what they are (the manifest records the engine used).
     d["model"].pop("tokenizer_engine", None)
+    # Audio keys only where set: a recipe without audio has the manifest it had before.
+    if d["model"].get("audio") is None:
+        d["model"].pop("audio", None)
+    for source in d["source"]:
+        if source.get("audio_root") is None:
+            source.pop("audio_root", None)
     return d
 
 
@@ -212,10 +218,14 @@ def build(
         raise ValueError("ray_address and ray_staging are for engine='ray'")
     check_tokenizer_engine(tokenizer_engine)  # before anything is written
     plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
+    audio = plan.recipe.model.audio is not None
+    if audio and engine == "ray":
+        raise RecipeError("model.audio: the Ray engine does not build recipes with audio yet; build with engine \"local\"")
     out = check_destination(Path(out), overwrite, protected_paths(plan))
     stages = LLMStages(plan, mode="offline" if offline else "online", retry_failed=retry_failed, progress=progress)
     hashes = Hashes()
-    store = _open_store(cache)
+    # Token store entries keep no audio runs: a recipe with audio is always tokenized.
+    store = _open_store(cache) if not audio else None
     with lock(out), stages, staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=spill_prefix(out)) as spill, ExitStack() as on_cluster:
         plan, _ = expand_pools(plan, stages)  # before anything keys on the sources' templates
         timings: dict[str, float] = {}
@@ -256,10 +266,11 @@ def build(
         lap("pack")
         rows = summary["sequences"]
         with _progress(rows, "write", "seq", progress) as wbar:
-            shards = write_shards(tmp, compiler.emit, rows, plan.recipe.output.shard_sequences, wbar)
+            shards = write_shards(tmp, compiler.emit, rows, plan.recipe.output.shard_sequences, wbar, audio)
+        audio_info = audio_rule(plan, compiler)
         del compiler  # its token store goes before the manifest is hashed
         write_json(tmp / STATS, summary)
-        manifest = _manifest(plan, int(pad_id), shards, summary, file_sha256(tmp / STATS), image, hashes)
+        manifest = _manifest(plan, int(pad_id), shards, summary, file_sha256(tmp / STATS), image, hashes, audio_info)
         manifest.tokenizer_engine = {"engine": tk_engine, "reason": engine_reason}
         write_json(tmp / MANIFEST, manifest)
         lap("write")
@@ -513,6 +524,28 @@ def image_rule(plan: Plan, compiler: Any) -> dict[str, Any] | None:
     return rule
 
 
+def audio_rule(plan: Plan, compiler: Any) -> dict[str, Any] | None:
+    """The recipe's audio rule with the ids of its tokens, for the loader."""
+    audio = plan.recipe.model.audio
+    if audio is None:
+        return None
+    rule = {k: v for k, v in msgspec.to_builtins(audio).items() if v is not None}
+    if audio.count is not None:
+        for key in ("rule", "chunk_seconds", "hop_length", "pool", "long"):
+            rule.pop(key, None)
+    for key in ("token", "start", "end"):
+        if rule.get(key) is not None:
+            rule[f"{key}_id"] = compiler.token_id(rule[key])
+    return rule
+
+
+def audio_roots(plan: Plan) -> dict[str, str]:
+    """Each audio source's audio root relative to the recipe's folder."""
+    base = plan.folder.resolve()
+    return {s.name: os.path.relpath(s.audio_root.resolve(), base) for s in plan.sources
+            if s.audio_root is not None and ("audio" in s.spec.fields or "audios" in s.spec.fields)}
+
+
 def image_roots(plan: Plan) -> dict[str, str]:
     """Each source's image root relative to the recipe's folder (never this machine's path)."""
     base = plan.folder.resolve()
@@ -520,7 +553,8 @@ def image_roots(plan: Plan) -> dict[str, str]:
 
 
 def _manifest(
-    plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any], stats_sha256: str, image: dict[str, Any] | None, hashes: Hashes
+    plan: Plan, pad_id: int, shards: list[Any], summary: dict[str, Any], stats_sha256: str, image: dict[str, Any] | None, hashes: Hashes,
+    audio: dict[str, Any] | None = None,
 ) -> Manifest:
     recipe = plan.recipe
     manifest = Manifest(
@@ -541,5 +575,7 @@ def _manifest(
         image=image,
         stats_sha256=stats_sha256,
     )
+    if audio is not None:
+        manifest.audio, manifest.audio_roots = audio, audio_roots(plan)
     manifest.release_id = release_id_of(msgspec.json.encode(manifest))
     return manifest
