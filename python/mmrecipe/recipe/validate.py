@@ -162,6 +162,8 @@ def _audio_problems(r: Recipe) -> list[str]:
                      '(audio = { rule = "whisper" } or audio = { count = N })')
         if "audio" in s.fields and "audios" in s.fields:
             p.append(f"source[{i}].fields: map one of audio (one clip) or audios (a list), not both")
+        if uses and s.group_by is not None:
+            p.append(f"source[{i}].group_by: grouping by image does not carry a sample's audio; remove group_by")
         if s.audio_root is not None and not uses:
             p.append(f"source[{i}].audio_root: source '{s.name}' maps no audio (fields.audio or fields.audios)")
     if audio is None:
