@@ -391,3 +391,12 @@ def test_loader_without_audio_rule_refuses_an_audio_processor(demo_release):
 
     with pytest.raises(ValueError, match="no audio rule"):
         dataloader(demo_release, audio_processor=WhisperFeatureExtractor())
+
+
+def test_exports_refuse_audio_rather_than_lose_it(shipped, tmp_path):
+    from mmrecipe import ReleaseError
+    from mmrecipe.export import export
+
+    result, _ = shipped
+    with pytest.raises(ReleaseError, match="the release has audio"):
+        export(result.path, "hf", tmp_path / "hf")
