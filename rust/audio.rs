@@ -15,6 +15,7 @@ use crate::plan::{AudioPlan, LongAudio};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
+use symphonia::core::codecs::audio::well_known::CODEC_ID_OPUS;
 use symphonia::core::codecs::CodecParameters;
 use symphonia::core::formats::probe::Hint;
 use symphonia::core::formats::{FormatOptions, TrackType};
@@ -169,7 +170,12 @@ pub fn read_header(path: &Path) -> std::result::Result<Header, String> {
         return Err(cannot("the audio track has no codec parameters".into()));
     };
     let sample_rate = params.sample_rate.filter(|&r| r > 0).ok_or_else(|| cannot("the header states no sample rate".into()))?;
-    let frames = track.num_frames.ok_or_else(|| cannot("the header states no length".into()))?;
+    let mut frames = track.num_frames.ok_or_else(|| cannot("the header states no length".into()))?;
+    if params.codec == CODEC_ID_OPUS {
+        // The Ogg demuxer counts Opus's pre-skip (the encoder's delay, 312 frames from
+        // libopus) in the length, which decoders drop: soundfile and ffmpeg report less.
+        frames = frames.saturating_sub(track.delay.unwrap_or(0) as u64);
+    }
     Ok(Header { frames, sample_rate })
 }
 

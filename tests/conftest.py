@@ -53,6 +53,8 @@ def sources_moved(shipped: Path, folder: str, samples: int = 40) -> str:
         entry = {"name": s.name, "path": moved(s.path)}
         if s.image_root:
             entry["image_root"] = moved(s.image_root)
+        if s.audio_root:
+            entry["audio_root"] = moved(s.audio_root)
         if s.join is not None and s.join.path:
             entry["join"] = {"path": moved(s.join.path)}
         sources.append(entry)

@@ -22,6 +22,7 @@ PACKED_KEYS = {
     "segment_template", "segment_repeat", "segment_images",
     "image_offsets", "image_positions", "image_lengths", "image_path_offsets", "image_path_data",
     "image_grid_t", "image_grid_h", "image_grid_w",
+    "audio_offsets", "audio_positions", "audio_lengths", "audio_path_offsets", "audio_path_data", "audio_samples",
 }  # fmt: skip
 
 

@@ -27,6 +27,11 @@ class _BatchColumns(TypedDict):
     #: bytes); an empty entry, or none given: the image is read from its path.
     image_data_offsets: NotRequired[npt.NDArray[np.int64]]
     image_data: NotRequired[npt.NDArray[np.uint8]]
+    #: Per sample, its audio clips audio_offsets[i]..[i+1] of the path strings
+    #: (audio_path_offsets, audio_path_data); none given: the source has no audio.
+    audio_offsets: NotRequired[npt.NDArray[np.int64]]
+    audio_path_offsets: NotRequired[npt.NDArray[np.int64]]
+    audio_path_data: NotRequired[npt.NDArray[np.uint8]]
     #: (offsets, bytes) per template field, in the plan's field order.
     fields: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]]
 
@@ -132,7 +137,9 @@ class Compiler:
         segment_source, segment_row, segment_part, segment_template, segment_repeat,
         segment_images; its image runs image_offsets[r]..[r+1] of image_positions,
         image_lengths, image_grid_t, image_grid_h, image_grid_w and the strings
-        (image_path_offsets, image_path_data)."""
+        (image_path_offsets, image_path_data); its audio runs audio_offsets[r]..[r+1] of
+        audio_positions, audio_lengths, audio_samples and the strings (audio_path_offsets,
+        audio_path_data), empty without audio."""
 
     def tokenizer_engine(self) -> tuple[str, str]:
         """The engine tokenizing this build ("fast" or "hf") and why it was chosen."""

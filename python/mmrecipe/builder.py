@@ -33,7 +33,7 @@ import msgspec
 
 from . import __version__
 from .compile import batch_columns, check_tokenizer_engine, make_compiler
-from .errors import MMRecipeError, ReleaseError, TokenizerError
+from .errors import MMRecipeError, RecipeError, ReleaseError, TokenizerError
 from .hashing import Hashes, file_sha256
 from .llm.cache import cache_digest
 from .llm.pools import expand_pools
@@ -177,6 +177,12 @@ def recipe_data(recipe: Recipe) -> dict[str, Any]:
     # A one-epoch release is what it was before epochs existed (its id unchanged).
     if d["output"].get("epochs") == 1:
         del d["output"]["epochs"]
+    # Audio keys only where set: a recipe without audio has the manifest it had before.
+    if d["model"].get("audio") is None:
+        d["model"].pop("audio", None)
+    for source in d["source"]:
+        if source.get("audio_root") is None:
+            source.pop("audio_root", None)
     return d
 
 
@@ -220,10 +226,14 @@ def build(
         raise ValueError("ray_address and ray_staging are for engine='ray'")
     check_tokenizer_engine(tokenizer_engine)  # before anything is written
     plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
+    audio = plan.recipe.model.audio is not None
+    if audio and engine == "ray":
+        raise RecipeError("model.audio: the Ray engine does not build recipes with audio yet; build with engine \"local\"")
     out = check_destination(Path(out), overwrite, protected_paths(plan))
     stages = LLMStages(plan, mode="offline" if offline else "online", retry_failed=retry_failed, progress=progress)
     hashes = Hashes()
-    store = _open_store(cache)
+    # Token store entries keep no audio runs: a recipe with audio is always tokenized.
+    store = _open_store(cache) if not audio else None
     with lock(out), stages, staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=spill_prefix(out)) as spill, ExitStack() as on_cluster:
         plan, _ = expand_pools(plan, stages)  # before anything keys on the sources' templates
         timings: dict[str, float] = {}
@@ -235,7 +245,7 @@ def build(
             clock[0] = now
 
         epochs = plan.recipe.output.epochs
-        if store is None and epochs > 1:
+        if store is None and epochs > 1 and not audio:
             # Without a token store, the build's own in the spill folder: a source every
             # epoch shares (one without templates to draw) is tokenized once.
             store = TokenStore(Path(spill) / "store")
@@ -269,6 +279,7 @@ def build(
                 if pad_id is None:
                     raise TokenizerError(f"model.tokenizer: pad token {pad!r} is not in the vocabulary")
                 image = image_rule(plan, compiler)
+                audio_info = audio_rule(plan, compiler)
             label = "" if epochs == 1 else f" (epoch {epoch}, {epoch + 1}/{epochs})"
             notes = _tokenize(plan, stages, compiler, lap, progress, use, remote, label)
             summary = msgspec.json.decode(compiler.finish())
@@ -277,7 +288,7 @@ def build(
                 stats["notes"] = stages.pool_note(source) + notes[source.index] + stages.notes(source.name)
             lap("pack")
             with _progress(summary["sequences"], "write" + label, "seq", progress) as wbar:
-                parts.append(_write_epoch(tmp, epoch, compiler, summary, plan.recipe.output.shard_sequences, wbar))
+                parts.append(_write_epoch(tmp, epoch, compiler, summary, plan.recipe.output.shard_sequences, wbar, audio))
             del compiler  # its spill goes before the next epoch's
             shutil.rmtree(epoch_spill, ignore_errors=True)
             if epoch == 0:
@@ -286,7 +297,7 @@ def build(
         on_cluster.close()  # the cluster's work is done (and the staged entries loaded)
         if remote is not None:
             lap("connect")  # and disconnect
-        manifest = _manifest(plan, int(pad_id), parts, first, image, hashes)
+        manifest = _manifest(plan, int(pad_id), parts, first, image, hashes, audio_info)
         manifest.tokenizer_engine = {"engine": tk_engine, "reason": engine_reason}
         write_json(tmp / MANIFEST, manifest)
         lap("write")
@@ -298,12 +309,14 @@ def build(
 ENGINES = ("local", "ray")
 
 
-def _write_epoch(tmp: Path, epoch: int, compiler: Any, summary: dict[str, Any], per_shard: int, bar: Any) -> EpochPart:
-    """Epoch `epoch`'s shards and stats.json, in its folder of the staged release."""
+def _write_epoch(tmp: Path, epoch: int, compiler: Any, summary: dict[str, Any], per_shard: int, bar: Any,
+                 audio: bool = False) -> EpochPart:
+    """Epoch `epoch`'s shards (with the audio columns when `audio`) and stats.json, in its
+    folder of the staged release."""
     prefix = epoch_folder(epoch)
     folder = tmp / prefix
     folder.mkdir(exist_ok=True)
-    shards = write_shards(folder, compiler.emit, summary["sequences"], per_shard, bar)
+    shards = write_shards(folder, compiler.emit, summary["sequences"], per_shard, bar, audio)
     if prefix:
         shards = [msgspec.structs.replace(sh, path=f"{prefix}/{sh.path}") for sh in shards]
     stats = f"{prefix}/{STATS}" if prefix else STATS
@@ -565,6 +578,28 @@ def image_rule(plan: Plan, compiler: Any) -> dict[str, Any] | None:
     return rule
 
 
+def audio_rule(plan: Plan, compiler: Any) -> dict[str, Any] | None:
+    """The recipe's audio rule with the ids of its tokens, for the loader."""
+    audio = plan.recipe.model.audio
+    if audio is None:
+        return None
+    rule = {k: v for k, v in msgspec.to_builtins(audio).items() if v is not None}
+    if audio.count is not None:
+        for key in ("rule", "chunk_seconds", "hop_length", "pool", "long"):
+            rule.pop(key, None)
+    for key in ("token", "start", "end"):
+        if rule.get(key) is not None:
+            rule[f"{key}_id"] = compiler.token_id(rule[key])
+    return rule
+
+
+def audio_roots(plan: Plan) -> dict[str, str]:
+    """Each audio source's audio root relative to the recipe's folder."""
+    base = plan.folder.resolve()
+    return {s.name: os.path.relpath(s.audio_root.resolve(), base) for s in plan.sources
+            if s.audio_root is not None and ("audio" in s.spec.fields or "audios" in s.spec.fields)}
+
+
 def image_roots(plan: Plan) -> dict[str, str]:
     """Each source's image root relative to the recipe's folder (never this machine's path)."""
     base = plan.folder.resolve()
@@ -572,7 +607,8 @@ def image_roots(plan: Plan) -> dict[str, str]:
 
 
 def _manifest(
-    plan: Plan, pad_id: int, parts: list[EpochPart], summary: dict[str, Any], image: dict[str, Any] | None, hashes: Hashes
+    plan: Plan, pad_id: int, parts: list[EpochPart], summary: dict[str, Any], image: dict[str, Any] | None, hashes: Hashes,
+    audio: dict[str, Any] | None = None,
 ) -> Manifest:
     """The manifest: epoch 0 at the top level (what a one-epoch build writes), and every
     epoch listed when there are more."""
@@ -596,5 +632,7 @@ def _manifest(
         stats_sha256=parts[0].stats_sha256,
         epochs=parts if len(parts) > 1 else msgspec.UNSET,
     )
+    if audio is not None:
+        manifest.audio, manifest.audio_roots = audio, audio_roots(plan)
     manifest.release_id = release_id_of(msgspec.json.encode(manifest))
     return manifest

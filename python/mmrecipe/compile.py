@@ -20,8 +20,8 @@ from . import _core
 from .buffers import arrow, binary_buffers, string_buffers
 from .recipe.model import ModelFiles
 from .recipe.plan import Plan
-from .recipe.schema import ImageSpec, OutputSpec
-from .sources.columns import CONTENTS, IMAGE_BYTES, IMAGES, ROLES, ROW, Normalized, template_column
+from .recipe.schema import AudioSpec, ImageSpec, OutputSpec
+from .sources.columns import AUDIOS, CONTENTS, IMAGE_BYTES, IMAGES, ROLES, ROW, Normalized, template_column
 
 if TYPE_CHECKING:
     from ._core import _BatchColumns
@@ -45,10 +45,12 @@ def core_plan(plan: Plan, tokenizer_engine: str | None = None, epoch: int = 0) -
             "weight": s.spec.weight,
             "on_error": s.spec.on_error,
             "max_epochs": s.spec.max_epochs,
+            # Only with audio: the plan (and the token store's keys) of other recipes unchanged.
+            **({"audio_root": str(s.audio_root)} if recipe.model.audio is not None and s.audio_root else {}),
         }
         for s in plan.sources
     ]
-    return settings(plan.model, recipe.model.image, recipe.output) | {
+    return settings(plan.model, recipe.model.image, recipe.output, recipe.model.audio) | {
         "seed": recipe.recipe.seed,
         "epoch": epoch,
         "mixture": "natural" if isinstance(total, str) else dict(total),
@@ -58,10 +60,10 @@ def core_plan(plan: Plan, tokenizer_engine: str | None = None, epoch: int = 0) -
     }
 
 
-def settings(model: ModelFiles, image: ImageSpec | None, output: OutputSpec) -> dict[str, Any]:
-    """What shapes each sample's tokens: the chat template, its tokens, the image rule and
-    the output options (a build's plan, and `encode.ChatEncoder`'s)."""
-    return {
+def settings(model: ModelFiles, image: ImageSpec | None, output: OutputSpec, audio: AudioSpec | None = None) -> dict[str, Any]:
+    """What shapes each sample's tokens: the chat template, its tokens, the image and audio
+    rules and the output options (a build's plan, and `encode.ChatEncoder`'s)."""
+    return audio_settings(audio) | {
         "chat_template": model.chat_template,
         "bos_token": model.bos_token,
         "eos_token": model.eos_token,
@@ -75,6 +77,16 @@ def settings(model: ModelFiles, image: ImageSpec | None, output: OutputSpec) -> 
         "balance": output.balance,
         "shuffle": output.shuffle,
     }
+
+
+def audio_settings(audio: AudioSpec | None) -> dict[str, Any]:
+    """`{"audio": the core's audio plan}`, or nothing without an audio rule (so that the
+    plan of a recipe without audio is what it was before audio existed)."""
+    if audio is None:
+        return {}
+    rule = msgspec.to_builtins(audio)
+    del rule["rule"]  # the only rule besides a fixed count: the core knows it by the keys
+    return {"audio": rule}
 
 
 def check_tokenizer_engine(value: object) -> None:
@@ -115,6 +127,9 @@ def batch_columns(norm: Normalized, start: int, length: int) -> _BatchColumns:
     if IMAGE_BYTES in part.columns:  # images held in the source's files: their bytes, per image
         _, data = _list_parts(part[IMAGE_BYTES])
         extra["image_data_offsets"], extra["image_data"] = binary_buffers(data)
+    if AUDIOS in part.columns:  # the clips' paths, per sample: the core reads their headers
+        extra["audio_offsets"], audios = _list_parts(part[AUDIOS])
+        extra["audio_path_offsets"], extra["audio_path_data"] = string_buffers(audios)
     return {
         **extra,
         "rows": part[ROW].to_numpy().astype(np.uint64, copy=False),

@@ -2,7 +2,8 @@
 (memory-mapped Parquet, one row group decoded at a time), `collate`, which turns its items
 into a `Batch` that a transformers model takes as `model(**batch)` (the contract is the
 table in the README's "Loading it in PyTorch"), and `dataloader`, which puts them together
-with pixels from an image processor, opened in the DataLoader workers. `ReleaseSampler`
+with pixels from an image processor and audio features from a feature extractor, both
+opened in the DataLoader workers. `ReleaseSampler`
 splits a release across the ranks of a distributed job and resumes mid-epoch."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .errors import ReleaseError
+from .loader.audio import Audio, Features, audio_roots, audio_rule
 from .loader.batch import Batch
 from .loader.collate import IGNORE_INDEX, Collator, Images, records
 from .loader.image_runs import checked_starts, infer_token_id
@@ -30,6 +32,7 @@ __all__ = ["IGNORE_INDEX", "Batch", "Collator", "EpochWrapWarning", "PackedDatas
 COLUMNS = ("input_ids", "loss_mask", "segment_lengths", "segment_source", "segment_row",
            "image_positions", "image_lengths", "image_paths")
 IMAGE_COLUMNS = ("segment_images",)  # needed once a release has images
+AUDIO_COLUMNS = ("audio_positions", "audio_lengths", "audio_paths", "audio_samples")  # with an audio rule
 
 
 class EpochWrapWarning(UserWarning):
@@ -53,6 +56,7 @@ class PackedDataset(Dataset):
         self.pad_token_id = self.release_manifest.pad_token_id
         self.seq_len = self.release_manifest.seq_len
         self.rule = image_rule(self.raw)
+        self.audio_rule = audio_rule(self.raw)
         self.epoch = -1
         self.set_epoch(epoch)
         self.image_token_id = image_token_id if image_token_id is not None else recorded_token_id(self.raw)
@@ -87,7 +91,8 @@ class PackedDataset(Dataset):
         self._cached: tuple[int, dict[str, Any]] | None = None
 
     def _check_columns(self, shard: str, names: list[str]) -> None:
-        lacking = [c for c in COLUMNS + (IMAGE_COLUMNS if self.rule is not None else ()) if c not in names]
+        wanted = COLUMNS + (IMAGE_COLUMNS if self.rule is not None else ()) + (AUDIO_COLUMNS if self.audio_rule is not None else ())
+        lacking = [c for c in wanted if c not in names]
         if lacking:
             raise ReleaseError(f"{self.root}: shard {shard} lacks the column(s) {lacking}, which this loader needs; "
                                "the release was built by an older mmrecipe: rebuild it")
@@ -150,6 +155,10 @@ class PackedDataset(Dataset):
         item["index"] = index
         if item["segment_images"] is None:
             del item["segment_images"]
+        if self.audio_rule is not None:
+            for name in ("audio_positions", "audio_lengths", "audio_samples"):
+                item[name] = get(name)
+            item["audio_paths"] = get("audio_paths", None)
         thw = [get(f"image_grid_{axis}") for axis in "thw"]
         if all(g is not None for g in thw) and self.rule is not None and self.rule.grid:
             item["image_grids"] = np.stack(thw, axis=1)  # (images, 3); releases before format 3 lack it
@@ -290,6 +299,17 @@ def _images(ds: PackedDataset, image_processor: Any, roots: Mapping[str, str | P
     return Images(ds.manifest.sources, found, ds.rule, pixels, on_missing_image)
 
 
+def _audio(ds: PackedDataset, audio_processor: Any, roots: Mapping[str, str | Path] | None,
+           recipe_dir: str | Path | None, on_missing_audio: str) -> Audio | None:
+    if ds.audio_rule is None:
+        if audio_processor is not None:
+            raise ValueError(f"{ds.root}: the release has no audio rule (model.audio), so there is no audio to load")
+        return None
+    found = audio_roots(ds.raw, ds.manifest.sources, roots, recipe_dir)
+    features = Features(audio_processor, ds.audio_rule) if audio_processor is not None else None
+    return Audio(ds.manifest.sources, found, ds.audio_rule, features, on_missing_audio)
+
+
 def _first_image_row(ds: PackedDataset) -> int | None:
     for index in range(len(ds)):
         if len(ds._raw(index)["image_lengths"]):
@@ -301,6 +321,15 @@ def preflight(ds: PackedDataset, collator: Collator) -> None:
     """Before the first batch: the roots of the images are known, and the processor's
     token count for the first image of the release equals its run length (the collator
     raises a RecipeError naming both numbers otherwise)."""
+    audio = collator.audio
+    if audio is not None and audio.features is not None:
+        lacking = sorted({n for n in (ds.raw.get("audio_roots") or {}) if audio.roots.get(n) is None})
+        if lacking:
+            raise ReleaseError(f"{ds.root}: cannot tell where the audio of source(s) {lacking} is; the manifest records "
+                               "it relative to the recipe: pass recipe_dir=THE_RECIPE_FOLDER, or audio_roots={...}")
+        first = next((i for i in range(len(ds)) if len(ds._raw(i)["audio_lengths"])), None)
+        if first is not None:
+            collator([ds[first]])  # the feature extractor's token count checked on a real clip
     images = collator.images
     if images is None or (images.pixels is None and not collator.mrope):
         return
@@ -337,6 +366,9 @@ def dataloader(
     mrope: bool | None = None,
     pad_to: int | None = None,
     image_token_id: int | None = None,
+    audio_processor: Any = None,
+    audio_roots: Mapping[str, str | Path] | None = None,
+    on_missing_audio: str = "error",
     rank: int | None = None,
     world_size: int | None = None,
     seed: int = 0,
@@ -351,7 +383,11 @@ def dataloader(
     `image_roots={"source": "/path"}`, the manifest, or the recipe embedded in it resolved
     against `recipe_dir`. `on_missing_image="skip_row"` leaves out rows with an unreadable
     image (listed in `batch.skipped`) instead of raising. `attention="4d"` adds a
-    block-diagonal mask of `mask_dtype`. Given `rank` and `world_size`, it reads through a
+    block-diagonal mask of `mask_dtype`. `audio_processor` (a transformers feature extractor
+    such as WhisperFeatureExtractor, a processor, a name or folder, or a callable) adds
+    `input_features` (and `feature_attention_mask`) from clips decoded with soundfile in the
+    workers, their folders from `audio_roots=` or the manifest; `on_missing_audio` as
+    `on_missing_image`. Given `rank` and `world_size`, it reads through a
     `ReleaseSampler` (shuffled unless `shuffle=False`, drop_last) reachable as
     `loader.sampler`: call `loader.sampler.set_epoch(epoch)`.
 
@@ -366,7 +402,8 @@ def dataloader(
     if (rank is None) != (world_size is None):
         raise ValueError("give both rank and world_size, or neither")
     collator = Collator(ds.pad_token_id, flatten, pad_to, attention=attention, mask_dtype=mask_dtype,
-                        images=_images(ds, image_processor, image_roots, recipe_dir, on_missing_image), mrope=mrope)
+                        images=_images(ds, image_processor, image_roots, recipe_dir, on_missing_image), mrope=mrope,
+                        audio=_audio(ds, audio_processor, audio_roots, recipe_dir, on_missing_audio))
     preflight(ds, collator)
     if world_size is not None:
         shuffle = kwargs.pop("shuffle", True)

@@ -48,6 +48,9 @@ def export(release: str | Path, to: str, out: str | Path, *, overwrite: bool = F
     epoch `epoch` names."""
     write = _writer(to)
     release, manifest = checked_release(release, epoch)
+    if manifest.audio:  # the formats carry no audio runs; an export would silently lose them
+        raise ReleaseError(f"{release}: the release has audio (model.audio), which no export format carries yet; "
+                           "train from the release itself (mmrecipe.torch)")
     out = Path(out)
     dest = check_destination(out, overwrite, [release], replaceable=is_export, what="an export")
     if release.resolve() in dest.parents:

@@ -2,7 +2,8 @@
 no 2-D attention mask and `use_cache=False`, so that transformers detects the packing from
 `position_ids` restarting per segment; `attention="4d"` adds a block-diagonal causal mask
 instead; `flatten=True` gives the padding-free `[1, T]` form with transformers' varlen
-kwargs. Pixels, grids and mRoPE positions come with the images of the batch's rows."""
+kwargs. Pixels, grids and mRoPE positions come with the images of the batch's rows, audio
+features (loader/audio.py) with its clips."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, recipe_error
+from .audio import Audio, audio_records, features_checked, load_clips
 from .batch import Batch, packed
 from .pixels import Pixels, open_image, upright_size
 from .release_info import ImageRule
@@ -123,13 +125,16 @@ class Collator:
 
     def __init__(self, pad_token_id: int = 0, flatten: bool = False, pad_to: int | None = None, *,
                  attention: str = "packed", mask_dtype: torch.dtype = torch.float32,
-                 images: Images | None = None, mrope: bool | None = None):
+                 images: Images | None = None, mrope: bool | None = None, audio: Audio | None = None):
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
         if flatten and attention == "4d":
             raise ValueError("attention='4d' is for the padded form; flatten=True attends through varlen kwargs")
         if images is not None and images.on_missing_image not in ON_MISSING:
             raise ValueError(f"on_missing_image must be one of {ON_MISSING}, not {images.on_missing_image!r}")
+        if audio is not None and audio.on_missing not in ON_MISSING:
+            raise ValueError(f"on_missing_audio must be one of {ON_MISSING}, not {audio.on_missing!r}")
+        self.audio = audio
         rule = images.rule if images is not None else None
         self.pad_token_id, self.flatten, self.pad_to = pad_token_id, flatten, pad_to
         self.attention, self.mask_dtype, self.images = attention, mask_dtype, images
@@ -139,9 +144,16 @@ class Collator:
 
     def __call__(self, batch: Sequence[dict[str, Any]]) -> Batch:
         items = list(batch)
-        recs = [records(it, self.images) for it in items]
         skipped: list[int] = []
         extra: dict[str, Any] = {}
+        clips: dict[int, list[Any]] = {}  # id(item): its decoded clips
+        audio = self.audio
+        if audio is not None and audio.features is not None:
+            arecs = [audio_records(it, audio) for it in items]
+            kept, decoded, skipped = load_clips(items, arecs, audio)
+            items = [k[0] for k in kept]
+            clips = {id(k[0]): got for k, got in zip(kept, decoded)}
+        recs = [records(it, self.images) for it in items]
         grids: list[list[tuple[int, ...]]] = [[] for _ in items]
         images = self.images
         recorded = all(rec["grid"] is not None for row in recs for rec in row)
@@ -149,15 +161,20 @@ class Collator:
             grids = [[rec["grid"] for rec in row] for row in recs]  # the release's grids: no file opened
         elif images is not None and (images.pixels is not None or self.mrope) and any(recs):
             decode = images.pixels is not None
-            kept, opened, skipped = _load(items, recs, images, decode)
+            kept, opened, skipped_images = _load(items, recs, images, decode)
+            skipped = sorted(skipped + skipped_images)
             items, recs = [k[0] for k in kept], [k[1] for k in kept]
             grids = self._grids(items, recs, opened, extra) if decode else [
                 [_grid(h, w, images.rule) for h, w in sizes] for sizes in opened]  # type: ignore[arg-type]
             for row, row_grids in zip(recs, grids):
                 for rec, g in zip(row, row_grids):
                     rec["grid"] = tuple(int(x) for x in g) if g is not None else None
+        audio_recs = [audio_records(it, audio) for it in items]
+        if clips:  # the features of the rows kept (after the images' skips, too)
+            extra.update(features_checked(items, audio_recs, [clips[id(it)] for it in items], audio))  # type: ignore[arg-type]
         per_row = [row_arrays(it) for it in items]
-        fields = {"images": recs, "rows": [int(it.get("index", -1)) for it in items], "skipped": skipped}
+        fields = {"images": recs, "rows": [int(it.get("index", -1)) for it in items], "skipped": skipped,
+                  "audio": audio_recs}
         if self.flatten:
             return self._flat(items, per_row, grids, extra, fields)
         return self._padded(items, per_row, grids, extra, fields)
@@ -243,11 +260,13 @@ class Collator:
         planes = 4 if self.mrope else 1
         positions = np.zeros((planes, 1, total), np.int64)
         at = 0
-        shift_recs = []
+        shift_recs: list[dict[str, Any]] = []
+        shift_audio: list[dict[str, Any]] = []
         for r, (it, (_, pos, _)) in enumerate(zip(items, per_row)):
             k = len(it["input_ids"])
             positions[:, 0, at : at + k] = self._positions(it, pos, grids[r])
             shift_recs += [{**rec, "position": rec["position"] + at, "row": r} for rec in fields["images"][r]]
+            shift_audio += [{**rec, "position": rec["position"] + at, "row": r} for rec in fields["audio"][r]]
             at += k
         cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
         seg_offsets = np.cumsum([0] + [len(it["segment_lengths"]) for it in items])[:-1]
@@ -262,6 +281,6 @@ class Collator:
                   "cu_seqlens": (False, cu, "int32")}
         if self.mrope:
             arrays["mm_token_type_ids"] = (True, cat([self._mm_types(it) for it in items])[None], "int64")
-        fields.update(images=shift_recs, max_seqlen=longest)
+        fields.update(images=shift_recs, audio=shift_audio, max_seqlen=longest)
         items_out = {"use_cache": False, "max_length_q": longest, "max_length_k": longest, **extra}
         return packed(arrays, items_out, fields)

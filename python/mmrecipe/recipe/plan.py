@@ -26,7 +26,7 @@ import msgspec
 from ..errors import SourceError
 from .model import ModelFiles, load_model
 from .pools import builtin_pool_path, load_pool
-from .schema import RESERVED_FIELDS, GenerateSpec, LengthenSpec, PoolGenerateSpec, PoolSpec, Recipe, SourceSpec
+from .schema import LAYOUT_FIELDS, RESERVED_FIELDS, GenerateSpec, LengthenSpec, PoolGenerateSpec, PoolSpec, Recipe, SourceSpec
 from .validate import is_glob, lengthen_fields
 
 # LLaVA-1.5's wording for short-answer data, appended to the instruction.
@@ -36,7 +36,9 @@ SHORT_ANSWER = {
 }
 # The role prefix of a call cache among the inputs: hashed by content, not by bytes.
 CACHE_ROLE = "cache:"
-FORMATS = ("jsonl", "json", "parquet", "csv", "webdataset")
+FORMATS = ("jsonl", "json", "parquet", "csv", "tsv", "webdataset")
+# The pool a source of these layouts draws its instructions from when it names none.
+DEFAULT_POOLS = {"caption": "caption-brief", "asr": "asr"}
 # Where a source keeps its images inside its files (sources/containers.py).
 WEBDATASET, PARQUET_IMAGES = "webdataset", "parquet"
 
@@ -102,6 +104,8 @@ class SourcePlan(msgspec.Struct, frozen=True):
     template_fields: list[str]  # mapped fields templates may use
     image_root: Path | None
     lengthen: LengthenPlan | None = None
+    # The folder audio paths are relative to: audio_root, else the first file's folder.
+    audio_root: Path | None = None
     generate: GeneratePlan | None = None
     # Images inside the source's files, read in place: "webdataset" (tar shards) or
     # "parquet" (an image column of bytes, `image_column`); None: loose image files.
@@ -234,7 +238,7 @@ def format_of(name: str, declared: str | None, path: Path) -> str:
     if ext in FORMATS:
         return ext
     raise SourceError(
-        f"source '{name}': cannot tell the format of {path.name}; set format = \"jsonl\" | \"json\" | \"parquet\" | \"csv\" | \"webdataset\""
+        f"source '{name}': cannot tell the format of {path.name}; set format = \"jsonl\" | \"json\" | \"parquet\" | \"csv\" | \"tsv\" | \"webdataset\""
     )
 
 
@@ -256,7 +260,9 @@ def pool_of(spec: SourceSpec) -> str | None:
     """The pool a source's instructions come from (a caption source has a default)."""
     if isinstance(spec.instructions, str):
         return spec.instructions
-    return "caption-brief" if spec.layout == "caption" and not spec.instructions else None
+    if not spec.instructions and spec.layout in DEFAULT_POOLS:
+        return DEFAULT_POOLS[spec.layout]
+    return None
 
 
 def _templates(recipe: Recipe, spec: SourceSpec) -> list[str]:
@@ -292,8 +298,9 @@ def _source(recipe: Recipe, folder: Path, index: int, spec: SourceSpec, key: str
         formats=formats,
         join=_join(spec, key, folder, files),
         templates=_templates(recipe, spec),
-        template_fields=[k for k in spec.fields if k not in RESERVED_FIELDS],
+        template_fields=[k for k in spec.fields if k not in RESERVED_FIELDS | LAYOUT_FIELDS.get(spec.layout, frozenset())],
         image_root=root,
+        audio_root=path_in(folder, spec.audio_root) if spec.audio_root else (files[0].parent if files else None),
         lengthen=_lengthen(recipe, folder, spec),
         generate=generate,
     )

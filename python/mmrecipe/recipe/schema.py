@@ -33,10 +33,31 @@ class ImageSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     end: str | None = None
 
 
+class AudioSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    """How audio clips become tokens, from the length their file header states: `count`
+    per clip, or the Whisper rule (a mel frame per `hop_length` samples at
+    `sampling_rate`, the clip padded or cut to a `chunk_seconds` window, the encoder's
+    stride-2 convolution, then an average pool of `pool`: Qwen2-Audio's is 2). A clip
+    longer than the window: an error, or cut to it (`long = "truncate"`)."""
+
+    rule: Literal["whisper"] = "whisper"
+    placeholder: str = "<audio>"
+    token: str = "<|AUDIO|>"
+    count: int | None = None
+    sampling_rate: int = 16_000
+    chunk_seconds: int = 30
+    hop_length: int = 160
+    pool: int = 2
+    long: Literal["error", "truncate"] = "error"
+    start: str | None = None
+    end: str | None = None
+
+
 class ModelSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     tokenizer: str
     chat_template: str = "model"
     image: ImageSpec | None = None
+    audio: AudioSpec | None = None
     # Which encoder turns text into ids: "fast" (the core's own byte-level BPE, for the
     # tokenizer shapes it knows), "hf" (HF tokenizers), or "auto" (fast where it applies).
     # The ids are the same either way, so it is not part of the release's identity.
@@ -70,14 +91,21 @@ class MixtureSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     alpha: float = 0.0
 
 
-Layout = Literal["qa", "caption", "conversation", "alpaca"]
+# "asr": a clip and its transcript (fields audio and text), the transcript trained.
+Layout = Literal["qa", "caption", "conversation", "alpaca", "asr"]
 # "webdataset": tar shards of {key}.jpg|jpeg|png|webp + {key}.txt|json (sources/containers.py).
-Format = Literal["jsonl", "json", "parquet", "csv", "webdataset"]
+# "tsv": tab-separated with a header and no quoting (Common Voice's validated.tsv).
+Format = Literal["jsonl", "json", "parquet", "csv", "tsv", "webdataset"]
 
-# Fields a layout consumes itself; any other mapped field is available to templates.
+# Fields a layout consumes itself; any other mapped field is available to templates
+# (and `text`, the transcript, under the asr layout: see LAYOUT_FIELDS).
 RESERVED_FIELDS = frozenset(
-    {"image", "images", "question", "answer", "caption", "conversations", "instruction", "input", "output"}
+    {"image", "images", "question", "answer", "caption", "conversations", "instruction", "input", "output", "audio", "audios"}
 )
+
+
+# Fields one layout consumes beyond RESERVED_FIELDS.
+LAYOUT_FIELDS = {"asr": frozenset({"text"})}
 
 
 class JoinSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
@@ -105,6 +133,8 @@ class SourceSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     roles: dict[str, str] = {}
     instructions: str | list[str] | None = None
     image_root: str | None = None
+    # The folder audio paths are relative to (default: the source file's folder).
+    audio_root: str | None = None
     weight: float = 1.0
     max_epochs: float | None = None
     short_answer: Literal["word", "sentence"] | None = None

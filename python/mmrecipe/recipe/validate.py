@@ -124,7 +124,7 @@ def semantic_problems(r: Recipe) -> list[str]:
         p += _group_by_problems(s, i)
         if s.join is not None and s.join.path is None and (isinstance(s.path, list) or is_glob(s.path)):
             p.append(f"source[{i}].join.path: source '{s.name}' reads several files; name the one file to join")
-        required = {"qa": ("question", "answer"), "caption": ("caption",), "alpaca": (), "conversation": ()}[s.layout]
+        required = {"qa": ("question", "answer"), "caption": ("caption",), "alpaca": (), "conversation": (), "asr": ("audio", "text")}[s.layout]
         for f in required:
             if f not in s.fields:
                 p.append(f"source[{i}].fields.{f}: the '{s.layout}' layout needs a '{f}' field path")
@@ -143,6 +143,43 @@ def semantic_problems(r: Recipe) -> list[str]:
                 p.append(f"pool.{name}.templates[{j}]: {problem}")
     p += _lengthen_problems(r)
     p += _generate_problems(r, seen)
+    p += _audio_problems(r)
+    return p
+
+
+# What the core accepts for the Whisper rule (rust/audio.rs): at most this many tokens a clip.
+MAX_AUDIO_TOKENS = 16_384
+
+
+def _audio_problems(r: Recipe) -> list[str]:
+    """The [model] audio rule, and sources whose audio it must expand."""
+    p: list[str] = []
+    audio = r.model.audio
+    for i, s in enumerate(r.source):
+        uses = s.layout == "asr" or "audio" in s.fields or "audios" in s.fields
+        if uses and audio is None:
+            p.append(f"source[{i}]: source '{s.name}' has audio, but [model] sets no audio rule "
+                     '(audio = { rule = "whisper" } or audio = { count = N })')
+        if "audio" in s.fields and "audios" in s.fields:
+            p.append(f"source[{i}].fields: map one of audio (one clip) or audios (a list), not both")
+        if uses and s.group_by is not None:
+            p.append(f"source[{i}].group_by: grouping by image does not carry a sample's audio; remove group_by")
+        if s.audio_root is not None and not uses:
+            p.append(f"source[{i}].audio_root: source '{s.name}' maps no audio (fields.audio or fields.audios)")
+    if audio is None:
+        return p
+    where = "model.audio"
+    if audio.count is not None:
+        if not 1 <= audio.count <= MAX_AUDIO_TOKENS:
+            p.append(f"{where}.count: {audio.count} is not between 1 and {MAX_AUDIO_TOKENS}")
+    else:
+        for key in ("sampling_rate", "chunk_seconds", "hop_length", "pool"):
+            if getattr(audio, key) < 1:
+                p.append(f"{where}.{key}: {getattr(audio, key)} must be at least 1")
+    if not audio.placeholder:
+        p.append(f"{where}.placeholder: must not be empty")
+    if r.model.image is not None and r.model.image.placeholder == audio.placeholder:
+        p.append(f"{where}.placeholder: '{audio.placeholder}' is also the image placeholder")
     return p
 
 

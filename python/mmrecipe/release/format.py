@@ -12,7 +12,8 @@ diff and the torch reader all use.
 
 Each column is a list per packed row. Its values are cut into rows by one of three
 offset arrays the core emits: `row_offsets` (one entry per token), `segment_offsets`
-(one per packed sample) or `image_offsets` (one per image)."""
+(one per packed sample) or `image_offsets` (one per image); a release built with an audio
+rule has the AUDIO_COLUMNS too, cut by `audio_offsets` (one per clip)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ ROW_GROUP = 256
 class Column(NamedTuple):
     name: str
     type: pa.DataType  # the Arrow type of the list's values
-    per: Literal["token", "segment", "image"]  # which offsets cut it into rows
+    per: Literal["token", "segment", "image", "audio"]  # which offsets cut it into rows
     meaning: str
 
 
@@ -61,7 +62,14 @@ COLUMNS: tuple[Column, ...] = (
     Column("image_grid_w", pa.uint32(), "image", "grid rule: patch columns of the image upright, before merging; fixed count: 0"),
 )
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
-OFFSETS = {"token": "row_offsets", "segment": "segment_offsets", "image": "image_offsets"}
+#: Only in a release whose recipe has `[model] audio` (every other release keeps its bytes).
+AUDIO_COLUMNS: tuple[Column, ...] = (
+    Column("audio_positions", pa.uint32(), "audio", "first token of each audio run"),
+    Column("audio_lengths", pa.uint32(), "audio", "tokens of each audio run"),
+    Column("audio_paths", pa.string(), "audio", "each clip's path, relative to its source's audio root"),
+    Column("audio_samples", pa.uint64(), "audio", "each clip's length in samples at the rule's sampling rate, from its header"),
+)
+OFFSETS = {"token": "row_offsets", "segment": "segment_offsets", "image": "image_offsets", "audio": "audio_offsets"}
 
 
 class InputFile(msgspec.Struct):
@@ -118,6 +126,11 @@ class Manifest(msgspec.Struct):
     # How the ids were computed: {"engine": "fast" | "hf", "reason": ...}. Both engines give
     # the same bytes, so this is not part of the release id (see `release_id_of`).
     tokenizer_engine: dict[str, str] = {}
+    # With an audio rule only (UNSET: left out of the JSON, so a release without audio
+    # keeps its bytes and id): the rule as built with its token ids, and per source the
+    # folder its audio paths are relative to, as image_roots.
+    audio: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    audio_roots: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
     # Every epoch of a release built with `[output] epochs = N > 1` (epoch 0 first, the
     # same as the fields above); absent from a one-epoch release.
     epochs: list[EpochPart] | msgspec.UnsetType = msgspec.UNSET

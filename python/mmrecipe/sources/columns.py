@@ -14,6 +14,9 @@ ROW, ROLES, CONTENTS, IMAGES = "__row", "__roles", "__contents", "__images"
 #: Beside IMAGES, for images held in the source's files (parquet cells): their bytes,
 #: one list entry per image, for the core's header reader (never written to a release).
 IMAGE_BYTES = "__image_bytes"
+#: A source with audio (fields.audio or fields.audios): its clips' paths, relative to the
+#: source's audio root, one list per sample. Absent from a source without audio.
+AUDIOS = "__audios"
 #: Set by a container reader on a row it found unusable: why (sources/containers.py).
 PROBLEM = "__problem"
 SYSTEM, USER, ASSISTANT = 0, 1, 2
@@ -32,7 +35,8 @@ def template_column(name: str) -> str:
 @dataclass
 class Normalized:
     """One source (or one slice of it) in the internal form: columns ROW, ROLES,
-    CONTENTS, IMAGES (and IMAGE_BYTES for a parquet source with image bytes), and one
+    CONTENTS, IMAGES (and IMAGE_BYTES for a parquet source with image bytes, AUDIOS for
+    a source with audio), and one
     text column per template field (`template_column`)."""
 
     source: SourcePlan

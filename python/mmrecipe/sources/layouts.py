@@ -1,6 +1,6 @@
 """Layouts: how a source's resolved fields become turns, one function per layout —
 `qa`, `caption`, `conversation` (LLaVA/ShareGPT from/value or OpenAI role/content) and
-`alpaca` — then the image paths and template fields of the internal form. All column
+`alpaca`, `asr` — then the image and audio paths and template fields of the internal form. All column
 operations; no Python per row."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import polars as pl
 from ..errors import SourceError, recipe_error
 from ..recipe.plan import SourcePlan
 from .. import imageref
-from .columns import ASSISTANT, CONTENTS, IMAGE_BYTES, IMAGES, ROLES, ROW, SYSTEM, USER, Normalized, template_column
+from .columns import ASSISTANT, AUDIOS, CONTENTS, IMAGE_BYTES, IMAGES, ROLES, ROW, SYSTEM, USER, Normalized, template_column
 from .fields import Rows, as_text, require
 from .joins import group_by_image
 
@@ -43,6 +43,17 @@ def caption(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str], n
     return frame.with_columns(
         _TWO_TURNS.alias(ROLES),
         pl.concat_list(pl.lit(""), as_text(frame, resolved["caption"])).alias(CONTENTS),
+    )
+
+
+def asr(frame: pl.DataFrame, source: SourcePlan, resolved: dict[str, str], notes: list[str]) -> pl.DataFrame:
+    """A clip and its transcript: the instruction (from the source's pool, "asr" by
+    default) with the clip's placeholder as the user turn, the transcript trained."""
+    for key in ("audio", "text"):
+        frame = require(frame, resolved[key], source, key, notes)
+    return frame.with_columns(
+        _TWO_TURNS.alias(ROLES),
+        pl.concat_list(pl.lit(""), as_text(frame, resolved["text"])).alias(CONTENTS),
     )
 
 
@@ -136,7 +147,27 @@ LAYOUTS: dict[str, Callable[[pl.DataFrame, SourcePlan, dict[str, str], list[str]
     "caption": caption,
     "conversation": conversation,
     "alpaca": alpaca,
+    "asr": asr,
 }
+
+
+def _audios_expr(resolved: dict[str, str]) -> pl.Expr | None:
+    """A sample's clip paths: fields.audios (a list) or fields.audio (one); None when the
+    source maps neither."""
+    empty = pl.lit([], dtype=pl.List(pl.String))
+    if "audios" in resolved:
+        return pl.col(resolved["audios"]).cast(pl.List(pl.String)).list.drop_nulls().fill_null(empty)
+    if "audio" in resolved:
+        return pl.concat_list(pl.col(resolved["audio"]).cast(pl.String)).list.drop_nulls()
+    return None
+
+
+def _check_audio_paths(frame: pl.DataFrame, source: SourcePlan) -> None:
+    paths = frame.select(ROW, AUDIOS).explode(AUDIOS).drop_nulls(AUDIOS)
+    bad = paths.filter(pl.col(AUDIOS).str.starts_with("/") | pl.col(AUDIOS).str.contains(r"(^|/)\.\.(/|$)"))
+    if bad.height:
+        row, path = bad.row(0)
+        raise SourceError(f"source '{source.name}', row {row}, field 'audio': the path '{path}' escapes the source's audio_root")
 
 
 def _images_expr(frame: pl.DataFrame, resolved: dict[str, str]) -> pl.Expr:
@@ -177,10 +208,14 @@ def to_internal(rows: Rows) -> Normalized:
     frame = LAYOUTS[source.spec.layout](frame, source, resolved, rows.notes)
     frame = frame.with_columns(_images_expr(frame, resolved).alias(IMAGES))
     _check_image_paths(frame, source)
+    audios = _audios_expr(resolved)
+    if audios is not None:
+        frame = frame.with_columns(audios.alias(AUDIOS))
+        _check_audio_paths(frame, source)
     if source.spec.group_by == "image":
         frame = require(frame, resolved["image"], source, "image", rows.notes)
         frame = group_by_image(frame, resolved["image"])
     texts = [as_text(frame, resolved[k]).fill_null("").alias(template_column(k)) for k in source.template_fields]
-    carried = [IMAGE_BYTES] if IMAGE_BYTES in frame.columns else []
+    carried = [c for c in (IMAGE_BYTES, AUDIOS) if c in frame.columns]
     out = frame.select(ROW, ROLES, CONTENTS, IMAGES, *carried, *texts)
     return Normalized(source=source, frame=out.rechunk(), notes=rows.notes, resolved=rows.found)

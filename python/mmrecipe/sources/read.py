@@ -1,4 +1,4 @@
-"""Source files to polars frames: jsonl / json / parquet / csv, whole or (JSON Lines and
+"""Source files to polars frames: jsonl / json / parquet / csv / tsv, whole or (JSON Lines and
 JSON arrays) a slice of records at a time, which keeps memory flat in a source's size."""
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def read_file(name: str, path: Path, fmt: str, json_key: str | None = None) -> p
             return frame
         if fmt == "parquet":
             return pl.read_parquet(path)
+        if fmt == "tsv":  # Common Voice: tab-separated, quotes are text (sentences hold them)
+            return pl.read_csv(path, separator="\t", quote_char=None, infer_schema_length=None)
         return pl.read_csv(path, infer_schema_length=None)
     except SourceError:
         raise
