@@ -252,3 +252,22 @@ layout = "conversation"
 
     assert sorted(map(sorted, rows(0))) != sorted(map(sorted, rows(1)))  # other partners in the rows
     assert set().union(*rows(0)) == set().union(*rows(1))
+
+
+def test_an_audio_release_has_epochs_too(tmp_path):
+    """Audio builds keep no token store entries, so every epoch tokenizes its sources:
+    epoch 0 is still the one-epoch release, and each epoch's audio runs are whole."""
+    from test_release_ids import lay_out
+
+    recipes = lay_out(tmp_path / "work")
+    (recipes / "asr-epochs.toml").write_text('extends = "asr-alignment-fixtures.toml"\n[output]\nepochs = 2\n')
+    one = build(recipes / "asr-alignment-fixtures.toml", tmp_path / "one", progress=False, offline=True).path
+    two = build(recipes / "asr-epochs.toml", tmp_path / "two", progress=False, offline=True).path
+    assert files(one)["data/part-00000.parquet"] == files(two)["data/part-00000.parquet"]
+    assert verify(two).ok
+    manifest = read_manifest(two)
+    for e in range(2):
+        table = pq.read_table(two / manifest.epoch(e).shards[0].path).to_pylist()
+        token = manifest.audio["token_id"]
+        runs = [(r["input_ids"], p, n) for r in table for p, n in zip(r["audio_positions"], r["audio_lengths"])]
+        assert runs and all(n > 0 and all(t == token for t in ids[p:p + n]) and len(ids[p:p + n]) == n for ids, p, n in runs)
