@@ -71,6 +71,37 @@ pub struct ImageTokens {
     pub end: Option<u32>,
 }
 
+impl ImageTokens {
+    /// The run of the next medium (`counts[*next]` tokens, in its wrappers) at `span` of
+    /// the text, appended to `out`; an error when the text has more placeholders than the
+    /// sample has `what`.
+    fn expand(
+        &self,
+        counts: &[u32],
+        next: &mut usize,
+        what: &str,
+        span: (u32, u32),
+        out: &mut Encoded,
+        kinds: &mut Vec<u8>,
+    ) -> std::result::Result<ImageRun, String> {
+        let Some(&count) = counts.get(*next) else {
+            return Err(format!(
+                "the text has more '{}' placeholders than the sample has {what} ({})",
+                self.placeholder,
+                counts.len()
+            ));
+        };
+        *next += 1;
+        let first = out.ids.len() as u32 + self.start.is_some() as u32;
+        for id in self.start.into_iter().chain(std::iter::repeat_n(self.token, count as usize)).chain(self.end) {
+            out.ids.push(id);
+            out.offsets.push(span);
+            kinds.push(KIND_IMAGE); // a media token: never trained
+        }
+        Ok(ImageRun { pos: first, len: count })
+    }
+}
+
 /// The encoder of text pieces between cuts.
 pub enum Engine {
     Hf,
@@ -425,41 +456,13 @@ impl TextTokenizer {
                 }
                 Cut::Image => {
                     let img = self.image.as_ref().expect("image pattern only exists with an image config");
-                    let Some(&count) = image_counts.get(n_images) else {
-                        return Err(format!(
-                            "the text has more '{}' placeholders than the sample has images ({})",
-                            img.placeholder,
-                            image_counts.len()
-                        ));
-                    };
-                    n_images += 1;
-                    let first = out.ids.len() as u32 + img.start.is_some() as u32;
-                    let run = img.start.into_iter().chain(std::iter::repeat_n(img.token, count as usize)).chain(img.end);
-                    for id in run {
-                        out.ids.push(id);
-                        out.offsets.push(span);
-                        kinds.push(KIND_IMAGE);
-                    }
-                    out.images.push(ImageRun { pos: first, len: count });
+                    let run = img.expand(image_counts, &mut n_images, "images", span, &mut out, &mut kinds)?;
+                    out.images.push(run);
                 }
                 Cut::Audio => {
                     let aud = self.audio.as_ref().expect("audio pattern only exists with an audio config");
-                    let Some(&count) = audio_counts.get(n_audios) else {
-                        return Err(format!(
-                            "the text has more '{}' placeholders than the sample has audio clips ({})",
-                            aud.placeholder,
-                            audio_counts.len()
-                        ));
-                    };
-                    n_audios += 1;
-                    let first = out.ids.len() as u32 + aud.start.is_some() as u32;
-                    let run = aud.start.into_iter().chain(std::iter::repeat_n(aud.token, count as usize)).chain(aud.end);
-                    for id in run {
-                        out.ids.push(id);
-                        out.offsets.push(span);
-                        kinds.push(KIND_IMAGE);
-                    }
-                    out.audios.push(ImageRun { pos: first, len: count });
+                    let run = aud.expand(audio_counts, &mut n_audios, "audio clips", span, &mut out, &mut kinds)?;
+                    out.audios.push(run);
                 }
             }
             pos = m.end();

@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import DataError, recipe_error
+from ..errors import recipe_error
+from .unreadable import unreadable
 
 
 @dataclass(frozen=True)
@@ -160,12 +161,6 @@ def audio_records(item: dict[str, Any], audio: Audio | None) -> list[dict[str, A
     return out
 
 
-def _failed(item: dict[str, Any], rec: dict[str, Any], err: Exception) -> DataError:
-    e = DataError(f"release row {item.get('index', '?')} (segment {rec['segment']}: source '{rec['source']}', "
-                  f"row {rec['source_row']}): cannot read audio {rec['path']}: {err}")
-    e.source, e.row, e.field = rec["source"], rec["source_row"], "audio"
-    return e
-
 
 def load_clips(items: list[dict[str, Any]], recs: list[list[dict[str, Any]]], audio: Audio):
     """The rows whose clips all decode (all rows, or an error, under on_missing = "error"),
@@ -178,7 +173,7 @@ def load_clips(items: list[dict[str, Any]], recs: list[list[dict[str, Any]]], au
                 got.append(load_audio(rec["path"], audio.rule.sampling_rate))
         except Exception as err:  # noqa: BLE001 - any unreadable file is the same data error
             if audio.on_missing == "error":
-                raise _failed(item, rec, err) from err
+                raise unreadable(item, rec, err, "audio") from err
             skipped.append(int(item.get("index", -1)))
             continue
         kept.append((item, row))

@@ -14,12 +14,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import DataError, recipe_error
+from ..errors import recipe_error
 from .audio import Audio, audio_records, features_checked, load_clips
 from .batch import Batch, packed
 from .pixels import Pixels, open_image, upright_size
 from .release_info import ImageRule
 from .rope import mrope_positions, segment_starts
+from .unreadable import unreadable
 
 IGNORE_INDEX = -100
 ATTENTION = ("packed", "4d")
@@ -81,12 +82,6 @@ def records(item: dict[str, Any], images: Images | None) -> list[dict[str, Any]]
     return out
 
 
-def _failed(item: dict[str, Any], rec: dict[str, Any], err: Exception) -> DataError:
-    e = DataError(f"release row {item.get('index', '?')} (segment {rec['segment']}: source '{rec['source']}', "
-                  f"row {rec['source_row']}): cannot read image {rec['path']}: {err}")
-    e.source, e.row, e.field = rec["source"], rec["source_row"], "image"
-    return e
-
 
 def _grid(h: int, w: int, rule: ImageRule) -> tuple[int, int, int]:
     """The Qwen2-VL `smart_resize` grid (t, h, w in patches) of an image, as the build counts it."""
@@ -112,7 +107,7 @@ def _load(items: list[dict[str, Any]], recs: list[list[dict[str, Any]]], images:
                 got.append(open_image(rec["path"]) if decode else upright_size(rec["path"]))
         except Exception as err:  # noqa: BLE001 - any unreadable file is the same data error
             if images.on_missing_image == "error":
-                raise _failed(item, rec, err) from err
+                raise unreadable(item, rec, err, "image") from err
             skipped.append(int(item.get("index", -1)))
             continue
         kept.append((item, row))
