@@ -217,6 +217,7 @@ impl MediaSource for Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media::tests::Temp;
 
     fn plan(extra: &str) -> AudioPlan {
         serde_json::from_str(&format!(r#"{{"placeholder":"<audio>","token":"<audio>"{extra}}}"#)).unwrap()
@@ -238,22 +239,6 @@ mod tests {
         b.extend(data.to_le_bytes());
         b.extend(std::iter::repeat_n(0u8, data as usize));
         b
-    }
-
-    struct Temp(std::path::PathBuf);
-
-    impl Temp {
-        fn new(name: &str, bytes: &[u8]) -> Temp {
-            let path = std::env::temp_dir().join(format!("mmrecipe-audio-{}-{name}", std::process::id()));
-            std::fs::write(&path, bytes).unwrap();
-            Temp(path)
-        }
-    }
-
-    impl Drop for Temp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
     }
 
     #[test]

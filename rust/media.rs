@@ -375,7 +375,7 @@ impl<R: Seek> Seek for Budget<R> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -393,11 +393,11 @@ mod tests {
         serde_json::from_str(&format!(r#"{{"placeholder":"<image>","token":"<image>"{extra}}}"#)).unwrap()
     }
 
-    /// A file holding `bytes`, removed on drop.
-    struct Temp(std::path::PathBuf);
+    /// A file holding `bytes`, removed on drop (the audio tests use it too).
+    pub(crate) struct Temp(pub(crate) std::path::PathBuf);
 
     impl Temp {
-        fn new(name: &str, bytes: &[u8]) -> Temp {
+        pub(crate) fn new(name: &str, bytes: &[u8]) -> Temp {
             let path = std::env::temp_dir().join(format!("mmrecipe-media-{}-{name}", std::process::id()));
             std::fs::write(&path, bytes).unwrap();
             Temp(path)

@@ -565,27 +565,22 @@ def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: 
 
 def image_rule(plan: Plan, compiler: Any) -> dict[str, Any] | None:
     """The recipe's image rule with the ids of its tokens, for the loader."""
-    image = plan.recipe.model.image
-    if image is None:
-        return None
-    rule = {k: v for k, v in msgspec.to_builtins(image).items() if v is not None}
-    if image.count is not None:
-        for key in ("patch", "merge", "min_pixels", "max_pixels"):
-            rule.pop(key, None)
-    for key in ("token", "start", "end"):
-        if rule.get(key) is not None:
-            rule[f"{key}_id"] = compiler.token_id(rule[key])
-    return rule
+    return _rule_with_ids(plan.recipe.model.image, compiler, ("patch", "merge", "min_pixels", "max_pixels"))
 
 
 def audio_rule(plan: Plan, compiler: Any) -> dict[str, Any] | None:
     """The recipe's audio rule with the ids of its tokens, for the loader."""
-    audio = plan.recipe.model.audio
-    if audio is None:
+    return _rule_with_ids(plan.recipe.model.audio, compiler, ("rule", "chunk_seconds", "hop_length", "pool", "long"))
+
+
+def _rule_with_ids(spec: Any, compiler: Any, rule_keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """A media rule ([model] image or audio) as set, without the keys of the computed rule
+    when it is a fixed count, with the ids of its token and wrappers."""
+    if spec is None:
         return None
-    rule = {k: v for k, v in msgspec.to_builtins(audio).items() if v is not None}
-    if audio.count is not None:
-        for key in ("rule", "chunk_seconds", "hop_length", "pool", "long"):
+    rule = {k: v for k, v in msgspec.to_builtins(spec).items() if v is not None}
+    if spec.count is not None:
+        for key in rule_keys:
             rule.pop(key, None)
     for key in ("token", "start", "end"):
         if rule.get(key) is not None:

@@ -73,7 +73,6 @@ class PackedDataset(Dataset):
             warnings.warn(f"{self.root} holds {self.epochs} epoch(s); epoch {epoch} reads its epoch {epoch % self.epochs} again "
                           f"(build it with [output] epochs = {epoch + 1} or more for fresh samples)", EpochWrapWarning, stacklevel=2)
         part = epoch % self.epochs
-        self.requested_epoch = epoch
         if part == self.epoch:
             return
         self.epoch = part

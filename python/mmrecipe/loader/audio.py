@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import recipe_error
-from .unreadable import unreadable
+from .records import media_records, rooted, unreadable
+from .release_info import media_roots
 
 
 @dataclass(frozen=True)
@@ -54,21 +55,7 @@ def audio_rule(raw: Mapping[str, Any]) -> AudioRule | None:
 def audio_roots(raw: Mapping[str, Any], sources: list[str], given: Mapping[str, str | Path] | None,
                 recipe_dir: str | Path | None) -> dict[str, Path | None]:
     """Each source's audio root: `given`, else the manifest's (relative to `recipe_dir`)."""
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(sources))
-    if unknown:
-        raise ValueError(f"audio_roots names {unknown}, which are not sources of this release ({sources})")
-    recorded = raw.get("audio_roots") or {}
-    base = Path(recipe_dir).expanduser() if recipe_dir is not None else None
-    roots: dict[str, Path | None] = {}
-    for name in sources:
-        if name in given:
-            roots[name] = Path(given[name]).expanduser()
-        elif name in recorded and (base is not None or Path(recorded[name]).is_absolute()):
-            roots[name] = base / recorded[name] if base is not None else Path(recorded[name])
-        else:
-            roots[name] = None
-    return roots
+    return media_roots("audio", raw, sources, given, recipe_dir)
 
 
 def load_audio(path: str, rate: int) -> np.ndarray:
@@ -139,8 +126,7 @@ class Audio:
     on_missing: str = "error"
 
     def path(self, source: str, path: str) -> str:
-        root = self.roots.get(source)
-        return path if root is None or Path(path).is_absolute() else str(root / path)
+        return rooted(self.roots, source, path)
 
 
 def audio_records(item: dict[str, Any], audio: Audio | None) -> list[dict[str, Any]]:
@@ -148,18 +134,12 @@ def audio_records(item: dict[str, Any], audio: Audio | None) -> list[dict[str, A
     the source's audio root where known), row-relative position, token length, samples."""
     if "audio_positions" not in item:
         return []
-    ends = np.cumsum(item["segment_lengths"])
-    segs = np.searchsorted(ends, item["audio_positions"], side="right")
-    out = []
-    for k, (path, pos, n) in enumerate(zip(item["audio_paths"], item["audio_positions"], item["audio_lengths"])):
-        seg = int(segs[k])
-        src = int(item["segment_source"][seg])
-        name = audio.sources[src] if audio is not None and src < len(audio.sources) else str(src)
-        out.append({"source": name, "source_row": int(item["segment_row"][seg]), "segment": seg,
-                    "path": audio.path(name, str(path)) if audio is not None else str(path),
-                    "position": int(pos), "length": int(n), "samples": int(item["audio_samples"][k])})
+    segs = np.searchsorted(np.cumsum(item["segment_lengths"]), item["audio_positions"], side="right")
+    out = media_records(item, segs, item["audio_paths"], item["audio_positions"], item["audio_lengths"],
+                        audio.sources if audio is not None else None, audio.roots if audio is not None else None)
+    for rec, samples in zip(out, item["audio_samples"]):
+        rec["samples"] = int(samples)
     return out
-
 
 
 def load_clips(items: list[dict[str, Any]], recs: list[list[dict[str, Any]]], audio: Audio):

@@ -18,9 +18,9 @@ from ..errors import recipe_error
 from .audio import Audio, audio_records, features_checked, load_clips
 from .batch import Batch, packed
 from .pixels import Pixels, open_image, upright_size
+from .records import media_records, rooted, unreadable
 from .release_info import ImageRule
 from .rope import mrope_positions, segment_starts
-from .unreadable import unreadable
 
 IGNORE_INDEX = -100
 ATTENTION = ("packed", "4d")
@@ -38,8 +38,7 @@ class Images:
     on_missing_image: str = "error"
 
     def path(self, source: str, path: str) -> str:
-        root = self.roots.get(source)
-        return path if root is None or Path(path).is_absolute() else str(root / path)
+        return rooted(self.roots, source, path)
 
 
 def row_arrays(item: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -66,15 +65,10 @@ def image_segments(item: dict[str, Any]) -> np.ndarray:
 def records(item: dict[str, Any], images: Images | None) -> list[dict[str, Any]]:
     """One record per image of a row: source, source row, segment, path (resolved against
     the source's image root where known), row-relative position and token length."""
-    segs = image_segments(item)
-    out = []
-    for k, (path, pos, n) in enumerate(zip(item["image_paths"], item["image_positions"], item["image_lengths"])):
-        seg = int(segs[k])
-        src = int(item["segment_source"][seg])
-        name = images.sources[src] if images is not None and src < len(images.sources) else str(src)
-        full = images.path(name, str(path)) if images is not None else str(path)
-        out.append({"source": name, "source_row": int(item["segment_row"][seg]), "segment": seg,
-                    "path": full, "position": int(pos), "length": int(n), "grid": None})
+    out = media_records(item, image_segments(item), item["image_paths"], item["image_positions"], item["image_lengths"],
+                        images.sources if images is not None else None, images.roots if images is not None else None)
+    for rec in out:
+        rec["grid"] = None
     stored = item.get("image_grids")
     if stored is not None and len(stored) == len(out):
         for rec, g in zip(out, stored):

@@ -99,11 +99,23 @@ def image_roots(
     the manifest's recorded roots, then the embedded recipe's `image_root` (or the folder
     of the source's file); the last two are relative to `recipe_dir` (unless absolute).
     None where unknown."""
+    return media_roots("image", raw, sources, given, recipe_dir)
+
+
+def media_roots(
+    medium: str,
+    raw: Mapping[str, Any],
+    sources: list[str],
+    given: Mapping[str, str | Path] | None = None,
+    recipe_dir: str | Path | None = None,
+) -> dict[str, Path | None]:
+    """As `image_roots`, for the files of `medium` ("image" or "audio"): the manifest's
+    `{medium}_roots` and the recipe's `{medium}_root`."""
     given = dict(given or {})
     unknown = sorted(set(given) - set(sources))
     if unknown:
-        raise ValueError(f"image_roots names {unknown}, which are not sources of this release ({sources})")
-    recorded = raw.get(ROOTS_FIELD) or {}
+        raise ValueError(f"{medium}_roots names {unknown}, which are not sources of this release ({sources})")
+    recorded = raw.get(f"{medium}_roots") or {}
     specs = _source_specs(raw.get("recipe") or {})
     base = Path(recipe_dir).expanduser() if recipe_dir is not None else None
     roots: dict[str, Path | None] = {}
@@ -113,8 +125,8 @@ def image_roots(
             roots[name] = Path(given[name]).expanduser()
         elif recorded.get(name) is not None and (base is not None or Path(recorded[name]).is_absolute()):
             roots[name] = _resolved(recorded[name], base)
-        elif spec.get("image_root"):
-            roots[name] = _resolved(spec["image_root"], base)
+        elif spec.get(f"{medium}_root"):
+            roots[name] = _resolved(spec[f"{medium}_root"], base)
         else:
             roots[name] = _default_root(spec.get("path"), base)
     return roots

@@ -106,14 +106,14 @@ def verify(release: str | Path, recipe_dir: str | Path | None = None) -> VerifyR
     release = Path(release)
     manifest = read_manifest(release)
     manifest_bytes = (release / MANIFEST).read_bytes()
-    report = VerifyReport(release, manifest.release_id, len(manifest.shards), None)
+    parts = [manifest.epoch(e) for e in range(manifest.epoch_count)]
+    report = VerifyReport(release, manifest.release_id, sum(len(part.shards) for part in parts), None)
     problems = report.problems
 
     expected = release_id_of(manifest_bytes)
     if expected != manifest.release_id:
         problems.append(Problem("changed", MANIFEST, f"release_id {_short(manifest.release_id)}… does not match its content ({_short(expected)}…)"))
 
-    parts = [manifest.epoch(e) for e in range(manifest.epoch_count)]
     for part in parts:
         for shard in part.shards:
             _check_file(release / shard.path, shard.path, shard.sha256, None, problems)
@@ -125,7 +125,6 @@ def verify(release: str | Path, recipe_dir: str | Path | None = None) -> VerifyR
             problems.append(Problem("extra", rel.as_posix(), "in the release but not in the manifest"))
     for epoch, (part, name) in enumerate(zip(parts, stats_names)):
         _check_stats(release, name, part, epoch, problems)
-    report.shards = sum(len(part.shards) for part in parts)
 
     if recipe_dir is not None:
         base = recipe_folder(recipe_dir)
