@@ -58,6 +58,8 @@ pub struct JsonChunks<R = File> {
     pos: usize,
     /// Where each read lands before it joins `buf`.
     scratch: Vec<u8>,
+    /// The file offset of `buf[0]`.
+    base: u64,
     /// Newlines scanned so far (the current line is `newlines + 1`).
     newlines: u64,
     /// Records found so far (array: the current one is `records + 1`).
@@ -71,6 +73,19 @@ impl JsonChunks<File> {
             return Err(std::io::Error::new(ErrorKind::InvalidInput, "not a regular file"));
         }
         Ok(JsonChunks::new(File::open(path)?, array))
+    }
+
+    /// A JSON Lines file read from byte `offset`, a point `position` gave after a chunk,
+    /// with the `newlines` before it: the chunks, and the line numbers in errors, are those
+    /// a reader from the start would give from there on.
+    pub fn open_at(path: &Path, offset: u64, newlines: u64) -> std::io::Result<Self> {
+        use std::io::Seek;
+        let mut chunks = JsonChunks::open(path, false)?;
+        chunks.reader.seek(std::io::SeekFrom::Start(offset))?;
+        chunks.base = offset;
+        chunks.newlines = newlines;
+        chunks.bom_checked = offset > 0;
+        Ok(chunks)
     }
 }
 
@@ -87,6 +102,7 @@ impl<R: Read> JsonChunks<R> {
             buf: Vec::new(),
             pos: 0,
             scratch: Vec::new(),
+            base: 0,
             newlines: 0,
             records: 0,
         }
@@ -118,6 +134,11 @@ impl<R: Read> JsonChunks<R> {
             self.done = true; // an error ends the file: nothing after it is trusted
         }
         result
+    }
+
+    /// Where the next chunk starts: (file offset, newlines before it), for `open_at`.
+    pub fn position(&self) -> (u64, u64) {
+        (self.base + self.pos as u64, self.newlines)
     }
 
     fn collect(&mut self, max: usize) -> Result<Option<Vec<u8>>, String> {
@@ -159,6 +180,7 @@ impl<R: Read> JsonChunks<R> {
         let dropped = if drop > 0 && drop * 2 >= self.buf.len() {
             self.buf.drain(..drop);
             self.pos -= drop;
+            self.base += drop as u64;
             drop
         } else {
             0
@@ -533,6 +555,56 @@ mod tests {
         assert_eq!(got, vec!["{\"a\":1}\n{\"a\":2}\r\n", "{\"a\":3}\n"]);
         assert_eq!(chunks("\u{feff}{\"a\":1}\n", false, 2).unwrap(), vec!["{\"a\":1}\n"]);
         assert!(chunks("\n \n", false, 2).unwrap().is_empty());
+    }
+
+    /// Opened again at the position after any chunk (blank lines, CRLF, a BOM, a line
+    /// longer than the read size), a file gives the chunks a reader from the start gives
+    /// from there, and an error further on names the same line.
+    #[test]
+    fn a_file_read_from_a_chunk_position_continues_it() {
+        let dir = std::env::temp_dir().join(format!("mmrecipe-chunks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let long = "x".repeat(3 * READ_SIZE);
+        let good = format!("\u{feff}{{\"a\":1}}\n\n{{\"a\":2}}\r\n{{\"s\":\"{long}\"}}\n \n{{\"a\":4}}\n{{\"a\":5}}\n{{\"a\":6}}");
+        for (k, text) in [good.clone(), format!("{good}\n\n{{\"a\": [1}}\n{{\"a\":8}}\n")].iter().enumerate() {
+            let path = dir.join(format!("{k}.jsonl"));
+            std::fs::write(&path, text).unwrap();
+            let mut whole = JsonChunks::open(&path, false).unwrap();
+            let mut starts = vec![whole.position()];
+            let mut want = Vec::new();
+            loop {
+                match whole.next_chunk(2) {
+                    Ok(Some(chunk)) => want.push(Ok(chunk)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        want.push(Err(e));
+                        break;
+                    }
+                }
+                starts.push(whole.position());
+            }
+            assert!(want.len() >= 3, "{k}: several chunks");
+            if k == 1 {
+                let e = want.last().unwrap().clone().unwrap_err();
+                assert!(e.starts_with("line 10: "), "{e}");
+            }
+            for (i, &(offset, newlines)) in starts.iter().enumerate().skip(1) {
+                let mut again = JsonChunks::open_at(&path, offset, newlines).unwrap();
+                let mut got = Vec::new();
+                loop {
+                    match again.next_chunk(2) {
+                        Ok(Some(chunk)) => got.push(Ok(chunk)),
+                        Ok(None) => break,
+                        Err(e) => {
+                            got.push(Err(e));
+                            break;
+                        }
+                    }
+                }
+                assert_eq!(got, want[i..], "{k}: from chunk {i}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -97,6 +97,36 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Appends `later`, the samples of the rows that follow this store's (a later work
+    /// unit of the same source): what adding both units' batches to one store gives. Its
+    /// samples' image and audio indices move past this store's, the counts add up, the
+    /// skipped examples stay the first few, `max_len` the longest.
+    pub(crate) fn append(&mut self, later: Store) {
+        let (images, audios) = (self.image_path_ends.len() as u32, self.audio_path_ends.len() as u32);
+        let (image_bytes, audio_bytes) = (self.image_paths.len() as u64, self.audio_paths.len() as u64);
+        self.samples.extend(later.samples.into_iter().map(|s| SampleRec { img: s.img + images, aud: s.aud + audios, ..s }));
+        self.image_paths.push_str(&later.image_paths);
+        self.image_path_ends.extend(later.image_path_ends.iter().map(|e| e + image_bytes));
+        self.image_grids.extend(later.image_grids);
+        self.audio_paths.push_str(&later.audio_paths);
+        self.audio_path_ends.extend(later.audio_path_ends.iter().map(|e| e + audio_bytes));
+        self.audio_infos.extend(later.audio_infos);
+        let (st, more) = (&mut self.stats, later.stats);
+        st.rows += more.rows;
+        st.skipped += more.skipped;
+        st.dropped_overlong += more.dropped_overlong;
+        st.dropped_images += more.dropped_images;
+        st.truncated += more.truncated;
+        let room = SKIPPED_EXAMPLES.saturating_sub(st.skipped_examples.len());
+        st.skipped_examples.extend(more.skipped_examples.into_iter().take(room));
+        self.max_len = self.max_len.max(later.max_len);
+    }
+}
+
+/// How many skipped rows a source's stats show, with why (the first ones).
+pub(crate) const SKIPPED_EXAMPLES: usize = 5;
+
 /// One processed sample before it joins its source's store.
 struct Done {
     enc: Encoded,
@@ -281,7 +311,7 @@ impl Compiler {
                         return Err(Error::Data { source: src.name.clone(), row, field: field.to_string(), message });
                     }
                     store.stats.skipped += 1;
-                    if store.stats.skipped_examples.len() < 5 {
+                    if store.stats.skipped_examples.len() < SKIPPED_EXAMPLES {
                         store.stats.skipped_examples.push(format!("row {row}, field '{field}': {message}"));
                     }
                 }
@@ -590,7 +620,7 @@ pub(crate) mod tests {
 
     /// Owned columns for a batch of conversations given as (role, text) lists.
     pub(crate) struct Cols {
-        rows: Vec<u64>,
+        pub(crate) rows: Vec<u64>,
         turn_offsets: Vec<i64>,
         roles: Vec<u8>,
         offsets: Vec<i64>,

@@ -289,6 +289,24 @@ impl PyCompiler {
         })
     }
 
+    /// Loads the entry `path` of a work unit of source `source` (the rows after those
+    /// loaded so far) and appends its samples: (meta, "") when whole and holding `key`,
+    /// else (None, why) and the source is left as it was.
+    fn load_unit<'py>(
+        &mut self,
+        py: Python<'py>,
+        source: usize,
+        key: &str,
+        path: std::path::PathBuf,
+    ) -> PyResult<(Option<Bound<'py, pyo3::types::PyBytes>>, String)> {
+        let inner = &mut self.inner;
+        let loaded = py.detach(|| inner.load_unit(source, key, &path)).map_err(|e| to_py(py, e))?;
+        Ok(match loaded {
+            Ok(meta) => (Some(pyo3::types::PyBytes::new(py, &meta)), String::new()),
+            Err(why) => (None, why),
+        })
+    }
+
     /// The longest sample of source `source` tokenized so far, before the overlong policy
     /// (when it fits seq_len, the policy changed no sample of the source).
     fn source_max_len(&self, py: Python<'_>, source: usize) -> PyResult<u32> {
@@ -446,11 +464,25 @@ struct PyJsonChunks {
 
 #[pymethods]
 impl PyJsonChunks {
+    /// `offset`, `newlines`: a JSON Lines file read on from a `position()` (a work unit).
     #[new]
-    fn new(path: std::path::PathBuf, array: bool) -> PyResult<Self> {
-        let inner = crate::chunks::JsonChunks::open(&path, array)
-            .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("{}: {e}", path.display())))?;
+    #[pyo3(signature = (path, array, offset = 0, newlines = 0))]
+    fn new(path: std::path::PathBuf, array: bool, offset: u64, newlines: u64) -> PyResult<Self> {
+        if array && offset > 0 {
+            return Err(PyValueError::new_err("a JSON array is read from its start"));
+        }
+        let opened = if offset > 0 {
+            crate::chunks::JsonChunks::open_at(&path, offset, newlines)
+        } else {
+            crate::chunks::JsonChunks::open(&path, array)
+        };
+        let inner = opened.map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("{}: {e}", path.display())))?;
         Ok(PyJsonChunks { inner })
+    }
+
+    /// Where the next chunk starts: (byte offset, newlines before it).
+    fn position(&self) -> (u64, u64) {
+        self.inner.position()
     }
 
     /// The next chunk of at most `max_records` records as JSON Lines bytes, or None.

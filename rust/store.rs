@@ -421,6 +421,27 @@ impl Compiler {
         self.stores[source] = entry.store;
         Ok(Ok(entry.meta))
     }
+
+    /// Loads the entry `path` of one work unit of source `source` (its rows the next
+    /// after those loaded so far) and appends its samples to the source's: the source
+    /// is then what tokenizing both units' batches into it gives. Its meta, or why it was
+    /// not used (the source is then left as it was).
+    pub fn load_unit(&mut self, source: usize, key: &str, path: &Path) -> Result<Loaded> {
+        if self.layout.is_some() {
+            return Err(Error::internal("a work unit loaded after finish()"));
+        }
+        let store = self.stores.get(source).ok_or_else(|| Error::internal(format!("no source with index {source}")))?;
+        let entry = match load(&store.stats, &mut self.spill, key, self.plan.seq_len, path)? {
+            Ok(entry) => entry,
+            Err(why) => return Ok(Err(why)),
+        };
+        let pool = self.pool.get()?;
+        if image_fingerprint(&pool, self.plan.sources[source].image_root.as_deref(), &entry.store) != entry.images {
+            return Ok(Err("an image file changed (size or modification time)".into()));
+        }
+        self.stores[source].append(entry.store);
+        Ok(Ok(entry.meta))
+    }
 }
 
 /// A fingerprint of the image files a store's samples use: each one's path, size and
@@ -465,6 +486,8 @@ mod tests {
     use super::*;
     use crate::columns::{Batch, StrCol};
     use crate::compile::tests::{batch, cols, convs, plan, TOKENIZER};
+    use crate::compile::SKIPPED_EXAMPLES;
+    use crate::plan::OnError;
 
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("mmrecipe-store-{name}-{}", std::process::id()));
@@ -506,6 +529,98 @@ mod tests {
             // A larger one all samples fit in either way: a hit, same samples.
             other.plan.seq_len = 4096;
             assert!(other.load_source(1, "k1", &d.join("b.tok")).unwrap().is_ok());
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Units A then B of a source, each tokenized by a compiler of its own and loaded
+    /// one after the other, build the release that adding A's and B's batches to one
+    /// source builds: samples, image tables, counts, skipped examples, max_len.
+    #[test]
+    fn units_loaded_in_turn_equal_their_batches_added_to_one_source() {
+        let d = dir("units");
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/demo/data/images");
+        let mut plan = plan(r#", "image": {"placeholder": "<image>", "token": "<image>", "count": 4}, "overlong": "truncate""#);
+        plan.seq_len = 40;
+        for s in &mut plan.sources {
+            s.image_root = Some(root.to_string());
+            s.on_error = OnError::Skip;
+        }
+        // Rows with 0, 1 or 2 images, some without an answer (skipped), some too long.
+        let long = "word ".repeat(60);
+        let unit = |first: u64, n: usize| {
+            let convs: Vec<Vec<(u8, String)>> = (0..n)
+                .map(|i| match (first as usize + i) % 5 {
+                    0 => vec![(1, "only a question".to_string())],
+                    1 => vec![(1, "q".to_string()), (2, long.clone())],
+                    _ => vec![(1, "hello there".to_string()), (2, format!("answer {}", first as usize + i))],
+                })
+                .collect();
+            convs
+        };
+        let owned = |first: u64, n: usize| {
+            let convs = unit(first, n);
+            let refs: Vec<Vec<(u8, &str)>> = convs.iter().map(|c| c.iter().map(|(r, t)| (*r, t.as_str())).collect()).collect();
+            let mut c = cols(&refs);
+            c.rows = (first..first + n as u64).collect();
+            let counts: Vec<i64> = (0..n).map(|i| ((first as usize + i) % 3) as i64).collect();
+            let mut offsets = vec![0i64];
+            for k in &counts {
+                offsets.push(offsets.last().unwrap() + k);
+            }
+            let total = *offsets.last().unwrap() as usize;
+            let names = ["astronaut.jpg", "coffee.jpg"];
+            let mut path_offsets = vec![0i64];
+            let mut data = Vec::new();
+            for k in 0..total {
+                data.extend_from_slice(names[k % 2].as_bytes());
+                path_offsets.push(data.len() as i64);
+            }
+            (c, offsets, path_offsets, data)
+        };
+        let parts = [owned(0, 12), owned(12, 9), owned(21, 14)];
+        let batches: Vec<Batch> = parts
+            .iter()
+            .map(|(c, offsets, po, data)| Batch { image_offsets: offsets, images: StrCol { offsets: po, data }, ..batch(c) })
+            .collect();
+        let plain = cols(&convs(5)); // source 0, tokenized as usual
+        let mut whole = Compiler::new(plan.clone(), TOKENIZER, 2, None).unwrap();
+        whole.add_batch(0, &batch(&plain)).unwrap();
+        for b in &batches {
+            whole.add_batch(1, b).unwrap();
+        }
+        let st = &whole.stores[1].stats;
+        assert!(st.skipped > SKIPPED_EXAMPLES as u64 && st.truncated > 0 && !whole.stores[1].image_grids.is_empty(), "{st:?}");
+        let first_skipped = st.skipped_examples.clone();
+        let max_len = whole.stores[1].max_len;
+        let want = release(&mut whole);
+        // One unit per batch, and units of several batches.
+        for cut in [vec![1, 1, 1], vec![2, 1], vec![1, 2]] {
+            let mut paths = Vec::new();
+            let mut at = 0;
+            for (u, n) in cut.iter().enumerate() {
+                let mut own = Compiler::new(plan.clone(), TOKENIZER, 1, None).unwrap();
+                for b in &batches[at..at + n] {
+                    own.add_batch(1, b).unwrap();
+                }
+                at += n;
+                let path = d.join(format!("u{u}.tok"));
+                own.save_source(1, &format!("k/{u}"), format!("m{u}").as_bytes(), &path).unwrap();
+                paths.push(path);
+            }
+            let mut again = Compiler::new(plan.clone(), TOKENIZER, 2, None).unwrap();
+            again.add_batch(0, &batch(&plain)).unwrap();
+            for (u, path) in paths.iter().enumerate() {
+                assert_eq!(again.load_unit(1, &format!("k/{u}"), path).unwrap(), Ok(format!("m{u}").into_bytes()));
+            }
+            assert_eq!(again.stores[1].stats.skipped_examples, first_skipped, "{cut:?}");
+            assert_eq!(again.stores[1].max_len, max_len, "{cut:?}");
+            // A damaged unit is a miss that leaves the source as it was.
+            let before = again.stores[1].samples.len();
+            assert!(again.load_unit(1, "k/0", &d.join("absent.tok")).unwrap().is_err());
+            assert!(again.load_unit(1, "another key", &paths[0]).unwrap().is_err());
+            assert_eq!(again.stores[1].samples.len(), before);
+            assert_eq!(release(&mut again), want, "{cut:?}");
         }
         std::fs::remove_dir_all(&d).unwrap();
     }

@@ -17,11 +17,13 @@ import pytest
 from conftest import DEMO
 from test_release_ids import PINNED, lay_out
 
+from mmrecipe.errors import MMRecipeError
+
 ray = pytest.importorskip("ray")
 
 from mmrecipe import build  # noqa: E402
 from mmrecipe import builder as builder_module  # noqa: E402
-from mmrecipe.engines.ray import KILL_ONCE_ENV, RayEngineError  # noqa: E402
+from mmrecipe.engines.ray import HANG_ENV, KILL_ONCE_ENV, RayEngineError  # noqa: E402
 
 
 def _free_port() -> int:
@@ -45,12 +47,14 @@ def _wait_for(log: Path, proc: subprocess.Popen, what: str, timeout: float = 120
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     """A head node and a second node, 1 CPU each, as separate `ray start --block`
     processes (ended by their ids at teardown, which stops what each started). Yields
-    the address and the folder that arms the worker-kill hook while it exists."""
+    the address and the folders that arm the worker-kill and the hanging-task hooks while
+    they exist."""
     folder = tmp_path_factory.mktemp("ray")
     port = _free_port()
-    kill = folder / "kill-once"
+    kill, hang = folder / "kill-once", folder / "hang"
     # Loopback only: no token authentication between the test's own processes.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", KILL_ONCE_ENV: str(kill), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", KILL_ONCE_ENV: str(kill), HANG_ENV: str(hang),
+           "RAY_USAGE_STATS_ENABLED": "0"}
     ray_cli = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus", "1", "--disable-usage-stats"]
     temp = Path("/tmp") / f"mmr-ray-{os.getpid()}"  # Ray's socket paths must stay short
     procs = []
@@ -76,7 +80,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
             assert ray.cluster_resources().get("CPU", 0) == 2, "both nodes joined"
         finally:
             ray.shutdown()
-        yield address, kill
+        yield address, kill, hang
         if old is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
@@ -158,7 +162,7 @@ def test_shipped_recipes_are_the_same_release_on_the_cluster(cluster, tmp_path, 
 
 
 def test_a_killed_worker_is_retried_and_the_release_is_the_same(cluster, tmp_path):
-    address, kill = cluster
+    address, kill, _ = cluster
     kill.mkdir()  # armed: every task kills its worker on its first run
     try:
         remote = build(DEMO, tmp_path / "ray", progress=False, cache=False, engine="ray", ray_address=address)
@@ -296,3 +300,135 @@ def test_a_generated_50k_mix_is_the_same_release_on_the_cluster(cluster, tmp_pat
     assert files(tmp_path / "out" / "ray") == files(tmp_path / "out" / "local")
     assert remote.summary["segments"] == SAMPLES * 9 // 10
     assert sorted(remote.store["tokenized"]) == ["alpaca", "caption", "chat", "qa"]  # all four on the cluster
+
+
+def _one_big_source(folder: Path, rows: int, on_error: str = "fail", bad: tuple[int, ...] = ()) -> Path:
+    """A recipe of one JSON Lines source of `rows` question-answer rows in two files (an
+    instruction template drawn per row: the release follows each row's number), rows
+    `bad` without an answer, and a small second source."""
+    import json
+
+    folder.mkdir()
+    half = rows // 2
+    for name, numbers in (("a", range(half)), ("b", range(half, rows))):
+        with (folder / f"big-{name}.jsonl").open("w") as f:
+            for i in numbers:
+                row = {"question": f"What is {i} times {i % 7}?", "answer": str(i * (i % 7))}
+                if i in bad:
+                    del row["answer"]
+                f.write(json.dumps(row) + ("\n\n" if i % 11 == 0 else "\n"))
+    (folder / "small.jsonl").write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(20)))
+    (folder / "mix.toml").write_text(f"""
+[recipe]
+name = "units"
+seed = 5
+[model]
+tokenizer = "{DEMO.parent / 'models' / 'smollm2'}"
+[output]
+seq_len = 256
+[[source]]
+name = "big"
+path = "big-*.jsonl"
+layout = "qa"
+fields = {{ question = "question", answer = "answer" }}
+instructions = "vqa-short"
+on_error = "{on_error}"
+[[source]]
+name = "small"
+path = "small.jsonl"
+layout = "qa"
+fields = {{ question = "question", answer = "answer" }}
+""")
+    return folder / "mix.toml"
+
+
+@pytest.fixture
+def small_slices(monkeypatch):
+    """Slices of 40 records (8192 in a build), so that small data makes many units."""
+    monkeypatch.setattr(builder_module, "BATCH_ROWS", 40)
+
+
+def test_a_source_cut_into_work_units_is_the_same_release(cluster, tmp_path, small_slices, isolated_token_store):
+    """A source over its task budget becomes several tasks, each within it; two budgets
+    give the local build's bytes, skipped rows and their first examples (rows of later
+    units, numbered in the whole source); the token store gets the source whole."""
+    bad = tuple(range(430, 800, 23))
+    recipe = _one_big_source(tmp_path / "mix", 800, "skip", bad)
+    local = build(recipe, tmp_path / "local", progress=False, cache=False)
+    size = sum(p.stat().st_size for p in (tmp_path / "mix").glob("big-*.jsonl"))
+    counts = []
+    for budget in (size // 9, size // 3):
+        out = tmp_path / f"ray-{budget}"
+        remote = build(recipe, out, progress=False, engine="ray", ray_address=cluster[0], ray_unit_bytes=budget)
+        assert files(out) == files(tmp_path / "local")
+        assert remote.manifest.release_id == local.manifest.release_id
+        tasks = remote.tasks["big"]
+        assert len(tasks) >= 3 and all(t["bytes"] <= budget for t in tasks), tasks
+        assert sum(t["rows"] for t in tasks) == 800
+        assert remote.tasks["small"] == [{"rows": 20, "bytes": remote.tasks["small"][0]["bytes"]}]  # one task
+        counts.append(len(tasks))
+    assert counts[0] > counts[1]
+    stats = local.summary["sources"][0]
+    assert stats["skipped"] == len(bad)
+    assert [e.split(",")[0] for e in stats["skipped_examples"]] == [f"row {r}" for r in bad[:5]]
+    # The second build saved the source whole: a local build loads it.
+    again = build(recipe, tmp_path / "again", progress=False)
+    assert "big" in again.store["reused"] and files(tmp_path / "again") == files(tmp_path / "local")
+
+
+@pytest.mark.parametrize("fault", ["row", "line"])
+def test_an_error_in_a_later_unit_is_the_local_builds(cluster, tmp_path, small_slices, fault):
+    """A row without its answer (on_error = "fail"), or a line that is not JSON, far into
+    the source: the error names the row, or the file's line, as the local build's does."""
+    recipe = _one_big_source(tmp_path / "mix", 600, bad=(517,) if fault == "row" else ())
+    if fault == "line":
+        with (tmp_path / "mix" / "big-b.jsonl").open("a") as f:
+            f.write('{"question": [1}\n')
+    with pytest.raises(MMRecipeError) as local:
+        build(recipe, tmp_path / "local", progress=False, cache=False)
+    size = sum(p.stat().st_size for p in (tmp_path / "mix").glob("big-*.jsonl"))
+    with pytest.raises(MMRecipeError) as remote:
+        build(recipe, tmp_path / "ray", progress=False, cache=False, engine="ray", ray_address=cluster[0],
+              ray_unit_bytes=size // 6)
+    assert str(remote.value) == str(local.value)
+    assert ("517" if fault == "row" else "line ") in str(local.value)
+    assert not (tmp_path / "ray").exists()
+
+
+def test_a_task_that_never_returns_fails_the_build(cluster, tmp_path):
+    _, _, hang = cluster
+    hang.mkdir()  # armed: every task waits without end
+    try:
+        with pytest.raises(RayEngineError, match=r"source '\w+': no task of the cluster finished in 2 s .*--ray-task-timeout"):
+            build(DEMO, tmp_path / "out", progress=False, cache=False, engine="ray", ray_address=cluster[0], ray_task_timeout=2)
+    finally:
+        hang.rmdir()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("nodes", [lambda: [], "raise"])
+def test_a_cluster_that_goes_away_fails_the_build(cluster, tmp_path, monkeypatch, nodes):
+    """Staged as Ray would report it while tasks hang: no node alive, or no answer."""
+    from mmrecipe.engines import ray as engine
+
+    _, _, hang = cluster
+    monkeypatch.setattr(engine, "POLL", 0.2)
+    real = ray.nodes
+    calls = []
+
+    def gone():
+        calls.append(1)
+        if len(calls) == 1:
+            return real()  # the staging check's look, before any task
+        if nodes == "raise":
+            raise ConnectionError("GCS unreachable")
+        return nodes()
+
+    monkeypatch.setattr(ray, "nodes", gone)
+    hang.mkdir()
+    try:
+        with pytest.raises(RayEngineError, match=r"source '\w+': the Ray cluster went away while it ran .*no release"):
+            build(DEMO, tmp_path / "out", progress=False, cache=False, engine="ray", ray_address=cluster[0])
+    finally:
+        hang.rmdir()
+    assert list(tmp_path.iterdir()) == []

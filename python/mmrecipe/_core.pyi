@@ -157,6 +157,11 @@ class Compiler:
         its batches): (meta, "") when the entry is whole and holds `key`, else (None, why),
         the source left empty to be tokenized."""
 
+    def load_unit(self, source: int, key: str, path: str | os.PathLike[str]) -> tuple[bytes | None, str]:
+        """Loads the entry `path` of a work unit of source `source` (the rows after those
+        loaded so far) and appends its samples: (meta, "") when whole and holding `key`,
+        else (None, why), the source left as it was."""
+
     def source_max_len(self, source: int) -> int:
         """The longest sample of source `source` tokenized so far, before the overlong policy
         (when it fits seq_len, the policy changed no sample of the source)."""
@@ -169,7 +174,10 @@ class JsonChunks:
     """A JSON Lines file (`array=False`) or a JSON array of records (`array=True`), read as
     JSON Lines chunks without loading the file."""
 
-    def __new__(cls, path: str, array: bool) -> JsonChunks: ...
+    def __new__(cls, path: str, array: bool, offset: int = 0, newlines: int = 0) -> JsonChunks:
+        """`offset`, `newlines`: a JSON Lines file read on from a `position()`."""
+    def position(self) -> tuple[int, int]:
+        """Where the next chunk starts: (byte offset, newlines before it)."""
     def next_chunk(self, max_records: int) -> bytes | None:
         """The next chunk of at most `max_records` records, or None at the end."""
 

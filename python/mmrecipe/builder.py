@@ -49,9 +49,14 @@ from .sources.columns import Normalized
 from .sources.fields import as_text, require, resolve_rows, resolves_on_no_row
 from .sources.layouts import to_internal
 from .sources.read import read_all, read_slices
+from .sources.units import Unit, cut_units, read_unit
 from .store import TokenStore, cache_dir, size_cap, source_key
 
 BATCH_ROWS = 8192
+
+#: The most bytes of a JSON Lines file one Ray task reads (`ray_unit_bytes`): a task holds
+#: about this much input, and a large source spreads over its size / this many tasks.
+DEFAULT_UNIT_BYTES = 64 << 20
 
 
 @dataclass
@@ -72,6 +77,9 @@ class BuildResult:
     store: dict[str, Any] = field(default_factory=dict)
     #: A multi-epoch release: each epoch's totals (`summary` is epoch 0's); else empty.
     epochs: list[dict[str, Any]] = field(default_factory=list)
+    #: With engine "ray": each source tokenized on the cluster (as the store report names
+    #: it) with its tasks' rows and bytes read, one per work unit, in row order.
+    tasks: dict[str, list[dict[str, int]]] = field(default_factory=dict)
 
 
 class TokenStoreWarning(UserWarning):
@@ -91,12 +99,24 @@ def normalized(source: SourcePlan, stages: LLMStages, rows: int = BATCH_ROWS) ->
     if not source.streamable:
         yield normalize_rows(source, stages, read_all(source), 0, partial=False)
         return
-    offset, found = 0, set()
-    for frame in read_slices(source, rows):
+    found: set[str] = set()
+    yield from normalize_slices(source, stages, read_slices(source, rows), 0, found)
+    check_resolved(source, found)
+
+
+def normalize_slices(source: SourcePlan, stages: LLMStages, frames: Iterator[Any], offset: int,
+                     found: set[str]) -> Iterator[Normalized]:
+    """Slices of a streamed source in the internal form, rows numbered from `offset`; the
+    fields that resolve on some row added to `found`."""
+    for frame in frames:
         norm = normalize_rows(source, stages, frame, offset, partial=True)
         offset += frame.height
         found |= norm.resolved
         yield norm
+
+
+def check_resolved(source: SourcePlan, found: set[str]) -> None:
+    """That every mapped field of a streamed source resolved on some row of it."""
     for key in source.spec.fields:
         if key not in found:
             raise resolves_on_no_row(source.spec, source.key, key)
@@ -200,6 +220,8 @@ def build(
     engine: str = "local",
     ray_address: str | None = None,
     ray_staging: str | os.PathLike[str] | None = None,
+    ray_unit_bytes: int | None = None,
+    ray_task_timeout: float | None = None,
 ) -> BuildResult:
     """Builds the release of `recipe` into the folder `out`. LLM stages call their
     endpoints only for what their caches lack; `offline` makes no call at all (and fails
@@ -217,13 +239,21 @@ def build(
     (None: `$RAY_ADDRESS`, else a new local instance), which writes its token store entry
     to a staging folder the nodes share (`ray_staging`, else the hidden spill folder
     beside `out`); the entries are loaded here, then mixed, packed and written as by the
-    local engine: the same release, byte for byte."""
+    local engine: the same release, byte for byte. A JSON Lines source is cut into work
+    units, one task each, of at most `ray_unit_bytes` of its files (a task's memory budget
+    for its input; default DEFAULT_UNIT_BYTES), at the slices the local build reads; the
+    unit size never changes the release. `ray_task_timeout`: seconds the driver waits with
+    no task finishing before it fails the build (default ray.TASK_TIMEOUT)."""
     if threads_problem(threads):
         raise ValueError(threads_problem(threads))
     if engine not in ENGINES:
         raise ValueError(f"engine: {engine!r} is not one of {', '.join(map(repr, ENGINES))}")
-    if engine != "ray" and (ray_address is not None or ray_staging is not None):
-        raise ValueError("ray_address and ray_staging are for engine='ray'")
+    if engine != "ray" and any(v is not None for v in (ray_address, ray_staging, ray_unit_bytes, ray_task_timeout)):
+        raise ValueError("ray_address, ray_staging, ray_unit_bytes and ray_task_timeout are for engine='ray'")
+    if ray_unit_bytes is not None and (isinstance(ray_unit_bytes, bool) or not isinstance(ray_unit_bytes, int) or ray_unit_bytes < 1):
+        raise ValueError(f"ray_unit_bytes: {ray_unit_bytes!r} is not a positive number of bytes")
+    if ray_task_timeout is not None and not ray_task_timeout > 0:
+        raise ValueError(f"ray_task_timeout: {ray_task_timeout!r} is not a positive number of seconds")
     check_tokenizer_engine(tokenizer_engine)  # before anything is written
     plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
     audio = plan.recipe.model.audio is not None
@@ -258,12 +288,12 @@ def build(
             from .engines.ray import Cluster
 
             lap("read")
-            cluster = on_cluster.enter_context(closing(Cluster(ray_address, progress)))
+            cluster = on_cluster.enter_context(closing(Cluster(ray_address, progress, ray_task_timeout)))
             entries = Path(spill) / "entries" if ray_staging is None else Path(
                 on_cluster.enter_context(tempfile.TemporaryDirectory(dir=ray_staging, prefix=f".{out.name}.entries-{os.getpid()}-")))
             entries.mkdir(exist_ok=True)
             cluster.check_shared(entries)  # before any work: a node that cannot see it fails now, named
-            remote = _OnCluster(cluster, entries, threads, tokenizer_engine)
+            remote = _OnCluster(cluster, entries, threads, tokenizer_engine, ray_unit_bytes or DEFAULT_UNIT_BYTES)
             lap("connect")  # to the cluster
         parts: list[EpochPart] = []
         for epoch in range(epochs):
@@ -303,7 +333,7 @@ def build(
         lap("write")
     use.prune()
     return BuildResult(path=out, summary=first, manifest=manifest, timings=timings, llm=stages.summary(), store=use.report(),
-                       epochs=[p.totals for p in parts] if epochs > 1 else [])
+                       epochs=[p.totals for p in parts] if epochs > 1 else [], tasks=remote.tasks if remote else {})
 
 
 ENGINES = ("local", "ray")
@@ -464,58 +494,108 @@ def entry_meta(notes: list[str]) -> bytes:
 
 
 def tokenize_entry(plan: Plan, index: int, key: str, path: str, threads: int, tokenizer_engine: str | None,
-                   epoch: int = 0) -> dict[str, Any]:
-    """Reads and tokenizes source `index` of `plan` (one without LLM stages; at `epoch`)
-    with a compiler of its own, and saves its token store entry at `path` (written beside it and
-    renamed into place: running it again gives the same file). What a cluster task runs;
-    returns small metadata only."""
+                   epoch: int = 0, unit: Unit | None = None, batch_rows: int = BATCH_ROWS) -> dict[str, Any]:
+    """Reads and tokenizes source `index` of `plan` (one without LLM stages; at `epoch`),
+    or only its work `unit` (read `batch_rows` records a slice, as the driver's build reads
+    them), with a compiler of its own, and saves its token store entry at `path` (written
+    beside it and renamed into place: running it again gives the same file). What a cluster
+    task runs; returns small metadata only. A unit's entry holds its notes and the fields
+    that resolved on its rows (whether each resolves somewhere is the whole source's check)."""
     source = plan.sources[index]
     with tempfile.TemporaryDirectory(prefix="mmrecipe-task-") as spill, LLMStages(plan, mode="offline", progress=False) as stages:
         compiler = make_compiler(plan, threads, Path(spill), tokenizer_engine, epoch)
         found: list[str] = []
+        resolved: set[str] = set()
         rows = samples = 0
-        for norm in normalized(source, stages, BATCH_ROWS):
+        norms = (normalized(source, stages, batch_rows) if unit is None
+                 else normalize_slices(source, stages, read_unit(source, unit, batch_rows), unit.row, resolved))
+        for norm in norms:
             rows += len(norm)
-            for start in range(0, len(norm), BATCH_ROWS):
-                samples += compiler.add_batch(index, batch_columns(norm, start, BATCH_ROWS))
+            for start in range(0, len(norm), batch_rows):
+                samples += compiler.add_batch(index, batch_columns(norm, start, batch_rows))
             found += norm.notes
-        size = compiler.save_source(index, key, entry_meta(found + stages.notes(source.name)), path)
+        meta = (entry_meta(found + stages.notes(source.name)) if unit is None
+                else msgspec.json.encode({"notes": found, "resolved": sorted(resolved)}))
+        size = compiler.save_source(index, key, meta, path)
         max_len = compiler.source_max_len(index)
         del compiler
     return {"path": path, "rows": rows, "samples": samples, "bytes": size, "max_len": max_len}
 
 
 class _OnCluster:
-    """The sources a build tokenizes on a Ray cluster: one task per source (the unit of
-    work in this version), each saving the source's token store entry under `folder`."""
+    """The sources a build tokenizes on a Ray cluster, each saving token store entries
+    under `folder`: a JSON Lines source cut into work units of at most `unit_bytes` of its
+    files (`sources.units`), one task each; any other source one task."""
 
-    def __init__(self, cluster: Any, folder: Path, threads: int, tokenizer_engine: str | None) -> None:
+    def __init__(self, cluster: Any, folder: Path, threads: int, tokenizer_engine: str | None,
+                 unit_bytes: int = DEFAULT_UNIT_BYTES) -> None:
         self.cluster, self.folder, self.threads, self.engine = cluster, folder, threads, tokenizer_engine
-        self.sent: dict[int, str] = {}  # source index → its key
+        self.unit_bytes = unit_bytes
+        self.sent: dict[int, tuple[str, list[Unit] | None]] = {}  # source index → its key and units
+        self.cuts: dict[int, list[Unit] | None] = {}  # each source's units, cut once for every epoch
+        #: Per source tokenized on the cluster (by name, epoch included): its tasks' rows and bytes.
+        self.tasks: dict[str, list[dict[str, int]]] = {}
+
+    def units(self, source: SourcePlan) -> list[Unit] | None:
+        if source.index not in self.cuts:
+            self.cuts[source.index] = cut_units(source, BATCH_ROWS, self.unit_bytes)
+        return self.cuts[source.index]
 
     def submit(self, plan: Plan, use: _StoreUse) -> None:
-        """A task for each source without LLM stages (those run here) that the store lacks
+        """The tasks for each source without LLM stages (those run here) that the store lacks
         (at the epoch `use` is at: a build submits once per epoch)."""
         self.sent = {}
         for source in plan.sources:
             if source.lengthen is not None or source.generate is not None or use.stored(source):
                 continue
-            key = use.key(source)
-            path = self.folder / f"{key}-{source.index}.tok"
-            self.cluster.submit(key, tokenize_entry, plan, source.index, key, str(path), self.threads, self.engine, use.epoch)
-            self.sent[source.index] = key
+            key, units = use.key(source), self.units(source)
+            if units is None:
+                path = self.folder / f"{key}-{source.index}.tok"
+                self.cluster.submit(key, tokenize_entry, plan, source.index, key, str(path), self.threads, self.engine,
+                                    use.epoch, None, BATCH_ROWS, label=f"source '{use.named(source)}'")
+            for n, unit in enumerate(units or []):
+                name = f"{key}/{n}"
+                path = self.folder / f"{key}-{source.index}-{n}.tok"
+                self.cluster.submit(name, tokenize_entry, plan, source.index, name, str(path), self.threads, self.engine,
+                                    use.epoch, unit, BATCH_ROWS,
+                                    label=f"source '{use.named(source)}' (work unit {n + 1} of {len(units)}, rows {unit.row}..)")
+            self.sent[source.index] = (key, units)
         self.cluster.start_bar()
 
-    def load(self, compiler: Any, source: SourcePlan, use: _StoreUse) -> list[str]:
-        """Waits for the task of `source`, loads the entry it saved (as from the token
-        store) and hands it to the store; returns the source's notes."""
-        key = self.sent[source.index]
-        info = self.cluster.result(key)
-        meta, why = compiler.load_source(source.index, key, info["path"])
-        if meta is None:
-            raise ReleaseError(f"source '{source.name}': the entry its cluster task saved at {info['path']} cannot be loaded ({why})")
-        use.adopt(compiler, source, Path(info["path"]), int(info["bytes"]))
-        return list(msgspec.json.decode(meta)["notes"])
+    def load(self, compiler: Any, source: SourcePlan, use: _StoreUse, stages: LLMStages) -> list[str]:
+        """Waits for the tasks of `source`, loads the entries they saved (a source's units
+        in order, each appended to what came before) and hands the source to the store;
+        returns the source's notes. An error of the source is the one the local build
+        gives: the first unit's that fails, in row order."""
+        key, units = self.sent[source.index]
+        if units is None:
+            info = self.cluster.result(key)
+            meta, why = compiler.load_source(source.index, key, info["path"])
+            if meta is None:
+                raise ReleaseError(f"source '{source.name}': the entry its cluster task saved at {info['path']} cannot be loaded ({why})")
+            use.adopt(compiler, source, Path(info["path"]), int(info["bytes"]))
+            self.tasks[use.named(source)] = [{"rows": int(info["rows"]), "bytes": int(info["bytes"])}]
+            return list(msgspec.json.decode(meta)["notes"])
+        notes: list[str] = []
+        resolved: set[str] = set()
+        done = []
+        for n, unit in enumerate(units):
+            name = f"{key}/{n}"
+            info = self.cluster.result(name)
+            meta, why = compiler.load_unit(source.index, name, info["path"])
+            if meta is None:
+                raise ReleaseError(f"source '{source.name}': the entry its cluster task {n} saved at {info['path']} "
+                                   f"cannot be loaded ({why})")
+            Path(info["path"]).unlink(missing_ok=True)
+            found = msgspec.json.decode(meta)
+            notes += found["notes"]
+            resolved |= set(found["resolved"])
+            done.append({"rows": int(info["rows"]), "bytes": unit.bytes})
+        check_resolved(source, resolved)
+        self.tasks[use.named(source)] = done
+        # Saved whole, as a local build saves it: a later build, on either engine, loads it.
+        use.save(compiler, source, notes + stages.notes(source.name))
+        return notes
 
 
 def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: bool, use: _StoreUse,
@@ -532,7 +612,7 @@ def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: 
             bar.set_postfix_str(f"{source.name} ({source.index + 1}/{len(plan.sources)} sources)")
             if remote is not None and source.index in remote.sent:
                 lap("read")
-                notes.append(remote.load(compiler, source, use))
+                notes.append(remote.load(compiler, source, use, stages))
                 lap("tokenize")  # the wait for the cluster, and the entry loaded
                 continue
             stored = None

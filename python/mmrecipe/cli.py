@@ -195,6 +195,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         offline=args.offline, retry_failed=args.retry_failed, tokenizer_engine=args.tokenizer_engine,
         cache=False if args.no_cache else args.cache,
         engine=args.engine, ray_address=args.address, ray_staging=args.ray_staging,
+        ray_unit_bytes=args.ray_unit_bytes, ray_task_timeout=args.ray_task_timeout,
     )
     print(f"built {recipe.recipe.name} {recipe.recipe.version} (release {result.manifest.release_id[:12]})")
     print(format_summary(result.summary, out))
@@ -566,6 +567,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--ray-staging", metavar="DIR",
                    help="--engine ray: a folder every node can write and this machine read, for the tasks' token store "
                         "entries (default: a hidden folder beside OUT)")
+    b.add_argument("--ray-unit-bytes", metavar="SIZE", type=_size,
+                   help="--engine ray: the most bytes of a JSON Lines source one task reads, e.g. 64M (the default); "
+                        "a larger source is cut into several tasks at the slices a local build reads, the same release")
+    b.add_argument("--ray-task-timeout", metavar="SECONDS", type=float,
+                   help="--engine ray: fail the build when no task of the cluster finishes for this long (default 3600)")
     b.set_defaults(func=cmd_build)
     k = sub.add_parser("cache", help="list, prune or clear the token store", description=CACHE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     k.add_argument("action", choices=["ls", "prune", "clear"], help="what to do")

@@ -25,6 +25,16 @@ PROBE_TIMEOUT = 120
 #: runs for a given name (a marker file records that), so that Ray has to retry it.
 KILL_ONCE_ENV = "MMRECIPE_TEST_KILL_WORKER_ONCE"
 
+#: Test-only: a folder; while it exists, every task waits without end (a task that never returns).
+HANG_ENV = "MMRECIPE_TEST_HANG_TASKS"
+
+#: Seconds the driver waits with no task finishing before it fails the build (a task
+#: that never returns); generous: a work unit takes seconds to minutes.
+TASK_TIMEOUT = 3600.0
+
+#: Seconds between looks at whether the cluster is still there while a task runs.
+POLL = 5.0
+
 
 class RayEngineError(MMRecipeError):
     """Ray is missing, the cluster cannot be reached, or a task failed on it."""
@@ -42,10 +52,15 @@ def _task(name: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     """What runs on a worker: the builder's function on its arguments."""
     marks = os.environ.get(KILL_ONCE_ENV)
     if marks and Path(marks).is_dir():  # test-only hook (see KILL_ONCE_ENV)
-        mark = Path(marks) / name
+        mark = Path(marks) / name.replace("/", "-")
         if not mark.exists():
             mark.touch()
             os._exit(1)
+    hang = os.environ.get(HANG_ENV)
+    while hang and Path(hang).is_dir():  # test-only hook (see HANG_ENV)
+        import time
+
+        time.sleep(0.2)
     return fn(*args)
 
 
@@ -74,7 +89,7 @@ class Cluster:
     """A connection to a Ray cluster for one build: tasks submitted, results awaited with a
     progress bar of the sources done and the cluster's CPUs."""
 
-    def __init__(self, address: str | None, progress: bool) -> None:
+    def __init__(self, address: str | None, progress: bool, timeout: float | None = None) -> None:
         ray = self.ray = _ray()
         self.owned = not ray.is_initialized()
         if self.owned:
@@ -88,6 +103,9 @@ class Cluster:
         self.remote = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(_task)
         self.pending: dict[Any, str] = {}
         self.done: dict[str, Any] = {}
+        self.failed: dict[str, Exception] = {}
+        self.labels: dict[str, str] = {}
+        self.timeout = TASK_TIMEOUT if timeout is None else timeout
         self.progress = progress
         self.bar: Any = None
 
@@ -119,9 +137,11 @@ class Cluster:
                                  "pass --ray-staging DIR on shared storage (and OUT's folder, or DIR, on it)")
         return len(seen)
 
-    def submit(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
-        """Runs `fn(*args)` as a task; `name` (unique in the build) gets its result."""
+    def submit(self, name: str, fn: Callable[..., Any], *args: Any, label: str | None = None) -> None:
+        """Runs `fn(*args)` as a task; `name` (unique in the build) gets its result, `label`
+        names it in errors."""
         self.pending[self.remote.remote(name, fn, args)] = name
+        self.labels[name] = label or f"task '{name}'"
 
     def start_bar(self) -> None:
         """The bar of tasks done, counting those submitted since it started too."""
@@ -136,9 +156,25 @@ class Cluster:
         self.bar.set_postfix_str(f"{self.cpus} CPUs in the cluster")
 
     def result(self, name: str) -> Any:
-        """The result of task `name`, waiting for it (and counting others that end meanwhile)."""
-        while name not in self.done:
-            ready, _ = self.ray.wait(list(self.pending), num_returns=1)
+        """The result of task `name`, waiting for it (and keeping those of others that end
+        meanwhile, and their failures, each raised when its own result is asked for: errors
+        come in the order the build asks, as the local engine's do). RayEngineError when
+        the cluster goes away, or no task finishes for `timeout` seconds."""
+        import time
+
+        last = time.monotonic()  # when a task last finished (or the wait began)
+        while name not in self.done and name not in self.failed:
+            if not self.pending:
+                raise RayEngineError(f"{self.labels.get(name, name)}: never submitted to the cluster")
+            ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=min(POLL, self.timeout))
+            if not ready:
+                self.check_alive(name)
+                if time.monotonic() - last > self.timeout:
+                    raise RayEngineError(f"{self.labels[name]}: no task of the cluster finished in {self.timeout:g} s "
+                                         f"({len(self.pending)} still running or queued); the build is stopped "
+                                         "(--ray-task-timeout sets the wait)")
+                continue
+            last = time.monotonic()
             for ref in ready:
                 which = self.pending.pop(ref)
                 try:
@@ -146,13 +182,25 @@ class Cluster:
                 except self.ray.exceptions.RayTaskError as e:
                     cause = e.as_instanceof_cause()
                     if isinstance(cause, MMRecipeError):
-                        raise cause from None  # the source's own error, as the local engine gives it
-                    raise RayEngineError(f"source '{which}': its task failed on the cluster ({e})") from None
+                        self.failed[which] = cause  # the source's own error, as the local engine gives it
+                    else:
+                        self.failed[which] = RayEngineError(f"{self.labels[which]}: its task failed on the cluster ({e})")
                 except self.ray.exceptions.RayError as e:  # a worker died more than max_retries times, ...
-                    raise RayEngineError(f"source '{which}': its task failed on the cluster ({e})") from None
+                    self.failed[which] = RayEngineError(f"{self.labels[which]}: its task failed on the cluster ({e})")
                 if self.bar is not None:
                     self.bar.update(1)
+        if name in self.failed:
+            raise self.failed.pop(name) from None
         return self.done.pop(name)
+
+    def check_alive(self, name: str) -> None:
+        """RayEngineError when the cluster is gone: not reachable, or no node alive."""
+        try:
+            alive = [n for n in self.ray.nodes() if n.get("Alive")]
+        except Exception as e:  # noqa: BLE001 - Ray raises several types for a lost connection
+            raise RayEngineError(f"{self.labels[name]}: the Ray cluster went away while it ran ({e}); no release was written") from None
+        if not alive:
+            raise RayEngineError(f"{self.labels[name]}: the Ray cluster went away while it ran (no node alive); no release was written")
 
     def close(self) -> None:
         for ref in self.pending:

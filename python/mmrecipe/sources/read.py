@@ -95,21 +95,31 @@ def read_slices(source: SourcePlan, rows: int) -> Iterator[pl.DataFrame]:
             raise no_rows(source)
         return
     for path, fmt in zip(source.files, source.formats):
-        try:
-            reader = _core.JsonChunks(str(path), fmt == "json")
-            while (chunk := reader.next_chunk(rows)) is not None:
-                try:
-                    frame = pl.read_ndjson(io.BytesIO(chunk), infer_schema_length=None)
-                except Exception:
-                    if fmt == "jsonl":
-                        raise_bad_json_line(name, path)
-                    raise
-                total += frame.height
-                yield frame
-        except (ValueError, OSError, pl.exceptions.PolarsError) as e:
-            raise SourceError(f"source '{name}': cannot read {path}: {e}") from None
+        for frame in json_frames(name, path, fmt, rows):
+            total += frame.height
+            yield frame
     if total == 0:
         raise no_rows(source)
+
+
+def json_frames(name: str, path: Path, fmt: str, rows: int, slices: int | None = None, offset: int = 0,
+                newlines: int = 0) -> Iterator[pl.DataFrame]:
+    """A JSON Lines or JSON array file of source `name`, `rows` records at a time: all of
+    it, or `slices` slices from byte `offset` (JSON Lines, after `newlines` newlines)."""
+    try:
+        reader = _core.JsonChunks(str(path), fmt == "json", offset, newlines)
+        read = 0
+        while (slices is None or read < slices) and (chunk := reader.next_chunk(rows)) is not None:
+            read += 1
+            try:
+                frame = pl.read_ndjson(io.BytesIO(chunk), infer_schema_length=None)
+            except Exception:
+                if fmt == "jsonl":
+                    raise_bad_json_line(name, path)
+                raise
+            yield frame
+    except (ValueError, OSError, pl.exceptions.PolarsError) as e:
+        raise SourceError(f"source '{name}': cannot read {path}: {e}") from None
 
 
 def no_rows(source: SourcePlan) -> SourceError:

@@ -1,0 +1,81 @@
+"""Work units of a JSON Lines source (`sources.units`): read one after another they give
+the very slices, in order, that the local build's `read_slices` gives, each unit within
+its byte budget unless a single slice is over it, rows numbered as in the whole source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+from conftest import small_recipe
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mmrecipe import load_recipe
+from mmrecipe.recipe import resolve
+from mmrecipe.sources.read import read_slices
+from mmrecipe.sources.units import cut_units, read_unit
+
+record = st.fixed_dictionaries({"question": st.text(max_size=30), "answer": st.text(min_size=1, max_size=80)},
+                               optional={"extra": st.integers()})
+line_ends = st.sampled_from(["\n", "\r\n", "\n\n", "\n \n"])
+
+
+def _source(folder: Path, files: list[list[tuple[dict, str]]]):
+    for k, lines in enumerate(files):
+        text = "".join(json.dumps(r) + end for r, end in lines)
+        (folder / f"part-{k}.jsonl").write_text(("\ufeff" if k == 1 else "") + text, "utf-8")
+    recipe = folder / "r.toml"
+    recipe.write_text(small_recipe(f'name = "s"\npath = "{folder}/part-*.jsonl"\nlayout = "qa"\nfields = {{ question = "question", answer = "answer" }}'))
+    return resolve(load_recipe(recipe)).sources[0]
+
+
+@given(files=st.lists(st.lists(st.tuples(record, line_ends), max_size=40), min_size=1, max_size=3).filter(any),
+       rows=st.integers(1, 7), budget=st.integers(1, 900))
+def test_units_read_in_turn_are_the_local_slices(tmp_path_factory, files, rows, budget):
+    folder = tmp_path_factory.mktemp("units")
+    source = _source(folder, files)
+    want = list(read_slices(source, rows))
+    units = cut_units(source, rows, budget)
+    if units is None:  # one unit: read as today
+        assert sum(1 for lines in files if lines) == 1
+        return
+    got = [frame for unit in units for frame in read_unit(source, unit, rows)]
+    assert len(got) == len(want) > 1
+    for a, b in zip(got, want):
+        assert a.equals(b)
+    assert [u.row for u in units] == [sum(u.records for u in units[:k]) for k in range(len(units))]
+    assert sum(u.records for u in units) == sum(f.height for f in want)
+    for unit in units:
+        assert unit.bytes <= budget or unit.slices == 1
+    assert sum(u.bytes for u in units) <= sum(p.stat().st_size for p in source.files)
+
+
+def test_a_big_source_is_cut_within_its_budget(tmp_path):
+    files = [[({"question": f"q{i}", "answer": "a" * (i % 50 + 1)}, "\n") for i in range(3000)]]
+    source = _source(tmp_path, files)
+    size = source.files[0].stat().st_size
+    units = cut_units(source, 100, size // 5)
+    assert units is not None and 5 <= len(units) <= 8
+    assert all(u.bytes <= size // 5 for u in units) and sum(u.bytes for u in units) == size
+    assert all(u.slices >= 1 and u.offset > 0 for u in units[1:])
+    frames = [f for u in units for f in read_unit(source, u, 100)]
+    assert pl.concat(frames).equals(pl.concat(list(read_slices(source, 100))))
+
+
+def test_a_file_the_splitter_refuses_is_read_whole(tmp_path):
+    """Its error (naming the file's line) is then the one the whole read gives."""
+    files = [[({"question": "q", "answer": "a"}, "\n")] * 50]
+    source = _source(tmp_path, files)
+    with source.files[0].open("a") as f:
+        f.write('{"question": [1}\n')
+    assert cut_units(source, 5, 100) is None
+
+
+def test_other_sources_are_one_unit(tmp_path):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"question": "q", "answer": "a"}] * 50))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(small_recipe(f'name = "s"\npath = "{data}"\nlayout = "qa"\nfields = {{ question = "question", answer = "answer" }}'))
+    assert cut_units(resolve(load_recipe(recipe)).sources[0], 5, 10) is None
