@@ -302,10 +302,12 @@ def test_a_generated_50k_mix_is_the_same_release_on_the_cluster(cluster, tmp_pat
     assert sorted(remote.store["tokenized"]) == ["alpaca", "caption", "chat", "qa"]  # all four on the cluster
 
 
-def _one_big_source(folder: Path, rows: int, on_error: str = "fail", bad: tuple[int, ...] = ()) -> Path:
-    """A recipe of one JSON Lines source of `rows` question-answer rows in two files (an
-    instruction template drawn per row: the release follows each row's number), rows
-    `bad` without an answer, and a small second source."""
+def _one_big_source(folder: Path, rows: int, on_error: str = "fail", bad: tuple[int, ...] = (),
+                    no_image: tuple[int, ...] = ()) -> Path:
+    """A recipe of one JSON Lines source of `rows` question-answer rows on an image in two
+    files (an instruction template drawn per row: the release follows each row's number),
+    rows `bad` without an answer, rows `no_image` naming an image that is not there, and a
+    small second source."""
     import json
 
     folder.mkdir()
@@ -313,7 +315,8 @@ def _one_big_source(folder: Path, rows: int, on_error: str = "fail", bad: tuple[
     for name, numbers in (("a", range(half)), ("b", range(half, rows))):
         with (folder / f"big-{name}.jsonl").open("w") as f:
             for i in numbers:
-                row = {"question": f"What is {i} times {i % 7}?", "answer": str(i * (i % 7))}
+                row = {"question": f"What is {i} times {i % 7}?", "answer": str(i * (i % 7)),
+                       "image": f"missing-{i}.jpg" if i in no_image else "astronaut.jpg"}
                 if i in bad:
                     del row["answer"]
                 f.write(json.dumps(row) + ("\n\n" if i % 11 == 0 else "\n"))
@@ -324,13 +327,15 @@ name = "units"
 seed = 5
 [model]
 tokenizer = "{DEMO.parent / 'models' / 'smollm2'}"
+image = {{ placeholder = "<image>", token = "<image>", count = 8 }}
 [output]
 seq_len = 256
 [[source]]
 name = "big"
 path = "big-*.jsonl"
 layout = "qa"
-fields = {{ question = "question", answer = "answer" }}
+fields = {{ image = "image", question = "question", answer = "answer" }}
+image_root = "{DEMO.parent / 'demo' / 'data' / 'images'}"
 instructions = "vqa-short"
 on_error = "{on_error}"
 [[source]]
@@ -352,14 +357,14 @@ def test_a_source_cut_into_work_units_is_the_same_release(cluster, tmp_path, sma
     """A source over its task budget becomes several tasks, each within it; two budgets
     give the local build's bytes, skipped rows and their first examples (rows of later
     units, numbered in the whole source); the token store gets the source whole."""
-    bad = tuple(range(430, 800, 23))
-    recipe = _one_big_source(tmp_path / "mix", 800, "skip", bad)
+    bad, no_image = tuple(range(430, 800, 23)), tuple(range(510, 800, 19))
+    recipe = _one_big_source(tmp_path / "mix", 800, "skip", bad, no_image)
     local = build(recipe, tmp_path / "local", progress=False, cache=False)
     size = sum(p.stat().st_size for p in (tmp_path / "mix").glob("big-*.jsonl"))
     counts = []
-    for budget in (size // 9, size // 3):
+    for budget, cache in ((size // 9, False), (size // 3, None)):  # the second fills the store
         out = tmp_path / f"ray-{budget}"
-        remote = build(recipe, out, progress=False, engine="ray", ray_address=cluster[0], ray_unit_bytes=budget)
+        remote = build(recipe, out, progress=False, engine="ray", ray_address=cluster[0], ray_unit_bytes=budget, cache=cache)
         assert files(out) == files(tmp_path / "local")
         assert remote.manifest.release_id == local.manifest.release_id
         tasks = remote.tasks["big"]
@@ -369,8 +374,9 @@ def test_a_source_cut_into_work_units_is_the_same_release(cluster, tmp_path, sma
         counts.append(len(tasks))
     assert counts[0] > counts[1]
     stats = local.summary["sources"][0]
-    assert stats["skipped"] == len(bad)
-    assert [e.split(",")[0] for e in stats["skipped_examples"]] == [f"row {r}" for r in bad[:5]]
+    assert stats["skipped"] == len(set(no_image) - set(bad)) > 5
+    assert [e.split(",")[0] for e in stats["skipped_examples"]] == [f"row {r}" for r in sorted(set(no_image) - set(bad))[:5]]
+    assert "first: row 430" in " ".join(stats["notes"])
     # The second build saved the source whole: a local build loads it.
     again = build(recipe, tmp_path / "again", progress=False)
     assert "big" in again.store["reused"] and files(tmp_path / "again") == files(tmp_path / "local")

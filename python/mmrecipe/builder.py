@@ -590,7 +590,7 @@ class _OnCluster:
             found = msgspec.json.decode(meta)
             notes += found["notes"]
             resolved |= set(found["resolved"])
-            done.append({"rows": int(info["rows"]), "bytes": unit.bytes})
+            done.append({"rows": unit.records, "bytes": unit.bytes})
         check_resolved(source, resolved)
         self.tasks[use.named(source)] = done
         # Saved whole, as a local build saves it: a later build, on either engine, loads it.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from ..errors import MMRecipeError
 
@@ -48,6 +48,13 @@ def _ray() -> Any:
     return ray
 
 
+class _Failed(NamedTuple):
+    """A task's own error (bad data, a missing file), handed back as its result: raised on
+    the driver as it is, as the local engine raises it (not wrapped in Ray's traceback)."""
+
+    error: MMRecipeError
+
+
 def _task(name: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     """What runs on a worker: the builder's function on its arguments."""
     marks = os.environ.get(KILL_ONCE_ENV)
@@ -61,7 +68,10 @@ def _task(name: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         import time
 
         time.sleep(0.2)
-    return fn(*args)
+    try:
+        return fn(*args)
+    except MMRecipeError as e:
+        return _Failed(e)
 
 
 def _sees(folder: str, name: str, token: str) -> dict[str, str]:
@@ -178,7 +188,11 @@ class Cluster:
             for ref in ready:
                 which = self.pending.pop(ref)
                 try:
-                    self.done[which] = self.ray.get(ref)
+                    value = self.ray.get(ref)
+                    if isinstance(value, _Failed):
+                        self.failed[which] = value.error
+                    else:
+                        self.done[which] = value
                 except self.ray.exceptions.RayTaskError as e:
                     cause = e.as_instanceof_cause()
                     if isinstance(cause, MMRecipeError):
