@@ -75,16 +75,23 @@ impl JsonChunks<File> {
         Ok(JsonChunks::new(File::open(path)?, array))
     }
 
-    /// A JSON Lines file read from byte `offset`, a point `position` gave after a chunk,
-    /// with the `newlines` before it: the chunks, and the line numbers in errors, are those
-    /// a reader from the start would give from there on.
-    pub fn open_at(path: &Path, offset: u64, newlines: u64) -> std::io::Result<Self> {
+    /// A file read from byte `offset`, a point `position` gave after a chunk, with the
+    /// `newlines` and (array) `records` before it: the chunks, and the lines and records
+    /// named in errors, are those a reader from the start would give from there on.
+    pub fn open_at(path: &Path, array: bool, offset: u64, newlines: u64, records: u64) -> std::io::Result<Self> {
         use std::io::Seek;
-        let mut chunks = JsonChunks::open(path, false)?;
+        let mut chunks = JsonChunks::open(path, array)?;
+        if offset == 0 {
+            return Ok(chunks);
+        }
         chunks.reader.seek(std::io::SeekFrom::Start(offset))?;
         chunks.base = offset;
         chunks.newlines = newlines;
-        chunks.bom_checked = offset > 0;
+        chunks.records = records;
+        chunks.bom_checked = true;
+        if array {
+            chunks.top = Top::AfterRecord; // a chunk ends after a record
+        }
         Ok(chunks)
     }
 }
@@ -136,9 +143,9 @@ impl<R: Read> JsonChunks<R> {
         result
     }
 
-    /// Where the next chunk starts: (file offset, newlines before it), for `open_at`.
-    pub fn position(&self) -> (u64, u64) {
-        (self.base + self.pos as u64, self.newlines)
+    /// Where the next chunk starts: (file offset, newlines, records before it), for `open_at`.
+    pub fn position(&self) -> (u64, u64, u64) {
+        (self.base + self.pos as u64, self.newlines, self.records)
     }
 
     fn collect(&mut self, max: usize) -> Result<Option<Vec<u8>>, String> {
@@ -566,10 +573,18 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let long = "x".repeat(3 * READ_SIZE);
         let good = format!("\u{feff}{{\"a\":1}}\n\n{{\"a\":2}}\r\n{{\"s\":\"{long}\"}}\n \n{{\"a\":4}}\n{{\"a\":5}}\n{{\"a\":6}}");
-        for (k, text) in [good.clone(), format!("{good}\n\n{{\"a\": [1}}\n{{\"a\":8}}\n")].iter().enumerate() {
-            let path = dir.join(format!("{k}.jsonl"));
+        let array = format!("\u{feff}[{{\"a\":1}},\n\n{{\"a\":\n2}} ,{{\"s\":\"{long}\"}},\r\n{{\"a\":4}},{{\"a\":5}}\n,{{\"a\":6}}]");
+        let cases = [
+            (false, good.clone()),
+            (false, format!("{good}\n\n{{\"a\": [1}}\n{{\"a\":8}}\n")),
+            (true, array.clone()),
+            (true, format!("{array}\n, {{\"a\":7}}]")),
+        ];
+        for (k, (is_array, text)) in cases.iter().enumerate() {
+            let is_array = *is_array;
+            let path = dir.join(format!("{k}.json"));
             std::fs::write(&path, text).unwrap();
-            let mut whole = JsonChunks::open(&path, false).unwrap();
+            let mut whole = JsonChunks::open(&path, is_array).unwrap();
             let mut starts = vec![whole.position()];
             let mut want = Vec::new();
             loop {
@@ -584,12 +599,17 @@ mod tests {
                 starts.push(whole.position());
             }
             assert!(want.len() >= 3, "{k}: several chunks");
+            assert_eq!(want.last().unwrap().is_err(), k % 2 == 1, "{k}");
             if k == 1 {
                 let e = want.last().unwrap().clone().unwrap_err();
                 assert!(e.starts_with("line 10: "), "{e}");
             }
-            for (i, &(offset, newlines)) in starts.iter().enumerate().skip(1) {
-                let mut again = JsonChunks::open_at(&path, offset, newlines).unwrap();
+            if k == 3 {
+                let e = want.last().unwrap().clone().unwrap_err();
+                assert!(e.contains("line 7: data after the closing ']'"), "{e}");
+            }
+            for (i, &(offset, newlines, records)) in starts.iter().enumerate().skip(1) {
+                let mut again = JsonChunks::open_at(&path, is_array, offset, newlines, records).unwrap();
                 let mut got = Vec::new();
                 loop {
                     match again.next_chunk(2) {

@@ -464,24 +464,17 @@ struct PyJsonChunks {
 
 #[pymethods]
 impl PyJsonChunks {
-    /// `offset`, `newlines`: a JSON Lines file read on from a `position()` (a work unit).
+    /// `offset`, `newlines`, `records`: the file read on from a `position()` (a work unit).
     #[new]
-    #[pyo3(signature = (path, array, offset = 0, newlines = 0))]
-    fn new(path: std::path::PathBuf, array: bool, offset: u64, newlines: u64) -> PyResult<Self> {
-        if array && offset > 0 {
-            return Err(PyValueError::new_err("a JSON array is read from its start"));
-        }
-        let opened = if offset > 0 {
-            crate::chunks::JsonChunks::open_at(&path, offset, newlines)
-        } else {
-            crate::chunks::JsonChunks::open(&path, array)
-        };
-        let inner = opened.map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("{}: {e}", path.display())))?;
+    #[pyo3(signature = (path, array, offset = 0, newlines = 0, records = 0))]
+    fn new(path: std::path::PathBuf, array: bool, offset: u64, newlines: u64, records: u64) -> PyResult<Self> {
+        let inner = crate::chunks::JsonChunks::open_at(&path, array, offset, newlines, records)
+            .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("{}: {e}", path.display())))?;
         Ok(PyJsonChunks { inner })
     }
 
-    /// Where the next chunk starts: (byte offset, newlines before it).
-    fn position(&self) -> (u64, u64) {
+    /// Where the next chunk starts: (byte offset, newlines and records before it).
+    fn position(&self) -> (u64, u64, u64) {
         self.inner.position()
     }
 

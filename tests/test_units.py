@@ -1,4 +1,4 @@
-"""Work units of a JSON Lines source (`sources.units`): read one after another they give
+"""Work units of a JSON Lines or JSON array source (`sources.units`): read one after another they give
 the very slices, in order, that the local build's `read_slices` gives, each unit within
 its byte budget unless a single slice is over it, rows numbered as in the whole source."""
 
@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import polars as pl
+import pytest
 from conftest import small_recipe
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,20 +23,23 @@ record = st.fixed_dictionaries({"question": st.text(max_size=30), "answer": st.t
 line_ends = st.sampled_from(["\n", "\r\n", "\n\n", "\n \n"])
 
 
-def _source(folder: Path, files: list[list[tuple[dict, str]]]):
+def _source(folder: Path, files: list[list[tuple[dict, str]]], fmt: str = "jsonl"):
     for k, lines in enumerate(files):
-        text = "".join(json.dumps(r) + end for r, end in lines)
-        (folder / f"part-{k}.jsonl").write_text(("\ufeff" if k == 1 else "") + text, "utf-8")
+        if fmt == "jsonl":
+            text = "".join(json.dumps(r) + end for r, end in lines)
+        else:  # the line ends around the commas
+            text = "[" + "".join(("," if i else "") + end + json.dumps(r, indent=i % 2 or None) for i, (r, end) in enumerate(lines)) + "]\n"
+        (folder / f"part-{k}.{fmt}").write_text(("\ufeff" if k == 1 else "") + text, "utf-8")
     recipe = folder / "r.toml"
-    recipe.write_text(small_recipe(f'name = "s"\npath = "{folder}/part-*.jsonl"\nlayout = "qa"\nfields = {{ question = "question", answer = "answer" }}'))
+    recipe.write_text(small_recipe(f'name = "s"\npath = "{folder}/part-*.{fmt}"\nlayout = "qa"\nfields = {{ question = "question", answer = "answer" }}'))
     return resolve(load_recipe(recipe)).sources[0]
 
 
 @given(files=st.lists(st.lists(st.tuples(record, line_ends), max_size=40), min_size=1, max_size=3).filter(any),
-       rows=st.integers(1, 7), budget=st.integers(1, 900))
-def test_units_read_in_turn_are_the_local_slices(tmp_path_factory, files, rows, budget):
+       rows=st.integers(1, 7), budget=st.integers(1, 3000), fmt=st.sampled_from(["jsonl", "json"]))
+def test_units_read_in_turn_are_the_local_slices(tmp_path_factory, files, rows, budget, fmt):
     folder = tmp_path_factory.mktemp("units")
-    source = _source(folder, files)
+    source = _source(folder, files, fmt)
     want = list(read_slices(source, rows))
     units = cut_units(source, rows, budget)
     if units is None:  # one unit: read as today
@@ -64,18 +68,25 @@ def test_a_big_source_is_cut_within_its_budget(tmp_path):
     assert pl.concat(frames).equals(pl.concat(list(read_slices(source, 100))))
 
 
-def test_a_file_the_splitter_refuses_is_read_whole(tmp_path):
+@pytest.mark.parametrize("fmt, tail", [("jsonl", '{"question": [1}\n'), ("json", ', {"question": "q"}]')])
+def test_a_file_the_splitter_refuses_is_read_whole(tmp_path, fmt, tail):
     """Its error (naming the file's line) is then the one the whole read gives."""
     files = [[({"question": "q", "answer": "a"}, "\n")] * 50]
-    source = _source(tmp_path, files)
+    source = _source(tmp_path, files, fmt)
+    assert cut_units(source, 5, 100) is not None
     with source.files[0].open("a") as f:
-        f.write('{"question": [1}\n')
+        f.write(tail)
     assert cut_units(source, 5, 100) is None
 
 
-def test_other_sources_are_one_unit(tmp_path):
-    data = tmp_path / "d.json"
-    data.write_text(json.dumps([{"question": "q", "answer": "a"}] * 50))
+@pytest.mark.parametrize("name, text, extra", [
+    ("d.csv", "question,answer\n" + "q,a\n" * 50, ""),
+    ("d.json", json.dumps({"rows": [{"question": "q", "answer": "a"}] * 50}), 'json_key = "rows"\n'),
+])
+def test_other_sources_are_one_unit(tmp_path, name, text, extra):
+    data = tmp_path / name
+    data.write_text(text)
     recipe = tmp_path / "r.toml"
-    recipe.write_text(small_recipe(f'name = "s"\npath = "{data}"\nlayout = "qa"\nfields = {{ question = "question", answer = "answer" }}'))
+    recipe.write_text(small_recipe(f'name = "s"\npath = "{data}"\n{extra}layout = "qa"\n'
+                                   'fields = { question = "question", answer = "answer" }'))
     assert cut_units(resolve(load_recipe(recipe)).sources[0], 5, 10) is None

@@ -174,10 +174,10 @@ class JsonChunks:
     """A JSON Lines file (`array=False`) or a JSON array of records (`array=True`), read as
     JSON Lines chunks without loading the file."""
 
-    def __new__(cls, path: str, array: bool, offset: int = 0, newlines: int = 0) -> JsonChunks:
-        """`offset`, `newlines`: a JSON Lines file read on from a `position()`."""
-    def position(self) -> tuple[int, int]:
-        """Where the next chunk starts: (byte offset, newlines before it)."""
+    def __new__(cls, path: str, array: bool, offset: int = 0, newlines: int = 0, records: int = 0) -> JsonChunks:
+        """`offset`, `newlines`, `records`: the file read on from a `position()`."""
+    def position(self) -> tuple[int, int, int]:
+        """Where the next chunk starts: (byte offset, newlines and records before it)."""
     def next_chunk(self, max_records: int) -> bytes | None:
         """The next chunk of at most `max_records` records, or None at the end."""
 

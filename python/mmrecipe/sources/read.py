@@ -102,12 +102,13 @@ def read_slices(source: SourcePlan, rows: int) -> Iterator[pl.DataFrame]:
         raise no_rows(source)
 
 
-def json_frames(name: str, path: Path, fmt: str, rows: int, slices: int | None = None, offset: int = 0,
-                newlines: int = 0) -> Iterator[pl.DataFrame]:
+def json_frames(name: str, path: Path, fmt: str, rows: int, slices: int | None = None,
+                at: tuple[int, int, int] = (0, 0, 0)) -> Iterator[pl.DataFrame]:
     """A JSON Lines or JSON array file of source `name`, `rows` records at a time: all of
-    it, or `slices` slices from byte `offset` (JSON Lines, after `newlines` newlines)."""
+    it, or `slices` slices from `at` (a position of the splitter's: byte offset, newlines
+    and records before it)."""
     try:
-        reader = _core.JsonChunks(str(path), fmt == "json", offset, newlines)
+        reader = _core.JsonChunks(str(path), fmt == "json", *at)
         read = 0
         while (slices is None or read < slices) and (chunk := reader.next_chunk(rows)) is not None:
             read += 1

@@ -1,10 +1,10 @@
-"""Work units: a JSON Lines source cut into runs of the very slices a local build reads it
-in (`read_slices`: `rows` records at a time, each file on its own), so that each run can be
+"""Work units: a JSON Lines or JSON array source cut into runs of the very slices a local
+build reads it in (`read_slices`: `rows` records at a time, each file on its own), so that each run can be
 read and tokenized apart (a Ray task) and the runs, loaded in order, give what reading the
 whole source gives: the same slices, row numbers, notes and line numbers in errors.
 
 The cut is found by reading each file once with the same splitter, noting where every
-slice starts (its byte offset and the newlines before it); a unit then opens the file at
+slice starts (its byte offset, the newlines and records before it); a unit then opens the file at
 its first slice and reads on. Consecutive slices of one file join a unit while its bytes
 stay within the budget (a slice over it is a unit of its own: a slice is the smallest
 piece the local build reads, so it cannot be cut without changing the release)."""
@@ -27,6 +27,7 @@ class Unit(msgspec.Struct, frozen=True):
     file: int  # index in the source's files
     offset: int  # where its first slice starts in the file
     newlines: int  # newlines before it (errors name the file's line numbers)
+    before: int  # records of the file before it (a JSON array's errors name the record)
     slices: int
     row: int  # the source's row number of its first record
     records: int
@@ -36,28 +37,28 @@ class Unit(msgspec.Struct, frozen=True):
 def cut_units(source: SourcePlan, rows: int, budget: int) -> list[Unit] | None:
     """The units of `source` read `rows` records a slice, each at most `budget` bytes of
     its file where a slice allows; None where the source is read as one unit (not JSON
-    Lines, or read whole: joins, group_by; or a file the splitter refuses, whose error the
-    whole read then gives; or a single unit anyway)."""
-    if not source.streamable or source.container is not None or any(f != "jsonl" for f in source.formats):
+    Lines or a JSON array, or read whole: joins, group_by, json_key; or a file the splitter
+    refuses, whose error the whole read then gives; or a single unit anyway)."""
+    if not source.streamable or source.container is not None or any(f not in ("jsonl", "json") for f in source.formats):
         return None
     units: list[Unit] = []
     row = 0
-    for index, path in enumerate(source.files):
+    for index, (path, fmt) in enumerate(zip(source.files, source.formats)):
         try:
-            reader = _core.JsonChunks(str(path), False)
+            reader = _core.JsonChunks(str(path), fmt == "json")
             start = reader.position()
-            unit: list[int] = []  # offset, newlines, slices, row, records, bytes of the open unit
+            unit: list[int] = []  # offset, newlines, before, slices, row, records, bytes of the open unit
             while (chunk := reader.next_chunk(rows)) is not None:
                 end = reader.position()
                 size, records = end[0] - start[0], chunk.count(b"\n")
-                if unit and unit[5] + size > budget:
+                if unit and unit[6] + size > budget:
                     units.append(Unit(index, *unit))
                     unit = []
                 if not unit:
-                    unit = [start[0], start[1], 0, row, 0, 0]
-                unit[2] += 1
-                unit[4] += records
-                unit[5] += size
+                    unit = [*start, 0, row, 0, 0]
+                unit[3] += 1
+                unit[5] += records
+                unit[6] += size
                 row += records
                 start = end
         except (ValueError, OSError):
@@ -69,5 +70,5 @@ def cut_units(source: SourcePlan, rows: int, budget: int) -> list[Unit] | None:
 
 def read_unit(source: SourcePlan, unit: Unit, rows: int) -> Iterator[pl.DataFrame]:
     """The slices of `unit`, as `read_slices` gives them."""
-    path = source.files[unit.file]
-    yield from json_frames(source.name, path, "jsonl", rows, unit.slices, unit.offset, unit.newlines)
+    path, fmt = source.files[unit.file], source.formats[unit.file]
+    yield from json_frames(source.name, path, fmt, rows, unit.slices, (unit.offset, unit.newlines, unit.before))
