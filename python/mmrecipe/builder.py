@@ -6,8 +6,9 @@
                         (a slice at a time when the source streams; tokens spill to disk)
                         and the source saved to the token store
                         (engine "ray": a source without LLM stages is read and tokenized
-                        by a task on the cluster, which saves its entry to a staging
-                        folder; the entry is then loaded here as from the token store)
+                        on the cluster, a task per work unit (sources/units.py), each
+                        saving its entry to a staging folder; the entries are then
+                        loaded here in row order, as from the token store)
       core.finish():    exact mixture, interleave, packing (on lengths only)
       core.emit():      packed rows ─▶ shards + stats.json
       (`[output] epochs = N`: the above once per epoch, with the epoch's seed; a source

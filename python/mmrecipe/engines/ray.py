@@ -1,10 +1,12 @@
 """Running per-source work on a Ray cluster (`pip install "mmrecipe[ray]"`).
 
-The builder submits one task per source: a top-level function of its own (pickled by
-reference, so every node needs mmrecipe installed) that tokenizes the source and saves its
-token store entry onto storage the nodes share, returning only small metadata. A task is
-idempotent (its entry is written beside its name and renamed into place), so Ray may run it
-again: `max_retries` retries a task whose worker died. Ray is imported only here, lazily."""
+The builder submits one task per work unit of a source (the whole source, or a run of its
+slices): a top-level function of its own (pickled by reference, so every node needs
+mmrecipe installed) that tokenizes the unit and saves its token store entry onto storage
+the nodes share, returning only small metadata. A task is idempotent (its entry is written
+beside its name and renamed into place), so Ray may run it again: `max_retries` retries a
+task whose worker died. The driver waits for each result with Ray's failure signals, a look
+at the cluster every POLL seconds and a stall timeout. Ray is imported only here, lazily."""
 
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def write_probe(folder: Path, name: str, token: str) -> None:
 
 class Cluster:
     """A connection to a Ray cluster for one build: tasks submitted, results awaited with a
-    progress bar of the sources done and the cluster's CPUs."""
+    progress bar of the tasks done and the cluster's CPUs."""
 
     def __init__(self, address: str | None, progress: bool, timeout: float | None = None) -> None:
         ray = self.ray = _ray()
@@ -161,7 +163,7 @@ class Cluster:
             self.bar.total = self.bar.n + len(self.pending)
             self.bar.refresh()
             return
-        self.bar = tqdm(total=len(self.pending), desc="tokenize (ray)", unit="source", disable=not self.progress,
+        self.bar = tqdm(total=len(self.pending), desc="tokenize (ray)", unit="task", disable=not self.progress,
                         file=sys.stderr, dynamic_ncols=True, leave=False)
         self.bar.set_postfix_str(f"{self.cpus} CPUs in the cluster")
 
