@@ -223,11 +223,12 @@ def test_a_task_error_is_the_sources_own(cluster, tmp_path):
 
 
 def test_the_command_line(cluster, tmp_path):
-    """`recipe build --engine ray --address ADDR`: the pinned release, a bar of the
-    sources done on the cluster with its CPUs, and the time of each stage."""
+    """`recipe build --engine ray --address ADDR --ray-unit-bytes 4K`: the pinned release,
+    a bar of the tasks done on the cluster with its CPUs, and the time of each stage."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     run = subprocess.run([sys.executable, "-m", "mmrecipe", "build", str(DEMO), "-o", str(tmp_path / "demo"), "--no-cache",
-                          "--engine", "ray", "--address", cluster[0]], capture_output=True, text=True, env=env)
+                          "--engine", "ray", "--address", cluster[0], "--ray-unit-bytes", "4K", "--ray-task-timeout", "600"],
+                         capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"(release {PINNED['demo'][:12]})" in run.stdout
     assert "2 CPUs in the cluster" in run.stderr

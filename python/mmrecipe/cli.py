@@ -261,6 +261,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unit_size(text: str) -> int:
+    try:
+        size = _size(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--max: ", "")) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return size
+
+
 def _size(text: str) -> int:
     import os
 
@@ -567,7 +577,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--ray-staging", metavar="DIR",
                    help="--engine ray: a folder every node can write and this machine read, for the tasks' token store "
                         "entries (default: a hidden folder beside OUT)")
-    b.add_argument("--ray-unit-bytes", metavar="SIZE", type=_size,
+    b.add_argument("--ray-unit-bytes", metavar="SIZE", type=_unit_size,
                    help="--engine ray: the most bytes of a JSON Lines source one task reads, e.g. 64M (the default); "
                         "a larger source is cut into several tasks at the slices a local build reads, the same release")
     b.add_argument("--ray-task-timeout", metavar="SECONDS", type=float,
