@@ -55,7 +55,7 @@ from .store import TokenStore, cache_dir, size_cap, source_key
 
 BATCH_ROWS = 8192
 
-#: The most bytes of a JSON Lines file one Ray task reads (`ray_unit_bytes`): a task holds
+#: The most bytes of a JSON file one Ray task reads (`ray_unit_bytes`): a task holds
 #: about this much input, and a large source spreads over its size / this many tasks.
 DEFAULT_UNIT_BYTES = 64 << 20
 
@@ -79,7 +79,7 @@ class BuildResult:
     #: A multi-epoch release: each epoch's totals (`summary` is epoch 0's); else empty.
     epochs: list[dict[str, Any]] = field(default_factory=list)
     #: With engine "ray": each source tokenized on the cluster (as the store report names
-    #: it) with its tasks' rows and bytes read, one per work unit, in row order.
+    #: it) with its tasks, one per work unit in row order: rows and bytes of input read.
     tasks: dict[str, list[dict[str, int]]] = field(default_factory=dict)
 
 
@@ -240,7 +240,7 @@ def build(
     (None: `$RAY_ADDRESS`, else a new local instance), which writes its token store entry
     to a staging folder the nodes share (`ray_staging`, else the hidden spill folder
     beside `out`); the entries are loaded here, then mixed, packed and written as by the
-    local engine: the same release, byte for byte. A JSON Lines source is cut into work
+    local engine: the same release, byte for byte. A JSON Lines or JSON array source is cut into work
     units, one task each, of at most `ray_unit_bytes` of its files (a task's memory budget
     for its input; default DEFAULT_UNIT_BYTES), at the slices the local build reads; the
     unit size never changes the release. `ray_task_timeout`: seconds the driver waits with
@@ -525,7 +525,7 @@ def tokenize_entry(plan: Plan, index: int, key: str, path: str, threads: int, to
 
 class _OnCluster:
     """The sources a build tokenizes on a Ray cluster, each saving token store entries
-    under `folder`: a JSON Lines source cut into work units of at most `unit_bytes` of its
+    under `folder`: a JSON Lines or JSON array source cut into work units of at most `unit_bytes` of its
     files (`sources.units`), one task each; any other source one task."""
 
     def __init__(self, cluster: Any, folder: Path, threads: int, tokenizer_engine: str | None,
@@ -575,7 +575,8 @@ class _OnCluster:
             if meta is None:
                 raise ReleaseError(f"source '{source.name}': the entry its cluster task saved at {info['path']} cannot be loaded ({why})")
             use.adopt(compiler, source, Path(info["path"]), int(info["bytes"]))
-            self.tasks[use.named(source)] = [{"rows": int(info["rows"]), "bytes": int(info["bytes"])}]
+            read = sum(f.stat().st_size for f in source.all_files if f.is_file())
+            self.tasks[use.named(source)] = [{"rows": int(info["rows"]), "bytes": read}]
             return list(msgspec.json.decode(meta)["notes"])
         notes: list[str] = []
         resolved: set[str] = set()

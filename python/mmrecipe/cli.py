@@ -578,7 +578,7 @@ def parser() -> argparse.ArgumentParser:
                    help="--engine ray: a folder every node can write and this machine read, for the tasks' token store "
                         "entries (default: a hidden folder beside OUT)")
     b.add_argument("--ray-unit-bytes", metavar="SIZE", type=_unit_size,
-                   help="--engine ray: the most bytes of a JSON Lines source one task reads, e.g. 64M (the default); "
+                   help="--engine ray: the most bytes of a JSON Lines or JSON array source one task reads, e.g. 64M (the default); "
                         "a larger source is cut into several tasks at the slices a local build reads, the same release")
     b.add_argument("--ray-task-timeout", metavar="SECONDS", type=float,
                    help="--engine ray: fail the build when no task of the cluster finishes for this long (default 3600)")
