@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from mmrecipe import load_recipe
 from mmrecipe.recipe import resolve
 from mmrecipe.sources.read import read_slices
-from mmrecipe.sources.units import cut_units, read_unit
+from mmrecipe.errors import SourceError
+from mmrecipe.sources.units import cut_units, cuttable, read_unit
 
 record = st.fixed_dictionaries({"question": st.text(max_size=30), "answer": st.text(min_size=1, max_size=80)},
                                optional={"extra": st.integers()})
@@ -41,18 +42,17 @@ def test_units_read_in_turn_are_the_local_slices(tmp_path_factory, files, rows, 
     folder = tmp_path_factory.mktemp("units")
     source = _source(folder, files, fmt)
     want = list(read_slices(source, rows))
-    units = cut_units(source, rows, budget)
-    if units is None:  # one unit: read as today
-        assert sum(1 for lines in files if lines) == 1
-        return
+    assert cuttable(source)
+    units = list(cut_units(source, rows, budget))
     got = [frame for unit in units for frame in read_unit(source, unit, rows)]
-    assert len(got) == len(want) > 1
+    assert len(got) == len(want) >= len(units) >= 1
     for a, b in zip(got, want):
         assert a.equals(b)
     assert [u.row for u in units] == [sum(u.records for u in units[:k]) for k in range(len(units))]
     assert sum(u.records for u in units) == sum(f.height for f in want)
     for unit in units:
         assert unit.bytes <= budget or unit.slices == 1
+        assert unit.slices >= 1
     assert sum(u.bytes for u in units) <= sum(p.stat().st_size for p in source.files)
 
 
@@ -60,8 +60,8 @@ def test_a_big_source_is_cut_within_its_budget(tmp_path):
     files = [[({"question": f"q{i}", "answer": "a" * (i % 50 + 1)}, "\n") for i in range(3000)]]
     source = _source(tmp_path, files)
     size = source.files[0].stat().st_size
-    units = cut_units(source, 100, size // 5)
-    assert units is not None and 5 <= len(units) <= 8
+    units = list(cut_units(source, 100, size // 5))
+    assert 5 <= len(units) <= 8
     assert all(u.bytes <= size // 5 for u in units) and sum(u.bytes for u in units) == size
     assert all(u.slices >= 1 and u.offset > 0 for u in units[1:])
     frames = [f for u in units for f in read_unit(source, u, 100)]
@@ -69,14 +69,27 @@ def test_a_big_source_is_cut_within_its_budget(tmp_path):
 
 
 @pytest.mark.parametrize("fmt, tail", [("jsonl", '{"question": [1}\n'), ("json", ', {"question": "q"}]')])
-def test_a_file_the_splitter_refuses_is_read_whole(tmp_path, fmt, tail):
-    """Its error (naming the file's line) is then the one the whole read gives."""
-    files = [[({"question": "q", "answer": "a"}, "\n")] * 50]
+def test_the_units_of_a_file_the_splitter_refuses_end_in_its_error(tmp_path, fmt, tail):
+    """Units up to the slice it refuses, then the rest of the source: read in turn, the
+    same slices and then the same error (naming the file's line) as the whole read."""
+    files = [[({"question": "q", "answer": "a"}, "\n")] * 50, [({"question": "q2", "answer": "a2"}, "\n")] * 5]
     source = _source(tmp_path, files, fmt)
-    assert cut_units(source, 5, 100) is not None
     with source.files[0].open("a") as f:
         f.write(tail)
-    assert cut_units(source, 5, 100) is None
+
+    def frames_then_error(frames):
+        out = []
+        with pytest.raises(SourceError) as e:
+            for frame in frames:
+                out.append(frame)
+        return out, str(e.value)
+
+    units = list(cut_units(source, 5, 100))
+    assert len(units) > 3 and units[-1].slices == -1 and all(u.slices >= 1 for u in units[:-1])
+    want, error = frames_then_error(read_slices(source, 5))
+    got, same = frames_then_error(f for unit in units for f in read_unit(source, unit, 5))
+    assert same == error and ("line 51:" in error if fmt == "jsonl" else "data after the closing" in error)
+    assert len(got) == len(want) == 10 and all(a.equals(b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("name, text, extra", [
@@ -89,4 +102,4 @@ def test_other_sources_are_one_unit(tmp_path, name, text, extra):
     recipe = tmp_path / "r.toml"
     recipe.write_text(small_recipe(f'name = "s"\npath = "{data}"\n{extra}layout = "qa"\n'
                                    'fields = { question = "question", answer = "answer" }'))
-    assert cut_units(resolve(load_recipe(recipe)).sources[0], 5, 10) is None
+    assert not cuttable(resolve(load_recipe(recipe)).sources[0])

@@ -50,7 +50,7 @@ from .sources.columns import Normalized
 from .sources.fields import as_text, require, resolve_rows, resolves_on_no_row
 from .sources.layouts import to_internal
 from .sources.read import read_all, read_slices
-from .sources.units import Unit, cut_units, read_unit
+from .sources.units import Unit, cut_units, cuttable, read_unit
 from .store import TokenStore, cache_dir, size_cap, source_key
 
 BATCH_ROWS = 8192
@@ -533,34 +533,34 @@ class _OnCluster:
         self.cluster, self.folder, self.threads, self.engine = cluster, folder, threads, tokenizer_engine
         self.unit_bytes = unit_bytes
         self.sent: dict[int, tuple[str, list[Unit] | None]] = {}  # source index → its key and units
-        self.cuts: dict[int, list[Unit] | None] = {}  # each source's units, cut once for every epoch
+        self.cuts: dict[int, list[Unit]] = {}  # each source's units, cut once for every epoch
         #: Per source tokenized on the cluster (by name, epoch included): its tasks' rows and bytes.
         self.tasks: dict[str, list[dict[str, int]]] = {}
 
-    def units(self, source: SourcePlan) -> list[Unit] | None:
-        if source.index not in self.cuts:
-            self.cuts[source.index] = cut_units(source, BATCH_ROWS, self.unit_bytes)
-        return self.cuts[source.index]
-
     def submit(self, plan: Plan, use: _StoreUse) -> None:
         """The tasks for each source without LLM stages (those run here) that the store lacks
-        (at the epoch `use` is at: a build submits once per epoch)."""
+        (at the epoch `use` is at: a build submits once per epoch); a source's units each
+        submitted as soon as it is cut, so that the cluster works while the driver cuts."""
         self.sent = {}
         for source in plan.sources:
             if source.lengthen is not None or source.generate is not None or use.stored(source):
                 continue
-            key, units = use.key(source), self.units(source)
-            if units is None:
+            key, named = use.key(source), use.named(source)
+            units: list[Unit] = []
+            if cuttable(source):
+                cut = self.cuts.get(source.index)
+                for n, unit in enumerate(cut_units(source, BATCH_ROWS, self.unit_bytes) if cut is None else cut):
+                    name = f"{key}/{n}"
+                    path = self.folder / f"{key}-{source.index}-{n}.tok"
+                    self.cluster.submit(name, tokenize_entry, plan, source.index, name, str(path), self.threads, self.engine,
+                                        use.epoch, unit, BATCH_ROWS, label=f"source '{named}' (work unit {n + 1}, rows {unit.row}..)")
+                    units.append(unit)
+                self.cuts[source.index] = units
+            if not units:  # read whole: not cut, or no records (the whole read's error)
                 path = self.folder / f"{key}-{source.index}.tok"
                 self.cluster.submit(key, tokenize_entry, plan, source.index, key, str(path), self.threads, self.engine,
-                                    use.epoch, None, BATCH_ROWS, label=f"source '{use.named(source)}'")
-            for n, unit in enumerate(units or []):
-                name = f"{key}/{n}"
-                path = self.folder / f"{key}-{source.index}-{n}.tok"
-                self.cluster.submit(name, tokenize_entry, plan, source.index, name, str(path), self.threads, self.engine,
-                                    use.epoch, unit, BATCH_ROWS,
-                                    label=f"source '{use.named(source)}' (work unit {n + 1} of {len(units)}, rows {unit.row}..)")
-            self.sent[source.index] = (key, units)
+                                    use.epoch, None, BATCH_ROWS, label=f"source '{named}'")
+            self.sent[source.index] = (key, units or None)
         self.cluster.start_bar()
 
     def load(self, compiler: Any, source: SourcePlan, use: _StoreUse, stages: LLMStages) -> list[str]:
