@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -67,8 +68,6 @@ def _task(name: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
             os._exit(1)
     hang = os.environ.get(HANG_ENV)
     while hang and Path(hang).is_dir():  # test-only hook (see HANG_ENV)
-        import time
-
         time.sleep(0.2)
     try:
         return fn(*args)
@@ -172,8 +171,6 @@ class Cluster:
         meanwhile, and their failures, each raised when its own result is asked for: errors
         come in the order the build asks, as the local engine's do). RayEngineError when
         the cluster goes away, or no task finishes for `timeout` seconds."""
-        import time
-
         last = time.monotonic()  # when a task last finished (or the wait began)
         while name not in self.done and name not in self.failed:
             if not self.pending:
