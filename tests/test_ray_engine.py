@@ -406,7 +406,7 @@ def test_a_task_that_never_returns_fails_the_build(cluster, tmp_path):
     _, _, hang = cluster
     hang.mkdir()  # armed: every task waits without end
     try:
-        with pytest.raises(RayEngineError, match=r"source '\w+': no task of the cluster finished in 2 s .*--ray-task-timeout"):
+        with pytest.raises(RayEngineError, match=r"source '\w+'( \(work unit \d+, rows \d+\.\.\))?: no task of the cluster finished in 2 s .*--ray-task-timeout"):
             build(DEMO, tmp_path / "out", progress=False, cache=False, engine="ray", ray_address=cluster[0], ray_task_timeout=2)
     finally:
         hang.rmdir()
@@ -434,7 +434,7 @@ def test_a_cluster_that_goes_away_fails_the_build(cluster, tmp_path, monkeypatch
     monkeypatch.setattr(ray, "nodes", gone)
     hang.mkdir()
     try:
-        with pytest.raises(RayEngineError, match=r"source '\w+': the Ray cluster went away while it ran .*no release"):
+        with pytest.raises(RayEngineError, match=r"source '\w+'( \(work unit \d+, rows \d+\.\.\))?: the Ray cluster went away while it ran .*no release"):
             build(DEMO, tmp_path / "out", progress=False, cache=False, engine="ray", ray_address=cluster[0])
     finally:
         hang.rmdir()
