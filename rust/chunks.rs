@@ -572,8 +572,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mmrecipe-chunks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let long = "x".repeat(3 * READ_SIZE);
-        let good = format!("\u{feff}{{\"a\":1}}\n\n{{\"a\":2}}\r\n{{\"s\":\"{long}\"}}\n \n{{\"a\":4}}\n{{\"a\":5}}\n{{\"a\":6}}");
-        let array = format!("\u{feff}[{{\"a\":1}},\n\n{{\"a\":\n2}} ,{{\"s\":\"{long}\"}},\r\n{{\"a\":4}},{{\"a\":5}}\n,{{\"a\":6}}]");
+        let good =
+            format!("\u{feff}{{\"a\":1}}\n\n{{\"a\":2}}\r\n{{\"s\":\"{long}\"}}\n \n{{\"a\":4}}\n{{\"a\":5}}\n{{\"a\":6}}");
+        let array =
+            format!("\u{feff}[{{\"a\":1}},\n\n{{\"a\":\n2}} ,{{\"s\":\"{long}\"}},\r\n{{\"a\":4}},{{\"a\":5}}\n,{{\"a\":6}}]");
         let cases = [
             (false, good.clone()),
             (false, format!("{good}\n\n{{\"a\": [1}}\n{{\"a\":8}}\n")),
