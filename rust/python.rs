@@ -101,6 +101,13 @@ struct BatchColumns<'py> {
     audio_path_offsets: Option<PyReadonlyArray1<'py, i64>>,
     #[pyo3(default)]
     audio_path_data: Option<PyReadonlyArray1<'py, u8>>,
+    /// Per sample, its video clips, as audio; absent without video.
+    #[pyo3(default)]
+    video_offsets: Option<PyReadonlyArray1<'py, i64>>,
+    #[pyo3(default)]
+    video_path_offsets: Option<PyReadonlyArray1<'py, i64>>,
+    #[pyo3(default)]
+    video_path_data: Option<PyReadonlyArray1<'py, u8>>,
 }
 
 impl BatchColumns<'_> {
@@ -120,6 +127,10 @@ impl BatchColumns<'_> {
             fields: self.fields.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?,
             audio: match (&self.audio_offsets, &self.audio_path_offsets, &self.audio_path_data) {
                 (Some(a), Some(o), Some(d)) => Some((a.as_slice()?, str_col(o, d)?)),
+                _ => None,
+            },
+            video: match (&self.video_offsets, &self.video_path_offsets, &self.video_path_data) {
+                (Some(v), Some(o), Some(d)) => Some((v.as_slice()?, str_col(o, d)?)),
                 _ => None,
             },
         })
@@ -237,6 +248,15 @@ impl PyCompiler {
             audio_path_offsets,
             audio_path_data,
             audio_samples,
+            video_offsets,
+            video_positions,
+            video_lengths,
+            video_path_offsets,
+            video_path_data,
+            video_grid_t,
+            video_grid_h,
+            video_grid_w,
+            video_frames,
         ))
     }
 

@@ -32,6 +32,10 @@ class _BatchColumns(TypedDict):
     audio_offsets: NotRequired[npt.NDArray[np.int64]]
     audio_path_offsets: NotRequired[npt.NDArray[np.int64]]
     audio_path_data: NotRequired[npt.NDArray[np.uint8]]
+    #: Per sample, its video clips, as audio; none given: the source has no video.
+    video_offsets: NotRequired[npt.NDArray[np.int64]]
+    video_path_offsets: NotRequired[npt.NDArray[np.int64]]
+    video_path_data: NotRequired[npt.NDArray[np.uint8]]
     #: (offsets, bytes) per template field, in the plan's field order.
     fields: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]]
 
@@ -139,7 +143,9 @@ class Compiler:
         image_lengths, image_grid_t, image_grid_h, image_grid_w and the strings
         (image_path_offsets, image_path_data); its audio runs audio_offsets[r]..[r+1] of
         audio_positions, audio_lengths, audio_samples and the strings (audio_path_offsets,
-        audio_path_data), empty without audio."""
+        audio_path_data), empty without audio; its video runs video_offsets[r]..[r+1] of
+        video_positions, video_lengths, video_grid_t/h/w, video_frames and the strings
+        (video_path_offsets, video_path_data), empty without video."""
 
     def tokenizer_engine(self) -> tuple[str, str]:
         """The engine tokenizing this build ("fast" or "hf") and why it was chosen."""
