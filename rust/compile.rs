@@ -18,6 +18,7 @@ use crate::spill::{Record, Spill};
 use crate::tokenize::{Encoded, MediaCounts, TextTokenizer};
 use crate::video::{self, VideoInfo};
 use rayon::prelude::*;
+use tokenizers::AddedToken;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -189,7 +190,12 @@ impl Compiler {
             return Err(Error::plan("output.seq_len", "must be at least 2"));
         }
         let renderer = ChatRenderer::new(&plan.chat_template, plan.bos_token.as_deref(), plan.eos_token.as_deref())?;
-        let tk = TextTokenizer::from_file(tokenizer_path)?;
+        let mut tk = TextTokenizer::from_file(tokenizer_path)?;
+        if !plan.added_tokens.is_empty() {
+            // As HF's `add_special_tokens`: ids after the vocabulary's, in order.
+            let added: Vec<AddedToken> = plan.added_tokens.iter().map(|t| AddedToken::from(t.clone(), true)).collect();
+            tk.add_special_tokens(added).map_err(|e| Error::plan("model.added_tokens", e.to_string()))?;
+        }
         let image = plan.image.as_ref().map(|i| (i.placeholder.as_str(), i.token.as_str(), i.start.as_deref(), i.end.as_deref()));
         let aud = plan.audio.as_ref().map(|a| (a.placeholder.as_str(), a.token.as_str(), a.start.as_deref(), a.end.as_deref()));
         if let Some(a) = &plan.audio {

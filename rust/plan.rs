@@ -16,6 +16,9 @@ pub struct Plan {
     pub bos_token: Option<String>,
     #[serde(default)]
     pub eos_token: Option<String>,
+    /// `[model] added_tokens`: special tokens appended to the tokenizer as it is loaded.
+    #[serde(default)]
+    pub added_tokens: Vec<String>,
     #[serde(default)]
     pub image: Option<ImagePlan>,
     #[serde(default)]

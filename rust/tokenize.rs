@@ -710,7 +710,7 @@ mod tests {
                     prop_assert_eq!(&a.mask, &want.mask);
                     prop_assert_eq!(&a.images, &want.images);
                 }
-                let reference = fast.encode_reference(&rendered, &roles, (&counts, &[])).unwrap();
+                let reference = fast.encode_reference(&rendered, &roles, (&counts, &[], &[])).unwrap();
                 prop_assert_eq!(&reference.ids, &want.ids);
                 let image_tokens = want.ids.iter().filter(|&&i| i == 49152).count();
                 prop_assert_eq!(image_tokens, 3 * n);

@@ -63,6 +63,8 @@ __all__ = [
     "pack_lengths",
     "parse_replies",
     "release_columns",
+    "video_metadata",
+    "video_token_count",
     "tar_members",
     "tokenizer_engine",
 ]
@@ -186,6 +188,17 @@ def image_token_count(
     width: int, height: int, patch: int = 14, merge: int = 2, min_pixels: int = 3136, max_pixels: int = 1003520
 ) -> int:
     """Image tokens for an image of width × height under the Qwen2-VL rule."""
+
+def video_metadata(path: str | os.PathLike[str]) -> tuple[int, tuple[int, int], int, int, bool]:
+    """A clip's container metadata, no frame decoded: (frames, frame rate as (numerator,
+    denominator), coded width, coded height, turned a quarter by its display matrix).
+    ValueError naming the file when it cannot be read."""
+
+def video_token_count(
+    rule_json: str, frames: int, rate: tuple[int, int], width: int, height: int, quarter_turned: bool = False
+) -> tuple[int, list[int], int]:
+    """(tokens, [t, h, w] patch grid, frames sampled) of a clip under the video rule
+    `rule_json` (the core plan's `video`, JSON; placeholder and token optional)."""
 
 def pack_lengths(
     lengths: npt.NDArray[np.uint32],

@@ -178,6 +178,8 @@ def recipe_data(recipe: Recipe) -> dict[str, Any]:
     if d["output"].get("epochs") == 1:
         del d["output"]["epochs"]
     # Audio keys only where set: a recipe without audio has the manifest it had before.
+    if not d["model"].get("added_tokens"):
+        d["model"].pop("added_tokens", None)
     for medium in ("audio", "video"):  # likewise for video
         if d["model"].get(medium) is None:
             d["model"].pop(medium, None)

@@ -65,7 +65,9 @@ def settings(model: ModelFiles, image: ImageSpec | None, output: OutputSpec, aud
              video: VideoSpec | None = None) -> dict[str, Any]:
     """What shapes each sample's tokens: the chat template, its tokens, the image, audio
     and video rules and the output options (a build's plan, and `encode.ChatEncoder`'s)."""
-    return audio_settings(audio) | video_settings(video) | {
+    # Only with added tokens: the plan of every other recipe unchanged.
+    added = {"added_tokens": list(model.added_tokens)} if model.added_tokens else {}
+    return added | audio_settings(audio) | video_settings(video) | {
         "chat_template": model.chat_template,
         "bos_token": model.bos_token,
         "eos_token": model.eos_token,

@@ -58,6 +58,7 @@ CORE_INCLUDED = frozenset({
     "max_images",  # a sample with more images is dropped as it is added
     "audio",  # only with an audio rule (and such builds bypass the store: entries keep no audio runs)
     "video",  # likewise for video
+    "added_tokens",  # only when set: they give the tokenizer new ids
 })
 CORE_EXCLUDED = frozenset({
     "seq_len",  # checked by the entry itself: reused when every sample fits both lengths

@@ -168,7 +168,7 @@ def resolve(recipe: Recipe) -> Plan:
     """The plan of a checked recipe. Raises SourceError for a source file that is missing
     and TokenizerError for an unusable tokenizer folder."""
     folder = recipe.path.parent if recipe.path is not None else Path.cwd()
-    model = load_model(path_in(folder, recipe.model.tokenizer), recipe.model.chat_template)
+    model = load_model(path_in(folder, recipe.model.tokenizer), recipe.model.chat_template, tuple(recipe.model.added_tokens))
     written = [_source(recipe, folder, i, spec, f"source[{i}]") for i, spec in enumerate(recipe.source)]
     generated = [
         _generated(recipe, folder, len(written) + j, j, g) for j, g in enumerate(recipe.generate)

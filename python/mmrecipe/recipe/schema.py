@@ -87,6 +87,9 @@ class ModelSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     image: ImageSpec | None = None
     audio: AudioSpec | None = None
     video: VideoSpec | None = None
+    # Special tokens appended to the tokenizer as it is loaded (HF `add_special_tokens`, in
+    # order), e.g. a video model's <|video_pad|>, so that no tokenizer copy is needed.
+    added_tokens: list[str] = []
     # Which encoder turns text into ids: "fast" (the core's own byte-level BPE, for the
     # tokenizer shapes it knows), "hf" (HF tokenizers), or "auto" (fast where it applies).
     # The ids are the same either way, so it is not part of the release's identity.

@@ -145,6 +145,11 @@ def semantic_problems(r: Recipe) -> list[str]:
     p += _generate_problems(r, seen)
     p += _audio_problems(r)
     p += _video_problems(r)
+    seen_tokens: set[str] = set()
+    for j, token in enumerate(r.model.added_tokens):
+        if not token or token in seen_tokens:
+            p.append(f"model.added_tokens[{j}]: {token!r} is {'empty' if not token else 'listed twice'}")
+        seen_tokens.add(token)
     return p
 
 
