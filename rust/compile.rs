@@ -736,6 +736,49 @@ pub(crate) mod tests {
         assert_eq!(used.len(), 2);
     }
 
+    /// `<video>` runs through the whole pipeline: the recipe's added tokens in the
+    /// tokenizer, a placeholder put where the text has none, each run in its wrappers at
+    /// the recorded position, with the clip's grid and frames.
+    #[test]
+    fn video_runs_from_container_metadata() {
+        let clips = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/data/video/clips");
+        let names = ["ntsc-320x240.mp4", "rotated-128x72.mp4"];
+        let extra = r#", "added_tokens": ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>"],
+            "video": {"placeholder": "<video>", "token": "<|video_pad|>", "start": "<|vision_start|>", "end": "<|vision_end|>"}"#;
+        let mut p = plan(extra);
+        p.seq_len = 2048;
+        p.sources[0].video_root = Some(clips.to_string());
+        let c = cols(&[vec![(1, "<video>\nwhat is this?"), (2, "a gradient")], vec![(1, "and this?"), (2, "another one")]]);
+        let (offsets, mut data, mut ends) = (vec![0i64, 1, 2], Vec::new(), vec![0i64]);
+        for n in names {
+            data.extend_from_slice(n.as_bytes());
+            ends.push(data.len() as i64);
+        }
+        let mut b = batch(&c);
+        b.video = Some((&offsets, StrCol { offsets: &ends, data: &data }));
+        let mut comp = Compiler::new(p, TOKENIZER, 1, None).unwrap();
+        let tk = comp.tokenizer();
+        let (token, start, end) = (tk.video_token().unwrap(), tk.token_id("<|vision_start|>").unwrap(), tk.token_id("<|vision_end|>").unwrap());
+        assert_eq!((start, end, token), (49153, 49154, 49155)); // after the vocabulary, in order
+        assert_eq!(comp.add_batch(0, &b).unwrap(), 2);
+        comp.finish().unwrap();
+        let out = comp.emit(0, usize::MAX).unwrap();
+        assert_eq!(out.video_lengths.len(), 2);
+        let path_of = |k: usize| std::str::from_utf8(&out.video_path_data[out.video_path_offsets[k] as usize..out.video_path_offsets[k + 1] as usize]).unwrap();
+        for k in 0..2 {
+            let want = video::video_info(comp.plan().video.as_ref().unwrap(), &Path::new(clips).join(path_of(k))).unwrap();
+            let row = (0..out.row_offsets.len() - 1).find(|&r| out.video_offsets[r] as usize <= k && k < out.video_offsets[r + 1] as usize).unwrap();
+            let (pos, n) = (out.row_offsets[row] as usize + out.video_positions[k] as usize, out.video_lengths[k] as usize);
+            assert_eq!(n as u32, want.tokens);
+            assert_eq!([out.video_grid_t[k], out.video_grid_h[k], out.video_grid_w[k]], want.grid);
+            assert_eq!(out.video_frames[k], want.frames);
+            assert!(out.input_ids[pos..pos + n].iter().all(|&t| t == token));
+            assert_eq!((out.input_ids[pos - 1], out.input_ids[pos + n]), (start, end));
+            assert!(out.loss_mask[pos - 1..=pos + n].iter().all(|&m| m == 0));
+        }
+        assert_eq!(out.input_ids.iter().filter(|&&t| t == token).count(), out.video_lengths.iter().sum::<u32>() as usize);
+    }
+
     #[test]
     fn overlong_policies() {
         let long: String = "word ".repeat(80);

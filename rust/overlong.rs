@@ -430,5 +430,41 @@ mod tests {
                 prop_assert!(!mask[..max.min(n)].contains(&1) || images.iter().any(|r| (r.pos as usize) < max));
             }
         }
+
+        /// Image and video runs mixed, video runs in start/end wrappers: no run is cut, its
+        /// wrappers included, and each kind keeps exactly its runs before the cut.
+        #[test]
+        fn truncate_keeps_video_runs_whole_with_their_wrappers(
+            mask in prop::collection::vec(0u8..2, 4..200),
+            runs in prop::collection::vec((1u32..180, 1u32..20, any::<bool>()), 0..5),
+            max in 1usize..200,
+        ) {
+            let n = mask.len() as u32;
+            // Each run with one token of room either side (the wrappers), none overlapping.
+            let mut spans: Vec<(u32, u32, bool)> = runs.into_iter()
+                .map(|(p, l, video)| (p.min(n - 3) + 1, l.min(n - 2 - (p.min(n - 3) + 1)).max(1), video))
+                .filter(|&(p, l, _)| p + l < n)
+                .collect();
+            spans.sort_by_key(|r| r.0);
+            spans.dedup_by(|b, a| b.0 <= a.0 + a.1 + 1);
+            let mut mask = mask;
+            for &(p, l, _) in &spans { for k in p - 1..p + l + 1 { mask[k as usize] = 0; } }
+            let run = |&(pos, len, _): &(u32, u32, bool)| ImageRun { pos, len };
+            let images: Vec<ImageRun> = spans.iter().filter(|r| !r.2).map(run).collect();
+            let videos: Vec<ImageRun> = spans.iter().filter(|r| r.2).map(run).collect();
+            let mut enc = Encoded { ids: vec![7; n as usize], mask, offsets: vec![(0, 0); n as usize], images: images.clone(), videos: videos.clone(), ..Default::default() };
+            if truncate_media(&mut enc, max, [(false, false), (false, false), (true, true)]) {
+                let cut = enc.ids.len() as u32;
+                prop_assert!(cut as usize <= max && enc.mask.contains(&1));
+                for r in &videos {
+                    prop_assert!(r.pos + r.len + 1 <= cut || r.pos - 1 >= cut, "cut {} inside video run {:?}", cut, r);
+                }
+                for r in &images {
+                    prop_assert!(r.pos + r.len <= cut || r.pos >= cut, "cut {} inside image run {:?}", cut, r);
+                }
+                prop_assert_eq!(enc.videos.len(), videos.iter().filter(|r| r.pos + r.len < cut).count());
+                prop_assert_eq!(enc.images.len(), images.iter().filter(|r| r.pos + r.len <= cut).count());
+            }
+        }
     }
 }
