@@ -747,6 +747,7 @@ pub(crate) mod tests {
             "video": {"placeholder": "<video>", "token": "<|video_pad|>", "start": "<|vision_start|>", "end": "<|vision_end|>"}"#;
         let mut p = plan(extra);
         p.seq_len = 2048;
+        p.sources.truncate(1);
         p.sources[0].video_root = Some(clips.to_string());
         let c = cols(&[vec![(1, "<video>\nwhat is this?"), (2, "a gradient")], vec![(1, "and this?"), (2, "another one")]]);
         let (offsets, mut data, mut ends) = (vec![0i64, 1, 2], Vec::new(), vec![0i64]);

@@ -110,6 +110,36 @@ def test_metadata_matches_pyav(path):
     assert turned == (rotation % 180 != 0)
 
 
+def encode_clip(path: Path, fmt: str, codec: str, frames: int = 10, rate: int = 12) -> Path:
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 20 % 256, np.uint8), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def test_mov_metadata_matches_pyav(tmp_path):
+    path = encode_clip(tmp_path / "a.mov", "mov", "libx264", frames=17, rate=12)
+    frames, (num, den), width, height, _ = _core.video_metadata(path)
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        assert (frames, Fraction(num, den), width, height) == (stream.frames, stream.average_rate, 64, 48) == (17, 12, 64, 48)
+
+
+def test_matroska_is_refused_by_name(tmp_path):
+    """WebM and Matroska keep no frame count in their headers (FFmpeg reports 0 frames, so
+    the processor cannot sample them by fps either): a clear error naming the file."""
+    path = encode_clip(tmp_path / "a.mkv", "matroska", "libx264")
+    with pytest.raises(ValueError, match=r"cannot read video .*a.mkv: not an MP4 or MOV file"):
+        _core.video_metadata(path)
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].frames == 0
+
+
 def test_fixture_clips_cover_the_cases():
     metas = [_core.video_metadata(p) for p in CLIPS]
     assert len(CLIPS) == 5 and any(m[4] for m in metas)  # one turned clip
