@@ -200,7 +200,7 @@ pub fn read_header(path: &Path) -> std::result::Result<Header, String> {
         .ok_or_else(|| cannot("no video track".into()))?;
     let stbl = &trak.mdia.minf.stbl;
     let frames = stbl.stsz.sample_count as u64;
-    if frames == 0 && !moov.mvex.is_none() {
+    if frames == 0 && moov.mvex.is_some() {
         return Err(cannot("a fragmented MP4 (its frames are listed in fragments, which the reader does not count)".into()));
     }
     let timescale = trak.mdia.mdhd.timescale as u64;
