@@ -147,3 +147,336 @@ def test_spaced_frames_equal_qwen2_5_vl_get_rope_index(qwen2_5_vl, segments, sec
                 video_grid_thw=torch.tensor(vids).reshape(-1, 3) if vids else None, second_per_grid_ts=per)[0][:, 0].numpy()
             assert np.array_equal(got[1:, at : at + n], expected)
         at += n
+
+
+# -- releases with videos ---------------------------------------------------------------
+
+import functools  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+av = pytest.importorskip("av")
+pytest.importorskip("torchvision")  # transformers' video processors resize with it
+
+from mmrecipe import DataError, RecipeError  # noqa: E402
+from mmrecipe.release.format import AUDIO_COLUMNS, COLUMNS, FORMAT  # noqa: E402
+from mmrecipe.torch import IGNORE_INDEX, PackedDataset, dataloader  # noqa: E402
+
+VOCAB, IMAGE_ID = 64, 7
+VIDEO_ID = VOCAB - 2  # tiny_qwen2_vl's video token
+RULE = dict(rule="qwen2-vl", fps=2.0, min_frames=2, max_frames=8, min_pixels=3136, max_pixels=12544, patch=14, merge=2,
+            temporal_patch=2, token="<|video_pad|>", token_id=VIDEO_ID)
+IMAGE_RULE = dict(token="<image>", patch=14, merge=2, min_pixels=3136, max_pixels=12544)
+# (frames, fps, width, height) of the clips the releases hold: 2 to 8 frames sampled,
+# one to four 56-pixel squares a side.
+CLIPS = [(4, 4, 64, 48), (12, 6, 96, 64), (10, 2, 48, 96), (20, 10, 128, 80), (7, 3, 56, 56)]
+VIDEO_COLUMNS = [("video_positions", pa.uint32()), ("video_lengths", pa.uint32()), ("video_paths", pa.string()),
+                 ("video_grid_t", pa.uint32()), ("video_grid_h", pa.uint32()), ("video_grid_w", pa.uint32()),
+                 ("video_frames", pa.uint32())]
+
+
+def write_clip(path: Path, frames: int, fps: int, width: int, height: int, seed: int) -> None:
+    """An MPEG-4 clip of random frames (each frame differs, so frame order shows)."""
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def reference_video_processor(**settings):
+    """transformers' own pipeline from the file: it decodes the clip with PyAV and samples
+    its frames at the rule's fps itself."""
+    from transformers import Qwen2VLVideoProcessor
+
+    rule = {**RULE, **settings}
+    return Qwen2VLVideoProcessor(patch_size=rule["patch"], merge_size=rule["merge"], temporal_patch_size=rule["temporal_patch"],
+                                 min_pixels=rule["min_pixels"], max_pixels=rule["max_pixels"], cap_pixels_per_frame=False,
+                                 do_sample_frames=False)
+
+
+def reference_inputs(paths: list[Path], **settings) -> dict:
+    """transformers' own pipeline from the files: its PyAV reader decodes each clip at the
+    frames its processor's sample_frames picks (the rule's fps), then the processor."""
+    from transformers.video_utils import load_video
+
+    processor = reference_video_processor(**settings)
+    rule = {**RULE, **settings}
+    sample = functools.partial(processor.sample_frames, fps=rule["fps"], min_frames=rule["min_frames"],
+                               max_frames=rule["max_frames"], temporal_patch_size=rule["temporal_patch"])
+    loaded = [load_video(str(p), backend="pyav", sample_indices_fn=lambda metadata, **_: sample(metadata)) for p in paths]
+    out = processor(videos=[v for v, _ in loaded], video_metadata=[m for _, m in loaded], do_sample_frames=False,
+                    return_tensors="pt")
+    return {**out, "frames": [len(m.frames_indices) for _, m in loaded]}
+
+
+def reference_clip(path: Path) -> tuple[tuple[int, int, int], int]:
+    """The grid and the sampled frame count transformers gives the clip at `path`."""
+    out = reference_inputs([path])
+    return tuple(int(x) for x in out["video_grid_thw"][0]), out["frames"][0]
+
+
+def reference_image(path: Path) -> tuple[int, int, int]:
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    p = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, min_pixels=IMAGE_RULE["min_pixels"], max_pixels=IMAGE_RULE["max_pixels"])
+    return tuple(int(x) for x in p(images=[Image.open(path).convert("RGB")], return_tensors="pt")["image_grid_thw"][0])
+
+
+def media(folder: Path) -> dict[str, tuple]:
+    """Clips and images in `folder`: name -> (kind, grid, frames)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    found = {}
+    for k, (frames, fps, w, h) in enumerate(CLIPS):
+        write_clip(folder / f"c{k}.mp4", frames, fps, w, h, seed=k)
+        found[f"c{k}.mp4"] = (VIDEO, *reference_clip(folder / f"c{k}.mp4"))
+    rng = np.random.default_rng(0)
+    for k, (w, h) in enumerate([(60, 40), (90, 120), (56, 56)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"i{k}.png")
+        found[f"i{k}.png"] = (IMAGE, reference_image(folder / f"i{k}.png"), 1)
+    return found
+
+
+def tokens(grid, merge=2) -> int:
+    return grid[0] * grid[1] * grid[2] // merge**2
+
+
+def write_release(out: Path, rows: list[list[list]], found: dict[str, tuple], root: Path, *, images: bool = True) -> Path:
+    """A release of packed rows: each row a list of segments, each segment a list of
+    pieces, an int (that many text tokens, the response the second half) or a media name
+    (its run). Columns and manifest as a video build writes them."""
+    rng = np.random.default_rng(1)
+    cols = {c.name: [] for c in COLUMNS + AUDIO_COLUMNS if c.name not in {a.name for a in AUDIO_COLUMNS}}
+    cols.update({name: [] for name, _ in VIDEO_COLUMNS})
+    for r, row in enumerate(rows):
+        ids, mask, seg_lengths, per_seg_images = [], [], [], []
+        img, vid = {k: [] for k in ("positions", "lengths", "paths", "t", "h", "w")}, {k: [] for k in
+                   ("positions", "lengths", "paths", "t", "h", "w", "frames")}
+        for segment in row:
+            start, n_images = len(ids), 0
+            for piece in segment:
+                if isinstance(piece, int):
+                    ids += rng.integers(10, 50, piece).tolist()
+                    mask += [0] * (piece // 2) + [1] * (piece - piece // 2)
+                    continue
+                kind, grid, frames = found[piece]
+                at = img if kind == IMAGE else vid
+                at["positions"].append(len(ids))
+                at["lengths"].append(tokens(grid))
+                at["paths"].append(piece)
+                for axis, g in zip("thw", grid):
+                    at[axis].append(g)
+                if kind == VIDEO:
+                    at["frames"].append(frames)
+                else:
+                    n_images += 1
+                ids += [IMAGE_ID if kind == IMAGE else VIDEO_ID] * tokens(grid)
+                mask += [0] * tokens(grid)
+            seg_lengths.append(len(ids) - start)
+            per_seg_images.append(n_images)
+        n = len(seg_lengths)
+        for name, values in [("input_ids", ids), ("loss_mask", mask), ("segment_lengths", seg_lengths),
+                             ("segment_source", [0] * n), ("segment_row", list(range(10 * r, 10 * r + n))),
+                             ("segment_part", [0] * n), ("segment_template", [-1] * n), ("segment_repeat", [0] * n),
+                             ("segment_images", per_seg_images), ("image_positions", img["positions"]),
+                             ("image_lengths", img["lengths"]), ("image_paths", img["paths"]), ("image_grid_t", img["t"]),
+                             ("image_grid_h", img["h"]), ("image_grid_w", img["w"])]:
+            cols[name].append(values)
+        for name, _ in VIDEO_COLUMNS:
+            cols[name].append(vid[name.removeprefix("video_").replace("grid_", "")])
+    types = {c.name: c.type for c in COLUMNS} | dict(VIDEO_COLUMNS)
+    table = pa.table({name: pa.array(v, type=pa.list_(types[name])) for name, v in cols.items()})
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out / "data" / "part-00000.parquet")
+    recipe = {"model": {"video": RULE, **({"image": IMAGE_RULE} if images else {})},
+              "source": [{"name": "clips", "path": str(root / "clips.jsonl")}]}
+    manifest = {"format": FORMAT, "mmrecipe_version": "0.1.0", "name": "videos", "version": "1", "seed": 0, "recipe": recipe,
+                "inputs": [], "sources": ["clips"], "chat_template": "", "seq_len": 4096, "pad_token_id": 0,
+                "shards": [{"path": "data/part-00000.parquet", "sha256": "", "sequences": len(rows),
+                            "tokens": sum(len(x) for x in cols["input_ids"])}],
+                "totals": {}, "video": RULE, "video_roots": {"clips": str(root)}}
+    if images:
+        manifest.update(image_roots={"clips": str(root)}, image={**IMAGE_RULE, "token_id": IMAGE_ID})
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+ROWS = [
+    [[6, "c0.mp4", 9], [4, "i0.png", 3, "c1.mp4", 8], [5, 7]],
+    [["c3.mp4", 6, "c2.mp4", 5], [3, "i1.png", "c4.mp4", 6]],
+    [[7, "i2.png", 4, "c1.mp4", 5, "i0.png", 6]],
+]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("media")
+    return folder, media(folder)
+
+
+@pytest.fixture(scope="module")
+def release(clips, tmp_path_factory):
+    folder, found = clips
+    return write_release(tmp_path_factory.mktemp("release") / "r", ROWS, found, folder)
+
+
+def test_the_generated_clips_sample_several_frames_and_grids(clips):
+    _, found = clips
+    grids = [g for kind, g, _ in found.values() if kind == VIDEO]
+    assert len(grids) == len(CLIPS) and all(t >= 1 and h >= 4 and w >= 4 for t, h, w in grids)
+    assert {t for t, _, _ in grids} == {1, 2, 4}  # 2, 4 and 8 frames sampled
+
+
+@given(st.integers(1, 400), st.sampled_from([1, 2, 3, 4.5, 10, 23.976, 25, 29.97, 30, 60]),
+       st.sampled_from([0.5, 1.0, 2.0, 3.0]), st.integers(1, 8), st.integers(2, 64), st.sampled_from([1, 2]))
+def test_sampled_frames_equal_qwen2vl_video_processor_sample_frames(frames, fps, rate, low, high, tp):
+    from transformers import Qwen2VLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    from mmrecipe.loader.video import ClipInfo, VideoRule, sampled_indices
+
+    rule = VideoRule(VIDEO_ID, rate, low, max(low, high), 3136, 12544, 14, 2, tp)
+    info = ClipInfo(frames, float(fps), 56, 56)
+    p = Qwen2VLVideoProcessor()
+    try:
+        expected = p.sample_frames(VideoMetadata(total_num_frames=frames, fps=float(fps)), temporal_patch_size=tp,
+                                   min_frames=low, max_frames=max(low, high), fps=rate).numpy()
+    except (ValueError, ZeroDivisionError):
+        expected = None
+    if expected is None or len(expected) == 0:
+        with pytest.raises((ValueError, ZeroDivisionError)):
+            sampled_indices(info, rule)
+        return
+    got = sampled_indices(info, rule)
+    assert len(got) > 0 and len(got) % tp == 0
+    assert np.array_equal(got, expected)
+
+
+def video_paths(batch, folder: Path) -> list[Path]:
+    rows = [batch.videos] if batch["input_ids"].shape[0] == 1 and batch.videos and isinstance(batch.videos[0], dict) else batch.videos
+    return [folder / Path(rec["path"]).name for row in rows for rec in row]
+
+
+def test_loader_video_inputs_equal_transformers_own_pipeline(release, clips):
+    folder, found = clips
+    loader = dataloader(release, batch_size=3, video_processor="qwen2-vl", image_processor="qwen2-vl")
+    batch = next(iter(loader))
+    paths = video_paths(batch, folder)
+    assert [p.name for p in paths] == ["c0.mp4", "c1.mp4", "c3.mp4", "c2.mp4", "c4.mp4", "c1.mp4"]
+    expected = reference_inputs(paths)
+    assert batch["pixel_values_videos"].shape[0] > 0
+    assert torch.equal(batch["pixel_values_videos"], expected["pixel_values_videos"])
+    assert torch.equal(batch["video_grid_thw"], expected["video_grid_thw"])
+    assert [rec["frames"] for row in batch.videos for rec in row] == expected["frames"]
+    ids, types = batch["input_ids"], batch["mm_token_type_ids"]
+    assert torch.equal(types == 2, ids == VIDEO_ID) and torch.equal(types == 1, ids == IMAGE_ID) and (types == 2).any()
+    assert batch["position_ids"].shape == (4,) + ids.shape
+
+
+def test_video_positions_equal_the_models_get_rope_index_per_segment(release, qwen2_vl):
+    batch = dataloader(release, batch_size=3, video_processor="qwen2-vl", image_processor="qwen2-vl").collate_fn(
+        [PackedDataset(release)[i] for i in range(3)])
+    pos, igrid, vgrid = batch["position_ids"], batch["image_grid_thw"], batch["video_grid_thw"]
+    img_at = vid_at = checked = 0
+    for r, (images, videos) in enumerate(zip(batch.images, batch.videos)):
+        seg = batch.segment_ids[r]
+        for s in [int(x) for x in seg.unique() if x > 0]:
+            where = seg == s
+            ids, types = batch["input_ids"][r][where][None], batch["mm_token_type_ids"][r][where][None]
+            mine_i = [k for k, rec in enumerate(images) if seg[rec["position"]] == s]
+            mine_v = [k for k, rec in enumerate(videos) if seg[rec["position"]] == s]
+            if mine_i or mine_v:
+                expected, _ = qwen2_vl.model.get_rope_index(
+                    ids, types, image_grid_thw=igrid[img_at + mine_i[0] : img_at + mine_i[-1] + 1] if mine_i else None,
+                    video_grid_thw=vgrid[vid_at + mine_v[0] : vid_at + mine_v[-1] + 1] if mine_v else None)
+                assert torch.equal(pos[1:, r][:, where], expected[:, 0])
+                checked += bool(mine_v)
+            else:
+                assert torch.equal(pos[1:, r][:, where], torch.arange(int(where.sum())).expand(3, -1))
+            assert torch.equal(pos[0, r][where], torch.arange(int(where.sum())))
+        img_at, vid_at = img_at + len(images), vid_at + len(videos)
+    assert checked == 5  # every segment with a video
+
+
+def test_positions_without_a_video_processor_come_from_the_release(release):
+    rows = [PackedDataset(release)[i] for i in range(3)]
+    with_frames = dataloader(release, video_processor="qwen2-vl", image_processor="qwen2-vl").collate_fn(rows)
+    without = dataloader(release).collate_fn(rows)
+    assert "pixel_values_videos" not in without and "pixel_values" not in without
+    assert torch.equal(without["position_ids"], with_frames["position_ids"])
+    assert torch.equal(without["mm_token_type_ids"], with_frames["mm_token_type_ids"])
+
+
+def test_worker_batches_equal_in_process_ones(release):
+    kwargs = dict(batch_size=1, video_processor="qwen2-vl", image_processor="qwen2-vl")
+    here = list(dataloader(release, **kwargs))
+    there = list(dataloader(release, num_workers=2, **kwargs))
+    assert len(here) == len(there) == 3
+    for a, b in zip(here, there):
+        assert a.rows == b.rows and a.videos == b.videos and set(a) == set(b)
+        for key in a:
+            assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]
+
+
+def test_a_processor_with_other_settings_is_a_recipe_error_naming_the_clip(release):
+    with pytest.raises(RecipeError, match=r"release row 0: the video processor gives .*c0\.mp4 the grid 1x\d+x\d+ .*"
+                                          r"the release recorded 1x4x4 \(4 tokens\).*min_pixels = 3136") as err:
+        dataloader(release, video_processor=reference_video_processor(min_pixels=4 * 12544))
+    assert err.value.key == "model.video"
+
+
+def test_a_clip_sampled_otherwise_than_the_release_counted_is_a_data_error(clips, tmp_path):
+    folder, found = clips
+    changed = {**found, "c0.mp4": (VIDEO, found["c0.mp4"][1], 4)}
+    out = write_release(tmp_path / "r", ROWS, changed, folder)
+    with pytest.raises(DataError, match=r"release row 0: .*c0\.mp4 samples 2 frames \(4 frames at 4 fps\), the release counted 4"):
+        dataloader(out, video_processor="qwen2-vl")
+
+
+def test_unreadable_clips_name_the_row_and_file_or_skip_the_row(release, clips, tmp_path):
+    import shutil
+
+    folder, _ = clips
+    moved = tmp_path / "media"
+    shutil.copytree(folder, moved)
+    (moved / "c3.mp4").write_bytes(b"not a video at all")
+    (moved / "c4.mp4").unlink()
+    ds = PackedDataset(release)
+    loader = dataloader(release, video_processor="qwen2-vl", video_roots={"clips": moved})
+    with pytest.raises(DataError, match=r"release row 1 \(segment 0: source 'clips', row 10\): cannot read video .*c3\.mp4") as err:
+        loader.collate_fn([ds[0], ds[1]])
+    assert (err.value.source, err.value.row, err.value.field) == ("clips", 10, "video")
+    skip = dataloader(release, video_processor="qwen2-vl", video_roots={"clips": moved}, on_missing_video="skip_row")
+    batch = skip.collate_fn([ds[0], ds[1], ds[2]])
+    assert batch.skipped == [1] and batch.rows == [0, 2]
+    assert [Path(r["path"]).name for row in batch.videos for r in row] == ["c0.mp4", "c1.mp4", "c1.mp4"]
+    assert batch["video_grid_thw"].shape == (3, 3)
+
+
+def test_a_video_processor_on_a_release_without_videos_is_refused(demo_release):
+    with pytest.raises(ValueError, match="no video rule"):
+        dataloader(demo_release, video_processor="qwen2-vl")
+
+
+def test_a_plain_callable_gets_the_sampled_frames(release, clips):
+    seen = []
+
+    def frames(videos):  # uint8 [n, H, W, 3] arrays of the sampled frames
+        seen.extend(v.shape for v in videos)
+        return torch.zeros(sum(v.shape[0] for v in videos), 3)
+
+    batch = dataloader(release, video_processor=frames).collate_fn([PackedDataset(release)[0]])
+    _, found = clips
+    assert seen and seen[-2:] == [(found["c0.mp4"][2], 48, 64, 3), (found["c1.mp4"][2], 64, 96, 3)]
+    assert batch["video_grid_thw"].tolist() == [list(found["c0.mp4"][1]), list(found["c1.mp4"][1])]
