@@ -480,3 +480,56 @@ def test_a_plain_callable_gets_the_sampled_frames(release, clips):
     _, found = clips
     assert seen and seen[-2:] == [(found["c0.mp4"][2], 48, 64, 3), (found["c1.mp4"][2], 64, 96, 3)]
     assert batch["video_grid_thw"].tolist() == [list(found["c0.mp4"][1]), list(found["c1.mp4"][1])]
+
+
+# -- the model's own forward ------------------------------------------------------------
+
+
+def segments_alone(model, batch) -> tuple[float, int]:
+    """Summed token loss and token count of every packed sample run alone, unpacked, with
+    the model's defaults and only its own images and videos (the model then computes its
+    mRoPE positions itself)."""
+    pixels, igrid = batch["pixel_values"], batch["image_grid_thw"]
+    videos, vgrid = batch["pixel_values_videos"], batch["video_grid_thw"]
+    iends, vends = [0] + igrid.prod(-1).cumsum(0).tolist(), [0] + vgrid.prod(-1).cumsum(0).tolist()
+    total, count, img_at, vid_at = 0.0, 0, 0, 0
+    for r, (images, clips) in enumerate(zip(batch.images, batch.videos)):
+        seg = batch.segment_ids[r]
+        for s in [int(x) for x in seg.unique() if x > 0]:
+            where = seg == s
+            ids, labels = batch["input_ids"][r][where][None], batch["labels"][r][where][None]
+            kwargs = {"mm_token_type_ids": (ids == IMAGE_ID).long() + 2 * (ids == VIDEO_ID).long()}
+            mine = [img_at + k for k, rec in enumerate(images) if seg[rec["position"]] == s]
+            if mine:
+                kwargs.update(pixel_values=pixels[iends[mine[0]] : iends[mine[-1] + 1]], image_grid_thw=igrid[mine[0] : mine[-1] + 1])
+            mine = [vid_at + k for k, rec in enumerate(clips) if seg[rec["position"]] == s]
+            if mine:
+                kwargs.update(pixel_values_videos=videos[vends[mine[0]] : vends[mine[-1] + 1]],
+                              video_grid_thw=vgrid[mine[0] : mine[-1] + 1])
+            with torch.no_grad():
+                loss = model(input_ids=ids, labels=labels, **kwargs).loss
+            n = int((labels[0, 1:] != IGNORE_INDEX).sum())
+            total, count = total + loss.item() * n, count + n
+        img_at, vid_at = img_at + len(images), vid_at + len(clips)
+    return total, count
+
+
+@pytest.mark.parametrize("form", [{}, {"flatten": True}, {"attention": "4d", "mask_dtype": torch.float64}])
+def test_packed_loss_with_videos_equals_the_samples_run_alone(release, qwen2_vl, form):
+    from test_vlm_models import float64_model
+
+    model = float64_model(qwen2_vl)
+    model.set_attn_implementation("eager" if form.get("attention") else "sdpa")
+    rows = [PackedDataset(release)[i] for i in range(3)]
+    padded = dataloader(release, video_processor="qwen2-vl", image_processor="qwen2-vl").collate_fn(rows)
+    total, count = segments_alone(model, padded)
+    assert count > 0 and padded.padding_mask.min() == 0 and padded["video_grid_thw"].shape[0] == 6
+    batch = dataloader(release, video_processor="qwen2-vl", image_processor="qwen2-vl", **form).collate_fn(rows)
+    with torch.no_grad():
+        packed = model(**batch).loss.item()
+        # The controls: the clips' pixels in another order, or the text positions on all
+        # four planes, change the loss, so the equality is no coincidence.
+        swapped = model(**{**batch, "pixel_values_videos": batch["pixel_values_videos"].flip(0)}).loss.item()
+        flat = model(**{**batch, "position_ids": batch["position_ids"][:1].expand(4, -1, -1)}).loss.item()
+    assert abs(packed - total / count) < 1e-9, (packed, total / count)
+    assert abs(swapped - total / count) > 1e-7 and abs(flat - total / count) > 1e-7
