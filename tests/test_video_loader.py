@@ -199,7 +199,9 @@ def reference_video_processor(**settings):
 
     rule = {**RULE, **settings}
     return Qwen2VLVideoProcessor(patch_size=rule["patch"], merge_size=rule["merge"], temporal_patch_size=rule["temporal_patch"],
-                                 min_pixels=rule["min_pixels"], max_pixels=rule["max_pixels"], cap_pixels_per_frame=False,
+                                 min_pixels=rule["min_pixels"], max_pixels=rule["max_pixels"],
+                                 cap_pixels_per_frame=rule.get("cap_pixels_per_frame", False),
+                                 max_video_tokens=rule.get("max_video_tokens", 128_000),
                                  do_sample_frames=False)
 
 
@@ -218,9 +220,9 @@ def reference_inputs(paths: list[Path], **settings) -> dict:
     return {**out, "frames": [len(m.frames_indices) for _, m in loaded]}
 
 
-def reference_clip(path: Path) -> tuple[tuple[int, int, int], int]:
+def reference_clip(path: Path, **settings) -> tuple[tuple[int, int, int], int]:
     """The grid and the sampled frame count transformers gives the clip at `path`."""
-    out = reference_inputs([path])
+    out = reference_inputs([path], **settings)
     return tuple(int(x) for x in out["video_grid_thw"][0]), out["frames"][0]
 
 
@@ -252,7 +254,8 @@ def tokens(grid, merge=2) -> int:
     return grid[0] * grid[1] * grid[2] // merge**2
 
 
-def write_release(out: Path, rows: list[list[list]], found: dict[str, tuple], root: Path, *, images: bool = True) -> Path:
+def write_release(out: Path, rows: list[list[list]], found: dict[str, tuple], root: Path, *, images: bool = True,
+                  rule: dict | None = None) -> Path:
     """A release of packed rows: each row a list of segments, each segment a list of
     pieces, an int (that many text tokens, the response the second half) or a media name
     (its run). Columns and manifest as a video build writes them."""
@@ -299,13 +302,14 @@ def write_release(out: Path, rows: list[list[list]], found: dict[str, tuple], ro
     table = pa.table({name: pa.array(v, type=pa.list_(types[name])) for name, v in cols.items()})
     (out / "data").mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out / "data" / "part-00000.parquet")
-    recipe = {"model": {"video": RULE, **({"image": IMAGE_RULE} if images else {})},
+    rule = rule or RULE
+    recipe = {"model": {"video": rule, **({"image": IMAGE_RULE} if images else {})},
               "source": [{"name": "clips", "path": str(root / "clips.jsonl")}]}
     manifest = {"format": FORMAT, "mmrecipe_version": "0.1.0", "name": "videos", "version": "1", "seed": 0, "recipe": recipe,
                 "inputs": [], "sources": ["clips"], "chat_template": "", "seq_len": 4096, "pad_token_id": 0,
                 "shards": [{"path": "data/part-00000.parquet", "sha256": "", "sequences": len(rows),
                             "tokens": sum(len(x) for x in cols["input_ids"])}],
-                "totals": {}, "video": RULE, "video_roots": {"clips": str(root)}}
+                "totals": {}, "video": rule, "video_roots": {"clips": str(root)}}
     if images:
         manifest.update(image_roots={"clips": str(root)}, image={**IMAGE_RULE, "token_id": IMAGE_ID})
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -346,7 +350,7 @@ def test_sampled_frames_equal_qwen2vl_video_processor_sample_frames(frames, fps,
 
     from mmrecipe.loader.video import ClipInfo, VideoRule, sampled_indices
 
-    rule = VideoRule(VIDEO_ID, rate, low, max(low, high), 3136, 12544, 14, 2, tp)
+    rule = VideoRule(VIDEO_ID, None, rate, low, max(low, high), 3136, 12544, 14, 2, tp)
     info = ClipInfo(frames, float(fps), 56, 56)
     p = Qwen2VLVideoProcessor()
     try:
@@ -533,3 +537,33 @@ def test_packed_loss_with_videos_equals_the_samples_run_alone(release, qwen2_vl,
         flat = model(**{**batch, "position_ids": batch["position_ids"][:1].expand(4, -1, -1)}).loss.item()
     assert abs(packed - total / count) < 1e-9, (packed, total / count)
     assert abs(swapped - total / count) > 1e-7 and abs(flat - total / count) > 1e-7
+
+
+def test_the_pixel_cap_per_frame_follows_the_rule(clips, tmp_path):
+    """With cap_pixels_per_frame, a small max_video_tokens shrinks the frames of clips
+    with many sampled frames: the loader's processor takes the cap from the release."""
+    folder, found = clips
+    cap = {"cap_pixels_per_frame": True, "max_video_tokens": 10}
+    capped = {name: (VIDEO, *reference_clip(folder / name, **cap)) if kind == VIDEO else (kind, grid, n)
+              for name, (kind, grid, n) in found.items()}
+    assert any(capped[n][1] != found[n][1] for n in capped)  # the cap changes some grid
+    out = write_release(tmp_path / "r", ROWS, capped, folder, rule={**RULE, **cap})
+    batch = dataloader(out, batch_size=3, video_processor="qwen2-vl").collate_fn([PackedDataset(out)[i] for i in range(3)])
+    expected = reference_inputs(video_paths(batch, folder), **cap)
+    assert torch.equal(batch["video_grid_thw"], expected["video_grid_thw"])
+    assert torch.equal(batch["pixel_values_videos"], expected["pixel_values_videos"])
+    with pytest.raises(RecipeError, match="cap_pixels_per_frame"):
+        dataloader(out, video_processor=reference_video_processor())
+
+
+def test_a_release_with_videos_and_no_image_rule_has_video_positions(clips, tmp_path):
+    folder, found = clips
+    out = write_release(tmp_path / "r", [[[5, "c1.mp4", 4], [3, "c0.mp4", "c2.mp4", 2]]], found, folder, images=False)
+    batch = dataloader(out, video_processor="qwen2-vl").collate_fn([PackedDataset(out)[0]])
+    assert batch["position_ids"].shape[0] == 4 and "pixel_values" not in batch
+    types = batch["mm_token_type_ids"][0]
+    assert int((types == 2).sum()) == sum(tokens(found[n][1]) for n in ("c1.mp4", "c0.mp4", "c2.mp4"))
+    first = batch.videos[0][0]
+    t, h, w = found["c1.mp4"][1]
+    run = batch["position_ids"][1:, 0, first["position"] : first["position"] + first["length"]]
+    assert run[0].unique().numel() == t and run[1].unique().numel() == h // 2 and run[2].unique().numel() == w // 2

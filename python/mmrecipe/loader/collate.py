@@ -133,11 +133,12 @@ class Collator:
         self.pad_token_id, self.flatten, self.pad_to = pad_token_id, flatten, pad_to
         self.attention, self.mask_dtype, self.images = attention, mask_dtype, images
         grid = rule is not None and rule.grid
-        self.mrope = bool(grid or (rule is None and video is not None)) if mrope is None else mrope
-        if self.mrope and (rule is not None and not rule.grid or rule is None and video is None):
+        grid_video = video is not None and video.rule.grid
+        self.mrope = bool(grid or (rule is None and grid_video)) if mrope is None else mrope
+        if self.mrope and (rule is not None and not rule.grid or rule is None and not grid_video):
             raise ValueError("mRoPE positions need a release with the grid image rule (model.image.patch/merge) or videos")
         # One spatial merge for the row's positions: the model has one.
-        merges = {m for m in (rule.merge if grid else None, video.rule.merge if video is not None else None) if m}
+        merges = {m for m in (rule.merge if grid else None, video.rule.merge if grid_video else None) if m}
         if len(merges) > 1:
             raise ValueError(f"model.image.merge and model.video.merge differ ({sorted(merges)}); a Qwen2-VL model merges both alike")
 
@@ -230,6 +231,7 @@ class Collator:
     def _positions(self, item, pos, grids_row, video_row) -> np.ndarray:
         if not self.mrope:
             return pos
+        video_row = [r for r in video_row if r["grid"] is not None]  # a fixed count's clips have no grid
         starts, grids, _ = vision_runs(
             np.asarray(item["image_positions"], dtype=np.int64), np.asarray(grids_row, np.int64).reshape(-1, 3),
             np.array([r["position"] for r in video_row], np.int64), np.array([r["grid"] for r in video_row], np.int64))

@@ -26,9 +26,12 @@ from .release_info import media_roots
 
 @dataclass(frozen=True)
 class VideoRule:
-    """`model.video` as built: Qwen2-VL's frame sampling and patch grid."""
+    """`model.video` as built: Qwen2-VL's frame sampling and patch grid (each frame's
+    pixels capped by an even share of `max_video_tokens` under `cap_pixels_per_frame`),
+    or a fixed `count` of tokens per clip (frames still sampled by fps; no grid)."""
 
     token_id: int | None
+    count: int | None
     fps: float
     min_frames: int
     max_frames: int
@@ -37,11 +40,18 @@ class VideoRule:
     patch: int
     merge: int
     temporal_patch: int
+    cap_pixels_per_frame: bool = False
+    max_video_tokens: int = 128_000
+
+    @property
+    def grid(self) -> bool:
+        return self.count is None
 
     def describe(self) -> str:
+        cap = f", cap_pixels_per_frame, max_video_tokens = {self.max_video_tokens}" if self.cap_pixels_per_frame else ""
         return (f"model.video: fps = {self.fps:g}, min_frames = {self.min_frames}, max_frames = {self.max_frames}, "
                 f"patch = {self.patch}, merge = {self.merge}, temporal_patch = {self.temporal_patch}, "
-                f"min_pixels = {self.min_pixels}, max_pixels = {self.max_pixels}")
+                f"min_pixels = {self.min_pixels}, max_pixels = {self.max_pixels}{cap}")
 
 
 def video_rule(raw: Mapping[str, Any]) -> VideoRule | None:
@@ -50,6 +60,7 @@ def video_rule(raw: Mapping[str, Any]) -> VideoRule | None:
         return None
     return VideoRule(
         token_id=video.get("token_id"),
+        count=video.get("count"),
         fps=float(video.get("fps", 2.0)),
         min_frames=int(video.get("min_frames", 4)),
         max_frames=int(video.get("max_frames", 768)),
@@ -58,6 +69,8 @@ def video_rule(raw: Mapping[str, Any]) -> VideoRule | None:
         patch=int(video.get("patch", 14)),
         merge=int(video.get("merge", 2)),
         temporal_patch=int(video.get("temporal_patch", 2)),
+        cap_pixels_per_frame=bool(video.get("cap_pixels_per_frame", False)),
+        max_video_tokens=int(video.get("max_video_tokens", 128_000)),
     )
 
 
@@ -133,9 +146,9 @@ def _named(name: str, rule: VideoRule) -> Any:
     if name == "qwen2-vl":
         from transformers import Qwen2VLVideoProcessor
 
-        # The pixel cap per frame of newer processors is not part of the rule the build counts.
         return Qwen2VLVideoProcessor(patch_size=rule.patch, merge_size=rule.merge, temporal_patch_size=rule.temporal_patch,
-                                     min_pixels=rule.min_pixels, max_pixels=rule.max_pixels, cap_pixels_per_frame=False)
+                                     min_pixels=rule.min_pixels, max_pixels=rule.max_pixels,
+                                     cap_pixels_per_frame=rule.cap_pixels_per_frame, max_video_tokens=rule.max_video_tokens)
     from transformers import AutoProcessor, AutoVideoProcessor
 
     try:
@@ -200,8 +213,10 @@ def video_records(item: dict[str, Any], video: Video | None) -> list[dict[str, A
     segs = np.searchsorted(np.cumsum(item["segment_lengths"]), item["video_positions"], side="right")
     out = media_records(item, segs, item["video_paths"], item["video_positions"], item["video_lengths"],
                         video.sources if video is not None else None, video.roots if video is not None else None)
-    for rec, grid, frames in zip(out, item["video_grids"], item["video_frames"]):
-        rec["grid"], rec["frames"] = tuple(int(x) for x in grid), int(frames)
+    grid = video is None or video.rule.grid
+    for rec, thw, frames in zip(out, item["video_grids"], item["video_frames"]):
+        rec["grid"] = tuple(int(x) for x in thw) if grid else None  # a fixed count records 0s
+        rec["frames"] = int(frames)
     return out
 
 
@@ -245,6 +260,8 @@ def frames_checked(items: list[dict[str, Any]], recs: list[list[dict[str, Any]]]
             at += 1
     out = video.frames([c[0] for c in flat], [c[1] for c in flat], [c[2] for c in flat])
     thw = out.get("video_grid_thw")
+    if not video.rule.grid:
+        return out
     if thw is None:  # a plain callable: the release's grids
         out["video_grid_thw"] = torch.tensor([rec["grid"] for row in recs for rec in row], dtype=torch.int64)
         return out
