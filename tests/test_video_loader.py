@@ -567,3 +567,32 @@ def test_a_release_with_videos_and_no_image_rule_has_video_positions(clips, tmp_
     t, h, w = found["c1.mp4"][1]
     run = batch["position_ids"][1:, 0, first["position"] : first["position"] + first["length"]]
     assert run[0].unique().numel() == t and run[1].unique().numel() == h // 2 and run[2].unique().numel() == w // 2
+
+
+def quarter_turned(path: Path) -> None:
+    """Marks the clip's track as turned 90 degrees (a phone's display matrix)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.index(b"tkhd")
+    matrix = at + 4 + 4 + (28 if data[at + 4] == 1 else 16) + 4 + 8 + 8
+    data[matrix : matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+
+
+def test_a_quarter_turned_clip_is_decoded_upright(tmp_path):
+    from mmrecipe.loader.video import load_video, video_rule
+
+    plain, turned = tmp_path / "plain.mp4", tmp_path / "turned.mp4"
+    write_clip(plain, 8, 4, 96, 48, seed=3)
+    turned.write_bytes(plain.read_bytes())
+    quarter_turned(turned)
+    rule = video_rule({"video": RULE})
+    frames, info, indices = load_video(str(plain), rule)
+    up, up_info, up_indices = load_video(str(turned), rule)
+    assert frames.shape == (4, 48, 96, 3) and up.shape == (4, 96, 48, 3)
+    assert (up_info.height, up_info.width) == (96, 48) and np.array_equal(indices, up_indices)
+    # Turned a quarter clockwise for display, as FFmpeg's autorotate shows it.
+    assert np.array_equal(up, np.rot90(frames, -1, axes=(1, 2)))
+    grid = dict(zip("thw", reference_video_processor()(videos=[up], do_sample_frames=False, return_tensors="pt")["video_grid_thw"][0].tolist()))
+    assert grid["h"] > grid["w"]

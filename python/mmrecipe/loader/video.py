@@ -120,9 +120,17 @@ def sampled_indices(info: ClipInfo, rule: VideoRule) -> np.ndarray:
     return torch.arange(0, info.frames, info.frames / n).int().numpy().astype(np.int64)
 
 
+def upright(frame: Any) -> np.ndarray:
+    """A decoded frame as RGB, turned as its display matrix says (as players and FFmpeg's
+    autorotate show it, and as the build counts its grid: the upright picture)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = round(float(getattr(frame, "rotation", 0) or 0) / 90) % 4  # counterclockwise quarter turns
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
 def load_video(path: str, rule: VideoRule) -> tuple[np.ndarray, ClipInfo, np.ndarray]:
-    """The sampled frames of the clip at `path` as uint8 `[n, H, W, 3]` RGB, its metadata
-    and the frame indices; only frames up to the last sampled one are decoded."""
+    """The sampled frames of the clip at `path` as uint8 `[n, H, W, 3]` RGB upright, its
+    metadata and the frame indices; only frames up to the last sampled one are decoded."""
     import av
 
     with av.open(path) as container:
@@ -135,11 +143,12 @@ def load_video(path: str, rule: VideoRule) -> tuple[np.ndarray, ClipInfo, np.nda
             if i > last:
                 break
             if i in wanted:
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(upright(frame))
     if len(frames) != len(indices):
         raise ValueError(f"the container says {info.frames} frames, {len(frames)} of the {len(indices)} sampled "
                          "ones could be decoded")
-    return np.stack(frames), info, indices
+    height, width = frames[0].shape[:2]
+    return np.stack(frames), ClipInfo(info.frames, info.fps, height, width), indices
 
 
 def _named(name: str, rule: VideoRule) -> Any:
