@@ -596,3 +596,39 @@ def test_a_quarter_turned_clip_is_decoded_upright(tmp_path):
     assert np.array_equal(up, np.rot90(frames, -1, axes=(1, 2)))
     grid = dict(zip("thw", reference_video_processor()(videos=[up], do_sample_frames=False, return_tensors="pt")["video_grid_thw"][0].tolist()))
     assert grid["h"] > grid["w"]
+
+
+def test_qwen2_5_vl_spacing_equals_its_get_rope_index_per_segment(release, clips, qwen2_5_vl):
+    folder, _ = clips
+    tps = qwen2_5_vl.config.vision_config.tokens_per_second
+    batch = dataloader(release, video_processor="qwen2-vl", image_processor="qwen2-vl",
+                       video_tokens_per_second=tps).collate_fn([PackedDataset(release)[i] for i in range(3)])
+    # transformers' sampled frame rate of each clip (its VideoMetadata), as Qwen2.5-VL's processor divides by it
+    from transformers.video_utils import load_video
+
+    processor = reference_video_processor()
+    sample = functools.partial(processor.sample_frames, fps=RULE["fps"], min_frames=RULE["min_frames"], max_frames=RULE["max_frames"])
+    metas = [load_video(str(p), backend="pyav", sample_indices_fn=lambda metadata, **_: sample(metadata))[1]
+             for p in video_paths(batch, folder)]
+    expected_seconds = torch.tensor([processor.temporal_patch_size / m.sampled_fps for m in metas], dtype=torch.float32)
+    assert torch.equal(batch["second_per_grid_ts"], expected_seconds) and len(set(expected_seconds.tolist())) > 1
+    pos, igrid, vgrid, seconds = batch["position_ids"], batch["image_grid_thw"], batch["video_grid_thw"], batch["second_per_grid_ts"]
+    img_at = vid_at = checked = 0
+    for r, (images, videos) in enumerate(zip(batch.images, batch.videos)):
+        seg = batch.segment_ids[r]
+        for s in [int(x) for x in seg.unique() if x > 0]:
+            where = seg == s
+            ids, types = batch["input_ids"][r][where][None], batch["mm_token_type_ids"][r][where][None]
+            mine_i = [img_at + k for k, rec in enumerate(images) if seg[rec["position"]] == s]
+            mine_v = [vid_at + k for k, rec in enumerate(videos) if seg[rec["position"]] == s]
+            if mine_v:
+                expected, _ = qwen2_5_vl.get_rope_index(
+                    ids, types, image_grid_thw=igrid[mine_i[0] : mine_i[-1] + 1] if mine_i else None,
+                    video_grid_thw=vgrid[mine_v[0] : mine_v[-1] + 1], second_per_grid_ts=seconds[mine_v[0] : mine_v[-1] + 1])
+                assert torch.equal(pos[1:, r][:, where], expected[:, 0])
+                checked += 1
+        img_at, vid_at = img_at + len(images), vid_at + len(videos)
+    assert checked == 5
+    unspaced = dataloader(release, video_processor="qwen2-vl", image_processor="qwen2-vl").collate_fn(
+        [PackedDataset(release)[i] for i in range(3)])
+    assert not torch.equal(unspaced["position_ids"], pos) and "second_per_grid_ts" not in unspaced

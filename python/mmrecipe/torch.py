@@ -333,14 +333,14 @@ def _audio(ds: PackedDataset, audio_processor: Any, roots: Mapping[str, str | Pa
 
 
 def _video(ds: PackedDataset, video_processor: Any, roots: Mapping[str, str | Path] | None,
-           recipe_dir: str | Path | None, on_missing_video: str) -> Video | None:
+           recipe_dir: str | Path | None, on_missing_video: str, tokens_per_second: float | None) -> Video | None:
     if ds.video_rule is None:
-        if video_processor is not None:
+        if video_processor is not None or tokens_per_second is not None:
             raise ValueError(f"{ds.root}: the release has no video rule (model.video), so there are no videos to load")
         return None
     found = video_roots(ds.raw, ds.manifest.sources, roots, recipe_dir)
     frames = Frames(video_processor, ds.video_rule) if video_processor is not None else None
-    return Video(ds.manifest.sources, found, ds.video_rule, frames, on_missing_video)
+    return Video(ds.manifest.sources, found, ds.video_rule, frames, on_missing_video, tokens_per_second)
 
 
 def _first_image_row(ds: PackedDataset) -> int | None:
@@ -414,6 +414,7 @@ def dataloader(
     video_processor: Any = None,
     video_roots: Mapping[str, str | Path] | None = None,
     on_missing_video: str = "error",
+    video_tokens_per_second: float | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     seed: int = 0,
@@ -437,7 +438,9 @@ def dataloader(
     built from the release's video rule) adds `pixel_values_videos` and `video_grid_thw`
     from clips decoded with PyAV in the workers (frames sampled as the rule says), each
     clip's grid checked against the release's; `video_roots=` and `on_missing_video` as
-    for audio. Given `rank` and `world_size`, it reads through a
+    for audio. For Qwen2.5-VL, `video_tokens_per_second=` (its
+    `vision_config.tokens_per_second`) spaces the frames' temporal positions as the model
+    does and adds `second_per_grid_ts`. Given `rank` and `world_size`, it reads through a
     `ReleaseSampler` (shuffled unless `shuffle=False`, drop_last) reachable as
     `loader.sampler`: call `loader.sampler.set_epoch(epoch)`.
 
@@ -454,7 +457,7 @@ def dataloader(
     collator = Collator(ds.pad_token_id, flatten, pad_to, attention=attention, mask_dtype=mask_dtype,
                         images=_images(ds, image_processor, image_roots, recipe_dir, on_missing_image), mrope=mrope,
                         audio=_audio(ds, audio_processor, audio_roots, recipe_dir, on_missing_audio),
-                        video=_video(ds, video_processor, video_roots, recipe_dir, on_missing_video))
+                        video=_video(ds, video_processor, video_roots, recipe_dir, on_missing_video, video_tokens_per_second))
     preflight(ds, collator)
     if world_size is not None:
         shuffle = kwargs.pop("shuffle", True)

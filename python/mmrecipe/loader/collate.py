@@ -128,6 +128,8 @@ class Collator:
             raise ValueError(f"on_missing_audio must be one of {ON_MISSING}, not {audio.on_missing!r}")
         if video is not None and video.on_missing not in ON_MISSING:
             raise ValueError(f"on_missing_video must be one of {ON_MISSING}, not {video.on_missing!r}")
+        if video is not None and video.tokens_per_second is not None and video.frames is None:
+            raise ValueError("video_tokens_per_second spaces frames by each clip's sampled frame rate: give a video_processor too")
         self.audio, self.video = audio, video
         rule = images.rule if images is not None else None
         self.pad_token_id, self.flatten, self.pad_to = pad_token_id, flatten, pad_to
@@ -232,10 +234,13 @@ class Collator:
         if not self.mrope:
             return pos
         video_row = [r for r in video_row if r["grid"] is not None]  # a fixed count's clips have no grid
-        starts, grids, _ = vision_runs(
+        tps = self.video.tokens_per_second if self.video is not None else None
+        # Qwen2.5-VL's interval, in float32 as the model multiplies it
+        spaced = None if tps is None else np.float32(tps) * np.array([r["seconds_per_grid"] for r in video_row], np.float32)
+        starts, grids, intervals = vision_runs(
             np.asarray(item["image_positions"], dtype=np.int64), np.asarray(grids_row, np.int64).reshape(-1, 3),
-            np.array([r["position"] for r in video_row], np.int64), np.array([r["grid"] for r in video_row], np.int64))
-        return mrope_positions(item["segment_lengths"], starts, grids, self._merge())
+            np.array([r["position"] for r in video_row], np.int64), np.array([r["grid"] for r in video_row], np.int64), spaced)
+        return mrope_positions(item["segment_lengths"], starts, grids, self._merge(), intervals)
 
     def _mm_types(self, item) -> np.ndarray:
         """1 on image tokens, 2 on video tokens (the models' mm_token_type_ids)."""

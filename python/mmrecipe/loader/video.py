@@ -208,6 +208,9 @@ class Video:
     rule: VideoRule
     frames: Frames | None = None
     on_missing: str = "error"
+    # Qwen2.5-VL (its vision_config.tokens_per_second): frames' temporal positions spaced
+    # by this times each clip's seconds per temporal patch, given as `second_per_grid_ts`.
+    tokens_per_second: float | None = None
 
     def path(self, source: str, path: str) -> str:
         return rooted(self.roots, source, path)
@@ -251,7 +254,8 @@ def load_videos(items: list[dict[str, Any]], recs: list[list[dict[str, Any]]], v
 def frames_checked(items: list[dict[str, Any]], recs: list[list[dict[str, Any]]], clips: list[list[Any]],
                    video: Video) -> dict[str, torch.Tensor]:
     """The model inputs for every clip of the rows, in order. Each clip's sampled frames
-    must be the release's count, and its grid from the processor the release's grid."""
+    must be the release's count, and its grid from the processor the release's grid.
+    Each record gets `seconds_per_grid`: the temporal patch over the sampled frame rate."""
     assert video.frames is not None
     flat = [c for row in clips for c in row]
     if not flat:
@@ -259,7 +263,8 @@ def frames_checked(items: list[dict[str, Any]], recs: list[list[dict[str, Any]]]
     at = 0
     for item, row in zip(items, recs):
         for rec in row:
-            n = len(flat[at][2])
+            n, info = len(flat[at][2]), flat[at][1]
+            rec["seconds_per_grid"] = video.rule.temporal_patch / (n / info.frames * info.fps) if info.fps else 1.0
             if n != rec["frames"]:
                 err = DataError(f"release row {item.get('index', '?')}: {rec['path']} samples {n} frames "
                                 f"({flat[at][1].frames} frames at {flat[at][1].fps:g} fps), the release counted "
@@ -268,6 +273,8 @@ def frames_checked(items: list[dict[str, Any]], recs: list[list[dict[str, Any]]]
                 raise err
             at += 1
     out = video.frames([c[0] for c in flat], [c[1] for c in flat], [c[2] for c in flat])
+    if video.tokens_per_second is not None:
+        out["second_per_grid_ts"] = torch.tensor([rec["seconds_per_grid"] for row in recs for rec in row], dtype=torch.float32)
     thw = out.get("video_grid_thw")
     if not video.rule.grid:
         return out
