@@ -632,3 +632,27 @@ def test_qwen2_5_vl_spacing_equals_its_get_rope_index_per_segment(release, clips
     unspaced = dataloader(release, video_processor="qwen2-vl", image_processor="qwen2-vl").collate_fn(
         [PackedDataset(release)[i] for i in range(3)])
     assert not torch.equal(unspaced["position_ids"], pos) and "second_per_grid_ts" not in unspaced
+
+
+def test_a_processor_with_another_merge_size_is_a_recipe_error(release):
+    other = reference_video_processor()
+    other.merge_size = 1  # frames resized to multiples of 14, each patch a token
+    with pytest.raises(RecipeError, match=r"c0\.mp4 the grid 1x4x5 \(t, h, w patches; 20 tokens\), the release recorded "
+                                          r"1x4x4 \(4 tokens\).*merge = 2"):
+        dataloader(release, video_processor=other)
+
+
+def test_inconsistent_video_releases_say_rebuild(clips, tmp_path):
+    from mmrecipe import ReleaseError
+
+    folder, found = clips
+    out = write_release(tmp_path / "r", ROWS, found, folder)
+    table = pq.read_table(out / "data" / "part-00000.parquet")
+    shifted = pa.array([[p + 1 for p in row] for row in table["video_positions"].to_pylist()], type=pa.list_(pa.uint32()))
+    pq.write_table(table.set_column(table.schema.get_field_index("video_positions"), "video_positions", shifted),
+                   out / "data" / "part-00000.parquet")
+    with pytest.raises(ReleaseError, match=r"release row 0: its video run at 7 of 4 tokens is not a run of the video token \(id 62\)"):
+        PackedDataset(out)[0]
+    pq.write_table(table.drop(["video_frames"]), out / "data" / "part-00000.parquet")
+    with pytest.raises(ReleaseError, match=r"lacks the column\(s\) \['video_frames'\].*rebuild"):
+        PackedDataset(out)

@@ -285,8 +285,8 @@ def frames_checked(items: list[dict[str, Any]], recs: list[list[dict[str, Any]]]
     at = 0
     for item, row in zip(items, recs):
         for rec in row:
-            if got[at] != rec["grid"]:
-                t, h, w = got[at]
+            t, h, w = got[at]
+            if got[at] != rec["grid"] or t * h * w // video.frames.merge**2 != rec["length"]:
                 raise recipe_error(
                     f"release row {item.get('index', '?')}: the video processor gives {rec['path']} the grid {t}x{h}x{w} "
                     f"(t, h, w patches; {t * h * w // video.frames.merge**2} tokens), the release recorded "
