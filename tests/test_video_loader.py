@@ -656,3 +656,46 @@ def test_inconsistent_video_releases_say_rebuild(clips, tmp_path):
     pq.write_table(table.drop(["video_frames"]), out / "data" / "part-00000.parquet")
     with pytest.raises(ReleaseError, match=r"lacks the column\(s\) \['video_frames'\].*rebuild"):
         PackedDataset(out)
+
+
+VIDEO_FIXTURE = ROOT / "tests" / "fixtures" / "data" / "video"
+
+
+def test_a_built_video_release_loads_with_the_recorded_frames_and_grids(tmp_path):
+    """End to end on the shipped video fixture (MP4 clips at NTSC and film rates, one
+    turned a quarter): the frames and grids the build counted from container metadata are
+    the ones the loader's decoding and transformers' processor give, and the positions
+    equal Qwen2-VL's get_rope_index per segment."""
+    from mmrecipe import build
+    from mmrecipe.recipe.schema import ModelSpec
+
+    if "video" not in ModelSpec.__struct_fields__ or not (VIDEO_FIXTURE / "conversations.jsonl").is_file():
+        pytest.skip("this build has no [model] video rule")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'extends = "{ROOT / "recipes" / "video-instruct.toml"}"\n[[source]]\nname = "video-chat"\n'
+                      f'path = "{VIDEO_FIXTURE / "conversations.jsonl"}"\n')
+    out = build(recipe, tmp_path / "out", progress=False, cache=False).path
+    ds = PackedDataset(out)
+    batch = dataloader(out, batch_size=len(ds), video_processor="qwen2-vl", recipe_dir=tmp_path).collate_fn(
+        [ds[i] for i in range(len(ds))])
+    recs = [rec for row in batch.videos for rec in row]
+    assert len(recs) == 5 and any(Path(r["path"]).name.startswith("rotated") and r["grid"][1] > r["grid"][2] for r in recs)
+    assert batch["video_grid_thw"].tolist() == [list(r["grid"]) for r in recs]
+    from transformers import Qwen2VLConfig, Qwen2VLModel
+
+    token = ds.video_rule.token_id
+    model = Qwen2VLModel(Qwen2VLConfig(text_config=dict(vocab_size=token + 1, hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2),
+                                       vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2),
+                                       video_token_id=token))
+    at = 0
+    for r, row in enumerate(batch.videos):
+        seg = batch.segment_ids[r]
+        for s in [int(x) for x in seg.unique() if x > 0]:
+            where = seg == s
+            mine = [at + k for k, rec in enumerate(row) if seg[rec["position"]] == s]
+            types = batch["mm_token_type_ids"][r][where][None]
+            expected = model.get_rope_index(batch["input_ids"][r][where][None], types,
+                                            video_grid_thw=batch["video_grid_thw"][mine[0] : mine[-1] + 1])[0]
+            assert torch.equal(batch["position_ids"][1:, r][:, where], expected[:, 0])
+        at += len(row)
