@@ -6,10 +6,15 @@ grids, unreadable clips, and a packed forward that equals its segments run alone
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
@@ -17,8 +22,13 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
+av = pytest.importorskip("av")
+pytest.importorskip("torchvision")  # transformers' video processors resize with it
 
+from mmrecipe import DataError, RecipeError  # noqa: E402
 from mmrecipe.loader.rope import mrope_positions, vision_runs  # noqa: E402
+from mmrecipe.release.format import COLUMNS, FORMAT  # noqa: E402
+from mmrecipe.torch import IGNORE_INDEX, PackedDataset, dataloader  # noqa: E402
 
 IMAGE, VIDEO = 1, 2  # mm_token_type_ids
 
@@ -151,27 +161,13 @@ def test_spaced_frames_equal_qwen2_5_vl_get_rope_index(qwen2_5_vl, segments, sec
 
 # -- releases with videos ---------------------------------------------------------------
 
-import functools  # noqa: E402
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
-av = pytest.importorskip("av")
-pytest.importorskip("torchvision")  # transformers' video processors resize with it
-
-from mmrecipe import DataError, RecipeError  # noqa: E402
-from mmrecipe.release.format import AUDIO_COLUMNS, COLUMNS, FORMAT  # noqa: E402
-from mmrecipe.torch import IGNORE_INDEX, PackedDataset, dataloader  # noqa: E402
-
 VOCAB, IMAGE_ID = 64, 7
 VIDEO_ID = VOCAB - 2  # tiny_qwen2_vl's video token
 RULE = dict(rule="qwen2-vl", fps=2.0, min_frames=2, max_frames=8, min_pixels=3136, max_pixels=12544, patch=14, merge=2,
             temporal_patch=2, token="<|video_pad|>", token_id=VIDEO_ID)
 IMAGE_RULE = dict(token="<image>", patch=14, merge=2, min_pixels=3136, max_pixels=12544)
-# (frames, fps, width, height) of the clips the releases hold: 2 to 8 frames sampled,
-# one to four 56-pixel squares a side.
+# (frames, fps, width, height) of the clips the releases hold: 2, 4 or 8 frames sampled,
+# frames of 56 x 56 to 84 x 140 pixels after resizing.
 CLIPS = [(4, 4, 64, 48), (12, 6, 96, 64), (10, 2, 48, 96), (20, 10, 128, 80), (7, 3, 56, 56)]
 VIDEO_COLUMNS = [("video_positions", pa.uint32()), ("video_lengths", pa.uint32()), ("video_paths", pa.string()),
                  ("video_grid_t", pa.uint32()), ("video_grid_h", pa.uint32()), ("video_grid_w", pa.uint32()),
@@ -260,7 +256,7 @@ def write_release(out: Path, rows: list[list[list]], found: dict[str, tuple], ro
     pieces, an int (that many text tokens, the response the second half) or a media name
     (its run). Columns and manifest as a video build writes them."""
     rng = np.random.default_rng(1)
-    cols = {c.name: [] for c in COLUMNS + AUDIO_COLUMNS if c.name not in {a.name for a in AUDIO_COLUMNS}}
+    cols: dict[str, list] = {c.name: [] for c in COLUMNS}
     cols.update({name: [] for name, _ in VIDEO_COLUMNS})
     for r, row in enumerate(rows):
         ids, mask, seg_lengths, per_seg_images = [], [], [], []
