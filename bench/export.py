@@ -15,6 +15,7 @@ floor's. Peak RSS at two release sizes shows whether memory follows the data.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import subprocess
@@ -92,6 +93,10 @@ def main() -> None:
         child(args.child[0], Path(args.child[1]), Path(args.child[2]))
         return
 
+    # A format whose library is not installed is skipped, and said so, rather than ending the run.
+    formats = [to for to in args.formats if importlib.util.find_spec(LIBRARY[to]) is not None]
+    for to in sorted(set(args.formats) - set(formats)):
+        print(f"skipped {to}: {LIBRARY[to]} is not installed (pip install \"mmrecipe[export]\")", file=sys.stderr)
     figures = []
     for n in args.n:
         data = args.data / f"n{n}"
@@ -105,7 +110,7 @@ def main() -> None:
         tokens = manifest["totals"]["tokens"]
         size = sum(p.stat().st_size for p in release.rglob("*") if p.is_file())
         read = run_child("read", release, data / "none")
-        for to in args.formats:
+        for to in formats:
             base = run_child(f"import:{to}", release, data / "none")
             out = data / f"export-{to}"
             got = run_child(to, release, out)

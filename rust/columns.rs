@@ -79,6 +79,8 @@ pub struct Batch<'a> {
     /// Per sample, its audio clips (a path each), as `image_offsets` and `images`;
     /// None for a source without audio.
     pub audio: Option<(&'a [i64], StrCol<'a>)>,
+    /// Per sample, its video clips, as `audio`; None for a source without video.
+    pub video: Option<(&'a [i64], StrCol<'a>)>,
 }
 
 fn check_offsets(offsets: &[i64], n: usize, len: usize, what: &str) -> Result<()> {
@@ -108,6 +110,10 @@ impl Batch<'_> {
         if let Some((offsets, paths)) = &self.audio {
             paths.check("batch.audio")?;
             check_offsets(offsets, n, paths.len(), "batch.audio_offsets")?;
+        }
+        if let Some((offsets, paths)) = &self.video {
+            paths.check("batch.video")?;
+            check_offsets(offsets, n, paths.len(), "batch.video_offsets")?;
         }
         if self.contents.len() != self.roles.len() {
             return Err(Error::internal("batch.contents: one content per turn expected"));

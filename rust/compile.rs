@@ -15,8 +15,10 @@ use crate::pool::ForkSafePool;
 use crate::render::{ChatRenderer, Message, Role};
 use crate::rng;
 use crate::spill::{Record, Spill};
-use crate::tokenize::{Encoded, TextTokenizer};
+use crate::tokenize::{Encoded, MediaCounts, TextTokenizer};
+use crate::video::{self, VideoInfo};
 use rayon::prelude::*;
+use tokenizers::AddedToken;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -41,6 +43,9 @@ pub(crate) struct SampleRec {
     /// First of its audio clips in the store's audio paths and infos.
     pub aud: u32,
     pub n_aud: u32,
+    /// First of its video clips in the store's video paths and infos.
+    pub vid: u32,
+    pub n_vid: u32,
     pub template: i32,
 }
 
@@ -76,6 +81,10 @@ pub(crate) struct Store {
     pub audio_paths: String,
     pub audio_path_ends: Vec<u64>,
     pub audio_infos: Vec<AudioInfo>,
+    /// Video paths of every sample, as image paths; and each clip's tokens, grid, frames.
+    pub video_paths: String,
+    pub video_path_ends: Vec<u64>,
+    pub video_infos: Vec<VideoInfo>,
     pub stats: SourceStats,
     /// The longest sample tokenized (before the overlong policy): when it fits seq_len,
     /// no sample was dropped, truncated or split, so the store is the same for any
@@ -94,6 +103,12 @@ impl Store {
     pub fn audio_path(&self, k: usize) -> &[u8] {
         let start = if k == 0 { 0 } else { self.audio_path_ends[k - 1] as usize };
         &self.audio_paths.as_bytes()[start..self.audio_path_ends[k] as usize]
+    }
+
+    /// The bytes of video path `k`.
+    pub fn video_path(&self, k: usize) -> &[u8] {
+        let start = if k == 0 { 0 } else { self.video_path_ends[k - 1] as usize };
+        &self.video_paths.as_bytes()[start..self.video_path_ends[k] as usize]
     }
 }
 
@@ -135,6 +150,8 @@ struct Done {
     image_grids: Vec<[u32; 3]>,
     /// The sample's audio clips: (index in the batch's audio paths, info) each.
     audios: Vec<(usize, AudioInfo)>,
+    /// The sample's video clips: (index in the batch's video paths, info) each.
+    videos: Vec<(usize, VideoInfo)>,
     truncated: bool,
     /// Which piece of a conversation split at turn boundaries (0 otherwise).
     part: u16,
@@ -203,13 +220,22 @@ impl Compiler {
             return Err(Error::plan("output.seq_len", "must be at least 2"));
         }
         let renderer = ChatRenderer::new(&plan.chat_template, plan.bos_token.as_deref(), plan.eos_token.as_deref())?;
-        let tk = TextTokenizer::from_file(tokenizer_path)?;
+        let mut tk = TextTokenizer::from_file(tokenizer_path)?;
+        if !plan.added_tokens.is_empty() {
+            // As HF's `add_special_tokens`: ids after the vocabulary's, in order.
+            let added: Vec<AddedToken> = plan.added_tokens.iter().map(|t| AddedToken::from(t.clone(), true)).collect();
+            tk.add_special_tokens(added).map_err(|e| Error::plan("model.added_tokens", e.to_string()))?;
+        }
         let image = plan.image.as_ref().map(|i| (i.placeholder.as_str(), i.token.as_str(), i.start.as_deref(), i.end.as_deref()));
         let aud = plan.audio.as_ref().map(|a| (a.placeholder.as_str(), a.token.as_str(), a.start.as_deref(), a.end.as_deref()));
         if let Some(a) = &plan.audio {
             audio::check_plan(a)?;
         }
-        let mut tokenizer = TextTokenizer::with_media(tk, image, aud, plan.tokenizer_engine)?;
+        let vid = plan.video.as_ref().map(|v| (v.placeholder.as_str(), v.token.as_str(), v.start.as_deref(), v.end.as_deref()));
+        if let Some(v) = &plan.video {
+            video::check_plan(v)?;
+        }
+        let mut tokenizer = TextTokenizer::with_media(tk, image, aud, vid, plan.tokenizer_engine)?;
         // Test hook for the shadow check (tests/test_tokenizer_engine.py); never set otherwise.
         if std::env::var_os("MMRECIPE_TEST_FAST_ENGINE_FAULT").is_some() {
             tokenizer.inject_fast_engine_fault();
@@ -330,11 +356,12 @@ impl Compiler {
 
     fn process_row(&self, source: usize, batch: &Batch, i: usize, len: &mut u32) -> RowResult<Outcome> {
         let plan = &self.plan;
-        let (messages, template, infos, audios) = self.sample_messages(source, batch, i)?;
+        let (messages, template, infos, audios, videos) = self.sample_messages(source, batch, i)?;
         let image_counts: Vec<u32> = infos.iter().map(|i| i.tokens).collect();
         let image_grids: Vec<[u32; 3]> = infos.iter().map(|i| i.grid).collect();
         let audio_counts: Vec<u32> = audios.iter().map(|(_, a)| a.tokens).collect();
-        let counts = (image_counts.as_slice(), audio_counts.as_slice());
+        let video_counts: Vec<u32> = videos.iter().map(|(_, v)| v.tokens).collect();
+        let counts = (image_counts.as_slice(), audio_counts.as_slice(), video_counts.as_slice());
         let (i0, i1) = (batch.image_offsets[i] as usize, batch.image_offsets[i + 1] as usize);
         let image_paths: Vec<usize> = (i0..i1).collect();
         let enc = self.encode(&messages, counts)?;
@@ -343,21 +370,23 @@ impl Compiler {
             return Ok(Outcome::EngineMismatch(mismatch));
         }
         if enc.ids.len() <= plan.seq_len as usize {
-            return self.keep(vec![Done { enc, template, image_paths, image_grids, audios, truncated: false, part: 0 }]);
+            return self.keep(vec![Done { enc, template, image_paths, image_grids, audios, videos, truncated: false, part: 0 }]);
         }
         match plan.overlong {
             Overlong::Drop => Ok(Outcome::Overlong),
             Overlong::Truncate => {
                 let mut enc = enc;
-                let wraps = (self.tokenizer.image_wrappers(), self.tokenizer.audio_wrappers());
-                if !overlong::truncate_media(&mut enc, plan.seq_len as usize, wraps.0, wraps.1) {
+                let tk = &self.tokenizer;
+                let wraps = [tk.image_wrappers(), tk.audio_wrappers(), tk.video_wrappers()];
+                if !overlong::truncate_media(&mut enc, plan.seq_len as usize, wraps) {
                     return Ok(Outcome::Overlong);
                 }
-                let (mut image_paths, mut image_grids, mut audios) = (image_paths, image_grids, audios);
+                let (mut image_paths, mut image_grids, mut audios, mut videos) = (image_paths, image_grids, audios, videos);
                 image_paths.truncate(enc.images.len());
                 image_grids.truncate(enc.images.len());
                 audios.truncate(enc.audios.len());
-                self.keep(vec![Done { enc, template, image_paths, image_grids, audios, truncated: true, part: 0 }])
+                videos.truncate(enc.videos.len());
+                self.keep(vec![Done { enc, template, image_paths, image_grids, audios, videos, truncated: true, part: 0 }])
             }
             Overlong::SplitTurns => {
                 let parts = self.split_turns(&messages, counts)?;
@@ -373,6 +402,7 @@ impl Compiler {
                         image_paths: image_paths.clone(),
                         image_grids: image_grids.clone(),
                         audios: audios.clone(),
+                        videos: videos.clone(),
                         truncated: true,
                         part: k as u16,
                     })
@@ -392,14 +422,15 @@ impl Compiler {
             (0..n)
                 .into_par_iter()
                 .map(|i| {
-                    let (messages, template, infos, audios) =
+                    let (messages, template, infos, audios, videos) =
                         self.sample_messages(source, batch, i).map_err(|(f, m)| format!("{f}: {m}"))?;
                     let counts: Vec<u32> = infos.iter().map(|i| i.tokens).collect();
                     let audio_counts: Vec<u32> = audios.iter().map(|(_, a)| a.tokens).collect();
+                    let video_counts: Vec<u32> = videos.iter().map(|(_, v)| v.tokens).collect();
                     let rendered = self.renderer.render(&messages).map_err(|e| e.to_string())?;
                     let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
                     let (train_on, eos) = (self.plan.train_on, self.plan.train_on_eos);
-                    let enc = self.tokenizer.encode_media(&rendered, &roles, (&counts, &audio_counts), train_on, eos)?;
+                    let enc = self.tokenizer.encode_media(&rendered, &roles, (&counts, &audio_counts, &video_counts), train_on, eos)?;
                     Ok((rendered.text, enc, template))
                 })
                 .collect()
@@ -408,21 +439,43 @@ impl Compiler {
 
     /// The messages of sample `i` with its instruction template applied and image
     /// placeholders in place, the template id, the tokens and grid of each image, and
-    /// each audio clip (its index in the batch and its tokens).
+    /// each audio and video clip (its index in the batch and its tokens).
     #[allow(clippy::type_complexity)]
     fn sample_messages(
         &self,
         source: usize,
         batch: &Batch,
         i: usize,
-    ) -> RowResult<(Vec<Message>, i32, Vec<ImageInfo>, Vec<(usize, AudioInfo)>)> {
+    ) -> RowResult<(Vec<Message>, i32, Vec<ImageInfo>, Vec<(usize, AudioInfo)>, Vec<(usize, VideoInfo)>)> {
         let (mut messages, template) = self.instructed_turns(source, batch, i)?;
         if self.plan.train_on != TrainOn::All && !messages.iter().any(|m| m.role == Role::Assistant) {
             return Err(("messages", "the sample has no assistant turn to train on".to_string()));
         }
         let infos = self.sample_images(source, batch, i, &mut messages)?;
         let audios = self.sample_audios(source, batch, i, &mut messages)?;
-        Ok((messages, template, infos, audios))
+        let videos = self.sample_videos(source, batch, i, &mut messages)?;
+        Ok((messages, template, infos, audios, videos))
+    }
+
+    /// The tokens of each video clip of sample `i` (its container's metadata read), with
+    /// the video placeholders put into `messages` where the text has none.
+    fn sample_videos(&self, source: usize, batch: &Batch, i: usize, messages: &mut [Message]) -> RowResult<Vec<(usize, VideoInfo)>> {
+        let Some((offsets, paths)) = &batch.video else { return Ok(Vec::new()) };
+        let (v0, v1) = (offsets[i] as usize, offsets[i + 1] as usize);
+        if v1 == v0 {
+            return Ok(Vec::new());
+        }
+        let Some(plan) = &self.plan.video else {
+            return Err(("video", "the sample has video but the recipe sets no [model] video".to_string()));
+        };
+        let root = self.plan.sources[source].video_root.as_deref().map(Path::new).unwrap_or(Path::new(""));
+        let mut out = Vec::with_capacity(v1 - v0);
+        for k in v0..v1 {
+            let rel = paths.get(k).map_err(|m| ("video", m))?;
+            out.push((k, video::video_info(plan, &root.join(rel)).map_err(|m| ("video", m))?));
+        }
+        media::place_images(messages, &plan.placeholder, v1 - v0).map_err(|m| ("video", m.replace("images", "video")))?;
+        Ok(out)
     }
 
     /// The tokens of each audio clip of sample `i` (its header read), with the audio
@@ -506,7 +559,7 @@ impl Compiler {
         Ok(infos)
     }
 
-    fn encode(&self, messages: &[Message], counts: (&[u32], &[u32])) -> RowResult<Encoded> {
+    fn encode(&self, messages: &[Message], counts: MediaCounts<'_>) -> RowResult<Encoded> {
         let rendered = self.renderer.render(messages).map_err(|e| ("messages", e.to_string()))?;
         let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
         self.tokenizer
@@ -522,7 +575,7 @@ impl Compiler {
         source: usize,
         row: u64,
         messages: &[Message],
-        counts: (&[u32], &[u32]),
+        counts: MediaCounts<'_>,
         enc: &Encoded,
     ) -> RowResult<Option<String>> {
         if self.tokenizer.engine().0 != "fast" {
@@ -554,8 +607,8 @@ impl Compiler {
     }
 
     /// `overlong = "split_turns"`, with each part keeping the sample's images.
-    fn split_turns(&self, messages: &[Message], counts: (&[u32], &[u32])) -> RowResult<Vec<Encoded>> {
-        let (image_counts, audio_counts) = counts;
+    fn split_turns(&self, messages: &[Message], counts: MediaCounts<'_>) -> RowResult<Vec<Encoded>> {
+        let (image_counts, audio_counts, video_counts) = counts;
         overlong::split_turns(messages, self.plan.seq_len as usize, |chunk| {
             let mut chunk = chunk.to_vec();
             if let Some(img) = self.plan.image.as_ref().filter(|_| !image_counts.is_empty()) {
@@ -564,13 +617,16 @@ impl Compiler {
             if let Some(aud) = self.plan.audio.as_ref().filter(|_| !audio_counts.is_empty()) {
                 media::place_images(&mut chunk, &aud.placeholder, audio_counts.len()).map_err(|m| ("audio", m))?;
             }
+            if let Some(vid) = self.plan.video.as_ref().filter(|_| !video_counts.is_empty()) {
+                media::place_images(&mut chunk, &vid.placeholder, video_counts.len()).map_err(|m| ("video", m))?;
+            }
             self.encode(&chunk, counts)
         })
     }
 }
 
 fn append(store: &mut Store, spill: &mut Spill, batch: &Batch, i: usize, done: Done) -> Result<()> {
-    let Done { enc, template, image_paths, image_grids, audios, truncated, part } = done;
+    let Done { enc, template, image_paths, image_grids, audios, videos, truncated, part } = done;
     let rec = SampleRec {
         row: batch.rows[i],
         part,
@@ -581,8 +637,17 @@ fn append(store: &mut Store, spill: &mut Spill, batch: &Batch, i: usize, done: D
         n_img: enc.images.len() as u32,
         aud: store.audio_path_ends.len() as u32,
         n_aud: enc.audios.len() as u32,
+        vid: store.video_path_ends.len() as u32,
+        n_vid: enc.videos.len() as u32,
         template,
     };
+    if let Some((_, paths)) = &batch.video {
+        for (k, info) in videos {
+            store.video_paths.push_str(paths.get(k).unwrap_or_default());
+            store.video_path_ends.push(store.video_paths.len() as u64);
+            store.video_infos.push(info);
+        }
+    }
     if let Some((_, paths)) = &batch.audio {
         for (k, info) in audios {
             store.audio_paths.push_str(paths.get(k).unwrap_or_default());
@@ -661,6 +726,7 @@ pub(crate) mod tests {
             image_data: None,
             fields: vec![],
             audio: None,
+            video: None,
         }
     }
 
@@ -698,6 +764,50 @@ pub(crate) mod tests {
         }
         let used: std::collections::HashSet<i32> = p.segment_template.iter().copied().filter(|&t| t >= 0).collect();
         assert_eq!(used.len(), 2);
+    }
+
+    /// `<video>` runs through the whole pipeline: the recipe's added tokens in the
+    /// tokenizer, a placeholder put where the text has none, each run in its wrappers at
+    /// the recorded position, with the clip's grid and frames.
+    #[test]
+    fn video_runs_from_container_metadata() {
+        let clips = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/data/video/clips");
+        let names = ["ntsc-320x240.mp4", "rotated-128x72.mp4"];
+        let extra = r#", "added_tokens": ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>"],
+            "video": {"placeholder": "<video>", "token": "<|video_pad|>", "start": "<|vision_start|>", "end": "<|vision_end|>"}"#;
+        let mut p = plan(extra);
+        p.seq_len = 2048;
+        p.sources.truncate(1);
+        p.sources[0].video_root = Some(clips.to_string());
+        let c = cols(&[vec![(1, "<video>\nwhat is this?"), (2, "a gradient")], vec![(1, "and this?"), (2, "another one")]]);
+        let (offsets, mut data, mut ends) = (vec![0i64, 1, 2], Vec::new(), vec![0i64]);
+        for n in names {
+            data.extend_from_slice(n.as_bytes());
+            ends.push(data.len() as i64);
+        }
+        let mut b = batch(&c);
+        b.video = Some((&offsets, StrCol { offsets: &ends, data: &data }));
+        let mut comp = Compiler::new(p, TOKENIZER, 1, None).unwrap();
+        let tk = comp.tokenizer();
+        let (token, start, end) = (tk.video_token().unwrap(), tk.token_id("<|vision_start|>").unwrap(), tk.token_id("<|vision_end|>").unwrap());
+        assert_eq!((start, end, token), (49153, 49154, 49155)); // after the vocabulary, in order
+        assert_eq!(comp.add_batch(0, &b).unwrap(), 2);
+        comp.finish().unwrap();
+        let out = comp.emit(0, usize::MAX).unwrap();
+        assert_eq!(out.video_lengths.len(), 2);
+        let path_of = |k: usize| std::str::from_utf8(&out.video_path_data[out.video_path_offsets[k] as usize..out.video_path_offsets[k + 1] as usize]).unwrap();
+        for k in 0..2 {
+            let want = video::video_info(comp.plan().video.as_ref().unwrap(), &Path::new(clips).join(path_of(k))).unwrap();
+            let row = (0..out.row_offsets.len() - 1).find(|&r| out.video_offsets[r] as usize <= k && k < out.video_offsets[r + 1] as usize).unwrap();
+            let (pos, n) = (out.row_offsets[row] as usize + out.video_positions[k] as usize, out.video_lengths[k] as usize);
+            assert_eq!(n as u32, want.tokens);
+            assert_eq!([out.video_grid_t[k], out.video_grid_h[k], out.video_grid_w[k]], want.grid);
+            assert_eq!(out.video_frames[k], want.frames);
+            assert!(out.input_ids[pos..pos + n].iter().all(|&t| t == token));
+            assert_eq!((out.input_ids[pos - 1], out.input_ids[pos + n]), (start, end));
+            assert!(out.loss_mask[pos - 1..=pos + n].iter().all(|&m| m == 0));
+        }
+        assert_eq!(out.input_ids.iter().filter(|&&t| t == token).count(), out.video_lengths.iter().sum::<u32>() as usize);
     }
 
     #[test]

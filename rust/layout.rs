@@ -68,6 +68,17 @@ pub struct Packed {
     pub audio_path_offsets: Vec<i64>,
     pub audio_path_data: Vec<u8>,
     pub audio_samples: Vec<u64>,
+    /// Video runs as audio runs, each clip's (t, h, w) grid before merging and its frames
+    /// sampled (0 under a fixed count). Empty without video.
+    pub video_offsets: Vec<i64>,
+    pub video_positions: Vec<u32>,
+    pub video_lengths: Vec<u32>,
+    pub video_path_offsets: Vec<i64>,
+    pub video_path_data: Vec<u8>,
+    pub video_grid_t: Vec<u32>,
+    pub video_grid_h: Vec<u32>,
+    pub video_grid_w: Vec<u32>,
+    pub video_frames: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -170,6 +181,7 @@ impl Compiler {
         let hi = hi.min(layout.bins.len());
         let image_token = self.tokenizer.image_token().unwrap_or(0);
         let audio_token = self.tokenizer.audio_token();
+        let video_token = self.tokenizer.video_token();
         let mut out = Packed::default();
         out.row_offsets.push(0);
         out.segment_offsets.push(0);
@@ -177,6 +189,8 @@ impl Compiler {
         out.image_path_offsets.push(0);
         out.audio_offsets.push(0);
         out.audio_path_offsets.push(0);
+        out.video_offsets.push(0);
+        out.video_path_offsets.push(0);
         for bin in &layout.bins[lo.min(hi)..hi] {
             let row_start = out.input_ids.len();
             for &it in bin {
@@ -187,8 +201,12 @@ impl Compiler {
                 if let Some(token) = audio_token {
                     emit_audio(&mut out, store, store.samples[pick.index as usize], seg_start, row_start, token)?;
                 }
+                if let Some(token) = video_token {
+                    emit_video(&mut out, store, store.samples[pick.index as usize], seg_start, row_start, token)?;
+                }
             }
             out.audio_offsets.push(out.audio_positions.len() as i64);
+            out.video_offsets.push(out.video_positions.len() as i64);
             out.row_offsets.push(out.input_ids.len() as i64);
             out.segment_offsets.push(out.segment_lengths.len() as i64);
             out.image_offsets.push(out.image_positions.len() as i64);
@@ -402,6 +420,29 @@ fn emit_audio(out: &mut Packed, store: &Store, rec: SampleRec, seg_start: usize,
         out.audio_path_data.extend_from_slice(store.audio_path(k));
         out.audio_path_offsets.push(out.audio_path_data.len() as i64);
         out.audio_samples.push(info.samples);
+        at = pos + info.tokens as usize;
+    }
+    Ok(())
+}
+
+/// The video runs of the sample whose tokens start at `seg_start` of `out`, found as
+/// audio runs are (video tokens come from placeholders only).
+fn emit_video(out: &mut Packed, store: &Store, rec: SampleRec, seg_start: usize, row_start: usize, token: u32) -> Result<()> {
+    let mut at = seg_start;
+    for k in rec.vid as usize..(rec.vid + rec.n_vid) as usize {
+        let info = store.video_infos[k];
+        let found = out.input_ids[at..].iter().position(|&t| t == token).map(|p| p + at);
+        let Some(pos) = found.filter(|&p| p + info.tokens as usize <= out.input_ids.len()) else {
+            return Err(Error::internal("a video run is missing from its sample's tokens"));
+        };
+        out.video_positions.push((pos - row_start) as u32);
+        out.video_lengths.push(info.tokens);
+        out.video_path_data.extend_from_slice(store.video_path(k));
+        out.video_path_offsets.push(out.video_path_data.len() as i64);
+        out.video_grid_t.push(info.grid[0]);
+        out.video_grid_h.push(info.grid[1]);
+        out.video_grid_w.push(info.grid[2]);
+        out.video_frames.push(info.frames);
         at = pos + info.tokens as usize;
     }
     Ok(())

@@ -12,6 +12,7 @@
 //! - `compile`: the per-sample pipeline of each batch, into one store per source.
 //! - `instruct`: instruction templates (`{question}`, `{field}`) and the choice of one per turn.
 //! - `audio`: audio token counts (fixed, or the Whisper rule from the header's length).
+//! - `video`: video token counts (fixed, or the Qwen2-VL rule from the container metadata).
 //! - `media`: image token counts (fixed, or Qwen2-VL's rule from the file header) and placeholders.
 //! - `render`: chat-template rendering (minijinja) with each message's span in the text.
 //! - `tokenize`: tokenization with response-only loss masks and image token runs.
@@ -53,6 +54,7 @@ pub mod spill;
 pub mod store;
 pub mod tar;
 pub mod tokenize;
+pub mod video;
 
 #[cfg(feature = "python")]
 mod python;

@@ -7,13 +7,20 @@ use crate::tokenize::Encoded;
 /// Cuts a sample to at most `max` tokens: never inside an image run, at the end of a
 /// response when one fits; false when nothing trained would remain.
 pub fn truncate(enc: &mut Encoded, max: usize, (wrap_start, wrap_end): (bool, bool)) -> bool {
-    truncate_media(enc, max, (wrap_start, wrap_end), (false, false))
+    truncate_media(enc, max, [(wrap_start, wrap_end), (false, false), (false, false)])
 }
 
-/// `truncate`, audio runs (with their own wrappers) kept whole as image runs are.
-pub fn truncate_media(enc: &mut Encoded, max: usize, (wrap_start, wrap_end): (bool, bool), audio_wrap: (bool, bool)) -> bool {
+/// `truncate`, audio and video runs (with their own wrappers) kept whole as image runs
+/// are; `wraps`: the (start, end) wrappers of image, audio and video runs.
+pub fn truncate_media(enc: &mut Encoded, max: usize, wraps: [(bool, bool); 3]) -> bool {
+    let [(wrap_start, wrap_end), audio_wrap, video_wrap] = wraps;
     let mut cut = max.min(enc.ids.len());
-    let runs = enc.images.iter().map(|r| (r, (wrap_start, wrap_end))).chain(enc.audios.iter().map(|r| (r, audio_wrap)));
+    let runs = enc
+        .images
+        .iter()
+        .map(|r| (r, (wrap_start, wrap_end)))
+        .chain(enc.audios.iter().map(|r| (r, audio_wrap)))
+        .chain(enc.videos.iter().map(|r| (r, video_wrap)));
     let mut spans: Vec<(usize, usize)> =
         runs.map(|(run, (ws, we))| (run.pos as usize - ws as usize, (run.pos + run.len) as usize + we as usize)).collect();
     spans.sort_unstable();
@@ -36,6 +43,7 @@ pub fn truncate_media(enc: &mut Encoded, max: usize, (wrap_start, wrap_end): (bo
     enc.offsets.truncate(cut);
     enc.images.retain(|r| ((r.pos + r.len) as usize + wrap_end as usize) <= cut);
     enc.audios.retain(|r| ((r.pos + r.len) as usize + audio_wrap.1 as usize) <= cut);
+    enc.videos.retain(|r| ((r.pos + r.len) as usize + video_wrap.1 as usize) <= cut);
     true
 }
 
@@ -252,7 +260,7 @@ mod tests {
                 mask.extend(std::iter::repeat_n(chunk.last().is_some_and(|m| m.role == Role::Assistant) as u8, text.div_ceil(3)));
             }
             let n = ids.len();
-            Ok(Encoded { ids, mask, offsets: vec![(0, 0); n], images: vec![], audios: vec![] })
+            Ok(Encoded { ids, mask, offsets: vec![(0, 0); n], images: vec![], ..Default::default() })
         }
     }
 
@@ -389,7 +397,7 @@ mod tests {
         // A stand-in tokenizer: one token per character, everything trained.
         let encode = |chunk: &[Message]| -> Result<Encoded, ()> {
             let n: usize = chunk.iter().map(|m| m.content.len()).sum();
-            Ok(Encoded { ids: vec![0; n], mask: vec![1; n], offsets: vec![(0, 0); n], images: vec![], audios: vec![] })
+            Ok(Encoded { ids: vec![0; n], mask: vec![1; n], offsets: vec![(0, 0); n], images: vec![], ..Default::default() })
         };
         let parts = split_turns(&msgs, 8, encode).unwrap();
         // [sys, r1] = 5 tokens; r2 alone is 11 > 8: dropped; [sys, r3] = 4.
@@ -409,7 +417,7 @@ mod tests {
             images.dedup_by(|b, a| b.pos < a.pos + a.len); // non-overlapping runs
             let mut mask = mask;
             for r in &images { for k in r.pos..r.pos + r.len { mask[k as usize] = 0; } }
-            let mut enc = Encoded { ids: vec![7; n], mask: mask.clone(), offsets: vec![(0, 0); n], images: images.clone(), audios: vec![] };
+            let mut enc = Encoded { ids: vec![7; n], mask: mask.clone(), offsets: vec![(0, 0); n], images: images.clone(), ..Default::default() };
             if truncate(&mut enc, max, (false, false)) {
                 prop_assert!(enc.ids.len() <= max);
                 prop_assert!(enc.mask.contains(&1));
@@ -420,6 +428,42 @@ mod tests {
                 prop_assert_eq!(enc.images.len(), images.iter().filter(|r| r.pos + r.len <= cut).count());
             } else {
                 prop_assert!(!mask[..max.min(n)].contains(&1) || images.iter().any(|r| (r.pos as usize) < max));
+            }
+        }
+
+        /// Image and video runs mixed, video runs in start/end wrappers: no run is cut, its
+        /// wrappers included, and each kind keeps exactly its runs before the cut.
+        #[test]
+        fn truncate_keeps_video_runs_whole_with_their_wrappers(
+            mask in prop::collection::vec(0u8..2, 4..200),
+            runs in prop::collection::vec((1u32..180, 1u32..20, any::<bool>()), 0..5),
+            max in 1usize..200,
+        ) {
+            let n = mask.len() as u32;
+            // Each run with one token of room either side (the wrappers), none overlapping.
+            let mut spans: Vec<(u32, u32, bool)> = runs.into_iter()
+                .map(|(p, l, video)| (p.min(n - 3) + 1, l.min(n - 2 - (p.min(n - 3) + 1)).max(1), video))
+                .filter(|&(p, l, _)| p + l < n)
+                .collect();
+            spans.sort_by_key(|r| r.0);
+            spans.dedup_by(|b, a| b.0 <= a.0 + a.1 + 1);
+            let mut mask = mask;
+            for &(p, l, _) in &spans { for k in p - 1..p + l + 1 { mask[k as usize] = 0; } }
+            let run = |&(pos, len, _): &(u32, u32, bool)| ImageRun { pos, len };
+            let images: Vec<ImageRun> = spans.iter().filter(|r| !r.2).map(run).collect();
+            let videos: Vec<ImageRun> = spans.iter().filter(|r| r.2).map(run).collect();
+            let mut enc = Encoded { ids: vec![7; n as usize], mask, offsets: vec![(0, 0); n as usize], images: images.clone(), videos: videos.clone(), ..Default::default() };
+            if truncate_media(&mut enc, max, [(false, false), (false, false), (true, true)]) {
+                let cut = enc.ids.len() as u32;
+                prop_assert!(cut as usize <= max && enc.mask.contains(&1));
+                for r in &videos {
+                    prop_assert!(r.pos + r.len + 1 <= cut || r.pos - 1 >= cut, "cut {} inside video run {:?}", cut, r);
+                }
+                for r in &images {
+                    prop_assert!(r.pos + r.len <= cut || r.pos >= cut, "cut {} inside image run {:?}", cut, r);
+                }
+                prop_assert_eq!(enc.videos.len(), videos.iter().filter(|r| r.pos + r.len < cut).count());
+                prop_assert_eq!(enc.images.len(), images.iter().filter(|r| r.pos + r.len <= cut).count());
             }
         }
     }

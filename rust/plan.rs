@@ -16,10 +16,15 @@ pub struct Plan {
     pub bos_token: Option<String>,
     #[serde(default)]
     pub eos_token: Option<String>,
+    /// `[model] added_tokens`: special tokens appended to the tokenizer as it is loaded.
+    #[serde(default)]
+    pub added_tokens: Vec<String>,
     #[serde(default)]
     pub image: Option<ImagePlan>,
     #[serde(default)]
     pub audio: Option<AudioPlan>,
+    #[serde(default)]
+    pub video: Option<VideoPlan>,
     pub seq_len: u32,
     #[serde(default)]
     pub train_on: TrainOn,
@@ -220,6 +225,72 @@ fn default_pool() -> u32 {
     2
 }
 
+/// `[model] video`: how `<video>` placeholders expand (video.rs). The defaults are
+/// transformers' `Qwen2VLVideoProcessor`'s.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VideoPlan {
+    pub placeholder: String,
+    pub token: String,
+    #[serde(default)]
+    pub start: Option<String>,
+    #[serde(default)]
+    pub end: Option<String>,
+    /// Fixed tokens per clip; when absent, the Qwen2-VL rule from the container metadata.
+    #[serde(default)]
+    pub count: Option<u32>,
+    #[serde(default = "default_video_fps")]
+    pub fps: f64,
+    #[serde(default = "default_min_frames")]
+    pub min_frames: u32,
+    #[serde(default = "default_max_frames")]
+    pub max_frames: u32,
+    #[serde(default = "default_video_min_pixels")]
+    pub min_pixels: u64,
+    #[serde(default = "default_video_max_pixels")]
+    pub max_pixels: u64,
+    #[serde(default = "default_patch")]
+    pub patch: u32,
+    #[serde(default = "default_merge")]
+    pub merge: u32,
+    #[serde(default = "default_temporal_patch")]
+    pub temporal_patch: u32,
+    /// The processor's `cap_pixels_per_frame`: each frame under an even share of
+    /// `max_video_tokens` worth of pixels (off by default, as in the processor).
+    #[serde(default)]
+    pub cap_pixels_per_frame: bool,
+    #[serde(default = "default_max_video_tokens")]
+    pub max_video_tokens: u64,
+    /// A clip giving more tokens is an error naming it.
+    #[serde(default = "default_video_max_tokens")]
+    pub max_tokens: u64,
+}
+
+fn default_video_fps() -> f64 {
+    2.0
+}
+fn default_min_frames() -> u32 {
+    4
+}
+fn default_max_frames() -> u32 {
+    768
+}
+fn default_video_min_pixels() -> u64 {
+    128 * 28 * 28
+}
+fn default_video_max_pixels() -> u64 {
+    768 * 28 * 28
+}
+fn default_temporal_patch() -> u32 {
+    2
+}
+fn default_max_video_tokens() -> u64 {
+    128_000
+}
+fn default_video_max_tokens() -> u64 {
+    32_768
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourcePlan {
@@ -236,6 +307,9 @@ pub struct SourcePlan {
     /// Directory that audio paths are relative to.
     #[serde(default)]
     pub audio_root: Option<String>,
+    /// Directory that video paths are relative to.
+    #[serde(default)]
+    pub video_root: Option<String>,
     #[serde(default = "default_weight")]
     pub weight: f64,
     #[serde(default)]

@@ -101,6 +101,13 @@ struct BatchColumns<'py> {
     audio_path_offsets: Option<PyReadonlyArray1<'py, i64>>,
     #[pyo3(default)]
     audio_path_data: Option<PyReadonlyArray1<'py, u8>>,
+    /// Per sample, its video clips, as audio; absent without video.
+    #[pyo3(default)]
+    video_offsets: Option<PyReadonlyArray1<'py, i64>>,
+    #[pyo3(default)]
+    video_path_offsets: Option<PyReadonlyArray1<'py, i64>>,
+    #[pyo3(default)]
+    video_path_data: Option<PyReadonlyArray1<'py, u8>>,
 }
 
 impl BatchColumns<'_> {
@@ -120,6 +127,10 @@ impl BatchColumns<'_> {
             fields: self.fields.iter().map(|(o, d)| str_col(o, d)).collect::<PyResult<Vec<_>>>()?,
             audio: match (&self.audio_offsets, &self.audio_path_offsets, &self.audio_path_data) {
                 (Some(a), Some(o), Some(d)) => Some((a.as_slice()?, str_col(o, d)?)),
+                _ => None,
+            },
+            video: match (&self.video_offsets, &self.video_path_offsets, &self.video_path_data) {
+                (Some(v), Some(o), Some(d)) => Some((v.as_slice()?, str_col(o, d)?)),
                 _ => None,
             },
         })
@@ -237,6 +248,15 @@ impl PyCompiler {
             audio_path_offsets,
             audio_path_data,
             audio_samples,
+            video_offsets,
+            video_positions,
+            video_lengths,
+            video_path_offsets,
+            video_path_data,
+            video_grid_t,
+            video_grid_h,
+            video_grid_w,
+            video_frames,
         ))
     }
 
@@ -510,6 +530,38 @@ fn image_token_count(width: u64, height: u64, patch: u32, merge: u32, min_pixels
     crate::media::dynamic_count(&plan, width, height)
 }
 
+/// A video clip's container metadata (never a decoded frame): (frames, frame rate as
+/// (numerator, denominator), coded width, coded height, turned a quarter by its matrix).
+#[pyfunction]
+fn video_metadata(py: Python<'_>, path: std::path::PathBuf) -> PyResult<(u64, (u64, u64), u64, u64, bool)> {
+    let h = py.detach(|| crate::video::read_header(&path)).map_err(PyValueError::new_err)?;
+    Ok((h.frames, h.rate, h.width, h.height, h.quarter_turned))
+}
+
+/// The video rule's (tokens, [t, h, w] grid, frames sampled) for a clip of `frames` frames
+/// at `rate` (numerator, denominator) and `width` × `height`, under the rule `rule_json`
+/// (the core's video plan, JSON, without placeholder and token).
+#[pyfunction]
+#[pyo3(signature = (rule_json, frames, rate, width, height, quarter_turned = false))]
+fn video_token_count(
+    rule_json: &str,
+    frames: u64,
+    rate: (u64, u64),
+    width: u64,
+    height: u64,
+    quarter_turned: bool,
+) -> PyResult<(u32, [u32; 3], u32)> {
+    let mut rule: serde_json::Value = serde_json::from_str(rule_json).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    if let Some(obj) = rule.as_object_mut() {
+        obj.entry("placeholder").or_insert("<video>".into());
+        obj.entry("token").or_insert("<video>".into());
+    }
+    let plan: crate::plan::VideoPlan = serde_json::from_value(rule).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let header = crate::video::Header { frames, rate, width, height, quarter_turned };
+    let info = crate::video::tokens_for(&plan, header).map_err(PyValueError::new_err)?;
+    Ok((info.tokens, info.grid, info.frames))
+}
+
 /// Runs `job` with the GIL released on the process's shared pool (rebuilt after a fork,
 /// unlike rayon's global pool: see `pool`).
 fn on_shared_pool<T: Send>(py: Python<'_>, job: impl FnOnce() -> T + Send) -> PyResult<T> {
@@ -613,6 +665,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(builtin_template, m)?)?;
     m.add_function(wrap_pyfunction!(tar_members, m)?)?;
     m.add_function(wrap_pyfunction!(image_token_count, m)?)?;
+    m.add_function(wrap_pyfunction!(video_metadata, m)?)?;
+    m.add_function(wrap_pyfunction!(video_token_count, m)?)?;
     m.add_function(wrap_pyfunction!(pack_lengths, m)?)?;
     m.add_function(wrap_pyfunction!(pack_bounds, m)?)?;
     m.add_function(wrap_pyfunction!(fill_templates, m)?)?;

@@ -201,7 +201,7 @@ mod tests {
             mask: vec![0, 0, 0, 0, 0, 1, 0, 0, 1],
             offsets: vec![(0, 0); 9],
             images: vec![ImageRun { pos: 2, len: 3 }, ImageRun { pos: 6, len: 2 }],
-            audios: vec![],
+            ..Default::default()
         }
     }
 
@@ -211,7 +211,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         for d in [None, Some(dir.as_path())] {
             let mut spill = Spill::new(d).unwrap();
-            let plain = Encoded { ids: vec![5, 6], mask: vec![1, 0], offsets: vec![(0, 0); 2], images: vec![], audios: vec![] };
+            let plain = Encoded { ids: vec![5, 6], mask: vec![1, 0], offsets: vec![(0, 0); 2], images: vec![], ..Default::default() };
             let r1 = spill.append(&sample()).unwrap();
             let r2 = spill.append(&plain).unwrap();
             let (mut ids, mut mask) = (Vec::new(), Vec::new());
@@ -241,7 +241,7 @@ mod tests {
             let (mut ids, mut mask) = (Vec::new(), Vec::new());
             spill.read(first, 9, &mut ids, &mut mask).unwrap();
             let raw = spill.raw(first).unwrap();
-            let later = Encoded { ids: vec![7, 8, 9], mask: vec![0, 1, 1], offsets: vec![(0, 0); 3], images: vec![], audios: vec![] };
+            let later = Encoded { ids: vec![7, 8, 9], mask: vec![0, 1, 1], offsets: vec![(0, 0); 3], images: vec![], ..Default::default() };
             let second = spill.append(&later).unwrap();
             let copy = spill.append_raw(&raw).unwrap();
             let (mut ids, mut mask) = (Vec::new(), Vec::new());

@@ -359,6 +359,8 @@ fn read_meta<R: Read>(b: &mut Body<R>, store: &mut Store, images: &mut [u8; 32],
             n_img: u32_at(r, 22),
             aud: 0,
             n_aud: 0,
+            vid: 0,
+            n_vid: 0,
             template: u32_at(r, 26) as i32,
             record: Record { offset: 0, bytes: u32_at(r, 30) },
         })

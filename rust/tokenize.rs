@@ -51,6 +51,8 @@ pub struct Encoded {
     pub images: Vec<ImageRun>,
     /// Audio token runs, as image runs are recorded (the clip's tokens, wrappers excluded).
     pub audios: Vec<ImageRun>,
+    /// Video token runs, as image runs are recorded.
+    pub videos: Vec<ImageRun>,
 }
 
 impl Encoded {
@@ -61,6 +63,9 @@ impl Encoded {
 
 /// (placeholder, token, start, end) as text.
 pub type MediaSpec<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>);
+
+/// The tokens of each image, audio clip and video clip of a sample, in order.
+pub type MediaCounts<'a> = (&'a [u32], &'a [u32], &'a [u32]);
 
 /// How image (or audio) placeholders expand.
 #[derive(Debug, Clone)]
@@ -146,12 +151,14 @@ pub struct TextTokenizer {
     /// Test hook: the fast engine gives a wrong id (to exercise the build's shadow check).
     fault: bool,
     id: u64,
-    /// Patterns: the special tokens, then the image placeholder (when set), then the
-    /// audio placeholder (when set).
+    /// Patterns: the special tokens, then the media placeholders set (`media_cuts`).
     cutter: AhoCorasick,
     special_ids: Vec<u32>,
+    /// What each media placeholder pattern is, in pattern order after the specials.
+    media_cuts: Vec<Cut>,
     image: Option<ImageTokens>,
     audio: Option<ImageTokens>,
+    video: Option<ImageTokens>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -159,6 +166,7 @@ enum Cut {
     Special(u32),
     Image,
     Audio,
+    Video,
 }
 
 impl TextTokenizer {
@@ -171,14 +179,16 @@ impl TextTokenizer {
 
     /// `image`: (placeholder, token, start, end) as text; each token must exist.
     pub fn new(tokenizer: Tokenizer, image: Option<MediaSpec<'_>>, engine: TokenizerEngine) -> Result<Self> {
-        Self::with_media(tokenizer, image, None, engine)
+        Self::with_media(tokenizer, image, None, None, engine)
     }
 
-    /// As `new`, with `<audio>`-style placeholders too (`audio`, as `image`).
+    /// As `new`, with `<audio>` and `<video>` placeholders too (`audio` and `video`, as
+    /// `image`).
     pub fn with_media(
         mut tokenizer: Tokenizer,
         image: Option<MediaSpec<'_>>,
         audio: Option<MediaSpec<'_>>,
+        video: Option<MediaSpec<'_>>,
         engine: TokenizerEngine,
     ) -> Result<Self> {
         tokenizer.set_encode_special_tokens(true);
@@ -212,6 +222,25 @@ impl TextTokenizer {
             }),
             None => None,
         };
+        let video = match video {
+            Some((placeholder, token, start, end)) => Some(ImageTokens {
+                placeholder: placeholder.to_string(),
+                token: lookup(token, "video token")?,
+                start: start.map(|s| lookup(s, "video start token")).transpose()?,
+                end: end.map(|s| lookup(s, "video end token")).transpose()?,
+            }),
+            None => None,
+        };
+        if let Some(vid) = &video {
+            if vid.placeholder.is_empty() {
+                return Err(Error::plan("model.video.placeholder", "must not be empty"));
+            }
+            let taken = [&image, &audio].into_iter().flatten().any(|m| m.placeholder == vid.placeholder);
+            if taken {
+                return Err(Error::plan("model.video.placeholder", "must differ from the image and audio placeholders"));
+            }
+            specials.retain(|(s, _)| *s != vid.placeholder);
+        }
         if let Some(aud) = &audio {
             if aud.placeholder.is_empty() {
                 return Err(Error::plan("model.audio.placeholder", "must not be empty"));
@@ -230,11 +259,12 @@ impl TextTokenizer {
             specials.retain(|(s, _)| *s != img.placeholder);
         }
         let mut patterns: Vec<&str> = specials.iter().map(|(s, _)| s.as_str()).collect();
-        if let Some(img) = &image {
-            patterns.push(&img.placeholder);
-        }
-        if let Some(aud) = &audio {
-            patterns.push(&aud.placeholder);
+        let mut media_cuts = Vec::new();
+        for (spec, cut) in [(&image, Cut::Image), (&audio, Cut::Audio), (&video, Cut::Video)] {
+            if let Some(m) = spec {
+                patterns.push(&m.placeholder);
+                media_cuts.push(cut);
+            }
         }
         let cutter = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
@@ -244,7 +274,20 @@ impl TextTokenizer {
         let hf_words = byte_level_bpe(&tokenizer);
         let (engine, engine_reason) = choose_engine(&tokenizer, engine)?;
         let id = NEXT_TOKENIZER_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(TextTokenizer { tokenizer, engine, engine_reason, hf_words, fault: false, id, cutter, special_ids, image, audio })
+        Ok(TextTokenizer {
+            tokenizer,
+            engine,
+            engine_reason,
+            hf_words,
+            fault: false,
+            id,
+            cutter,
+            special_ids,
+            media_cuts,
+            image,
+            audio,
+            video,
+        })
     }
 
     /// Turns HF's word path off: every piece through the full `Tokenizer::encode` (tests
@@ -282,6 +325,16 @@ impl TextTokenizer {
         self.audio.as_ref().map(|i| (i.start.is_some(), i.end.is_some())).unwrap_or((false, false))
     }
 
+    /// The id video placeholders expand to.
+    pub fn video_token(&self) -> Option<u32> {
+        self.video.as_ref().map(|i| i.token)
+    }
+
+    /// Whether video runs are wrapped in start / end tokens.
+    pub fn video_wrappers(&self) -> (bool, bool) {
+        self.video.as_ref().map(|i| (i.start.is_some(), i.end.is_some())).unwrap_or((false, false))
+    }
+
     /// Whether image runs are wrapped in start / end tokens.
     pub fn image_wrappers(&self) -> (bool, bool) {
         self.image.as_ref().map(|i| (i.start.is_some(), i.end.is_some())).unwrap_or((false, false))
@@ -292,12 +345,9 @@ impl TextTokenizer {
     }
 
     fn cut_kind(&self, pattern: usize) -> Cut {
-        if pattern < self.special_ids.len() {
-            Cut::Special(self.special_ids[pattern])
-        } else if pattern == self.special_ids.len() && self.image.is_some() {
-            Cut::Image
-        } else {
-            Cut::Audio
+        match pattern.checked_sub(self.special_ids.len()) {
+            None => Cut::Special(self.special_ids[pattern]),
+            Some(k) => self.media_cuts[k],
         }
     }
 
@@ -397,15 +447,15 @@ impl TextTokenizer {
         train_on: TrainOn,
         train_on_eos: bool,
     ) -> std::result::Result<Encoded, String> {
-        self.encode_with(rendered, roles, (image_counts, &[]), train_on, train_on_eos, false)
+        self.encode_with(rendered, roles, (image_counts, &[], &[]), train_on, train_on_eos, false)
     }
 
-    /// As `encode`, with the tokens of each audio clip, in order.
+    /// As `encode`, with the tokens of each audio and video clip, in order.
     pub fn encode_media(
         &self,
         rendered: &Rendered,
         roles: &[Role],
-        counts: (&[u32], &[u32]),
+        counts: MediaCounts<'_>,
         train_on: TrainOn,
         train_on_eos: bool,
     ) -> std::result::Result<Encoded, String> {
@@ -418,16 +468,16 @@ impl TextTokenizer {
         &self,
         rendered: &Rendered,
         roles: &[Role],
-        (image_counts, audio_counts): (&[u32], &[u32]),
+        counts: MediaCounts<'_>,
     ) -> std::result::Result<Encoded, String> {
-        self.encode_with(rendered, roles, (image_counts, audio_counts), TrainOn::All, false, true)
+        self.encode_with(rendered, roles, counts, TrainOn::All, false, true)
     }
 
     fn encode_with(
         &self,
         rendered: &Rendered,
         roles: &[Role],
-        (image_counts, audio_counts): (&[u32], &[u32]),
+        (image_counts, audio_counts, video_counts): MediaCounts<'_>,
         train_on: TrainOn,
         train_on_eos: bool,
         reference: bool,
@@ -439,6 +489,7 @@ impl TextTokenizer {
         let mut pos = 0usize;
         let mut n_images = 0usize;
         let mut n_audios = 0usize;
+        let mut n_videos = 0usize;
         for m in self.cutter.find_iter(text) {
             let cut = self.cut_kind(m.pattern().as_usize());
             if let Cut::Special(_) = cut {
@@ -464,6 +515,11 @@ impl TextTokenizer {
                     let run = aud.expand(audio_counts, &mut n_audios, "audio clips", span, &mut out, &mut kinds)?;
                     out.audios.push(run);
                 }
+                Cut::Video => {
+                    let vid = self.video.as_ref().expect("video pattern only exists with a video config");
+                    let run = vid.expand(video_counts, &mut n_videos, "video clips", span, &mut out, &mut kinds)?;
+                    out.videos.push(run);
+                }
             }
             pos = m.end();
         }
@@ -482,6 +538,14 @@ impl TextTokenizer {
                 "the sample has {} audio clips but its text has {} '{ph}' placeholders",
                 audio_counts.len(),
                 n_audios
+            ));
+        }
+        if n_videos != video_counts.len() {
+            let ph = self.video.as_ref().map(|i| i.placeholder.as_str()).unwrap_or("<video>");
+            return Err(format!(
+                "the sample has {} video clips but its text has {} '{ph}' placeholders",
+                video_counts.len(),
+                n_videos
             ));
         }
         out.mask = response_mask(rendered, roles, &out.offsets, &kinds, train_on, train_on_eos);
@@ -646,7 +710,7 @@ mod tests {
                     prop_assert_eq!(&a.mask, &want.mask);
                     prop_assert_eq!(&a.images, &want.images);
                 }
-                let reference = fast.encode_reference(&rendered, &roles, (&counts, &[])).unwrap();
+                let reference = fast.encode_reference(&rendered, &roles, (&counts, &[], &[])).unwrap();
                 prop_assert_eq!(&reference.ids, &want.ids);
                 let image_tokens = want.ids.iter().filter(|&&i| i == 49152).count();
                 prop_assert_eq!(image_tokens, 3 * n);

@@ -55,6 +55,8 @@ def sources_moved(shipped: Path, folder: str, samples: int = 40) -> str:
             entry["image_root"] = moved(s.image_root)
         if s.audio_root:
             entry["audio_root"] = moved(s.audio_root)
+        if s.video_root:
+            entry["video_root"] = moved(s.video_root)
         if s.join is not None and s.join.path:
             entry["join"] = {"path": moved(s.join.path)}
         sources.append(entry)

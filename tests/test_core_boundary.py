@@ -23,6 +23,8 @@ PACKED_KEYS = {
     "image_offsets", "image_positions", "image_lengths", "image_path_offsets", "image_path_data",
     "image_grid_t", "image_grid_h", "image_grid_w",
     "audio_offsets", "audio_positions", "audio_lengths", "audio_path_offsets", "audio_path_data", "audio_samples",
+    "video_offsets", "video_positions", "video_lengths", "video_path_offsets", "video_path_data", "video_grid_t",
+    "video_grid_h", "video_grid_w", "video_frames",
 }  # fmt: skip
 
 

@@ -23,6 +23,7 @@ PINNED = {
     "llava-1.5-mix": "77484a765103937d44a0026288800e73154d15c9e3ea951926ac80d9dac164e3",
     "instructblip": "15e38f13b03489491286945004ec87c4c55f82ea4e7413a4a28cf139f685e099",
     "asr-alignment": "6d7b0b3ac40e29197675074e2c1cb23c304629e14f7dd816c3b8827833a390a7",
+    "video-instruct": "3ef4a062623f09f3500b1759eb54b65b15d6ca02972bb77020abf59053cb1552",
 }
 
 
@@ -31,7 +32,7 @@ def lay_out(folder: Path) -> Path:
     on the fixtures as `NAME-fixtures.toml`, with paths relative to the recipes."""
     shutil.copytree(ROOT / "recipes", folder / "recipes")
     shutil.copytree(ROOT / "tests" / "fixtures", folder / "fixtures")
-    for stem in ("alignment", "alignment-parquet", "llava-1.5-mix", "instructblip", "asr-alignment"):
+    for stem in ("alignment", "alignment-parquet", "llava-1.5-mix", "instructblip", "asr-alignment", "video-instruct"):
         body = sources_moved(folder / "recipes" / f"{stem}.toml", "../fixtures", 40)
         (folder / "recipes" / f"{stem}-fixtures.toml").write_text(f'extends = "{stem}.toml"\n' + body)
     return folder / "recipes"

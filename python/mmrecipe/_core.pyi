@@ -32,6 +32,10 @@ class _BatchColumns(TypedDict):
     audio_offsets: NotRequired[npt.NDArray[np.int64]]
     audio_path_offsets: NotRequired[npt.NDArray[np.int64]]
     audio_path_data: NotRequired[npt.NDArray[np.uint8]]
+    #: Per sample, its video clips, as audio; none given: the source has no video.
+    video_offsets: NotRequired[npt.NDArray[np.int64]]
+    video_path_offsets: NotRequired[npt.NDArray[np.int64]]
+    video_path_data: NotRequired[npt.NDArray[np.uint8]]
     #: (offsets, bytes) per template field, in the plan's field order.
     fields: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]]
 
@@ -59,6 +63,8 @@ __all__ = [
     "pack_lengths",
     "parse_replies",
     "release_columns",
+    "video_metadata",
+    "video_token_count",
     "tar_members",
     "tokenizer_engine",
 ]
@@ -139,7 +145,9 @@ class Compiler:
         image_lengths, image_grid_t, image_grid_h, image_grid_w and the strings
         (image_path_offsets, image_path_data); its audio runs audio_offsets[r]..[r+1] of
         audio_positions, audio_lengths, audio_samples and the strings (audio_path_offsets,
-        audio_path_data), empty without audio."""
+        audio_path_data), empty without audio; its video runs video_offsets[r]..[r+1] of
+        video_positions, video_lengths, video_grid_t/h/w, video_frames and the strings
+        (video_path_offsets, video_path_data), empty without video."""
 
     def tokenizer_engine(self) -> tuple[str, str]:
         """The engine tokenizing this build ("fast" or "hf") and why it was chosen."""
@@ -188,6 +196,17 @@ def image_token_count(
     width: int, height: int, patch: int = 14, merge: int = 2, min_pixels: int = 3136, max_pixels: int = 1003520
 ) -> int:
     """Image tokens for an image of width × height under the Qwen2-VL rule."""
+
+def video_metadata(path: str | os.PathLike[str]) -> tuple[int, tuple[int, int], int, int, bool]:
+    """A clip's container metadata, no frame decoded: (frames, frame rate as (numerator,
+    denominator), coded width, coded height, turned a quarter by its display matrix).
+    ValueError naming the file when it cannot be read."""
+
+def video_token_count(
+    rule_json: str, frames: int, rate: tuple[int, int], width: int, height: int, quarter_turned: bool = False
+) -> tuple[int, list[int], int]:
+    """(tokens, [t, h, w] patch grid, frames sampled) of a clip under the video rule
+    `rule_json` (the core plan's `video`, JSON; placeholder and token optional)."""
 
 def pack_lengths(
     lengths: npt.NDArray[np.uint32],

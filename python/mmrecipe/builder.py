@@ -199,11 +199,14 @@ def recipe_data(recipe: Recipe) -> dict[str, Any]:
     if d["output"].get("epochs") == 1:
         del d["output"]["epochs"]
     # Audio keys only where set: a recipe without audio has the manifest it had before.
-    if d["model"].get("audio") is None:
-        d["model"].pop("audio", None)
-    for source in d["source"]:
-        if source.get("audio_root") is None:
-            source.pop("audio_root", None)
+    if not d["model"].get("added_tokens"):
+        d["model"].pop("added_tokens", None)
+    for medium in ("audio", "video"):  # likewise for video
+        if d["model"].get(medium) is None:
+            d["model"].pop(medium, None)
+        for source in d["source"]:
+            if source.get(f"{medium}_root") is None:
+                source.pop(f"{medium}_root", None)
     return d
 
 
@@ -260,11 +263,14 @@ def build(
     audio = plan.recipe.model.audio is not None
     if audio and engine == "ray":
         raise RecipeError("model.audio: the Ray engine does not build recipes with audio yet; build with engine \"local\"")
+    video = plan.recipe.model.video is not None
+    if video and engine == "ray":
+        raise RecipeError("model.video: the Ray engine does not build recipes with video yet; build with engine \"local\"")
     out = check_destination(Path(out), overwrite, protected_paths(plan))
     stages = LLMStages(plan, mode="offline" if offline else "online", retry_failed=retry_failed, progress=progress)
     hashes = Hashes()
-    # Token store entries keep no audio runs: a recipe with audio is always tokenized.
-    store = _open_store(cache) if not audio else None
+    # Token store entries keep no audio or video runs: such a recipe is always tokenized.
+    store = _open_store(cache) if not (audio or video) else None
     with lock(out), stages, staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=spill_prefix(out)) as spill, ExitStack() as on_cluster:
         plan, _ = expand_pools(plan, stages)  # before anything keys on the sources' templates
         timings: dict[str, float] = {}
@@ -276,7 +282,7 @@ def build(
             clock[0] = now
 
         epochs = plan.recipe.output.epochs
-        if store is None and epochs > 1 and not audio:
+        if store is None and epochs > 1 and not (audio or video):
             # Without a token store, the build's own in the spill folder: a source every
             # epoch shares (one without templates to draw) is tokenized once.
             store = TokenStore(Path(spill) / "store")
@@ -311,6 +317,7 @@ def build(
                     raise TokenizerError(f"model.tokenizer: pad token {pad!r} is not in the vocabulary")
                 image = image_rule(plan, compiler)
                 audio_info = audio_rule(plan, compiler)
+                video_info = video_rule(plan, compiler)
             label = "" if epochs == 1 else f" (epoch {epoch}, {epoch + 1}/{epochs})"
             notes = _tokenize(plan, stages, compiler, lap, progress, use, remote, label)
             summary = msgspec.json.decode(compiler.finish())
@@ -319,7 +326,7 @@ def build(
                 stats["notes"] = stages.pool_note(source) + notes[source.index] + stages.notes(source.name)
             lap("pack")
             with _progress(summary["sequences"], "write" + label, "seq", progress) as wbar:
-                parts.append(_write_epoch(tmp, epoch, compiler, summary, plan.recipe.output.shard_sequences, wbar, audio))
+                parts.append(_write_epoch(tmp, epoch, compiler, summary, plan.recipe.output.shard_sequences, wbar, audio, video))
             del compiler  # its spill goes before the next epoch's
             shutil.rmtree(epoch_spill, ignore_errors=True)
             if epoch == 0:
@@ -328,7 +335,7 @@ def build(
         on_cluster.close()  # the cluster's work is done (and the staged entries loaded)
         if remote is not None:
             lap("connect")  # and disconnect
-        manifest = _manifest(plan, int(pad_id), parts, first, image, hashes, audio_info)
+        manifest = _manifest(plan, int(pad_id), parts, first, image, hashes, audio_info, video_info)
         manifest.tokenizer_engine = {"engine": tk_engine, "reason": engine_reason}
         write_json(tmp / MANIFEST, manifest)
         lap("write")
@@ -341,13 +348,13 @@ ENGINES = ("local", "ray")
 
 
 def _write_epoch(tmp: Path, epoch: int, compiler: Any, summary: dict[str, Any], per_shard: int, bar: Any,
-                 audio: bool = False) -> EpochPart:
-    """Epoch `epoch`'s shards (with the audio columns when `audio`) and stats.json, in its
-    folder of the staged release."""
+                 audio: bool = False, video: bool = False) -> EpochPart:
+    """Epoch `epoch`'s shards (with the audio columns when `audio`, the video columns when
+    `video`) and stats.json, in its folder of the staged release."""
     prefix = epoch_folder(epoch)
     folder = tmp / prefix
     folder.mkdir(exist_ok=True)
-    shards = write_shards(folder, compiler.emit, summary["sequences"], per_shard, bar, audio)
+    shards = write_shards(folder, compiler.emit, summary["sequences"], per_shard, bar, audio, video)
     if prefix:
         shards = [msgspec.structs.replace(sh, path=f"{prefix}/{sh.path}") for sh in shards]
     stats = f"{prefix}/{STATS}" if prefix else STATS
@@ -655,6 +662,13 @@ def audio_rule(plan: Plan, compiler: Any) -> dict[str, Any] | None:
     return _rule_with_ids(plan.recipe.model.audio, compiler, ("rule", "chunk_seconds", "hop_length", "pool", "long"))
 
 
+def video_rule(plan: Plan, compiler: Any) -> dict[str, Any] | None:
+    """The recipe's video rule with the ids of its tokens, for the loader."""
+    keys = ("rule", "fps", "min_frames", "max_frames", "min_pixels", "max_pixels", "patch", "merge", "temporal_patch",
+            "cap_pixels_per_frame", "max_video_tokens")
+    return _rule_with_ids(plan.recipe.model.video, compiler, keys)
+
+
 def _rule_with_ids(spec: Any, compiler: Any, rule_keys: tuple[str, ...]) -> dict[str, Any] | None:
     """A media rule ([model] image or audio) as set, without the keys of the computed rule
     when it is a fixed count, with the ids of its token and wrappers."""
@@ -677,6 +691,13 @@ def audio_roots(plan: Plan) -> dict[str, str]:
             if s.audio_root is not None and ("audio" in s.spec.fields or "audios" in s.spec.fields)}
 
 
+def video_roots(plan: Plan) -> dict[str, str]:
+    """Each video source's video root relative to the recipe's folder."""
+    base = plan.folder.resolve()
+    return {s.name: os.path.relpath(s.video_root.resolve(), base) for s in plan.sources
+            if s.video_root is not None and ("video" in s.spec.fields or "videos" in s.spec.fields)}
+
+
 def image_roots(plan: Plan) -> dict[str, str]:
     """Each source's image root relative to the recipe's folder (never this machine's path)."""
     base = plan.folder.resolve()
@@ -685,7 +706,7 @@ def image_roots(plan: Plan) -> dict[str, str]:
 
 def _manifest(
     plan: Plan, pad_id: int, parts: list[EpochPart], summary: dict[str, Any], image: dict[str, Any] | None, hashes: Hashes,
-    audio: dict[str, Any] | None = None,
+    audio: dict[str, Any] | None = None, video: dict[str, Any] | None = None,
 ) -> Manifest:
     """The manifest: epoch 0 at the top level (what a one-epoch build writes), and every
     epoch listed when there are more."""
@@ -711,5 +732,7 @@ def _manifest(
     )
     if audio is not None:
         manifest.audio, manifest.audio_roots = audio, audio_roots(plan)
+    if video is not None:
+        manifest.video, manifest.video_roots = video, video_roots(plan)
     manifest.release_id = release_id_of(msgspec.json.encode(manifest))
     return manifest

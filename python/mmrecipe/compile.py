@@ -20,8 +20,8 @@ from . import _core
 from .buffers import arrow, binary_buffers, string_buffers
 from .recipe.model import ModelFiles
 from .recipe.plan import Plan
-from .recipe.schema import AudioSpec, ImageSpec, OutputSpec
-from .sources.columns import AUDIOS, CONTENTS, IMAGE_BYTES, IMAGES, ROLES, ROW, Normalized, template_column
+from .recipe.schema import AudioSpec, ImageSpec, OutputSpec, VideoSpec
+from .sources.columns import AUDIOS, CONTENTS, IMAGE_BYTES, IMAGES, ROLES, ROW, VIDEOS, Normalized, template_column
 
 if TYPE_CHECKING:
     from ._core import _BatchColumns
@@ -47,10 +47,11 @@ def core_plan(plan: Plan, tokenizer_engine: str | None = None, epoch: int = 0) -
             "max_epochs": s.spec.max_epochs,
             # Only with audio: the plan (and the token store's keys) of other recipes unchanged.
             **({"audio_root": str(s.audio_root)} if recipe.model.audio is not None and s.audio_root else {}),
+            **({"video_root": str(s.video_root)} if recipe.model.video is not None and s.video_root else {}),
         }
         for s in plan.sources
     ]
-    return settings(plan.model, recipe.model.image, recipe.output, recipe.model.audio) | {
+    return settings(plan.model, recipe.model.image, recipe.output, recipe.model.audio, recipe.model.video) | {
         "seed": recipe.recipe.seed,
         "epoch": epoch,
         "mixture": "natural" if isinstance(total, str) else dict(total),
@@ -60,10 +61,13 @@ def core_plan(plan: Plan, tokenizer_engine: str | None = None, epoch: int = 0) -
     }
 
 
-def settings(model: ModelFiles, image: ImageSpec | None, output: OutputSpec, audio: AudioSpec | None = None) -> dict[str, Any]:
-    """What shapes each sample's tokens: the chat template, its tokens, the image and audio
-    rules and the output options (a build's plan, and `encode.ChatEncoder`'s)."""
-    return audio_settings(audio) | {
+def settings(model: ModelFiles, image: ImageSpec | None, output: OutputSpec, audio: AudioSpec | None = None,
+             video: VideoSpec | None = None) -> dict[str, Any]:
+    """What shapes each sample's tokens: the chat template, its tokens, the image, audio
+    and video rules and the output options (a build's plan, and `encode.ChatEncoder`'s)."""
+    # Only with added tokens: the plan of every other recipe unchanged.
+    added = {"added_tokens": list(model.added_tokens)} if model.added_tokens else {}
+    return added | audio_settings(audio) | video_settings(video) | {
         "chat_template": model.chat_template,
         "bos_token": model.bos_token,
         "eos_token": model.eos_token,
@@ -87,6 +91,16 @@ def audio_settings(audio: AudioSpec | None) -> dict[str, Any]:
     rule = msgspec.to_builtins(audio)
     del rule["rule"]  # the only rule besides a fixed count: the core knows it by the keys
     return {"audio": rule}
+
+
+def video_settings(video: VideoSpec | None) -> dict[str, Any]:
+    """`{"video": the core's video plan}`, or nothing without a video rule (the plan of a
+    recipe without video is what it was before video existed)."""
+    if video is None:
+        return {}
+    rule = msgspec.to_builtins(video)
+    del rule["rule"]  # the only rule besides a fixed count: the core knows it by the keys
+    return {"video": rule}
 
 
 def check_tokenizer_engine(value: object) -> None:
@@ -130,6 +144,9 @@ def batch_columns(norm: Normalized, start: int, length: int) -> _BatchColumns:
     if AUDIOS in part.columns:  # the clips' paths, per sample: the core reads their headers
         extra["audio_offsets"], audios = _list_parts(part[AUDIOS])
         extra["audio_path_offsets"], extra["audio_path_data"] = string_buffers(audios)
+    if VIDEOS in part.columns:  # the clips' paths, per sample: the core reads their metadata
+        extra["video_offsets"], videos = _list_parts(part[VIDEOS])
+        extra["video_path_offsets"], extra["video_path_data"] = string_buffers(videos)
     return {
         **extra,
         "rows": part[ROW].to_numpy().astype(np.uint64, copy=False),

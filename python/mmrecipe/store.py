@@ -57,6 +57,8 @@ CORE_INCLUDED = frozenset({
     "chat_template", "bos_token", "eos_token", "image", "train_on", "train_on_eos", "overlong", "seed", "sources",
     "max_images",  # a sample with more images is dropped as it is added
     "audio",  # only with an audio rule (and such builds bypass the store: entries keep no audio runs)
+    "video",  # likewise for video
+    "added_tokens",  # only when set: they give the tokenizer new ids
 })
 CORE_EXCLUDED = frozenset({
     "seq_len",  # checked by the entry itself: reused when every sample fits both lengths
@@ -65,7 +67,7 @@ CORE_EXCLUDED = frozenset({
     "epoch",  # in the key only where it shapes samples: a source with templates to draw from
 })
 # A source's entry in the core plan.
-SOURCE_INCLUDED = frozenset({"name", "templates", "fields", "image_root", "audio_root", "on_error"})
+SOURCE_INCLUDED = frozenset({"name", "templates", "fields", "image_root", "audio_root", "video_root", "on_error"})
 SOURCE_EXCLUDED = frozenset({"weight", "max_epochs"})
 # The source's recipe table ([[source]], or the one a [[generate]] table becomes).
 SPEC_INCLUDED = frozenset({
@@ -76,6 +78,7 @@ SPEC_EXCLUDED = frozenset({
     "path",  # the files it names are in the key by content, in order
     "image_root",  # in the key resolved (the core plan's image_root)
     "audio_root",  # likewise (and only set with audio, whose builds bypass the store)
+    "video_root",  # likewise for video
     "weight", "max_epochs",
 })
 # An LLM table ([lengthen.X] or [[generate]]): what shapes a reply is in the key (it is

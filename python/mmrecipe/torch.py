@@ -2,8 +2,8 @@
 (memory-mapped Parquet, one row group decoded at a time), `collate`, which turns its items
 into a `Batch` that a transformers model takes as `model(**batch)` (the contract is the
 table in the README's "Loading it in PyTorch"), and `dataloader`, which puts them together
-with pixels from an image processor and audio features from a feature extractor, both
-opened in the DataLoader workers. `ReleaseSampler`
+with pixels from an image processor, audio features from a feature extractor and video
+frames through a video processor, all opened in the DataLoader workers. `ReleaseSampler`
 splits a release across the ranks of a distributed job and resumes mid-epoch."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .loader.collate import IGNORE_INDEX, Collator, Images, records
 from .loader.image_runs import checked_starts, infer_token_id
 from .loader.pixels import Pixels
 from .loader.release_info import image_roots, image_rule, missing_roots_error, raw_manifest, recorded_token_id
+from .loader.video import Frames, Video, video_roots, video_rule
 from .release.format import read_manifest, read_stats
 
 __all__ = ["IGNORE_INDEX", "Batch", "Collator", "EpochWrapWarning", "PackedDataset", "ReleaseSampler", "collate", "dataloader"]
@@ -33,6 +34,8 @@ COLUMNS = ("input_ids", "loss_mask", "segment_lengths", "segment_source", "segme
            "image_positions", "image_lengths", "image_paths")
 IMAGE_COLUMNS = ("segment_images",)  # needed once a release has images
 AUDIO_COLUMNS = ("audio_positions", "audio_lengths", "audio_paths", "audio_samples")  # with an audio rule
+VIDEO_COLUMNS = ("video_positions", "video_lengths", "video_paths", "video_grid_t", "video_grid_h", "video_grid_w",
+                 "video_frames")  # with a video rule
 
 
 class EpochWrapWarning(UserWarning):
@@ -57,6 +60,7 @@ class PackedDataset(Dataset):
         self.seq_len = self.release_manifest.seq_len
         self.rule = image_rule(self.raw)
         self.audio_rule = audio_rule(self.raw)
+        self.video_rule = video_rule(self.raw)
         self.epoch = -1
         self.set_epoch(epoch)
         self.image_token_id = image_token_id if image_token_id is not None else recorded_token_id(self.raw)
@@ -90,7 +94,8 @@ class PackedDataset(Dataset):
         self._cached: tuple[int, dict[str, Any]] | None = None
 
     def _check_columns(self, shard: str, names: list[str]) -> None:
-        wanted = COLUMNS + (IMAGE_COLUMNS if self.rule is not None else ()) + (AUDIO_COLUMNS if self.audio_rule is not None else ())
+        wanted = (COLUMNS + (IMAGE_COLUMNS if self.rule is not None else ()) + (AUDIO_COLUMNS if self.audio_rule is not None else ())
+                  + (VIDEO_COLUMNS if self.video_rule is not None else ()))
         lacking = [c for c in wanted if c not in names]
         if lacking:
             raise ReleaseError(f"{self.root}: shard {shard} lacks the column(s) {lacking}, which this loader needs; "
@@ -158,6 +163,11 @@ class PackedDataset(Dataset):
             for name in ("audio_positions", "audio_lengths", "audio_samples"):
                 item[name] = get(name)
             item["audio_paths"] = get("audio_paths", None)
+        if self.video_rule is not None:
+            for name in ("video_positions", "video_lengths", "video_frames"):
+                item[name] = get(name)
+            item["video_paths"] = get("video_paths", None)
+            item["video_grids"] = np.stack([get(f"video_grid_{axis}") for axis in "thw"], axis=1).reshape(-1, 3)
         thw = [get(f"image_grid_{axis}") for axis in "thw"]
         if all(g is not None for g in thw) and self.rule is not None and self.rule.grid:
             item["image_grids"] = np.stack(thw, axis=1)  # (images, 3); releases before format 3 lack it
@@ -167,6 +177,8 @@ class PackedDataset(Dataset):
         item = self._raw(index)
         if len(item["image_lengths"]):
             self._fix_positions(item)
+        if self.video_rule is not None and len(item["video_lengths"]):
+            self._check_video_runs(item)
         return item
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
@@ -187,6 +199,17 @@ class PackedDataset(Dataset):
                 raise ReleaseError(f"{self.root}: release row {item['index']}: its segment_images {per.tolist()} do not "
                                    f"place the images at {starts.tolist()} inside their segments; rebuild the release")
         item["image_positions"] = starts
+
+    def _check_video_runs(self, item: dict[str, Any]) -> None:
+        """Every recorded video run is a run of the video token, inside the row."""
+        token = self.video_rule.token_id if self.video_rule is not None else None
+        if token is None:
+            return
+        ids, n = item["input_ids"], len(item["input_ids"])
+        for pos, length in zip(item["video_positions"].tolist(), item["video_lengths"].tolist()):
+            if pos + length > n or not (ids[pos : pos + length] == token).all():
+                raise ReleaseError(f"{self.root}: release row {item['index']}: its video run at {pos} of {length} tokens is "
+                                   f"not a run of the video token (id {token}); the release is inconsistent: rebuild it")
 
 
 def collate(batch: Sequence[dict[str, Any]], pad_token_id: int = 0, flatten: bool = False,
@@ -309,6 +332,17 @@ def _audio(ds: PackedDataset, audio_processor: Any, roots: Mapping[str, str | Pa
     return Audio(ds.manifest.sources, found, ds.audio_rule, features, on_missing_audio)
 
 
+def _video(ds: PackedDataset, video_processor: Any, roots: Mapping[str, str | Path] | None,
+           recipe_dir: str | Path | None, on_missing_video: str, tokens_per_second: float | None) -> Video | None:
+    if ds.video_rule is None:
+        if video_processor is not None or tokens_per_second is not None:
+            raise ValueError(f"{ds.root}: the release has no video rule (model.video), so there are no videos to load")
+        return None
+    found = video_roots(ds.raw, ds.manifest.sources, roots, recipe_dir)
+    frames = Frames(video_processor, ds.video_rule) if video_processor is not None else None
+    return Video(ds.manifest.sources, found, ds.video_rule, frames, on_missing_video, tokens_per_second)
+
+
 def _first_image_row(ds: PackedDataset) -> int | None:
     for index in range(len(ds)):
         if len(ds._raw(index)["image_lengths"]):
@@ -329,6 +363,15 @@ def preflight(ds: PackedDataset, collator: Collator) -> None:
         first = next((i for i in range(len(ds)) if len(ds._raw(i)["audio_lengths"])), None)
         if first is not None:
             collator([ds[first]])  # the feature extractor's token count checked on a real clip
+    video = collator.video
+    if video is not None and video.frames is not None:
+        lacking = sorted({n for n in (ds.raw.get("video_roots") or {}) if video.roots.get(n) is None})
+        if lacking:
+            raise ReleaseError(f"{ds.root}: cannot tell where the videos of source(s) {lacking} are; the manifest records "
+                               "them relative to the recipe: pass recipe_dir=THE_RECIPE_FOLDER, or video_roots={...}")
+        first = next((i for i in range(len(ds)) if len(ds._raw(i)["video_lengths"])), None)
+        if first is not None:
+            collator([ds[first]])  # the processor's grid checked on a real clip
     images = collator.images
     if images is None or (images.pixels is None and not collator.mrope):
         return
@@ -368,6 +411,10 @@ def dataloader(
     audio_processor: Any = None,
     audio_roots: Mapping[str, str | Path] | None = None,
     on_missing_audio: str = "error",
+    video_processor: Any = None,
+    video_roots: Mapping[str, str | Path] | None = None,
+    on_missing_video: str = "error",
+    video_tokens_per_second: float | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     seed: int = 0,
@@ -386,7 +433,14 @@ def dataloader(
     such as WhisperFeatureExtractor, a processor, a name or folder, or a callable) adds
     `input_features` (and `feature_attention_mask`) from clips decoded with soundfile in the
     workers, their folders from `audio_roots=` or the manifest; `on_missing_audio` as
-    `on_missing_image`. Given `rank` and `world_size`, it reads through a
+    `on_missing_image`. `video_processor` (a transformers video processor such as
+    Qwen2VLVideoProcessor, a processor, a name or folder, a callable, or "qwen2-vl" for one
+    built from the release's video rule) adds `pixel_values_videos` and `video_grid_thw`
+    from clips decoded with PyAV in the workers (frames sampled as the rule says), each
+    clip's grid checked against the release's; `video_roots=` and `on_missing_video` as
+    for audio. For Qwen2.5-VL, `video_tokens_per_second=` (its
+    `vision_config.tokens_per_second`) spaces the frames' temporal positions as the model
+    does and adds `second_per_grid_ts`. Given `rank` and `world_size`, it reads through a
     `ReleaseSampler` (shuffled unless `shuffle=False`, drop_last) reachable as
     `loader.sampler`: call `loader.sampler.set_epoch(epoch)`.
 
@@ -402,7 +456,8 @@ def dataloader(
         raise ValueError("give both rank and world_size, or neither")
     collator = Collator(ds.pad_token_id, flatten, pad_to, attention=attention, mask_dtype=mask_dtype,
                         images=_images(ds, image_processor, image_roots, recipe_dir, on_missing_image), mrope=mrope,
-                        audio=_audio(ds, audio_processor, audio_roots, recipe_dir, on_missing_audio))
+                        audio=_audio(ds, audio_processor, audio_roots, recipe_dir, on_missing_audio),
+                        video=_video(ds, video_processor, video_roots, recipe_dir, on_missing_video, video_tokens_per_second))
     preflight(ds, collator)
     if world_size is not None:
         shuffle = kwargs.pop("shuffle", True)

@@ -51,6 +51,9 @@ def export(release: str | Path, to: str, out: str | Path, *, overwrite: bool = F
     if manifest.audio:  # the formats carry no audio runs; an export would silently lose them
         raise ReleaseError(f"{release}: the release has audio (model.audio), which no export format carries yet; "
                            "train from the release itself (mmrecipe.torch)")
+    if manifest.video:  # likewise for video runs
+        raise ReleaseError(f"{release}: the release has video (model.video), which no export format carries yet; "
+                           "train from the release itself (mmrecipe.torch)")
     out = Path(out)
     dest = check_destination(out, overwrite, [release], replaceable=is_export, what="an export")
     if release.resolve() in dest.parents:

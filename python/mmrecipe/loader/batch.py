@@ -20,7 +20,7 @@ INLINE_BYTES = 4 << 20
 
 # The loader's own fields, readable as attributes (and, for code written against the
 # batch contract before `model(**batch)`, as `batch[name]`).
-FIELDS = ("segment_ids", "padding_mask", "cu_seqlens", "max_seqlen", "images", "rows", "skipped", "audio")
+FIELDS = ("segment_ids", "padding_mask", "cu_seqlens", "max_seqlen", "images", "rows", "skipped", "audio", "videos")
 
 NO_2D_MASK = ("packed rows carry no 2-D attention_mask: given to a transformers model it switches off "
               "packed-sequence detection and attention crosses segments. Padding is batch.padding_mask; "
@@ -30,8 +30,8 @@ NO_2D_MASK = ("packed rows carry no 2-D attention_mask: given to a transformers 
 class Batch(dict):
     """Model inputs as items; `segment_ids` (1, 2, ... per segment, 0 on padding),
     `padding_mask` (1 on tokens), `cu_seqlens`/`max_seqlen`, `images` (records per row),
-    `rows` (release rows), `skipped` (release rows left out) and `audio` (clip records
-    per row) as attributes."""
+    `rows` (release rows), `skipped` (release rows left out), `audio` (clip records
+    per row) and `videos` (video records per row) as attributes."""
 
     segment_ids: Any
     padding_mask: Any
@@ -41,6 +41,7 @@ class Batch(dict):
     rows: Any
     skipped: Any
     audio: Any
+    videos: Any
 
     def __init__(self, items: dict[str, Any] | None = None, **fields: Any):
         super().__init__(items or {})

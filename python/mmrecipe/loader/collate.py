@@ -3,7 +3,8 @@ no 2-D attention mask and `use_cache=False`, so that transformers detects the pa
 `position_ids` restarting per segment; `attention="4d"` adds a block-diagonal causal mask
 instead; `flatten=True` gives the padding-free `[1, T]` form with transformers' varlen
 kwargs. Pixels, grids and mRoPE positions come with the images of the batch's rows, audio
-features (loader/audio.py) with its clips."""
+features (loader/audio.py) with its clips, video pixels and grids (loader/video.py) with its
+videos, whose runs take their mRoPE positions among the images' in token order."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from .batch import Batch, packed
 from .pixels import Pixels, open_image, upright_size
 from .records import media_records, rooted, unreadable
 from .release_info import ImageRule
-from .rope import mrope_positions, segment_starts
+from .rope import mrope_positions, segment_starts, vision_runs
+from .video import Video, frames_checked, load_videos, video_records
 
 IGNORE_INDEX = -100
 ATTENTION = ("packed", "4d")
@@ -114,7 +116,8 @@ class Collator:
 
     def __init__(self, pad_token_id: int = 0, flatten: bool = False, pad_to: int | None = None, *,
                  attention: str = "packed", mask_dtype: torch.dtype = torch.float32,
-                 images: Images | None = None, mrope: bool | None = None, audio: Audio | None = None):
+                 images: Images | None = None, mrope: bool | None = None, audio: Audio | None = None,
+                 video: Video | None = None):
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
         if flatten and attention == "4d":
@@ -123,13 +126,23 @@ class Collator:
             raise ValueError(f"on_missing_image must be one of {ON_MISSING}, not {images.on_missing_image!r}")
         if audio is not None and audio.on_missing not in ON_MISSING:
             raise ValueError(f"on_missing_audio must be one of {ON_MISSING}, not {audio.on_missing!r}")
-        self.audio = audio
+        if video is not None and video.on_missing not in ON_MISSING:
+            raise ValueError(f"on_missing_video must be one of {ON_MISSING}, not {video.on_missing!r}")
+        if video is not None and video.tokens_per_second is not None and video.frames is None:
+            raise ValueError("video_tokens_per_second spaces frames by each clip's sampled frame rate: give a video_processor too")
+        self.audio, self.video = audio, video
         rule = images.rule if images is not None else None
         self.pad_token_id, self.flatten, self.pad_to = pad_token_id, flatten, pad_to
         self.attention, self.mask_dtype, self.images = attention, mask_dtype, images
-        self.mrope = bool(rule is not None and rule.grid) if mrope is None else mrope
-        if self.mrope and (rule is None or not rule.grid):
-            raise ValueError("mRoPE positions need a release with the grid image rule (model.image.patch/merge)")
+        grid = rule is not None and rule.grid
+        grid_video = video is not None and video.rule.grid
+        self.mrope = bool(grid or (rule is None and grid_video)) if mrope is None else mrope
+        if self.mrope and (rule is not None and not rule.grid or rule is None and not grid_video):
+            raise ValueError("mRoPE positions need a release with the grid image rule (model.image.patch/merge) or videos")
+        # One spatial merge for the row's positions: the model has one.
+        merges = {m for m in (rule.merge if grid else None, video.rule.merge if grid_video else None) if m}
+        if len(merges) > 1:
+            raise ValueError(f"model.image.merge and model.video.merge differ ({sorted(merges)}); a Qwen2-VL model merges both alike")
 
     def __call__(self, batch: Sequence[dict[str, Any]]) -> Batch:
         items = list(batch)
@@ -142,6 +155,14 @@ class Collator:
             kept, decoded, skipped = load_clips(items, arecs, audio)
             items = [k[0] for k in kept]
             clips = {id(k[0]): got for k, got in zip(kept, decoded)}
+        videos: dict[int, list[Any]] = {}  # id(item): its sampled clips
+        video = self.video
+        if video is not None and video.frames is not None:
+            vrecs = [video_records(it, video) for it in items]
+            kept, decoded, skipped_videos = load_videos(items, vrecs, video)
+            skipped = sorted(skipped + skipped_videos)
+            items = [k[0] for k in kept]
+            videos = {id(k[0]): got for k, got in zip(kept, decoded)}
         recs = [records(it, self.images) for it in items]
         grids: list[list[tuple[int, ...]]] = [[] for _ in items]
         images = self.images
@@ -161,9 +182,12 @@ class Collator:
         audio_recs = [audio_records(it, audio) for it in items]
         if clips:  # the features of the rows kept (after the images' skips, too)
             extra.update(features_checked(items, audio_recs, [clips[id(it)] for it in items], audio))  # type: ignore[arg-type]
+        video_recs = [video_records(it, video) for it in items]
+        if videos:  # the frames of the rows kept (after the images' skips, too)
+            extra.update(frames_checked(items, video_recs, [videos[id(it)] for it in items], video))  # type: ignore[arg-type]
         per_row = [row_arrays(it) for it in items]
         fields = {"images": recs, "rows": [int(it.get("index", -1)) for it in items], "skipped": skipped,
-                  "audio": audio_recs}
+                  "audio": audio_recs, "videos": video_recs}
         if self.flatten:
             return self._flat(items, per_row, grids, extra, fields)
         return self._padded(items, per_row, grids, extra, fields)
@@ -199,17 +223,32 @@ class Collator:
         it = iter(grids)
         return [[next(it) for _ in row] for row in recs]
 
-    def _positions(self, item, pos, grids_row) -> np.ndarray:
+    def _merge(self) -> int:
+        images = self.images
+        if images is not None and images.rule is not None and images.rule.grid:
+            return images.pixels.merge if images.pixels is not None else images.rule.merge
+        assert self.video is not None
+        return self.video.rule.merge
+
+    def _positions(self, item, pos, grids_row, video_row) -> np.ndarray:
         if not self.mrope:
             return pos
-        merge = self.images.pixels.merge if self.images.pixels is not None else self.images.rule.merge  # type: ignore[union-attr]
-        starts = np.asarray(item["image_positions"], dtype=np.int64)
-        return mrope_positions(item["segment_lengths"], starts, np.asarray(grids_row, np.int64).reshape(-1, 3), merge)
+        video_row = [r for r in video_row if r["grid"] is not None]  # a fixed count's clips have no grid
+        tps = self.video.tokens_per_second if self.video is not None else None
+        # Qwen2.5-VL's interval, in float32 as the model multiplies it
+        spaced = None if tps is None else np.float32(tps) * np.array([r["seconds_per_grid"] for r in video_row], np.float32)
+        starts, grids, intervals = vision_runs(
+            np.asarray(item["image_positions"], dtype=np.int64), np.asarray(grids_row, np.int64).reshape(-1, 3),
+            np.array([r["position"] for r in video_row], np.int64), np.array([r["grid"] for r in video_row], np.int64), spaced)
+        return mrope_positions(item["segment_lengths"], starts, grids, self._merge(), intervals)
 
     def _mm_types(self, item) -> np.ndarray:
+        """1 on image tokens, 2 on video tokens (the models' mm_token_type_ids)."""
         types = np.zeros(len(item["input_ids"]), np.int64)
         for p, n in zip(item["image_positions"], item["image_lengths"]):
             types[p : p + n] = 1
+        for p, n in zip(item.get("video_positions", ()), item.get("video_lengths", ())):
+            types[p : p + n] = 2
         return types
 
     def _padded(self, items, per_row, grids, extra, fields) -> Batch:
@@ -225,7 +264,7 @@ class Collator:
             if k > width:
                 raise ValueError(f"row of {k} tokens does not fit pad_to={width}")
             ids[r, :k], labels[r, :k], seg[r, :k] = it["input_ids"], lab, sid
-            positions[:, r, :k] = self._positions(it, pos, grids[r])
+            positions[:, r, :k] = self._positions(it, pos, grids[r], fields["videos"][r])
             if self.mrope:
                 types[r, :k] = self._mm_types(it)
         arrays = {"input_ids": (True, ids, "int64"), "labels": (True, labels, "int64"),
@@ -251,11 +290,13 @@ class Collator:
         at = 0
         shift_recs: list[dict[str, Any]] = []
         shift_audio: list[dict[str, Any]] = []
+        shift_videos: list[dict[str, Any]] = []
         for r, (it, (_, pos, _)) in enumerate(zip(items, per_row)):
             k = len(it["input_ids"])
-            positions[:, 0, at : at + k] = self._positions(it, pos, grids[r])
+            positions[:, 0, at : at + k] = self._positions(it, pos, grids[r], fields["videos"][r])
             shift_recs += [{**rec, "position": rec["position"] + at, "row": r} for rec in fields["images"][r]]
             shift_audio += [{**rec, "position": rec["position"] + at, "row": r} for rec in fields["audio"][r]]
+            shift_videos += [{**rec, "position": rec["position"] + at, "row": r} for rec in fields["videos"][r]]
             at += k
         cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
         seg_offsets = np.cumsum([0] + [len(it["segment_lengths"]) for it in items])[:-1]
@@ -270,6 +311,6 @@ class Collator:
                   "cu_seqlens": (False, cu, "int32")}
         if self.mrope:
             arrays["mm_token_type_ids"] = (True, cat([self._mm_types(it) for it in items])[None], "int64")
-        fields.update(images=shift_recs, audio=shift_audio, max_seqlen=longest)
+        fields.update(images=shift_recs, audio=shift_audio, videos=shift_videos, max_seqlen=longest)
         items_out = {"use_cache": False, "max_length_q": longest, "max_length_k": longest, **extra}
         return packed(arrays, items_out, fields)

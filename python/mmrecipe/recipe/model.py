@@ -20,6 +20,8 @@ class ModelFiles(msgspec.Struct, frozen=True):
     eos_token: str | None
     pad_token: str | None
     files: list[Path]
+    # `[model] added_tokens`: special tokens the core appends to the tokenizer as it loads it.
+    added_tokens: tuple[str, ...] = ()
 
 
 def _token_text(value: Any) -> str | None:
@@ -39,9 +41,10 @@ def _model_template(config: dict[str, Any], folder: Path) -> str | None:
     return tpl if isinstance(tpl, str) else None
 
 
-def load_model(folder: Path, chat_template: str = "model") -> ModelFiles:
+def load_model(folder: Path, chat_template: str = "model", added_tokens: tuple[str, ...] = ()) -> ModelFiles:
     """A tokenizer folder (or tokenizer.json) and the chat template to render with:
-    "model" for the tokenizer's own, or a built-in's name."""
+    "model" for the tokenizer's own, or a built-in's name; `added_tokens` appended to it as
+    special tokens (HF `add_special_tokens`, in the core)."""
     tok = folder / "tokenizer.json" if folder.is_dir() else folder
     if not tok.is_file():
         raise TokenizerError(f"model.tokenizer: no tokenizer.json at {folder}")
@@ -88,4 +91,5 @@ def load_model(folder: Path, chat_template: str = "model") -> ModelFiles:
         eos_token=_token_text(config.get("eos_token")),
         pad_token=_token_text(config.get("pad_token")) or _token_text(config.get("eos_token")),
         files=files,
+        added_tokens=tuple(added_tokens),
     )

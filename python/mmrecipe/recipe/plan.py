@@ -106,6 +106,8 @@ class SourcePlan(msgspec.Struct, frozen=True):
     lengthen: LengthenPlan | None = None
     # The folder audio paths are relative to: audio_root, else the first file's folder.
     audio_root: Path | None = None
+    # The folder video paths are relative to: video_root, else the first file's folder.
+    video_root: Path | None = None
     generate: GeneratePlan | None = None
     # Images inside the source's files, read in place: "webdataset" (tar shards) or
     # "parquet" (an image column of bytes, `image_column`); None: loose image files.
@@ -166,7 +168,7 @@ def resolve(recipe: Recipe) -> Plan:
     """The plan of a checked recipe. Raises SourceError for a source file that is missing
     and TokenizerError for an unusable tokenizer folder."""
     folder = recipe.path.parent if recipe.path is not None else Path.cwd()
-    model = load_model(path_in(folder, recipe.model.tokenizer), recipe.model.chat_template)
+    model = load_model(path_in(folder, recipe.model.tokenizer), recipe.model.chat_template, tuple(recipe.model.added_tokens))
     written = [_source(recipe, folder, i, spec, f"source[{i}]") for i, spec in enumerate(recipe.source)]
     generated = [
         _generated(recipe, folder, len(written) + j, j, g) for j, g in enumerate(recipe.generate)
@@ -301,6 +303,7 @@ def _source(recipe: Recipe, folder: Path, index: int, spec: SourceSpec, key: str
         template_fields=[k for k in spec.fields if k not in RESERVED_FIELDS | LAYOUT_FIELDS.get(spec.layout, frozenset())],
         image_root=root,
         audio_root=path_in(folder, spec.audio_root) if spec.audio_root else (files[0].parent if files else None),
+        video_root=path_in(folder, spec.video_root) if spec.video_root else (files[0].parent if files else None),
         lengthen=_lengthen(recipe, folder, spec),
         generate=generate,
     )

@@ -53,11 +53,43 @@ class AudioSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     end: str | None = None
 
 
+class VideoSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    """How video clips become tokens, from their container's metadata (frame count, frame
+    rate, frame size, rotation): `count` per clip, or the Qwen2-VL rule of transformers'
+    `Qwen2VLVideoProcessor` (frames sampled at `fps`, between `min_frames` and
+    `max_frames`, floored to a multiple of `temporal_patch`; each frame resized under
+    `min_pixels`/`max_pixels` as images are, optionally under an even share of
+    `max_video_tokens` worth of pixels with `cap_pixels_per_frame`). A clip giving more
+    than `max_tokens` is an error naming it. The defaults are the processor's."""
+
+    rule: Literal["qwen2-vl"] = "qwen2-vl"
+    placeholder: str = "<video>"
+    token: str = "<|video_pad|>"
+    count: int | None = None
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 768
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
+    patch: int = 14
+    merge: int = 2
+    temporal_patch: int = 2
+    cap_pixels_per_frame: bool = False
+    max_video_tokens: int = 128_000
+    max_tokens: int = 32_768
+    start: str | None = None
+    end: str | None = None
+
+
 class ModelSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     tokenizer: str
     chat_template: str = "model"
     image: ImageSpec | None = None
     audio: AudioSpec | None = None
+    video: VideoSpec | None = None
+    # Special tokens appended to the tokenizer as it is loaded (HF `add_special_tokens`, in
+    # order), e.g. a video model's <|video_pad|>, so that no tokenizer copy is needed.
+    added_tokens: list[str] = []
     # Which encoder turns text into ids: "fast" (the core's own byte-level BPE, for the
     # tokenizer shapes it knows), "hf" (HF tokenizers), or "auto" (fast where it applies).
     # The ids are the same either way, so it is not part of the release's identity.
@@ -100,7 +132,8 @@ Format = Literal["jsonl", "json", "parquet", "csv", "tsv", "webdataset"]
 # Fields a layout consumes itself; any other mapped field is available to templates
 # (and `text`, the transcript, under the asr layout: see LAYOUT_FIELDS).
 RESERVED_FIELDS = frozenset(
-    {"image", "images", "question", "answer", "caption", "conversations", "instruction", "input", "output", "audio", "audios"}
+    {"image", "images", "question", "answer", "caption", "conversations", "instruction", "input", "output", "audio", "audios",
+     "video", "videos"}
 )
 
 
@@ -135,6 +168,8 @@ class SourceSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     image_root: str | None = None
     # The folder audio paths are relative to (default: the source file's folder).
     audio_root: str | None = None
+    # The folder video paths are relative to (default: the source file's folder).
+    video_root: str | None = None
     weight: float = 1.0
     max_epochs: float | None = None
     short_answer: Literal["word", "sentence"] | None = None

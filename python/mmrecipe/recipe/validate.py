@@ -144,6 +144,12 @@ def semantic_problems(r: Recipe) -> list[str]:
     p += _lengthen_problems(r)
     p += _generate_problems(r, seen)
     p += _audio_problems(r)
+    p += _video_problems(r)
+    seen_tokens: set[str] = set()
+    for j, token in enumerate(r.model.added_tokens):
+        if not token or token in seen_tokens:
+            p.append(f"model.added_tokens[{j}]: {token!r} is {'empty' if not token else 'listed twice'}")
+        seen_tokens.add(token)
     return p
 
 
@@ -180,6 +186,52 @@ def _audio_problems(r: Recipe) -> list[str]:
         p.append(f"{where}.placeholder: must not be empty")
     if r.model.image is not None and r.model.image.placeholder == audio.placeholder:
         p.append(f"{where}.placeholder: '{audio.placeholder}' is also the image placeholder")
+    return p
+
+
+# What the core accepts (rust/video.rs): the most tokens any rule may let one clip take.
+MAX_VIDEO_TOKENS = 1 << 20
+
+
+def _video_problems(r: Recipe) -> list[str]:
+    """The [model] video rule, and sources whose video it must expand."""
+    p: list[str] = []
+    video = r.model.video
+    for i, s in enumerate(r.source):
+        uses = "video" in s.fields or "videos" in s.fields
+        if uses and video is None:
+            p.append(f"source[{i}]: source '{s.name}' has video, but [model] sets no video rule "
+                     '(video = { rule = "qwen2-vl" } or video = { count = N })')
+        if "video" in s.fields and "videos" in s.fields:
+            p.append(f"source[{i}].fields: map one of video (one clip) or videos (a list), not both")
+        if uses and s.group_by is not None:
+            p.append(f"source[{i}].group_by: grouping by image does not carry a sample's video; remove group_by")
+        if s.video_root is not None and not uses:
+            p.append(f"source[{i}].video_root: source '{s.name}' maps no video (fields.video or fields.videos)")
+    if video is None:
+        return p
+    where = "model.video"
+    if not 1 <= video.max_tokens <= MAX_VIDEO_TOKENS:
+        p.append(f"{where}.max_tokens: {video.max_tokens} is not between 1 and {MAX_VIDEO_TOKENS}")
+    if video.count is not None:
+        if not 1 <= video.count <= min(video.max_tokens, MAX_VIDEO_TOKENS):
+            p.append(f"{where}.count: {video.count} is not between 1 and max_tokens = {video.max_tokens}")
+    else:
+        for key in ("patch", "merge", "temporal_patch", "max_frames", "max_video_tokens"):
+            if getattr(video, key) < 1:
+                p.append(f"{where}.{key}: {getattr(video, key)} must be at least 1")
+        if not (video.fps > 0 and video.fps != float("inf")):
+            p.append(f"{where}.fps: {video.fps} is not a positive frame rate")
+        if video.min_frames < 0 or video.min_frames > video.max_frames:
+            p.append(f"{where}.min_frames: {video.min_frames} is not between 0 and max_frames = {video.max_frames}")
+        if video.min_pixels < 0 or video.min_pixels > video.max_pixels:
+            p.append(f"{where}.min_pixels: {video.min_pixels} is not between 0 and max_pixels = {video.max_pixels}")
+    if not video.placeholder:
+        p.append(f"{where}.placeholder: must not be empty")
+    others = {"image": r.model.image, "audio": r.model.audio}
+    for name, spec in others.items():
+        if spec is not None and spec.placeholder == video.placeholder:
+            p.append(f"{where}.placeholder: '{video.placeholder}' is also the {name} placeholder")
     return p
 
 

@@ -13,7 +13,8 @@ diff and the torch reader all use.
 Each column is a list per packed row. Its values are cut into rows by one of three
 offset arrays the core emits: `row_offsets` (one entry per token), `segment_offsets`
 (one per packed sample) or `image_offsets` (one per image); a release built with an audio
-rule has the AUDIO_COLUMNS too, cut by `audio_offsets` (one per clip)."""
+rule has the AUDIO_COLUMNS too, cut by `audio_offsets` (one per clip), and one built with a
+video rule the VIDEO_COLUMNS, cut by `video_offsets`."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ ROW_GROUP = 256
 class Column(NamedTuple):
     name: str
     type: pa.DataType  # the Arrow type of the list's values
-    per: Literal["token", "segment", "image", "audio"]  # which offsets cut it into rows
+    per: Literal["token", "segment", "image", "audio", "video"]  # which offsets cut it into rows
     meaning: str
 
 
@@ -69,7 +70,18 @@ AUDIO_COLUMNS: tuple[Column, ...] = (
     Column("audio_paths", pa.string(), "audio", "each clip's path, relative to its source's audio root"),
     Column("audio_samples", pa.uint64(), "audio", "each clip's length in samples at the rule's sampling rate, from its header"),
 )
-OFFSETS = {"token": "row_offsets", "segment": "segment_offsets", "image": "image_offsets", "audio": "audio_offsets"}
+#: Only in a release whose recipe has `[model] video`.
+VIDEO_COLUMNS: tuple[Column, ...] = (
+    Column("video_positions", pa.uint32(), "video", "first token of each video run"),
+    Column("video_lengths", pa.uint32(), "video", "tokens of each video run"),
+    Column("video_paths", pa.string(), "video", "each clip's path, relative to its source's video root"),
+    Column("video_grid_t", pa.uint32(), "video", "Qwen2-VL rule: frames sampled / temporal_patch; fixed count: 0"),
+    Column("video_grid_h", pa.uint32(), "video", "Qwen2-VL rule: patch rows of the resized frame upright, before merging; fixed count: 0"),
+    Column("video_grid_w", pa.uint32(), "video", "Qwen2-VL rule: patch columns of the resized frame upright, before merging; fixed count: 0"),
+    Column("video_frames", pa.uint32(), "video", "Qwen2-VL rule: frames sampled from the clip; fixed count: 0"),
+)
+OFFSETS = {"token": "row_offsets", "segment": "segment_offsets", "image": "image_offsets", "audio": "audio_offsets",
+           "video": "video_offsets"}
 
 
 class InputFile(msgspec.Struct):
@@ -131,6 +143,9 @@ class Manifest(msgspec.Struct):
     # folder its audio paths are relative to, as image_roots.
     audio: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
     audio_roots: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    # With a video rule only, as audio: the rule with its token ids, the video roots.
+    video: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    video_roots: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
     # Every epoch of a release built with `[output] epochs = N > 1` (epoch 0 first, the
     # same as the fields above); absent from a one-epoch release.
     epochs: list[EpochPart] | msgspec.UnsetType = msgspec.UNSET

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from ..errors import ReleaseError
 from ..hashing import file_sha256
-from .format import AUDIO_COLUMNS, COLUMNS, DATA, OFFSETS, ROW_GROUP, Shard
+from .format import AUDIO_COLUMNS, COLUMNS, DATA, OFFSETS, ROW_GROUP, VIDEO_COLUMNS, Shard
 
 
 def _list(offsets: np.ndarray, values: np.ndarray, lo: int, hi: int, value_type: pa.DataType) -> pa.Array:
@@ -36,11 +36,12 @@ def _string_list(offsets: np.ndarray, str_offsets: np.ndarray, data: np.ndarray,
     return pa.ListArray.from_arrays(pa.array((off - off[0]).astype(np.int32)), strings.cast(pa.string()))
 
 
-def shard_table(p: dict[str, Any], lo: int, hi: int, audio: bool = False) -> pa.Table:
+def shard_table(p: dict[str, Any], lo: int, hi: int, audio: bool = False, video: bool = False) -> pa.Table:
     """Packed rows lo..hi of the core's emitted columns as an Arrow table (one row per
-    packed sequence, the columns of `format.COLUMNS`, and with `audio` the AUDIO_COLUMNS)."""
+    packed sequence, the columns of `format.COLUMNS`, with `audio` the AUDIO_COLUMNS and
+    with `video` the VIDEO_COLUMNS)."""
     table = {}
-    for col in COLUMNS + (AUDIO_COLUMNS if audio else ()):
+    for col in COLUMNS + (AUDIO_COLUMNS if audio else ()) + (VIDEO_COLUMNS if video else ()):
         offsets = p[OFFSETS[col.per]]
         if col.type == pa.string():
             table[col.name] = _string_list(offsets, p[f"{col.name[:-1]}_offsets"], p[f"{col.name[:-1]}_data"], lo, hi)
@@ -100,10 +101,10 @@ def _alive(pid: int) -> bool:
 
 
 def write_shards(folder: Path, emit: Callable[[int, int], dict[str, Any]], rows: int, per_shard: int, progress: Any = None,
-                 audio: bool = False) -> list[Shard]:
+                 audio: bool = False, video: bool = False) -> list[Shard]:
     """Writes rows 0..rows into shards of `per_shard` rows, one row group at a time from
     `emit(lo, hi)`, so memory stays at one row group whatever the shard size; `audio`: with
-    the audio columns."""
+    the audio columns; `video`: with the video columns."""
     data = folder / DATA
     data.mkdir()
     shards = []
@@ -114,11 +115,12 @@ def write_shards(folder: Path, emit: Callable[[int, int], dict[str, Any]], rows:
         writer = None
         for g in range(lo, max(hi, lo + 1), ROW_GROUP):
             packed = emit(g, min(hi, g + ROW_GROUP))
-            table = shard_table(packed, 0, len(packed["row_offsets"]) - 1, audio)
+            table = shard_table(packed, 0, len(packed["row_offsets"]) - 1, audio, video)
             if writer is None:
                 writer = pq.ParquetWriter(
                     folder / name, table.schema, compression="zstd", write_statistics=False,
-                    use_dictionary=["image_paths", *(["audio_paths"] if audio else [])],  # token ids gain nothing from a dictionary
+                    # token ids gain nothing from a dictionary
+                    use_dictionary=["image_paths", *(["audio_paths"] if audio else []), *(["video_paths"] if video else [])],
                 )
             writer.write_table(table, row_group_size=ROW_GROUP)
             tokens += int(packed["row_offsets"][-1])

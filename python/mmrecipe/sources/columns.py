@@ -17,6 +17,8 @@ IMAGE_BYTES = "__image_bytes"
 #: A source with audio (fields.audio or fields.audios): its clips' paths, relative to the
 #: source's audio root, one list per sample. Absent from a source without audio.
 AUDIOS = "__audios"
+#: A source with video (fields.video or fields.videos): its clips' paths, as AUDIOS.
+VIDEOS = "__videos"
 #: Set by a container reader on a row it found unusable: why (sources/containers.py).
 PROBLEM = "__problem"
 SYSTEM, USER, ASSISTANT = 0, 1, 2

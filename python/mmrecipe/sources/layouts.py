@@ -12,7 +12,7 @@ import polars as pl
 from ..errors import SourceError, recipe_error
 from ..recipe.plan import SourcePlan
 from .. import imageref
-from .columns import ASSISTANT, AUDIOS, CONTENTS, IMAGE_BYTES, IMAGES, ROLES, ROW, SYSTEM, USER, Normalized, template_column
+from .columns import ASSISTANT, AUDIOS, CONTENTS, IMAGE_BYTES, IMAGES, ROLES, ROW, SYSTEM, USER, VIDEOS, Normalized, template_column
 from .fields import Rows, as_text, require
 from .joins import group_by_image
 
@@ -151,23 +151,23 @@ LAYOUTS: dict[str, Callable[[pl.DataFrame, SourcePlan, dict[str, str], list[str]
 }
 
 
-def _audios_expr(resolved: dict[str, str]) -> pl.Expr | None:
-    """A sample's clip paths: fields.audios (a list) or fields.audio (one); None when the
-    source maps neither."""
+def _clips_expr(resolved: dict[str, str], medium: str) -> pl.Expr | None:
+    """A sample's clip paths of `medium` ("audio" or "video"): fields.audios (a list) or
+    fields.audio (one), likewise videos or video; None when the source maps neither."""
     empty = pl.lit([], dtype=pl.List(pl.String))
-    if "audios" in resolved:
-        return pl.col(resolved["audios"]).cast(pl.List(pl.String)).list.drop_nulls().fill_null(empty)
-    if "audio" in resolved:
-        return pl.concat_list(pl.col(resolved["audio"]).cast(pl.String)).list.drop_nulls()
+    if f"{medium}s" in resolved:
+        return pl.col(resolved[f"{medium}s"]).cast(pl.List(pl.String)).list.drop_nulls().fill_null(empty)
+    if medium in resolved:
+        return pl.concat_list(pl.col(resolved[medium]).cast(pl.String)).list.drop_nulls()
     return None
 
 
-def _check_audio_paths(frame: pl.DataFrame, source: SourcePlan) -> None:
-    paths = frame.select(ROW, AUDIOS).explode(AUDIOS).drop_nulls(AUDIOS)
-    bad = paths.filter(pl.col(AUDIOS).str.starts_with("/") | pl.col(AUDIOS).str.contains(r"(^|/)\.\.(/|$)"))
+def _check_clip_paths(frame: pl.DataFrame, source: SourcePlan, column: str, medium: str) -> None:
+    paths = frame.select(ROW, column).explode(column).drop_nulls(column)
+    bad = paths.filter(pl.col(column).str.starts_with("/") | pl.col(column).str.contains(r"(^|/)\.\.(/|$)"))
     if bad.height:
         row, path = bad.row(0)
-        raise SourceError(f"source '{source.name}', row {row}, field 'audio': the path '{path}' escapes the source's audio_root")
+        raise SourceError(f"source '{source.name}', row {row}, field '{medium}': the path '{path}' escapes the source's {medium}_root")
 
 
 def _images_expr(frame: pl.DataFrame, resolved: dict[str, str]) -> pl.Expr:
@@ -208,14 +208,15 @@ def to_internal(rows: Rows) -> Normalized:
     frame = LAYOUTS[source.spec.layout](frame, source, resolved, rows.notes)
     frame = frame.with_columns(_images_expr(frame, resolved).alias(IMAGES))
     _check_image_paths(frame, source)
-    audios = _audios_expr(resolved)
-    if audios is not None:
-        frame = frame.with_columns(audios.alias(AUDIOS))
-        _check_audio_paths(frame, source)
+    for column, medium in ((AUDIOS, "audio"), (VIDEOS, "video")):
+        clips = _clips_expr(resolved, medium)
+        if clips is not None:
+            frame = frame.with_columns(clips.alias(column))
+            _check_clip_paths(frame, source, column, medium)
     if source.spec.group_by == "image":
         frame = require(frame, resolved["image"], source, "image", rows.notes)
         frame = group_by_image(frame, resolved["image"])
     texts = [as_text(frame, resolved[k]).fill_null("").alias(template_column(k)) for k in source.template_fields]
-    carried = [c for c in (IMAGE_BYTES, AUDIOS) if c in frame.columns]
+    carried = [c for c in (IMAGE_BYTES, AUDIOS, VIDEOS) if c in frame.columns]
     out = frame.select(ROW, ROLES, CONTENTS, IMAGES, *carried, *texts)
     return Normalized(source=source, frame=out.rechunk(), notes=rows.notes, resolved=rows.found)
