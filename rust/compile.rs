@@ -115,12 +115,19 @@ impl Store {
 impl Store {
     /// Appends `later`, the samples of the rows that follow this store's (a later work
     /// unit of the same source): what adding both units' batches to one store gives. Its
-    /// samples' image and audio indices move past this store's, the counts add up, the
-    /// skipped examples stay the first few, `max_len` the longest.
+    /// samples' image, audio and video indices move past this store's, the counts add up,
+    /// the skipped examples stay the first few, `max_len` the longest.
     pub(crate) fn append(&mut self, later: Store) {
         let (images, audios) = (self.image_path_ends.len() as u32, self.audio_path_ends.len() as u32);
+        let videos = self.video_path_ends.len() as u32;
         let (image_bytes, audio_bytes) = (self.image_paths.len() as u64, self.audio_paths.len() as u64);
-        self.samples.extend(later.samples.into_iter().map(|s| SampleRec { img: s.img + images, aud: s.aud + audios, ..s }));
+        let video_bytes = self.video_paths.len() as u64;
+        self.samples.extend(
+            later.samples.into_iter().map(|s| SampleRec { img: s.img + images, aud: s.aud + audios, vid: s.vid + videos, ..s }),
+        );
+        self.video_paths.push_str(&later.video_paths);
+        self.video_path_ends.extend(later.video_path_ends.iter().map(|e| e + video_bytes));
+        self.video_infos.extend(later.video_infos);
         self.image_paths.push_str(&later.image_paths);
         self.image_path_ends.extend(later.image_path_ends.iter().map(|e| e + image_bytes));
         self.image_grids.extend(later.image_grids);
