@@ -439,3 +439,49 @@ def test_a_cluster_that_goes_away_fails_the_build(cluster, tmp_path, monkeypatch
     finally:
         hang.rmdir()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parquet_sources_cut_into_work_units_are_the_same_release(cluster, tmp_path, small_slices):
+    """A plain parquet source (slices of 40 rows, several row groups, rows skipped far into
+    it) and alignment-parquet on its fixtures (image bytes, cut at row groups), each with a
+    budget that makes several units: the local build's release, byte for byte."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmrecipe import load_recipe
+    from mmrecipe.recipe import resolve
+
+    folder = tmp_path / "mix"
+    folder.mkdir()
+    answers = [None if i % 97 == 50 else f"answer {i} " + "x" * (i % 23) for i in range(700)]
+    table = pa.table({"question": [f"question {i}?" for i in range(700)], "answer": answers})
+    pq.write_table(table, folder / "qa.parquet", row_group_size=64)
+    (folder / "mix.toml").write_text(f"""
+[recipe]
+name = "pq-units"
+seed = 3
+[model]
+tokenizer = "{DEMO.parent / 'models' / 'smollm2'}"
+[output]
+seq_len = 256
+[[source]]
+name = "qa"
+path = "qa.parquet"
+layout = "qa"
+fields = {{ question = "question", answer = "answer" }}
+instructions = "vqa-short"
+on_error = "skip"
+""")
+    recipes = lay_out(tmp_path / "work")
+    for recipe, source in ((folder / "mix.toml", "qa"), (recipes / "alignment-parquet-fixtures.toml", "captions")):
+        local = build(recipe, tmp_path / "local", progress=False, cache=False, overwrite=True)
+        remote = build(recipe, tmp_path / "ray", progress=False, cache=False, overwrite=True, engine="ray",
+                       ray_address=cluster[0], ray_unit_bytes=2048)
+        assert files(tmp_path / "ray") == files(tmp_path / "local")
+        assert len(remote.tasks[source]) >= 3, remote.tasks
+        plan = resolve(load_recipe(recipe))
+        assert sum(t["rows"] for t in remote.tasks[source]) == sum(pq.read_metadata(f).num_rows for f in plan.sources[0].files)
+        if source == "qa":  # rows 50, 147, ... 632 have no answer: a note per slice, naming its row
+            stats = local.summary["sources"][0]
+            assert stats["rows"] == 693 and len(stats["notes"]) == 7 and "first: row 632" in stats["notes"][-1]
+    assert remote.manifest.release_id == PINNED["alignment-parquet"]

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from mmrecipe import MMRecipeError, RecipeError, SourceError, TemplateError, TokenizerError, load_recipe, parse_recipe
 from mmrecipe.check import check
 from mmrecipe.builder import recipe_data as to_dict
+from mmrecipe.recipe.limits import LIMITS
 
 BASE = f"""
 [recipe]
@@ -155,6 +156,34 @@ def test_broken_recipes(folder, name, change, error, text):
     with pytest.raises(error) as e:
         check(path)
     assert text in str(e.value), str(e.value)
+
+
+MEDIA_LIMITS = [k for k in LIMITS if k.startswith(("model.audio.", "model.video."))]
+
+
+@pytest.mark.parametrize("key", MEDIA_LIMITS)
+@pytest.mark.parametrize("side", ["over", "under"])
+def test_audio_and_video_numbers_are_bounded(folder, key, side):
+    """Every number of an audio or video rule, just past its bound, is a recipe error
+    naming the key and the bound (not a wrapped integer or a panic in the core)."""
+    medium, name = key.split(".")[1:]
+    limit = LIMITS[key]
+    value = limit.high + 1 if side == "over" else limit.low - (0 if limit.low_open else 1)
+    text = BASE.replace("count = 4 }\n", f"count = 4 }}\n{medium} = {{ {name} = {value!r} }}\n")
+    assert f"{medium} = " in text
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(folder, text))
+    assert f"{key}: must be " in str(e.value), str(e.value)
+    if side == "over":
+        assert f"at most {limit.high:,}" in str(e.value)
+
+
+def test_every_number_of_the_media_rules_is_bounded():
+    from mmrecipe.recipe.schema import AudioSpec, VideoSpec
+
+    numbers = {f"model.{medium}.{f}" for medium, spec in (("audio", AudioSpec), ("video", VideoSpec))
+               for f, t in spec.__annotations__.items() if any(n in str(t) for n in ("int", "float"))}
+    assert numbers and numbers == set(MEDIA_LIMITS)
 
 
 def test_corpus_size():

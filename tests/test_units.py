@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mmrecipe import load_recipe
 from mmrecipe.recipe import resolve
-from mmrecipe.sources.read import read_slices
+from mmrecipe.sources.read import read_all, read_slices
 from mmrecipe.errors import SourceError
 from mmrecipe.sources.units import cut_units, cuttable, read_unit
 
@@ -103,3 +103,97 @@ def test_other_sources_are_one_unit(tmp_path, name, text, extra):
     recipe.write_text(small_recipe(f'name = "s"\npath = "{data}"\n{extra}layout = "qa"\n'
                                    'fields = { question = "question", answer = "answer" }'))
     assert not cuttable(resolve(load_recipe(recipe)).sources[0])
+
+
+def _parquet_source(folder: Path, files: list[list[dict]], group: int):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for k, rows in enumerate(files):
+        table = pa.table({"question": pa.array([r["question"] for r in rows], pa.string()),
+                          "answer": pa.array([r["answer"] for r in rows], pa.string())})
+        pq.write_table(table, folder / f"part-{k}.parquet", row_group_size=group)
+    recipe = folder / "r.toml"
+    recipe.write_text(small_recipe(f'name = "s"\npath = "{folder}/part-*.parquet"\nlayout = "qa"\nfields = {{ question = "question", answer = "answer" }}'))
+    return resolve(load_recipe(recipe)).sources[0]
+
+
+@given(files=st.lists(st.lists(record, max_size=60), min_size=1, max_size=3).filter(any),
+       group=st.integers(1, 25), rows=st.integers(1, 9), budget=st.integers(1, 4000))
+def test_parquet_units_read_in_turn_are_the_local_slices(tmp_path_factory, files, group, rows, budget):
+    """Cut from the footers alone: in turn the units give the local build's slices, each
+    `rows` records, which together are the whole read's rows (a parquet source streams)."""
+    folder = tmp_path_factory.mktemp("pq-units")
+    source = _parquet_source(folder, files, group)
+    assert source.streamable and cuttable(source)
+    want = list(read_slices(source, rows))
+    heights = [min(rows, len(part) - at) for part in files for at in range(0, len(part), rows)]
+    assert [f.height for f in want] == heights and len(want) >= 1
+    assert pl.concat(want).equals(read_all(source))
+    units = list(cut_units(source, rows, budget))
+    got = [frame for unit in units for frame in read_unit(source, unit, rows)]
+    assert len(got) == len(want) >= len(units) >= 1
+    for a, b in zip(got, want):
+        assert a.equals(b)
+    assert [u.row for u in units] == [sum(u.records for u in units[:k]) for k in range(len(units))]
+    assert sum(u.records for u in units) == sum(len(part) for part in files)
+    assert all(u.bytes <= budget or u.slices == 1 for u in units) and all(u.slices >= 1 for u in units)
+
+
+def test_a_parquet_source_over_its_budget_is_split_and_each_unit_reads_only_its_row_groups(tmp_path, monkeypatch):
+    """A file of 40 row groups under a budget of about a tenth of it: several units, each
+    reading only the row groups its slices lie in (a unit still reads when the file's
+    first row groups are corrupted, and the first unit then fails)."""
+    import pyarrow.parquet as pq
+
+    files = [[{"question": f"q{i}", "answer": "a" * (i % 50 + 1)} for i in range(4000)]]
+    source = _parquet_source(tmp_path, files, 100)
+    total = pq.read_metadata(source.files[0]).row_group(0).total_byte_size * 40
+    units = list(cut_units(source, 200, total // 10))
+    assert 8 <= len(units) <= 20 and all(u.bytes <= total // 10 for u in units)
+    assert [u.offset for u in units] == [sum(u.slices for u in units[:k]) for k in range(len(units))]
+    frames = [f for u in units for f in read_unit(source, u, 200)]
+    assert pl.concat(frames).equals(read_all(source))
+    # Zeros over the data of the first two row groups: only the units over them can tell.
+    meta = pq.read_metadata(source.files[0])
+    start = min(meta.row_group(0).column(c).data_page_offset for c in range(2))
+    end = max(meta.row_group(1).column(c).data_page_offset + meta.row_group(1).column(c).total_compressed_size for c in range(2))
+    data = bytearray(source.files[0].read_bytes())
+    data[start:end] = bytes(end - start)
+    source.files[0].write_bytes(bytes(data))
+    later = units[3]
+    alone = pl.concat(list(read_unit(source, later, 200)))
+    assert alone.height == later.records and alone["question"][0] == f"q{later.row}" and later.row >= 200
+    with pytest.raises(SourceError, match="cannot read"):
+        list(read_unit(source, units[0], 200))
+
+
+def test_a_parquet_source_with_image_bytes_is_cut_at_row_groups(tmp_path):
+    from test_containers import write_parquet
+
+    write_parquet(tmp_path / "pq" / "a.parquet", 20, rows_per_group=3, null_at=7)
+    write_parquet(tmp_path / "pq" / "b.parquet", 8, struct=False, rows_per_group=5)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(small_recipe(f'name = "s"\npath = "{tmp_path}/pq/*.parquet"\nlayout = "caption"\n'
+                                   'instructions = ["Describe it."]\nfields = { image = "image", caption = "caption" }\non_error = "skip"'))
+    source = resolve(load_recipe(recipe)).sources[0]
+    assert source.container == "parquet" and cuttable(source)
+    want = list(read_slices(source, 0))
+    units = list(cut_units(source, 0, 1))  # a row group each
+    assert len(units) == len(want) == 7 + 2
+    got = [frame for unit in units for frame in read_unit(source, unit, 0)]
+    assert all(a.equals(b) for a, b in zip(got, want)) and len(got) == len(want)
+    assert [u.row for u in units] == [0, 3, 6, 9, 12, 15, 18, 20, 25]
+
+
+def test_an_unreadable_parquet_file_is_a_unit_that_ends_in_the_local_error(tmp_path):
+    files = [[{"question": "q", "answer": "a"}] * 30, [{"question": "q2", "answer": "a2"}] * 5]
+    source = _parquet_source(tmp_path, files, 10)
+    source.files[1].write_bytes(b"PAR1 not a parquet file")
+    with pytest.raises(SourceError) as whole:
+        list(read_slices(source, 10))
+    units = list(cut_units(source, 10, 10**9))
+    assert units[-1].slices == -1 and units[-1].file == 1 and units[-1].row == 30
+    with pytest.raises(SourceError) as cut:
+        [f for u in units for f in read_unit(source, u, 10)]
+    assert str(cut.value) == str(whole.value) and "part-1.parquet" in str(whole.value)

@@ -116,8 +116,8 @@ class SourcePlan(msgspec.Struct, frozen=True):
 
     @property
     def streamable(self) -> bool:
-        """Whether the source can be read a slice at a time: JSON Lines or JSON arrays,
-        with no step that needs all rows at once (joins, group_by, a list under a key)."""
+        """Whether the source can be read a slice at a time: JSON Lines, JSON arrays or
+        parquet, with no step that needs all rows at once (joins, group_by, a list under a key)."""
         spec = self.spec
         if spec.group_by is not None or spec.join is not None or spec.json_key:
             return False
@@ -125,7 +125,7 @@ class SourcePlan(msgspec.Struct, frozen=True):
             return False
         if self.container is not None:  # a shard or a row group at a time
             return True
-        return all(f in ("jsonl", "json") for f in self.formats)
+        return all(f in ("jsonl", "json", "parquet") for f in self.formats)
 
     @property
     def all_files(self) -> list[Path]:

@@ -139,9 +139,10 @@ def _pair_problems(frame: pl.DataFrame, exts: list[str], path: Path) -> pl.DataF
     return frame.with_columns(problem.alias(PROBLEM)).drop(drop)
 
 
-def read_row_groups(source: SourcePlan, path: Path) -> Iterator[pl.DataFrame]:
-    """A parquet file with an image-bytes column, a row group at a time: the column's
-    references in its place, the bytes in IMAGE_BYTES."""
+def read_row_groups(source: SourcePlan, path: Path, first: int = 0, count: int | None = None) -> Iterator[pl.DataFrame]:
+    """A parquet file with an image-bytes column, a row group at a time (all of them, or
+    `count` from row group `first`): the column's references in its place, the bytes in
+    IMAGE_BYTES."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -154,7 +155,7 @@ def read_row_groups(source: SourcePlan, path: Path) -> Iterator[pl.DataFrame]:
         raise SourceError(f"source '{source.name}': cannot read {path} as parquet: {e}") from None
     if col not in f.schema_arrow.names:
         raise SourceError(f"source '{source.name}': {path} has no column '{col}' (the image column of the source's first file)")
-    for rg in range(f.num_row_groups):
+    for rg in range(first, f.num_row_groups if count is None else min(f.num_row_groups, first + count)):
         try:
             table = f.read_row_group(rg)
         except Exception as e:  # noqa: BLE001
