@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DEMO
+from conftest import DEMO, sources_moved
 from test_release_ids import PINNED, lay_out
 
 from mmrecipe.errors import MMRecipeError
@@ -441,10 +441,11 @@ def test_a_cluster_that_goes_away_fails_the_build(cluster, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
-def test_parquet_sources_cut_into_work_units_are_the_same_release(cluster, tmp_path, small_slices):
+def test_parquet_and_webdataset_sources_cut_into_work_units_are_the_same_release(cluster, tmp_path, small_slices):
     """A plain parquet source (slices of 40 rows, several row groups, rows skipped far into
-    it) and alignment-parquet on its fixtures (image bytes, cut at row groups), each with a
-    budget that makes several units: the local build's release, byte for byte."""
+    it), alignment-parquet on its fixtures (image bytes, cut at row groups) and
+    alignment-webdataset on its two shards, each with a budget that makes several units:
+    the local build's release, byte for byte."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -473,15 +474,20 @@ instructions = "vqa-short"
 on_error = "skip"
 """)
     recipes = lay_out(tmp_path / "work")
-    for recipe, source in ((folder / "mix.toml", "qa"), (recipes / "alignment-parquet-fixtures.toml", "captions")):
+    wds = recipes / "alignment-webdataset-fixtures.toml"  # two shards: a unit each
+    wds.write_text('extends = "alignment-webdataset.toml"\n' + sources_moved(recipes / "alignment-webdataset.toml", "../fixtures"))
+    cases = ((folder / "mix.toml", "qa", 3), (recipes / "alignment-parquet-fixtures.toml", "captions", 3), (wds, "captions", 2))
+    for recipe, source, least in cases:
         local = build(recipe, tmp_path / "local", progress=False, cache=False, overwrite=True)
         remote = build(recipe, tmp_path / "ray", progress=False, cache=False, overwrite=True, engine="ray",
                        ray_address=cluster[0], ray_unit_bytes=2048)
         assert files(tmp_path / "ray") == files(tmp_path / "local")
-        assert len(remote.tasks[source]) >= 3, remote.tasks
+        assert len(remote.tasks[source]) >= least, remote.tasks
         plan = resolve(load_recipe(recipe))
-        assert sum(t["rows"] for t in remote.tasks[source]) == sum(pq.read_metadata(f).num_rows for f in plan.sources[0].files)
+        if recipe != wds:
+            assert sum(t["rows"] for t in remote.tasks[source]) == sum(pq.read_metadata(f).num_rows for f in plan.sources[0].files)
         if source == "qa":  # rows 50, 147, ... 632 have no answer: a note per slice, naming its row
             stats = local.summary["sources"][0]
             assert stats["rows"] == 693 and len(stats["notes"]) == 7 and "first: row 632" in stats["notes"][-1]
-    assert remote.manifest.release_id == PINNED["alignment-parquet"]
+        if source == "captions" and recipe != wds:
+            assert remote.manifest.release_id == PINNED["alignment-parquet"]

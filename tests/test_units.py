@@ -197,3 +197,38 @@ def test_an_unreadable_parquet_file_is_a_unit_that_ends_in_the_local_error(tmp_p
     with pytest.raises(SourceError) as cut:
         [f for u in units for f in read_unit(source, u, 10)]
     assert str(cut.value) == str(whole.value) and "part-1.parquet" in str(whole.value)
+
+
+def test_webdataset_shards_are_a_unit_each_counted_from_their_headers(tmp_path):
+    """A unit per shard with rows (an empty shard, or one of other members only, gives
+    none), its rows counted from the tar headers: the units read in turn are the local
+    build's slices, a key without its image included (a row the reader flags)."""
+    import tarfile
+
+    from test_containers import add, write_shards
+
+    paths = write_shards(tmp_path / "wds", 11, per_shard=4)
+    with tarfile.open(paths[1], "a") as tar:
+        add(tar, "lonely.txt", b"a caption without its image")
+        add(tar, "other.seg.png", b"left out")
+    with tarfile.open(tmp_path / "wds" / "shard-000a.tar", "w") as tar:  # between 000 and 001: no rows
+        add(tar, "mask.seg.png", b"left out")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(small_recipe(f'name = "s"\npath = "{tmp_path}/wds/*.tar"\nlayout = "caption"\n'
+                                   'instructions = ["Describe it."]\nfields = { image = "image", caption = "txt" }\non_error = "skip"'))
+    source = resolve(load_recipe(recipe)).sources[0]
+    assert source.container == "webdataset" and cuttable(source) and len(source.files) == 4
+    want = list(read_slices(source, 0))
+    units = list(cut_units(source, 0, 10**9))
+    assert [(u.file, u.row, u.records) for u in units] == [(0, 0, 4), (2, 4, 5), (3, 9, 3)]
+    got = [frame for unit in units for frame in read_unit(source, unit, 0)]
+    assert len(got) == len(want) == 3 and all(a.equals(b) for a, b in zip(got, want))
+    # A truncated shard: the rest of the source from it is the last unit, ending in the local error.
+    paths[1].write_bytes(paths[1].read_bytes()[:1000])
+    with pytest.raises(SourceError) as whole:
+        list(read_slices(source, 0))
+    units = list(cut_units(source, 0, 10**9))
+    assert [(u.file, u.slices) for u in units] == [(0, 1), (2, -1)]
+    with pytest.raises(SourceError) as cut:
+        [f for u in units for f in read_unit(source, u, 0)]
+    assert str(cut.value) == str(whole.value) and "truncated" in str(whole.value)

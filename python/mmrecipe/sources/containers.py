@@ -47,8 +47,14 @@ def container_name(source: SourcePlan, path: Path) -> str:
     return rel
 
 
-def read_shard(source: SourcePlan, path: Path) -> pl.DataFrame:
-    """One WebDataset shard as rows, one per key, in the shard's order."""
+_IS_IMAGE = pl.col("__ext").is_in(IMAGE_EXTS)
+_IS_TEXT = ~_IS_IMAGE & pl.col("__ext").str.contains(_TEXT_EXT)
+
+
+def _members(source: SourcePlan, path: Path) -> pl.DataFrame | None:
+    """A shard's members (name, offset, size, order) with their key and extension, from
+    its tar headers alone; None for a shard without members. SourceError for an
+    unreadable shard, a member twice, or a key with two images."""
     name = source.name
     try:
         names, offsets, sizes = _core.tar_members(path)
@@ -57,7 +63,7 @@ def read_shard(source: SourcePlan, path: Path) -> pl.DataFrame:
     except (ValueError, OSError) as e:
         raise SourceError(f"source '{name}': {path} is not a readable (uncompressed) tar file: {e}") from None
     if not names:
-        return pl.DataFrame()
+        return None
     frame = pl.DataFrame(
         {"__name": names, "__offset": offsets, "__size": sizes},
         schema={"__name": pl.String, "__offset": pl.UInt64, "__size": pl.UInt64},
@@ -71,24 +77,42 @@ def read_shard(source: SourcePlan, path: Path) -> pl.DataFrame:
     dup = frame.filter(pl.struct("__key", "__ext").is_duplicated())
     if dup.height:
         raise SourceError(f"source '{name}': {path}: member '{dup['__name'][0]}' appears twice for key '{dup['__key'][0]}'")
-    is_image = pl.col("__ext").is_in(IMAGE_EXTS)
-    two = frame.filter(is_image).filter(pl.col("__key").is_duplicated())
+    two = frame.filter(_IS_IMAGE).filter(pl.col("__key").is_duplicated())
     if two.height:
         keyed = two.filter(pl.col("__key") == two["__key"][0])["__name"].to_list()
         raise SourceError(f"source '{name}': {path}: key '{two['__key'][0]}' has more than one image ({', '.join(keyed)})")
+    return frame
+
+
+def _keys(frame: pl.DataFrame) -> pl.DataFrame:
+    """The keys of a shard's rows, in the order of their first member; members of other
+    kinds are left out."""
+    used = frame.filter(_IS_IMAGE | _IS_TEXT)
+    return used.group_by("__key", maintain_order=True).agg(pl.col("__order").min()).sort("__order").select("__key")
+
+
+def shard_rows(source: SourcePlan, path: Path) -> int:
+    """The rows `read_shard` gives for a shard, from its tar headers alone."""
+    frame = _members(source, path)
+    return 0 if frame is None else _keys(frame).height
+
+
+def read_shard(source: SourcePlan, path: Path) -> pl.DataFrame:
+    """One WebDataset shard as rows, one per key, in the shard's order."""
+    name = source.name
+    frame = _members(source, path)
+    if frame is None:
+        return pl.DataFrame()
+    is_image, is_text = _IS_IMAGE, _IS_TEXT
     rel = container_name(source, path)
     images = frame.filter(is_image).select(
         "__key",
         pl.format("{}#offset={},size={}", pl.lit(rel), "__offset", "__size").alias("image"),
         pl.col("__name").alias("__image_member"),
     )
-    is_text = ~is_image & pl.col("__ext").str.contains(_TEXT_EXT)
     texts = frame.filter(is_text)
     texts = texts.with_columns(pl.Series("__v", _member_texts(name, path, texts), dtype=pl.String))
-    # Keys in the order of their first member; members of other kinds are left out.
-    used = frame.filter(is_image | is_text)
-    keys = used.group_by("__key", maintain_order=True).agg(pl.col("__order").min()).sort("__order").select("__key")
-    out = keys.join(images, on="__key", how="left", maintain_order="left")
+    out = _keys(frame).join(images, on="__key", how="left", maintain_order="left")
     ext_names = texts["__ext"].unique(maintain_order=True).to_list()
     for ext in ext_names:
         part = texts.filter(pl.col("__ext") == ext)

@@ -1,4 +1,4 @@
-"""Work units: a JSON Lines, JSON array or parquet source cut into runs of the very slices a
+"""Work units: a JSON Lines, JSON array, parquet or WebDataset source cut into runs of the very slices a
 local build reads it in (`read_slices`: `rows` records at a time, each file on its own; a
 row group at a time for parquet with image bytes), so that each run can be read and
 tokenized apart (a Ray task) and the runs, loaded in order, give what reading the whole
@@ -10,7 +10,8 @@ its first slice and reads on. Parquet: the cut comes from each file's footer alo
 and the uncompressed bytes of its row groups); a unit reads only the row groups its slices
 lie in. Consecutive slices of one file join a unit while its bytes stay within the budget (a
 slice over it is a unit of its own: a slice is the smallest piece the local build reads, so
-it cannot be cut without changing the release)."""
+it cannot be cut without changing the release). WebDataset: a shard is a slice, and a unit
+of its own, its rows counted from its tar headers."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import msgspec
 import polars as pl
 
 from .. import _core
-from ..recipe.plan import PARQUET_IMAGES, SourcePlan
-from .containers import read_row_groups
+from ..errors import SourceError
+from ..recipe.plan import PARQUET_IMAGES, WEBDATASET, SourcePlan
+from .containers import read_row_groups, read_shard, shard_rows
 from .read import json_frames, parquet_frames
 
 
@@ -40,12 +42,12 @@ class Unit(msgspec.Struct, frozen=True):
 
 def cuttable(source: SourcePlan) -> bool:
     """Whether `source` is read in slices a unit can start at: JSON Lines, JSON arrays or
-    parquet, with its images in loose files or as bytes in the parquet (not read whole:
-    joins, group_by, json_key; not WebDataset shards, whose rows are known only once read)."""
+    parquet, with its images in loose files or as bytes in the parquet, or WebDataset
+    shards (not read whole: joins, group_by, json_key)."""
     if not source.streamable:
         return False
     if source.container is not None:
-        return source.container == PARQUET_IMAGES
+        return source.container in (PARQUET_IMAGES, WEBDATASET)
     return all(f in ("jsonl", "json", "parquet") for f in source.formats)
 
 
@@ -58,6 +60,16 @@ def cut_units(source: SourcePlan, rows: int, budget: int) -> Iterator[Unit]:
     records (whose whole read gives that error)."""
     row = 0
     for index, (path, fmt) in enumerate(zip(source.files, source.formats)):
+        if source.container == WEBDATASET:  # a shard is a slice: a unit each, its rows from its tar headers
+            try:
+                records = shard_rows(source, path)
+            except SourceError:  # the read names it
+                yield Unit(index, 0, 0, 0, -1, row, 0, sum(f.stat().st_size for f in source.files[index:] if f.is_file()))
+                return
+            if records:
+                yield Unit(index, 0, 0, 0, 1, row, records, path.stat().st_size)
+                row += records
+            continue
         if fmt == "parquet" or source.container == PARQUET_IMAGES:
             try:
                 pieces = _parquet_pieces(path, None if source.container == PARQUET_IMAGES else rows)
@@ -146,7 +158,11 @@ def read_unit(source: SourcePlan, unit: Unit, rows: int) -> Iterator[pl.DataFram
         if k and unit.slices >= 0:
             return
         slices = None if unit.slices < 0 else unit.slices
-        if source.container == PARQUET_IMAGES:
+        if source.container == WEBDATASET:
+            frame = read_shard(source, path)
+            if frame.height:
+                yield frame
+        elif source.container == PARQUET_IMAGES:
             start = unit.offset if k == 0 else 0
             groups = read_row_groups(source, path, start, slices)
             yield from (frame for frame in groups if frame.height)
