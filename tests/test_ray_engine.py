@@ -171,7 +171,9 @@ def test_a_killed_worker_is_retried_and_the_release_is_the_same(cluster, tmp_pat
         for p in kill.iterdir():
             p.unlink()
         kill.rmdir()
-    assert len(killed) == 4, "each of the demo's four tasks killed its worker once"
+    shards = [k for k in killed if k.startswith("shard-")]
+    assert len(killed) - len(shards) == 4, "each of the demo's four sources' tasks killed its worker once"
+    assert shards == [f"shard-0-{k}" for k in range(len(remote.manifest.shards))] and shards, "and each shard's task"
     local = build(DEMO, tmp_path / "local", progress=False, cache=False)
     assert remote.manifest.release_id == local.manifest.release_id
     assert files(tmp_path / "ray") == files(tmp_path / "local")
@@ -188,17 +190,21 @@ def test_the_cluster_fills_the_token_store_for_a_local_rebuild(cluster, tmp_path
     assert third.store["tokenized"] == [] and third.manifest.release_id == first.manifest.release_id
 
 
-def test_a_driver_failing_after_the_tasks_leaves_nothing(cluster, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where, error, text", [
+    ("row_groups", RuntimeError, "interrupted"),  # the driver, emitting a shard after every entry is loaded
+    ("write_shard_file", RayEngineError, r"(?s)shard data/part-00000\.parquet: its task failed on the cluster .*interrupted"),
+])
+def test_a_driver_failing_after_the_tasks_leaves_nothing(cluster, tmp_path, monkeypatch, where, error, text):
     def fail(*a, **k):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(builder_module, "write_shards", fail)  # after every entry is loaded
+    monkeypatch.setattr(builder_module, where, fail)
     staging = tmp_path / "staging"
     staging.mkdir()
     parent = tmp_path / "rel"
-    with pytest.raises(RuntimeError, match="interrupted"):
+    with pytest.raises(error, match=text):
         build(DEMO, parent / "demo", progress=False, cache=False, engine="ray", ray_address=cluster[0])
-    with pytest.raises(RuntimeError, match="interrupted"):
+    with pytest.raises(error, match=text):
         build(DEMO, parent / "demo", progress=False, cache=False, engine="ray", ray_address=cluster[0], ray_staging=staging)
     assert list(parent.iterdir()) == []
     assert list(staging.iterdir()) == []
@@ -263,6 +269,7 @@ seed = 7
 tokenizer = "{DEMO.parent / 'models' / 'smollm2'}"
 [output]
 seq_len = 1024
+shard_sequences = 250
 [mixture]
 total = {{ samples = {samples * 9 // 10} }}
 [[source]]
@@ -300,6 +307,8 @@ def test_a_generated_50k_mix_is_the_same_release_on_the_cluster(cluster, tmp_pat
     assert remote.manifest.release_id == local.manifest.release_id
     assert files(tmp_path / "out" / "ray") == files(tmp_path / "out" / "local")
     assert remote.summary["segments"] == SAMPLES * 9 // 10
+    # More shards than may wait in the object store at once (twice the cluster's 2 CPUs).
+    assert len(remote.manifest.shards) > 8 or SAMPLES < 50000
     assert sorted(remote.store["tokenized"]) == ["alpaca", "caption", "chat", "qa"]  # all four on the cluster
 
 

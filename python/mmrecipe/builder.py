@@ -43,9 +43,9 @@ from .recipe import Plan, Recipe, SourcePlan, load_recipe, resolve
 from .recipe.limits import threads_problem
 from .recipe.plan import CACHE_ROLE
 from .recipe.pools import BUILTIN_PREFIX, pools_dir
-from .release.format import FORMAT, MANIFEST, STATS, EpochPart, InputFile, Manifest, epoch_folder, release_id_of
+from .release.format import DATA, FORMAT, MANIFEST, STATS, EpochPart, InputFile, Manifest, Shard, epoch_folder, release_id_of
 from .release.guard import check_destination, lock
-from .release.write import spill_prefix, staging, write_json, write_shards
+from .release.write import row_groups, shard_ranges, spill_prefix, staging, write_json, write_shard_file, write_shards
 from .sources.columns import Normalized
 from .sources.fields import as_text, require, resolve_rows, resolves_on_no_row
 from .sources.layouts import to_internal
@@ -326,7 +326,7 @@ def build(
                 stats["notes"] = stages.pool_note(source) + notes[source.index] + stages.notes(source.name)
             lap("pack")
             with _progress(summary["sequences"], "write" + label, "seq", progress) as wbar:
-                parts.append(_write_epoch(tmp, epoch, compiler, summary, plan.recipe.output.shard_sequences, wbar, audio, video))
+                parts.append(_write_epoch(tmp, epoch, compiler, summary, plan.recipe.output.shard_sequences, wbar, audio, video, remote))
             del compiler  # its spill goes before the next epoch's
             shutil.rmtree(epoch_spill, ignore_errors=True)
             if epoch == 0:
@@ -348,13 +348,17 @@ ENGINES = ("local", "ray")
 
 
 def _write_epoch(tmp: Path, epoch: int, compiler: Any, summary: dict[str, Any], per_shard: int, bar: Any,
-                 audio: bool = False, video: bool = False) -> EpochPart:
+                 audio: bool = False, video: bool = False, remote: _OnCluster | None = None) -> EpochPart:
     """Epoch `epoch`'s shards (with the audio columns when `audio`, the video columns when
-    `video`) and stats.json, in its folder of the staged release."""
+    `video`) and stats.json, in its folder of the staged release (the shards written by
+    cluster tasks with `remote`)."""
     prefix = epoch_folder(epoch)
     folder = tmp / prefix
     folder.mkdir(exist_ok=True)
-    shards = write_shards(folder, compiler.emit, summary["sequences"], per_shard, bar, audio, video)
+    if remote is None:
+        shards = write_shards(folder, compiler.emit, summary["sequences"], per_shard, bar, audio, video)
+    else:
+        shards = remote.write_shards(folder, epoch, compiler.emit, summary["sequences"], per_shard, bar, audio, video)
     if prefix:
         shards = [msgspec.structs.replace(sh, path=f"{prefix}/{sh.path}") for sh in shards]
     stats = f"{prefix}/{STATS}" if prefix else STATS
@@ -605,6 +609,41 @@ class _OnCluster:
         # Saved whole, as a local build saves it: a later build, on either engine, loads it.
         use.save(compiler, source, notes + stages.notes(source.name))
         return notes
+
+
+    def write_shards(self, folder: Path, epoch: int, emit: Any, rows: int, per_shard: int, bar: Any,
+                     audio: bool, video: bool) -> list[Shard]:
+        """The shards `write_shards` writes, byte for byte: the driver emits each shard's
+        row groups from its spill, and a task per shard encodes, compresses, hashes and
+        writes it into the staging folder, from where it is moved into `folder`. At most
+        twice the cluster's CPUs of shards wait in Ray's object store at once."""
+        (folder / DATA).mkdir()
+        ranges = shard_ranges(rows, per_shard)
+        shards: list[Shard] = []
+        tokens: list[int] = []
+        bar.set_postfix_str(f"shards written by the cluster's {self.cluster.cpus} CPUs")
+
+        def staged(k: int) -> Path:
+            return self.folder / f"shard-{epoch}-{k}.parquet"
+
+        def finish(k: int) -> None:
+            name, lo, hi = ranges[k]
+            sha256 = self.cluster.result(f"shard/{epoch}/{k}")
+            shutil.move(staged(k), folder / name)
+            shards.append(Shard(path=name, sha256=sha256, sequences=hi - lo, tokens=tokens[k]))
+            bar.update(hi - lo)
+
+        limit = max(2, 2 * self.cluster.cpus)
+        for k, (name, lo, hi) in enumerate(ranges):
+            if k >= limit:
+                finish(k - limit)
+            groups = list(row_groups(emit, lo, hi, audio, video))
+            tokens.append(sum(n for _, n in groups))
+            self.cluster.submit(f"shard/{epoch}/{k}", write_shard_file, str(staged(k)), [t for t, _ in groups], audio, video,
+                                label=f"shard {'/'.join(filter(None, (epoch_folder(epoch), name)))}", counted=False)
+        for k in range(max(0, len(ranges) - limit), len(ranges)):
+            finish(k)
+        return shards
 
 
 def _tokenize(plan: Plan, stages: LLMStages, compiler: Any, lap: Any, progress: bool, use: _StoreUse,

@@ -1,9 +1,10 @@
-"""Running per-source work on a Ray cluster (`pip install "mmrecipe[ray]"`).
+"""Running a build's work on a Ray cluster (`pip install "mmrecipe[ray]"`).
 
 The builder submits one task per work unit of a source (the whole source, or a run of its
 slices): a top-level function of its own (pickled by reference, so every node needs
 mmrecipe installed) that tokenizes the unit and saves its token store entry onto storage
-the nodes share, returning only small metadata. A task is idempotent (its entry is written
+the nodes share, returning only small metadata; and one task per shard of the release,
+which writes the shard's Parquet file from the row groups the driver emitted. A task is idempotent (its entry is written
 beside its name and renamed into place), so Ray may run it again: `max_retries` retries a
 task whose worker died. The driver waits for each result with Ray's failure signals, a look
 at the cluster every POLL seconds and a stall timeout. Ray is imported only here, lazily."""
@@ -116,6 +117,7 @@ class Cluster:
         self.done: dict[str, Any] = {}
         self.failed: dict[str, Exception] = {}
         self.labels: dict[str, str] = {}
+        self.uncounted: set[str] = set()  # tasks the bar leaves out (it counts the tokenizing ones)
         self.timeout = TASK_TIMEOUT if timeout is None else timeout
         self.progress = progress
         self.bar: Any = None
@@ -148,11 +150,13 @@ class Cluster:
                                  "pass --ray-staging DIR on shared storage (and OUT's folder, or DIR, on it)")
         return len(seen)
 
-    def submit(self, name: str, fn: Callable[..., Any], *args: Any, label: str | None = None) -> None:
+    def submit(self, name: str, fn: Callable[..., Any], *args: Any, label: str | None = None, counted: bool = True) -> None:
         """Runs `fn(*args)` as a task; `name` (unique in the build) gets its result, `label`
-        names it in errors."""
+        names it in errors; `counted`: on the bar of tasks done."""
         self.pending[self.remote.remote(name, fn, args)] = name
         self.labels[name] = label or f"task '{name}'"
+        if not counted:
+            self.uncounted.add(name)
 
     def start_bar(self) -> None:
         """The bar of tasks done, counting those submitted since it started too."""
@@ -200,7 +204,7 @@ class Cluster:
                         self.failed[which] = RayEngineError(f"{self.labels[which]}: its task failed on the cluster ({e})")
                 except self.ray.exceptions.RayError as e:  # a worker died more than max_retries times, ...
                     self.failed[which] = RayEngineError(f"{self.labels[which]}: its task failed on the cluster ({e})")
-                if self.bar is not None:
+                if self.bar is not None and which not in self.uncounted:
                     self.bar.update(1)
         if name in self.failed:
             raise self.failed.pop(name) from None

@@ -100,36 +100,61 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def shard_ranges(rows: int, per_shard: int) -> list[tuple[str, int, int]]:
+    """(name, first row, end row) of each shard of rows 0..rows (one empty shard for none)."""
+    return [(f"{DATA}/part-{k:05d}.parquet", lo, min(rows, lo + per_shard)) for k, lo in enumerate(range(0, max(rows, 1), per_shard))]
+
+
+def row_groups(emit: Callable[[int, int], dict[str, Any]], lo: int, hi: int, audio: bool = False,
+               video: bool = False) -> Iterator[tuple[pa.Table, int]]:
+    """Rows lo..hi, a row group at a time from `emit(lo, hi)`: each as a table, with its tokens."""
+    for g in range(lo, max(hi, lo + 1), ROW_GROUP):
+        packed = emit(g, min(hi, g + ROW_GROUP))
+        yield shard_table(packed, 0, len(packed["row_offsets"]) - 1, audio, video), int(packed["row_offsets"][-1])
+
+
+def _writer(path: Path, schema: pa.Schema, audio: bool, video: bool) -> pq.ParquetWriter:
+    return pq.ParquetWriter(
+        path, schema, compression="zstd", write_statistics=False,
+        # token ids gain nothing from a dictionary
+        use_dictionary=["image_paths", *(["audio_paths"] if audio else []), *(["video_paths"] if video else [])],
+    )
+
+
 def write_shards(folder: Path, emit: Callable[[int, int], dict[str, Any]], rows: int, per_shard: int, progress: Any = None,
                  audio: bool = False, video: bool = False) -> list[Shard]:
     """Writes rows 0..rows into shards of `per_shard` rows, one row group at a time from
     `emit(lo, hi)`, so memory stays at one row group whatever the shard size; `audio`: with
     the audio columns; `video`: with the video columns."""
-    data = folder / DATA
-    data.mkdir()
+    (folder / DATA).mkdir()
     shards = []
-    for k, lo in enumerate(range(0, max(rows, 1), per_shard)):
-        hi = min(rows, lo + per_shard)
-        name = f"{DATA}/part-{k:05d}.parquet"
+    for name, lo, hi in shard_ranges(rows, per_shard):
         tokens = 0
         writer = None
-        for g in range(lo, max(hi, lo + 1), ROW_GROUP):
-            packed = emit(g, min(hi, g + ROW_GROUP))
-            table = shard_table(packed, 0, len(packed["row_offsets"]) - 1, audio, video)
-            if writer is None:
-                writer = pq.ParquetWriter(
-                    folder / name, table.schema, compression="zstd", write_statistics=False,
-                    # token ids gain nothing from a dictionary
-                    use_dictionary=["image_paths", *(["audio_paths"] if audio else []), *(["video_paths"] if video else [])],
-                )
+        for table, n in row_groups(emit, lo, hi, audio, video):
+            writer = writer or _writer(folder / name, table.schema, audio, video)
             writer.write_table(table, row_group_size=ROW_GROUP)
-            tokens += int(packed["row_offsets"][-1])
+            tokens += n
             if progress is not None:
                 progress.update(table.num_rows)
         assert writer is not None
         writer.close()
         shards.append(Shard(path=name, sha256=file_sha256(folder / name), sequences=hi - lo, tokens=tokens))
     return shards
+
+
+def write_shard_file(path: str, tables: list[pa.Table], audio: bool = False, video: bool = False) -> str:
+    """One shard from its row groups' tables, the very bytes `write_shards` writes (where a
+    cluster task writes it): written beside its name and renamed into place, so that running
+    it again gives the same file. Returns its sha256."""
+    target = Path(path)
+    part = target.with_name(f".{target.name}.{os.getpid()}.part")
+    writer = _writer(part, tables[0].schema, audio, video)
+    for table in tables:
+        writer.write_table(table, row_group_size=ROW_GROUP)
+    writer.close()
+    os.replace(part, target)
+    return file_sha256(target)
 
 
 def write_json(path: Path, value: Any) -> None:
