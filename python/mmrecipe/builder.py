@@ -534,6 +534,12 @@ def tokenize_entry(plan: Plan, index: int, key: str, path: str, threads: int, to
     return {"path": path, "rows": rows, "samples": samples, "bytes": size, "max_len": max_len}
 
 
+#: Shards emitted and not yet written by their cluster tasks, at most: the driver emits
+#: rows about four times as fast as a task compresses them, so more would only take memory
+#: (a shard of 4096 rows of 4096 tokens is ~250 MB of columns).
+SHARDS_IN_FLIGHT = 4
+
+
 class _OnCluster:
     """The sources a build tokenizes on a Ray cluster, each saving token store entries
     under `folder`: a JSON Lines or JSON array source cut into work units of at most `unit_bytes` of its
@@ -610,13 +616,13 @@ class _OnCluster:
         use.save(compiler, source, notes + stages.notes(source.name))
         return notes
 
-
     def write_shards(self, folder: Path, epoch: int, emit: Any, rows: int, per_shard: int, bar: Any,
                      audio: bool, video: bool) -> list[Shard]:
         """The shards `write_shards` writes, byte for byte: the driver emits each shard's
         row groups from its spill, and a task per shard encodes, compresses, hashes and
         writes it into the staging folder, from where it is moved into `folder`. At most
-        twice the cluster's CPUs of shards wait in Ray's object store at once."""
+        SHARDS_IN_FLIGHT shards (fewer on a smaller cluster) wait in Ray's object store at
+        once: they are what the driver holds beyond its spill."""
         (folder / DATA).mkdir()
         ranges = shard_ranges(rows, per_shard)
         shards: list[Shard] = []
@@ -633,7 +639,7 @@ class _OnCluster:
             shards.append(Shard(path=name, sha256=sha256, sequences=hi - lo, tokens=tokens[k]))
             bar.update(hi - lo)
 
-        limit = max(2, 2 * self.cluster.cpus)
+        limit = max(1, min(self.cluster.cpus, SHARDS_IN_FLIGHT))
         for k, (name, lo, hi) in enumerate(ranges):
             if k >= limit:
                 finish(k - limit)

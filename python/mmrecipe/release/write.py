@@ -102,7 +102,8 @@ def _alive(pid: int) -> bool:
 
 def shard_ranges(rows: int, per_shard: int) -> list[tuple[str, int, int]]:
     """(name, first row, end row) of each shard of rows 0..rows (one empty shard for none)."""
-    return [(f"{DATA}/part-{k:05d}.parquet", lo, min(rows, lo + per_shard)) for k, lo in enumerate(range(0, max(rows, 1), per_shard))]
+    starts = range(0, max(rows, 1), per_shard)
+    return [(f"{DATA}/part-{k:05d}.parquet", lo, min(rows, lo + per_shard)) for k, lo in enumerate(starts)]
 
 
 def row_groups(emit: Callable[[int, int], dict[str, Any]], lo: int, hi: int, audio: bool = False,
@@ -132,7 +133,8 @@ def write_shards(folder: Path, emit: Callable[[int, int], dict[str, Any]], rows:
         tokens = 0
         writer = None
         for table, n in row_groups(emit, lo, hi, audio, video):
-            writer = writer or _writer(folder / name, table.schema, audio, video)
+            if writer is None:
+                writer = _writer(folder / name, table.schema, audio, video)
             writer.write_table(table, row_group_size=ROW_GROUP)
             tokens += n
             if progress is not None:
