@@ -536,7 +536,7 @@ def tokenize_entry(plan: Plan, index: int, key: str, path: str, threads: int, to
 
 #: Shards emitted and not yet written by their cluster tasks, at most: the driver emits
 #: rows about four times as fast as a task compresses them, so more would only take memory
-#: (a shard of 4096 rows of 4096 tokens is ~250 MB of columns).
+#: (a shard of 4096 rows of 4096 tokens is ~85 MB of columns).
 SHARDS_IN_FLIGHT = 4
 
 
