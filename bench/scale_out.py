@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export import peak_rss_mb  # noqa: E402
 from run import RECIPE, TOKENIZER, generate  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def child(recipe: Path, out: Path, threads: int, address: str, unit_bytes: int) 
         kw["ray_unit_bytes"] = unit_bytes
     result = build(recipe, out, threads=threads, progress=False, overwrite=True, cache=False, **kw)
     print(json.dumps({"seconds": time.perf_counter() - t, "timings": result.timings, "release_id": result.manifest.release_id,
-                      "samples": result.summary["segments"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "samples": result.summary["segments"], "peak_rss_mb": peak_rss_mb(),
                       "tasks": sum(len(t) for t in result.tasks.values())}))
 
 
