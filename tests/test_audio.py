@@ -320,7 +320,7 @@ def test_path_escaping_the_audio_root(tmp_path):
 @pytest.mark.parametrize("model, source_extra, message", [
     ("", "", r"source\[0\]: source 's' has audio, but \[model\] sets no audio rule"),
     ("audio = { count = 0 }", "", r"model.audio.count: 0 is not between 1 and 16384"),
-    ("audio = { hop_length = 0 }", "", r"model.audio.hop_length: 0 must be at least 1"),
+    ("audio = { hop_length = 0 }", "", r"model.audio.hop_length: must be at least 1 and at most 1,000,000, got 0"),
     ("audio = { long = \"cut\" }", "", r"model.audio.long: 'cut' is not one of: error, truncate"),
     (WHISPER, 'layout = "qa"', r"source\[0\].fields.question"),
 ])

@@ -183,7 +183,8 @@ def test_every_number_of_the_media_rules_is_bounded():
 
     numbers = {f"model.{medium}.{f}" for medium, spec in (("audio", AudioSpec), ("video", VideoSpec))
                for f, t in spec.__annotations__.items() if any(n in str(t) for n in ("int", "float"))}
-    assert numbers and numbers == set(MEDIA_LIMITS)
+    in_validate = {"model.audio.count", "model.video.count", "model.video.max_tokens"}  # tests/test_audio.py, test_video.py
+    assert numbers and numbers - in_validate == set(MEDIA_LIMITS) and not in_validate & set(MEDIA_LIMITS)
 
 
 def test_corpus_size():

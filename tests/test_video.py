@@ -381,8 +381,8 @@ def test_path_escaping_the_video_root(tmp_path):
 @pytest.mark.parametrize("model, message", [
     ("", r"source\[0\]: source 's' has video, but \[model\] sets no video rule"),
     ("video = { count = 0 }", r"model.video.count: 0 is not between 1 and max_tokens"),
-    ("video = { fps = 0.0 }", r"model.video.fps: 0.0 is not a positive frame rate"),
-    ("video = { temporal_patch = 0 }", r"model.video.temporal_patch: 0 must be at least 1"),
+    ("video = { fps = 0.0 }", r"model.video.fps: must be > 0 and at most 1,000, got 0"),
+    ("video = { temporal_patch = 0 }", r"model.video.temporal_patch: must be at least 1 and at most 64, got 0"),
     ("video = { min_frames = 10, max_frames = 4 }", r"model.video.min_frames: 10 is not between 0 and max_frames = 4"),
     ("video = { rule = \"llava\" }", r"model.video.rule: 'llava' is not one of: qwen2-vl"),
     ('video = { placeholder = "<image>" }\nimage = { count = 4 }', r"model.video.placeholder: '<image>' is also the image placeholder"),

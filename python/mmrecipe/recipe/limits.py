@@ -52,12 +52,12 @@ LIMITS: dict[str, Limit] = {
     "model.image.max_pixels": Limit(1, 1 << 28),  # 268 M pixels: beyond any vision tower
     # Audio and video rules: the core keeps them in u32/u64 and multiplies them, so each is
     # bounded far beyond any encoder (rust/audio.rs, rust/video.rs) and never wraps there.
-    "model.audio.count": Limit(1, 1 << 20),  # the core's most tokens per clip
+    # (`count` and video `max_tokens` are checked in validate.py against the core's most
+    # tokens per clip, and a video count against max_tokens.)
     "model.audio.sampling_rate": Limit(1, 1_000_000),  # 1 MHz: beyond any speech encoder's input
     "model.audio.chunk_seconds": Limit(1, 3600),  # the window one clip is padded or cut to
     "model.audio.hop_length": Limit(1, 1_000_000),
     "model.audio.pool": Limit(1, 1024),
-    "model.video.count": Limit(1, 1 << 20),
     "model.video.fps": Limit(0, 1000, low_open=True),  # frames sampled per second of the clip
     "model.video.min_frames": Limit(0, 1 << 20),
     "model.video.max_frames": Limit(1, 1 << 20),
@@ -67,7 +67,6 @@ LIMITS: dict[str, Limit] = {
     "model.video.merge": Limit(1, 64),
     "model.video.temporal_patch": Limit(1, 64),
     "model.video.max_video_tokens": Limit(1, 1 << 40),
-    "model.video.max_tokens": Limit(1, 1 << 20),  # the core's most tokens per clip
     **{f"lengthen.*.{k}": v for k, v in _LLM.items()},
     **{f"generate.*.{k}": v for k, v in _LLM.items()},
     "generate.*.conversations": Limit(1, 1000),
