@@ -43,17 +43,22 @@ def test_units_read_in_turn_are_the_local_slices(tmp_path_factory, files, rows, 
     source = _source(folder, files, fmt)
     want = list(read_slices(source, rows))
     assert cuttable(source)
+    units = _units_give(source, want, rows, budget)
+    assert sum(u.records for u in units) == sum(f.height for f in want)
+    assert sum(u.bytes for u in units) <= sum(p.stat().st_size for p in source.files)
+
+
+def _units_give(source, want, rows, budget):
+    """The source's units, checked to give the slices `want` read in turn, rows numbered
+    in the whole source, each within `budget` unless a single slice is over it."""
     units = list(cut_units(source, rows, budget))
     got = [frame for unit in units for frame in read_unit(source, unit, rows)]
     assert len(got) == len(want) >= len(units) >= 1
     for a, b in zip(got, want):
         assert a.equals(b)
     assert [u.row for u in units] == [sum(u.records for u in units[:k]) for k in range(len(units))]
-    assert sum(u.records for u in units) == sum(f.height for f in want)
-    for unit in units:
-        assert unit.bytes <= budget or unit.slices == 1
-        assert unit.slices >= 1
-    assert sum(u.bytes for u in units) <= sum(p.stat().st_size for p in source.files)
+    assert all(u.bytes <= budget or u.slices == 1 for u in units) and all(u.slices >= 1 for u in units)
+    return units
 
 
 def test_a_big_source_is_cut_within_its_budget(tmp_path):
@@ -130,14 +135,8 @@ def test_parquet_units_read_in_turn_are_the_local_slices(tmp_path_factory, files
     heights = [min(rows, len(part) - at) for part in files for at in range(0, len(part), rows)]
     assert [f.height for f in want] == heights and len(want) >= 1
     assert pl.concat(want).equals(read_all(source))
-    units = list(cut_units(source, rows, budget))
-    got = [frame for unit in units for frame in read_unit(source, unit, rows)]
-    assert len(got) == len(want) >= len(units) >= 1
-    for a, b in zip(got, want):
-        assert a.equals(b)
-    assert [u.row for u in units] == [sum(u.records for u in units[:k]) for k in range(len(units))]
+    units = _units_give(source, want, rows, budget)
     assert sum(u.records for u in units) == sum(len(part) for part in files)
-    assert all(u.bytes <= budget or u.slices == 1 for u in units) and all(u.slices >= 1 for u in units)
 
 
 def test_a_parquet_source_over_its_budget_is_split_and_each_unit_reads_only_its_row_groups(tmp_path, monkeypatch):
