@@ -150,15 +150,18 @@ def test_a_multi_epoch_release_is_the_same_on_the_cluster(cluster, tmp_path):
     assert "vqa (epoch 2)" in remote.store["tokenized"] and remote.manifest.epoch_count == 3
 
 
-@pytest.mark.parametrize("name", ["llava-1.5-mix", "demo-llm"])
+@pytest.mark.parametrize("name", ["llava-1.5-mix", "demo-llm", "asr-alignment", "video-instruct"])
 def test_shipped_recipes_are_the_same_release_on_the_cluster(cluster, tmp_path, name):
     """llava-1.5-mix on its fixtures (images, ten sources); demo-llm, whose one source
-    has an LLM stage and is therefore tokenized on the driver."""
+    has an LLM stage and is therefore tokenized on the driver; asr-alignment and
+    video-instruct, whose sources' clips are read on the cluster."""
     recipes = lay_out(tmp_path / "work")
     recipe = recipes / (f"{name}.toml" if name.startswith("demo") else f"{name}-fixtures.toml")
     local, remote = both(recipe, tmp_path / "out", cluster[0])
     assert remote.manifest.release_id == local.manifest.release_id == PINNED[name]
     assert files(tmp_path / "out" / "ray") == files(tmp_path / "out" / "local")
+    if name in ("asr-alignment", "video-instruct"):
+        assert sorted(remote.tasks) == sorted(s["name"] for s in local.summary["sources"])
 
 
 def test_a_killed_worker_is_retried_and_the_release_is_the_same(cluster, tmp_path):
