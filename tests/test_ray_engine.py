@@ -442,3 +442,30 @@ def test_a_cluster_that_goes_away_fails_the_build(cluster, tmp_path, monkeypatch
     finally:
         hang.rmdir()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_audio_source_cut_into_work_units_is_the_same_release(cluster, tmp_path, small_slices):
+    """A JSON Lines audio source of 200 rows in 40-record slices, cut into several units:
+    the local build's bytes, clips and skipped rows (a missing clip) included."""
+    from conftest import RECIPES, ROOT
+
+    import json
+
+    clips = sorted((ROOT / "tests" / "fixtures" / "data" / "asr" / "clips").iterdir())
+    data = tmp_path / "m.jsonl"
+    with open(data, "w") as f:
+        for k in range(200):
+            clip = "missing.wav" if k in (57, 133) else clips[k % len(clips)].name
+            f.write(json.dumps({"audio": clip, "text": f"clip number {k}"}) + "\n")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[recipe]\nname = "a"\n[model]\ntokenizer = "{RECIPES / "models" / "smollm2-audio"}"\n'
+                      f'audio = {{ rule = "whisper" }}\n[output]\nseq_len = 2048\n[[source]]\nname = "s"\npath = "{data}"\n'
+                      f'layout = "asr"\nfields = {{ audio = "audio", text = "text" }}\naudio_root = "{clips[0].parent}"\n'
+                      'instructions = "asr"\non_error = "skip"\n')
+    local = build(recipe, tmp_path / "local", progress=False, cache=False)
+    assert local.summary["sources"][0]["skipped"] == 2
+    remote = build(recipe, tmp_path / "ray", progress=False, cache=False, engine="ray", ray_address=cluster[0],
+                   ray_unit_bytes=data.stat().st_size // 4)
+    assert len(remote.tasks["s"]) >= 3 and sum(t["rows"] for t in remote.tasks["s"]) == 200
+    assert files(tmp_path / "ray") == files(tmp_path / "local")
+    assert remote.manifest.release_id == local.manifest.release_id
