@@ -93,22 +93,23 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    /// The bytes of image path `k`.
+    /// The bytes of image path `k` (empty where its ends disagree, which a loaded entry
+    /// is checked against: fingerprinting a store never panics).
     pub fn image_path(&self, k: usize) -> &[u8] {
         let start = if k == 0 { 0 } else { self.image_path_ends[k - 1] as usize };
-        &self.image_paths.as_bytes()[start..self.image_path_ends[k] as usize]
+        self.image_paths.as_bytes().get(start..self.image_path_ends[k] as usize).unwrap_or_default()
     }
 
     /// The bytes of audio path `k`.
     pub fn audio_path(&self, k: usize) -> &[u8] {
         let start = if k == 0 { 0 } else { self.audio_path_ends[k - 1] as usize };
-        &self.audio_paths.as_bytes()[start..self.audio_path_ends[k] as usize]
+        self.audio_paths.as_bytes().get(start..self.audio_path_ends[k] as usize).unwrap_or_default()
     }
 
     /// The bytes of video path `k`.
     pub fn video_path(&self, k: usize) -> &[u8] {
         let start = if k == 0 { 0 } else { self.video_path_ends[k - 1] as usize };
-        &self.video_paths.as_bytes()[start..self.video_path_ends[k] as usize]
+        self.video_paths.as_bytes().get(start..self.video_path_ends[k] as usize).unwrap_or_default()
     }
 }
 

@@ -5,21 +5,33 @@
 //!
 //! ```text
 //!  entry file   header  magic "MMRSTORE" · format version u32 · body length u64 · sha256(body)
-//!               body    key · seq_len, max_len · image fingerprint · stats (rows, skipped,
-//!                       dropped too long or over max_images, truncated, skipped examples) ·
-//!                       meta (Python's, opaque) ·
-//!                       samples · image paths, path ends, grids · token records (the
-//!                       spill's bytes, in sample order)
+//!               body    key · seq_len, max_len · image, audio and video fingerprints ·
+//!                       stats (rows, skipped, dropped too long or over max_images,
+//!                       truncated, skipped examples) · meta (Python's, opaque) ·
+//!                       samples (row, part, len, trained, first image and count, first
+//!                       audio clip and count, first video clip and count, template,
+//!                       record size) ·
+//!                       image paths, path ends, grids ·
+//!                       audio paths, path ends, infos (tokens, samples) ·
+//!                       video paths, path ends, infos (tokens, grid, frames) ·
+//!                       token records (the spill's bytes, in sample order)
 //! ```
+//!
+//! A fingerprint is the size and modification time of every media file the samples use
+//! (relative to the source's image, audio or video root): a file changed since the entry
+//! was saved makes it a miss, so the source is tokenized again from the new file.
 //!
 //! An entry is written to a temporary file beside its name and renamed into place, so a
 //! reader sees a whole entry or none, and two builds writing the same key race harmlessly
 //! (same key, same bytes). On load any mismatch (magic, version, length, hash, key, a
-//! record that does not parse) is a miss, never an error: the source is then tokenized.
+//! table whose counts or indices disagree, a record that does not parse, a changed media
+//! file) is a miss, never an error: the source is then tokenized.
 
+use crate::audio::AudioInfo;
 use crate::compile::{Compiler, SampleRec, SourceStats, Store};
 use crate::error::{Error, Result};
 use crate::spill::{self, Record, Spill};
+use crate::video::VideoInfo;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -28,15 +40,21 @@ use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"MMRSTORE";
 /// Bumped whenever the body's layout or the meaning of what it holds changes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const HEADER: usize = 8 + 4 + 8 + 32;
 /// Bytes of one sample in the body.
-const SAMPLE: u64 = 8 + 2 + 4 * 6;
+const SAMPLE: u64 = 8 + 2 + 4 * 10;
+/// Bytes of one audio info (tokens, samples) and one video info (tokens, grid, frames).
+const AUDIO_INFO: u64 = 4 + 8;
+const VIDEO_INFO: u64 = 4 + 12 + 4;
 /// Spill reads and writes are coalesced into pieces of about this size.
 const PIECE: u64 = 8 << 20;
 
 /// What a load found: the entry's meta bytes, or why it could not be used.
 pub type Loaded = std::result::Result<Vec<u8>, String>;
+
+/// The fingerprints of a store's image, audio and video files, in that order.
+pub(crate) type Fingerprints = [[u8; 32]; 3];
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |e| Error::Io { path: path.display().to_string(), message: format!("token store: {e}") }
@@ -65,6 +83,15 @@ impl<W: Write> Hashing<W> {
         self.u64(bytes.len() as u64)?;
         self.put(bytes)
     }
+    /// A path table: the concatenated paths, then each path's end.
+    fn paths(&mut self, paths: &str, ends: &[u64]) -> std::io::Result<()> {
+        self.blob(paths.as_bytes())?;
+        self.u64(ends.len() as u64)?;
+        for &end in ends {
+            self.u64(end)?;
+        }
+        Ok(())
+    }
 }
 
 /// Saves `store` (its records read back from `spill`) as the entry `path` for `key`;
@@ -74,7 +101,7 @@ pub(crate) fn save(
     spill: &mut Spill,
     key: &str,
     seq_len: u32,
-    images: &[u8; 32],
+    prints: &Fingerprints,
     meta: &[u8],
     path: &Path,
 ) -> Result<u64> {
@@ -83,7 +110,7 @@ pub(crate) fn save(
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp: PathBuf = path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()));
-    let result = write_entry(store, spill, key, seq_len, images, meta, &tmp).and_then(|size| {
+    let result = write_entry(store, spill, key, seq_len, prints, meta, &tmp).and_then(|size| {
         std::fs::rename(&tmp, path).map_err(io(path))?;
         Ok(size)
     });
@@ -98,7 +125,7 @@ fn write_entry(
     spill: &mut Spill,
     key: &str,
     seq_len: u32,
-    images: &[u8; 32],
+    prints: &Fingerprints,
     meta: &[u8],
     tmp: &Path,
 ) -> Result<u64> {
@@ -110,7 +137,9 @@ fn write_entry(
     w.blob(key.as_bytes()).map_err(&e)?;
     w.u32(seq_len).map_err(&e)?;
     w.u32(store.max_len).map_err(&e)?;
-    w.put(images).map_err(&e)?;
+    for print in prints {
+        w.put(print).map_err(&e)?;
+    }
     for v in [st.rows, st.skipped, st.dropped_overlong, st.dropped_images, st.truncated] {
         w.u64(v).map_err(&e)?;
     }
@@ -125,20 +154,29 @@ fn write_entry(
         row.clear();
         row.extend_from_slice(&s.row.to_le_bytes());
         row.extend_from_slice(&s.part.to_le_bytes());
-        for v in [s.len, s.trained, s.img, s.n_img, s.template as u32, s.record.bytes] {
+        for v in [s.len, s.trained, s.img, s.n_img, s.aud, s.n_aud, s.vid, s.n_vid, s.template as u32, s.record.bytes] {
             row.extend_from_slice(&v.to_le_bytes());
         }
         w.put(&row).map_err(&e)?;
     }
-    w.blob(store.image_paths.as_bytes()).map_err(&e)?;
-    w.u64(store.image_path_ends.len() as u64).map_err(&e)?;
-    for &end in &store.image_path_ends {
-        w.u64(end).map_err(&e)?;
-    }
+    w.paths(&store.image_paths, &store.image_path_ends).map_err(&e)?;
     w.u64(store.image_grids.len() as u64).map_err(&e)?;
     for g in &store.image_grids {
         for &v in g {
             w.u32(v).map_err(&e)?;
+        }
+    }
+    w.paths(&store.audio_paths, &store.audio_path_ends).map_err(&e)?;
+    w.u64(store.audio_infos.len() as u64).map_err(&e)?;
+    for a in &store.audio_infos {
+        w.u32(a.tokens).map_err(&e)?;
+        w.u64(a.samples).map_err(&e)?;
+    }
+    w.paths(&store.video_paths, &store.video_path_ends).map_err(&e)?;
+    w.u64(store.video_infos.len() as u64).map_err(&e)?;
+    for v in &store.video_infos {
+        for x in [v.tokens, v.grid[0], v.grid[1], v.grid[2], v.frames] {
+            w.u32(x).map_err(&e)?;
         }
     }
     let tokens: u64 = store.samples.iter().map(|s| s.record.bytes as u64).sum();
@@ -200,6 +238,19 @@ impl<R: Read> Body<R> {
         let n = self.u64()?;
         self.take(n)
     }
+    /// A path table (`what`: image, audio or video), its ends checked to be in order
+    /// and inside the concatenated paths, each at a character boundary.
+    fn paths(&mut self, what: &str) -> Miss<(String, Vec<u64>)> {
+        let paths = String::from_utf8(self.blob()?).map_err(|_| format!("{what} paths are not UTF-8"))?;
+        let n = self.count(8)?;
+        let ends: Vec<u64> = self.take(n * 8)?.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        let len = paths.len() as u64;
+        let inside = |&e: &u64| e <= len && paths.is_char_boundary(e as usize);
+        if ends.windows(2).any(|w| w[0] > w[1]) || !ends.iter().all(inside) {
+            return Err(format!("{what} path ends out of order"));
+        }
+        Ok((paths, ends))
+    }
     /// A count of items of `each` bytes that fits in what is left.
     fn count(&mut self, each: u64) -> Miss<u64> {
         let n = self.u64()?;
@@ -217,7 +268,7 @@ impl<R: Read> Body<R> {
 /// the meta bytes.
 pub(crate) struct Entry {
     pub store: Store,
-    pub images: [u8; 32],
+    pub prints: Fingerprints,
     pub meta: Vec<u8>,
 }
 
@@ -251,8 +302,8 @@ pub(crate) fn load(stats: &SourceStats, spill: &mut Spill, key: &str, seq_len: u
         stats: SourceStats { name: stats.name.clone(), weight: stats.weight, ..Default::default() },
         ..Default::default()
     };
-    let mut images = [0u8; 32];
-    match read_body(&mut body, &mut fresh, &mut images, spill, key, seq_len)? {
+    let mut prints = [[0u8; 32]; 3];
+    match read_body(&mut body, &mut fresh, &mut prints, spill, key, seq_len)? {
         Ok(meta) => {
             if body.left != 0 {
                 return Ok(Err("bytes after the end of the entry".into()));
@@ -260,7 +311,7 @@ pub(crate) fn load(stats: &SourceStats, spill: &mut Spill, key: &str, seq_len: u
             if body.hash.finalize()[..] != header[20..] {
                 return Ok(Err("the content does not match its sha256".into()));
             }
-            Ok(Ok(Entry { store: fresh, images, meta }))
+            Ok(Ok(Entry { store: fresh, prints, meta }))
         }
         Err(reason) => Ok(Err(reason)),
     }
@@ -271,12 +322,12 @@ pub(crate) fn load(stats: &SourceStats, spill: &mut Spill, key: &str, seq_len: u
 fn read_body<R: Read>(
     b: &mut Body<R>,
     store: &mut Store,
-    images: &mut [u8; 32],
+    prints: &mut Fingerprints,
     spill: &mut Spill,
     key: &str,
     seq_len: u32,
 ) -> Result<Miss<Vec<u8>>> {
-    let meta = match read_meta(b, store, images, key, seq_len) {
+    let meta = match read_meta(b, store, prints, key, seq_len) {
         Ok(m) => m,
         Err(reason) => return Ok(Err(reason)),
     };
@@ -321,7 +372,7 @@ fn read_body<R: Read>(
     Ok(Ok(meta))
 }
 
-fn read_meta<R: Read>(b: &mut Body<R>, store: &mut Store, images: &mut [u8; 32], key: &str, seq_len: u32) -> Miss<Vec<u8>> {
+fn read_meta<R: Read>(b: &mut Body<R>, store: &mut Store, prints: &mut Fingerprints, key: &str, seq_len: u32) -> Miss<Vec<u8>> {
     if b.blob()? != key.as_bytes() {
         return Err("the entry holds another key".into());
     }
@@ -331,7 +382,9 @@ fn read_meta<R: Read>(b: &mut Body<R>, store: &mut Store, images: &mut [u8; 32],
         return Err(format!("saved with seq_len {stored_len}, a sample of {max_len} tokens is over {}", stored_len.min(seq_len)));
     }
     store.max_len = max_len;
-    images.copy_from_slice(&b.take(32)?);
+    for print in prints.iter_mut() {
+        print.copy_from_slice(&b.take(32)?);
+    }
     let st: &mut SourceStats = &mut store.stats;
     st.rows = b.u64()?;
     st.skipped = b.u64()?;
@@ -357,30 +410,51 @@ fn read_meta<R: Read>(b: &mut Body<R>, store: &mut Store, images: &mut [u8; 32],
             trained: u32_at(r, 14),
             img: u32_at(r, 18),
             n_img: u32_at(r, 22),
-            aud: 0,
-            n_aud: 0,
-            vid: 0,
-            n_vid: 0,
-            template: u32_at(r, 26) as i32,
-            record: Record { offset: 0, bytes: u32_at(r, 30) },
+            aud: u32_at(r, 26),
+            n_aud: u32_at(r, 30),
+            vid: u32_at(r, 34),
+            n_vid: u32_at(r, 38),
+            template: u32_at(r, 42) as i32,
+            record: Record { offset: 0, bytes: u32_at(r, 46) },
         })
         .collect();
-    store.image_paths = String::from_utf8(b.blob()?).map_err(|_| "image paths are not UTF-8".to_string())?;
-    let n = b.count(8)?;
-    store.image_path_ends = b.take(n * 8)?.chunks_exact(8).map(|c| u64_at(c, 0)).collect();
+    (store.image_paths, store.image_path_ends) = b.paths("image")?;
     let n = b.count(12)?;
     store.image_grids = b.take(n * 12)?.chunks_exact(12).map(|c| [u32_at(c, 0), u32_at(c, 4), u32_at(c, 8)]).collect();
+    (store.audio_paths, store.audio_path_ends) = b.paths("audio")?;
+    let n = b.count(AUDIO_INFO)?;
+    store.audio_infos = b
+        .take(n * AUDIO_INFO)?
+        .chunks_exact(AUDIO_INFO as usize)
+        .map(|c| AudioInfo { tokens: u32_at(c, 0), samples: u64_at(c, 4) })
+        .collect();
+    (store.video_paths, store.video_path_ends) = b.paths("video")?;
+    let n = b.count(VIDEO_INFO)?;
+    store.video_infos = b
+        .take(n * VIDEO_INFO)?
+        .chunks_exact(VIDEO_INFO as usize)
+        .map(|c| VideoInfo { tokens: u32_at(c, 0), grid: [u32_at(c, 4), u32_at(c, 8), u32_at(c, 12)], frames: u32_at(c, 16) })
+        .collect();
     // Every index the layout follows stays in bounds.
-    let paths = store.image_paths.len() as u64;
-    if store.image_path_ends.windows(2).any(|w| w[0] > w[1]) || store.image_path_ends.last().is_some_and(|&e| e > paths) {
-        return Err("image path ends out of order".into());
-    }
     if store.image_grids.len() != store.image_path_ends.len() {
         return Err("image grids and paths differ in number".into());
     }
-    let images = store.image_grids.len() as u64;
+    if store.audio_infos.len() != store.audio_path_ends.len() {
+        return Err("audio infos and paths differ in number".into());
+    }
+    if store.video_infos.len() != store.video_path_ends.len() {
+        return Err("video infos and paths differ in number".into());
+    }
+    let (images, audios, videos) =
+        (store.image_grids.len() as u64, store.audio_infos.len() as u64, store.video_infos.len() as u64);
     if samples.iter().any(|s| s.img as u64 + s.n_img as u64 > images) {
         return Err("a sample's images lie past the image table".into());
+    }
+    if samples.iter().any(|s| s.aud as u64 + s.n_aud as u64 > audios) {
+        return Err("a sample's audio clips lie past the audio table".into());
+    }
+    if samples.iter().any(|s| s.vid as u64 + s.n_vid as u64 > videos) {
+        return Err("a sample's video clips lie past the video table".into());
     }
     store.samples = samples;
     Ok(meta)
@@ -393,8 +467,8 @@ impl Compiler {
     pub fn save_source(&mut self, source: usize, key: &str, meta: &[u8], path: &Path) -> Result<u64> {
         let pool = self.pool.get()?;
         let store = self.stores.get(source).ok_or_else(|| Error::internal(format!("no source with index {source}")))?;
-        let images = image_fingerprint(&pool, self.plan.sources[source].image_root.as_deref(), store);
-        save(store, &mut self.spill, key, self.plan.seq_len, &images, meta, path)
+        let prints = self.fingerprints(&pool, source, store);
+        save(store, &mut self.spill, key, self.plan.seq_len, &prints, meta, path)
     }
 
     /// The longest sample of source `source` tokenized so far, before the overlong policy.
@@ -417,8 +491,8 @@ impl Compiler {
             Err(why) => return Ok(Err(why)),
         };
         let pool = self.pool.get()?;
-        if image_fingerprint(&pool, self.plan.sources[source].image_root.as_deref(), &entry.store) != entry.images {
-            return Ok(Err("an image file changed (size or modification time)".into()));
+        if let Some(why) = self.changed_media(&pool, source, &entry) {
+            return Ok(Err(why));
         }
         self.stores[source] = entry.store;
         Ok(Ok(entry.meta))
@@ -438,25 +512,53 @@ impl Compiler {
             Err(why) => return Ok(Err(why)),
         };
         let pool = self.pool.get()?;
-        if image_fingerprint(&pool, self.plan.sources[source].image_root.as_deref(), &entry.store) != entry.images {
-            return Ok(Err("an image file changed (size or modification time)".into()));
+        if let Some(why) = self.changed_media(&pool, source, &entry) {
+            return Ok(Err(why));
         }
         self.stores[source].append(entry.store);
         Ok(Ok(entry.meta))
     }
 }
 
-/// A fingerprint of the image files a store's samples use: each one's path, size and
-/// modification time (under a grid rule their sizes shape the samples; under any rule
-/// a missing image would make its sample unusable). Stat only, in parallel.
-fn image_fingerprint(pool: &rayon::ThreadPool, root: Option<&str>, store: &Store) -> [u8; 32] {
+impl Compiler {
+    /// The fingerprints of the image, audio and video files `store` (of source `source`)
+    /// uses, each relative to the source's root for that medium.
+    fn fingerprints(&self, pool: &rayon::ThreadPool, source: usize, store: &Store) -> Fingerprints {
+        let src = &self.plan.sources[source];
+        [
+            media_fingerprint(pool, src.image_root.as_deref(), store.image_path_ends.len(), |k| store.image_path(k)),
+            media_fingerprint(pool, src.audio_root.as_deref(), store.audio_path_ends.len(), |k| store.audio_path(k)),
+            media_fingerprint(pool, src.video_root.as_deref(), store.video_path_ends.len(), |k| store.video_path(k)),
+        ]
+    }
+
+    /// Why `entry` cannot be used because a media file it was made from changed, if so.
+    fn changed_media(&self, pool: &rayon::ThreadPool, source: usize, entry: &Entry) -> Option<String> {
+        let now = self.fingerprints(pool, source, &entry.store);
+        ["an image file", "an audio file", "a video file"]
+            .iter()
+            .zip(now.iter().zip(&entry.prints))
+            .find(|(_, (a, b))| a != b)
+            .map(|(what, _)| format!("{what} changed (size or modification time)"))
+    }
+}
+
+/// A fingerprint of the `n` media files a store's samples use (`path(k)` relative to
+/// `root`): each one's path, size and modification time. Under a grid rule an image's
+/// size shapes its samples, and a clip's length always does; a missing file would make
+/// its sample unusable. Stat only, in parallel.
+fn media_fingerprint<'a>(
+    pool: &rayon::ThreadPool,
+    root: Option<&str>,
+    n: usize,
+    path: impl Fn(usize) -> &'a [u8] + Sync,
+) -> [u8; 32] {
     let root = root.map(Path::new).unwrap_or(Path::new(""));
-    let n = store.image_path_ends.len();
     let stamps: Vec<(u64, i128)> = pool.install(|| {
         (0..n)
             .into_par_iter()
             .map(|k| {
-                let rel = String::from_utf8_lossy(store.image_path(k));
+                let rel = String::from_utf8_lossy(path(k));
                 match std::fs::metadata(root.join(rel.as_ref())) {
                     Ok(m) => {
                         let mtime = m
@@ -474,7 +576,7 @@ fn image_fingerprint(pool: &rayon::ThreadPool, root: Option<&str>, store: &Store
     });
     let mut hash = Sha256::new();
     for (k, (len, mtime)) in stamps.iter().enumerate() {
-        let path = store.image_path(k);
+        let path = path(k);
         hash.update((path.len() as u64).to_le_bytes());
         hash.update(path);
         hash.update(len.to_le_bytes());
@@ -489,7 +591,7 @@ mod tests {
     use crate::columns::{Batch, StrCol};
     use crate::compile::tests::{batch, cols, convs, plan, TOKENIZER};
     use crate::compile::SKIPPED_EXAMPLES;
-    use crate::plan::OnError;
+    use crate::plan::{OnError, Plan};
 
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("mmrecipe-store-{name}-{}", std::process::id()));
@@ -686,6 +788,94 @@ mod tests {
         let mut again = Compiler::new(plan, TOKENIZER, 1, None).unwrap();
         assert!(again.load_source(0, "k", &entry).unwrap().unwrap_err().contains("image"));
         assert!(again.stores[0].samples.is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Source 0 of `plan` tokenized, with audio and video tables as a source with clips
+    /// has them (sample k: k % 3 audio clips, (k + 1) % 3 video clips, alternating files).
+    fn with_clips(plan: &Plan, n: usize) -> Compiler {
+        let c = cols(&convs(n));
+        let mut comp = Compiler::new(plan.clone(), TOKENIZER, 1, None).unwrap();
+        comp.add_batch(0, &batch(&c)).unwrap();
+        let st = &mut comp.stores[0];
+        for k in 0..st.samples.len() {
+            let (aud, vid) = (st.audio_path_ends.len() as u32, st.video_path_ends.len() as u32);
+            let (n_aud, n_vid) = ((k % 3) as u32, ((k + 1) % 3) as u32);
+            st.samples[k] = SampleRec { aud, n_aud, vid, n_vid, ..st.samples[k] };
+            for j in 0..n_aud {
+                st.audio_paths.push_str(["a.wav", "b.flac"][(k + j as usize) % 2]);
+                st.audio_path_ends.push(st.audio_paths.len() as u64);
+                st.audio_infos.push(AudioInfo { tokens: 10 + k as u32, samples: 16_000 * k as u64 + j as u64 });
+            }
+            for j in 0..n_vid {
+                st.video_paths.push_str(["v.mp4", "ü.mp4"][(k + j as usize) % 2]);
+                st.video_path_ends.push(st.video_paths.len() as u64);
+                st.video_infos.push(VideoInfo { tokens: 20 + k as u32, grid: [2, 4 + j, 6 + k as u32], frames: 4 + k as u32 });
+            }
+        }
+        comp
+    }
+
+    type Tables =
+        (Vec<(u64, u16, u32, u32, u32, u32, u32, u32, i32)>, String, Vec<u64>, Vec<AudioInfo>, String, Vec<u64>, Vec<VideoInfo>);
+
+    fn tables(st: &Store) -> Tables {
+        let samples =
+            st.samples.iter().map(|s| (s.row, s.part, s.len, s.trained, s.aud, s.n_aud, s.vid, s.n_vid, s.template)).collect();
+        let (a, v) = (st.audio_paths.clone(), st.video_paths.clone());
+        (samples, a, st.audio_path_ends.clone(), st.audio_infos.clone(), v, st.video_path_ends.clone(), st.video_infos.clone())
+    }
+
+    /// Audio and video tables come back as saved; an entry whose tables disagree (a
+    /// count, an end, an index past a table) is a miss, as is a changed clip.
+    #[test]
+    fn audio_and_video_tables_round_trip_and_are_checked() {
+        let d = dir("media");
+        for name in ["a.wav", "b.flac", "v.mp4", "ü.mp4"] {
+            std::fs::write(d.join(name), name.as_bytes()).unwrap(); // only stat'ed
+        }
+        let mut plan = plan("");
+        plan.sources[0].audio_root = Some(d.display().to_string());
+        plan.sources[0].video_root = Some(d.display().to_string());
+        let entry = d.join("e.tok");
+        let mut comp = with_clips(&plan, 9);
+        let want = tables(&comp.stores[0]);
+        assert!(want.3.len() >= 9 && want.6.len() >= 9, "{want:?}");
+        comp.save_source(0, "k", b"m", &entry).unwrap();
+        let mut again = Compiler::new(plan.clone(), TOKENIZER, 1, None).unwrap();
+        assert_eq!(again.load_source(0, "k", &entry).unwrap(), Ok(b"m".to_vec()));
+        assert_eq!(tables(&again.stores[0]), want);
+        // Saved with tables that disagree: whole and hashed, yet a miss.
+        type Tamper = fn(&mut Store);
+        let tampered: [(Tamper, &str); 7] = [
+            (|st| st.audio_infos.truncate(st.audio_infos.len() - 1), "audio infos and paths differ"),
+            (|st| st.video_infos.truncate(st.video_infos.len() - 1), "video infos and paths differ"),
+            (|st| st.audio_path_ends.swap(0, 1), "audio path ends"),
+            (|st| *st.video_path_ends.last_mut().unwrap() += 1, "video path ends"),
+            (|st| st.samples.last_mut().unwrap().n_aud += 3, "past the audio table"),
+            (|st| st.samples[1].vid = 1000, "past the video table"),
+            (|st| st.samples[0].aud = u32::MAX, "past the audio table"),
+        ];
+        for (tamper, why) in tampered {
+            let mut comp = with_clips(&plan, 9);
+            tamper(&mut comp.stores[0]);
+            comp.save_source(0, "k", b"", &entry).unwrap();
+            let mut fresh = Compiler::new(plan.clone(), TOKENIZER, 1, None).unwrap();
+            let got = fresh.load_source(0, "k", &entry).unwrap();
+            assert!(got.as_ref().is_err_and(|e| e.contains(why)), "{why}: {got:?}");
+            assert!(fresh.stores[0].samples.is_empty() && fresh.stores[0].audio_infos.is_empty());
+        }
+        // A clip that changed size: a miss naming its medium, for a source and a unit.
+        for (name, why) in [("b.flac", "an audio file changed"), ("ü.mp4", "a video file changed")] {
+            with_clips(&plan, 9).save_source(0, "k", b"", &entry).unwrap();
+            let mut fresh = Compiler::new(plan.clone(), TOKENIZER, 1, None).unwrap();
+            assert!(fresh.load_source(0, "k", &entry).unwrap().is_ok());
+            std::fs::write(d.join(name), b"a longer clip than before").unwrap();
+            let mut fresh = Compiler::new(plan.clone(), TOKENIZER, 1, None).unwrap();
+            assert!(fresh.load_source(0, "k", &entry).unwrap().unwrap_err().contains(why), "{name}");
+            assert!(fresh.load_unit(0, "k", &entry).unwrap().unwrap_err().contains(why), "{name}");
+            assert!(fresh.stores[0].samples.is_empty());
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 

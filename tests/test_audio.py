@@ -332,20 +332,6 @@ def test_recipe_problems_name_the_key(tmp_path, model, source_extra, message):
         load_recipe(recipe(tmp_path, source, model))
 
 
-def test_the_ray_engine_refuses_audio(tmp_path):
-    with pytest.raises(RecipeError, match="model.audio: the Ray engine does not build recipes with audio"):
-        build(recipe(tmp_path, manifest(tmp_path, [CLIPS[0].name], CLIPS[0].parent)), tmp_path / "out", progress=False, engine="ray")
-
-
-def test_audio_builds_bypass_the_token_store(tmp_path, isolated_token_store):
-    path = recipe(tmp_path, manifest(tmp_path, [p.name for p in CLIPS], CLIPS[0].parent))
-    first = build(path, tmp_path / "a", progress=False)
-    second = build(path, tmp_path / "b", progress=False)
-    assert first.store["folder"] is None and second.store["tokenized"] == ["s"]
-    assert not list(isolated_token_store.rglob("*.tok"))
-    assert first.manifest.release_id == second.manifest.release_id
-
-
 def test_tsv_keeps_quotes(tmp_path):
     shutil.copy(CLIPS[0], tmp_path / "a.wav")
     (tmp_path / "v.tsv").write_text('path\tsentence\na.wav\tShe said "hi", then left.\n')

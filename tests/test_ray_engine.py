@@ -150,15 +150,18 @@ def test_a_multi_epoch_release_is_the_same_on_the_cluster(cluster, tmp_path):
     assert "vqa (epoch 2)" in remote.store["tokenized"] and remote.manifest.epoch_count == 3
 
 
-@pytest.mark.parametrize("name", ["llava-1.5-mix", "demo-llm"])
+@pytest.mark.parametrize("name", ["llava-1.5-mix", "demo-llm", "asr-alignment", "video-instruct"])
 def test_shipped_recipes_are_the_same_release_on_the_cluster(cluster, tmp_path, name):
     """llava-1.5-mix on its fixtures (images, ten sources); demo-llm, whose one source
-    has an LLM stage and is therefore tokenized on the driver."""
+    has an LLM stage and is therefore tokenized on the driver; asr-alignment and
+    video-instruct, whose sources' clips are read on the cluster."""
     recipes = lay_out(tmp_path / "work")
     recipe = recipes / (f"{name}.toml" if name.startswith("demo") else f"{name}-fixtures.toml")
     local, remote = both(recipe, tmp_path / "out", cluster[0])
     assert remote.manifest.release_id == local.manifest.release_id == PINNED[name]
     assert files(tmp_path / "out" / "ray") == files(tmp_path / "out" / "local")
+    if name in ("asr-alignment", "video-instruct"):
+        assert sorted(remote.tasks) == sorted(s["name"] for s in local.summary["sources"])
 
 
 def test_a_killed_worker_is_retried_and_the_release_is_the_same(cluster, tmp_path):
@@ -500,3 +503,30 @@ on_error = "skip"
             assert stats["rows"] == 693 and len(stats["notes"]) == 7 and "first: row 632" in stats["notes"][-1]
         if source == "captions" and recipe != wds:
             assert remote.manifest.release_id == PINNED["alignment-parquet"]
+
+
+def test_an_audio_source_cut_into_work_units_is_the_same_release(cluster, tmp_path, small_slices):
+    """A JSON Lines audio source of 200 rows in 40-record slices, cut into several units:
+    the local build's bytes, clips and skipped rows (a missing clip) included."""
+    from conftest import RECIPES, ROOT
+
+    import json
+
+    clips = sorted((ROOT / "tests" / "fixtures" / "data" / "asr" / "clips").iterdir())
+    data = tmp_path / "m.jsonl"
+    with open(data, "w") as f:
+        for k in range(200):
+            clip = "missing.wav" if k in (57, 133) else clips[k % len(clips)].name
+            f.write(json.dumps({"audio": clip, "text": f"clip number {k}"}) + "\n")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[recipe]\nname = "a"\n[model]\ntokenizer = "{RECIPES / "models" / "smollm2-audio"}"\n'
+                      f'audio = {{ rule = "whisper" }}\n[output]\nseq_len = 2048\n[[source]]\nname = "s"\npath = "{data}"\n'
+                      f'layout = "asr"\nfields = {{ audio = "audio", text = "text" }}\naudio_root = "{clips[0].parent}"\n'
+                      'instructions = "asr"\non_error = "skip"\n')
+    local = build(recipe, tmp_path / "local", progress=False, cache=False)
+    assert local.summary["sources"][0]["skipped"] == 2
+    remote = build(recipe, tmp_path / "ray", progress=False, cache=False, engine="ray", ray_address=cluster[0],
+                   ray_unit_bytes=data.stat().st_size // 4)
+    assert len(remote.tasks["s"]) >= 3 and sum(t["rows"] for t in remote.tasks["s"]) == 200
+    assert files(tmp_path / "ray") == files(tmp_path / "local")
+    assert remote.manifest.release_id == local.manifest.release_id

@@ -399,20 +399,6 @@ def test_added_tokens_are_checked(tmp_path):
         load_recipe(path)
 
 
-def test_the_ray_engine_refuses_video(tmp_path):
-    with pytest.raises(RecipeError, match="model.video: the Ray engine does not build recipes with video"):
-        build(recipe(tmp_path, conversations(tmp_path, [[CLIPS[0].name]])), tmp_path / "out", progress=False, engine="ray")
-
-
-def test_video_builds_bypass_the_token_store(tmp_path, isolated_token_store):
-    path = recipe(tmp_path, conversations(tmp_path, [[p.name] for p in CLIPS]))
-    first = build(path, tmp_path / "a", progress=False)
-    second = build(path, tmp_path / "b", progress=False)
-    assert first.store["folder"] is None and second.store["tokenized"] == ["s"]
-    assert not list(isolated_token_store.rglob("*.tok"))
-    assert first.manifest.release_id == second.manifest.release_id
-
-
 def test_exports_refuse_video_rather_than_lose_it(shipped, tmp_path):
     from mmrecipe import ReleaseError
     from mmrecipe.export import export

@@ -34,7 +34,7 @@ import msgspec
 
 from . import __version__
 from .compile import batch_columns, check_tokenizer_engine, make_compiler
-from .errors import MMRecipeError, RecipeError, ReleaseError, TokenizerError
+from .errors import MMRecipeError, ReleaseError, TokenizerError
 from .hashing import Hashes, file_sha256
 from .llm.cache import cache_digest
 from .llm.pools import expand_pools
@@ -261,16 +261,11 @@ def build(
     check_tokenizer_engine(tokenizer_engine)  # before anything is written
     plan = recipe if isinstance(recipe, Plan) else resolve(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
     audio = plan.recipe.model.audio is not None
-    if audio and engine == "ray":
-        raise RecipeError("model.audio: the Ray engine does not build recipes with audio yet; build with engine \"local\"")
     video = plan.recipe.model.video is not None
-    if video and engine == "ray":
-        raise RecipeError("model.video: the Ray engine does not build recipes with video yet; build with engine \"local\"")
     out = check_destination(Path(out), overwrite, protected_paths(plan))
     stages = LLMStages(plan, mode="offline" if offline else "online", retry_failed=retry_failed, progress=progress)
     hashes = Hashes()
-    # Token store entries keep no audio or video runs: such a recipe is always tokenized.
-    store = _open_store(cache) if not (audio or video) else None
+    store = _open_store(cache)
     with lock(out), stages, staging(out, overwrite) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=spill_prefix(out)) as spill, ExitStack() as on_cluster:
         plan, _ = expand_pools(plan, stages)  # before anything keys on the sources' templates
         timings: dict[str, float] = {}
@@ -282,7 +277,7 @@ def build(
             clock[0] = now
 
         epochs = plan.recipe.output.epochs
-        if store is None and epochs > 1 and not (audio or video):
+        if store is None and epochs > 1:
             # Without a token store, the build's own in the spill folder: a source every
             # epoch shares (one without templates to draw) is tokenized once.
             store = TokenStore(Path(spill) / "store")

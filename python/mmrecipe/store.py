@@ -56,7 +56,7 @@ SUFFIX = ".tok"
 CORE_INCLUDED = frozenset({
     "chat_template", "bos_token", "eos_token", "image", "train_on", "train_on_eos", "overlong", "seed", "sources",
     "max_images",  # a sample with more images is dropped as it is added
-    "audio",  # only with an audio rule (and such builds bypass the store: entries keep no audio runs)
+    "audio",  # only with an audio rule
     "video",  # likewise for video
     "added_tokens",  # only when set: they give the tokenizer new ids
 })
@@ -77,7 +77,7 @@ SPEC_INCLUDED = frozenset({
 SPEC_EXCLUDED = frozenset({
     "path",  # the files it names are in the key by content, in order
     "image_root",  # in the key resolved (the core plan's image_root)
-    "audio_root",  # likewise (and only set with audio, whose builds bypass the store)
+    "audio_root",  # likewise (the clips themselves: the entry's fingerprint, checked on load)
     "video_root",  # likewise for video
     "weight", "max_epochs",
 })
