@@ -115,7 +115,7 @@ def parquet_frames(name: str, path: Path, rows: int, first: int = 0, slices: int
         start = first * rows
         end = groups[-1][1] if slices is None else min(groups[-1][1], start + slices * rows)
         held: pl.DataFrame | None = None  # the rows read and not yet given
-        for a, b in groups:
+        for a, b, _ in groups:
             if b <= start or a >= end:
                 continue
             part = scan.slice(max(a, start), min(b, end) - max(a, start)).collect()
@@ -129,18 +129,18 @@ def parquet_frames(name: str, path: Path, rows: int, first: int = 0, slices: int
         raise SourceError(f"source '{name}': cannot read {path} as parquet: {e}") from None
 
 
-def parquet_row_groups(path: Path) -> list[tuple[int, int]]:
-    """The rows [start, end) of each row group of a parquet file, from its footer (one
-    empty span for a file without row groups)."""
+def parquet_row_groups(path: Path) -> list[tuple[int, int, int]]:
+    """The rows [start, end) and uncompressed bytes of each row group of a parquet file,
+    from its footer (one empty span for a file without row groups)."""
     import pyarrow.parquet as pq
 
     meta = pq.read_metadata(path)
     spans, at = [], 0
     for g in range(meta.num_row_groups):
-        n = meta.row_group(g).num_rows
-        spans.append((at, at + n))
-        at += n
-    return spans or [(0, 0)]
+        group = meta.row_group(g)
+        spans.append((at, at + group.num_rows, group.total_byte_size))
+        at += group.num_rows
+    return spans or [(0, 0, 0)]
 
 
 def json_frames(name: str, path: Path, fmt: str, rows: int, slices: int | None = None,

@@ -24,7 +24,7 @@ from .. import _core
 from ..errors import SourceError
 from ..recipe.plan import PARQUET_IMAGES, WEBDATASET, SourcePlan
 from .containers import read_row_groups, read_shard, shard_rows
-from .read import json_frames, parquet_frames
+from .read import json_frames, parquet_frames, parquet_row_groups
 
 
 class Unit(msgspec.Struct, frozen=True):
@@ -111,22 +111,14 @@ def cut_units(source: SourcePlan, rows: int, budget: int) -> Iterator[Unit]:
 def _parquet_pieces(path, rows: int | None) -> list[tuple[int, int]]:
     """The (records, uncompressed bytes) of each slice of `rows` records of a parquet file,
     from its footer (`rows` None: of each row group)."""
-    import pyarrow.parquet as pq
-
     if path.stat().st_size == 0:  # read as no rows
         return []
-    meta = pq.read_metadata(path)
-    groups = [(meta.row_group(g).num_rows, meta.row_group(g).total_byte_size) for g in range(meta.num_row_groups)]
+    spans = parquet_row_groups(path)
     if rows is None:
-        return groups
-    pieces, total = [], sum(n for n, _ in groups)
-    first = 0  # the row each row group starts at
-    spans = []
-    for n, size in groups:
-        spans.append((first, first + n, size))
-        first += n
-    for start in range(0, total, rows):
-        end = min(total, start + rows)
+        return [(b - a, size) for a, b, size in spans if (a, b, size) != (0, 0, 0)]
+    pieces = []
+    for start in range(0, spans[-1][1], rows):
+        end = min(spans[-1][1], start + rows)
         # Each row group's bytes spread evenly over its rows.
         size = sum(s * (min(end, b) - max(start, a)) // max(b - a, 1) for a, b, s in spans if a < end and start < b)
         pieces.append((end - start, size))
