@@ -9,7 +9,7 @@ use crate::pack;
 use crate::plan::{Balance, MixturePlan, Packing, Plan};
 use crate::rng;
 use crate::spill::Spill;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The list columns of a release, in order. Each takes its values from the `Packed`
 /// array of the same name, split per row by `row_offsets` (input_ids, loss_mask),
@@ -136,8 +136,8 @@ pub struct Unbudgeted {
 /// The packing decided by `finish`: items (source, pick) in mixture order, and the rows
 /// they fill (indices into `items`).
 pub(crate) struct Layout {
-    items: Vec<(u16, Pick)>,
-    bins: Vec<Vec<u32>>,
+    pub items: Vec<(u16, Pick)>,
+    pub bins: Vec<Vec<u32>>,
 }
 
 impl Compiler {
@@ -179,40 +179,63 @@ impl Compiler {
     pub fn emit(&mut self, lo: usize, hi: usize) -> Result<Packed> {
         let layout = self.layout.as_ref().ok_or_else(|| Error::internal("emit() before finish()"))?;
         let hi = hi.min(layout.bins.len());
-        let image_token = self.tokenizer.image_token().unwrap_or(0);
-        let audio_token = self.tokenizer.audio_token();
-        let video_token = self.tokenizer.video_token();
-        let mut out = Packed::default();
-        out.row_offsets.push(0);
-        out.segment_offsets.push(0);
-        out.image_offsets.push(0);
-        out.image_path_offsets.push(0);
-        out.audio_offsets.push(0);
-        out.audio_path_offsets.push(0);
-        out.video_offsets.push(0);
-        out.video_path_offsets.push(0);
-        for bin in &layout.bins[lo.min(hi)..hi] {
-            let row_start = out.input_ids.len();
-            for &it in bin {
-                let (s, pick) = layout.items[it as usize];
-                let store = &self.stores[s as usize];
-                let seg_start = out.input_ids.len();
-                emit_segment(&mut out, &mut self.spill, store, (s, pick), row_start, image_token)?;
-                if let Some(token) = audio_token {
-                    emit_audio(&mut out, store, store.samples[pick.index as usize], seg_start, row_start, token)?;
-                }
-                if let Some(token) = video_token {
-                    emit_video(&mut out, store, store.samples[pick.index as usize], seg_start, row_start, token)?;
-                }
-            }
-            out.audio_offsets.push(out.audio_positions.len() as i64);
-            out.video_offsets.push(out.video_positions.len() as i64);
-            out.row_offsets.push(out.input_ids.len() as i64);
-            out.segment_offsets.push(out.segment_lengths.len() as i64);
-            out.image_offsets.push(out.image_positions.len() as i64);
-        }
-        Ok(out)
+        let stores = &self.stores;
+        emit_rows(&layout.bins[lo.min(hi)..hi], &mut self.spill, media_tokens(&self.tokenizer), |it| {
+            let (s, pick) = layout.items[it as usize];
+            (&stores[s as usize], s, pick)
+        })
     }
+}
+
+/// The ids of the tokens that media runs are made of: image (0 without), audio, video.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct MediaTokens {
+    pub image: u32,
+    pub audio: Option<u32>,
+    pub video: Option<u32>,
+}
+
+pub(crate) fn media_tokens(t: &crate::tokenize::TextTokenizer) -> MediaTokens {
+    MediaTokens { image: t.image_token().unwrap_or(0), audio: t.audio_token(), video: t.video_token() }
+}
+
+/// Emits `bins` (rows of items) as flat arrays; `item` gives each item's store, source
+/// and pick.
+pub(crate) fn emit_rows<'a>(
+    bins: &[Vec<u32>],
+    spill: &mut Spill,
+    tokens: MediaTokens,
+    item: impl Fn(u32) -> (&'a Store, u16, Pick),
+) -> Result<Packed> {
+    let mut out = Packed::default();
+    out.row_offsets.push(0);
+    out.segment_offsets.push(0);
+    out.image_offsets.push(0);
+    out.image_path_offsets.push(0);
+    out.audio_offsets.push(0);
+    out.audio_path_offsets.push(0);
+    out.video_offsets.push(0);
+    out.video_path_offsets.push(0);
+    for bin in bins {
+        let row_start = out.input_ids.len();
+        for &it in bin {
+            let (store, s, pick) = item(it);
+            let seg_start = out.input_ids.len();
+            emit_segment(&mut out, spill, store, (s, pick), row_start, tokens.image)?;
+            if let Some(token) = tokens.audio {
+                emit_audio(&mut out, store, store.samples[pick.index as usize], seg_start, row_start, token)?;
+            }
+            if let Some(token) = tokens.video {
+                emit_video(&mut out, store, store.samples[pick.index as usize], seg_start, row_start, token)?;
+            }
+        }
+        out.audio_offsets.push(out.audio_positions.len() as i64);
+        out.video_offsets.push(out.video_positions.len() as i64);
+        out.row_offsets.push(out.input_ids.len() as i64);
+        out.segment_offsets.push(out.segment_lengths.len() as i64);
+        out.image_offsets.push(out.image_positions.len() as i64);
+    }
+    Ok(out)
 }
 
 /// Records each source's usable samples; a source with none is an error.
@@ -461,7 +484,7 @@ fn emit_segment(
 ) -> Result<()> {
     let rec = store.samples[pick.index as usize];
     let base = (out.input_ids.len() - row_start) as u32;
-    let runs = spill.read(rec.record, image_token, &mut out.input_ids, &mut out.loss_mask)?;
+    let runs = spill.read(rec.record, rec.len, image_token, &mut out.input_ids, &mut out.loss_mask)?;
     for (k, run) in runs.iter().enumerate() {
         out.image_positions.push(base + run.pos);
         out.image_lengths.push(run.len);

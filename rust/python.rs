@@ -148,6 +148,84 @@ macro_rules! packed_dict {
     }};
 }
 
+fn records(attach: bool) -> crate::store::Records {
+    if attach {
+        crate::store::Records::Attach
+    } else {
+        crate::store::Records::Copy
+    }
+}
+
+/// The packed arrays as NumPy arrays keyed by their names.
+fn packed_to_dict(py: Python<'_>, p: Packed) -> PyResult<Bound<'_, PyDict>> {
+    Ok(packed_dict!(
+        py,
+        p,
+            row_offsets,
+            input_ids,
+            loss_mask,
+            segment_offsets,
+            segment_lengths,
+            segment_source,
+            segment_row,
+            segment_part,
+            segment_template,
+            segment_repeat,
+            segment_images,
+            image_offsets,
+            image_positions,
+            image_lengths,
+            image_path_offsets,
+            image_path_data,
+            image_grid_t,
+            image_grid_h,
+            image_grid_w,
+            audio_offsets,
+            audio_positions,
+            audio_lengths,
+            audio_path_offsets,
+            audio_path_data,
+            audio_samples,
+            video_offsets,
+            video_positions,
+            video_lengths,
+            video_path_offsets,
+            video_path_data,
+            video_grid_t,
+            video_grid_h,
+            video_grid_w,
+            video_frames,
+    ))
+}
+
+/// Emits the rows of a shard planned by `Compiler.shard_plan`, reading their token records
+/// from the files the plan names (where a cluster task writes the shard).
+#[pyclass(module = "mmrecipe._core", name = "ShardEmitter")]
+struct PyShardEmitter {
+    inner: crate::shard::ShardEmitter,
+}
+
+#[pymethods]
+impl PyShardEmitter {
+    #[new]
+    fn new(py: Python<'_>, plan: &[u8]) -> PyResult<Self> {
+        let inner = py.detach(|| crate::shard::ShardEmitter::new(plan)).map_err(|e| to_py(py, e))?;
+        Ok(PyShardEmitter { inner })
+    }
+
+    /// The shard's rows.
+    fn rows(&self) -> usize {
+        self.inner.rows()
+    }
+
+    /// Rows lo..hi of the shard as `Compiler.emit` gives them.
+    fn emit<'py>(&mut self, py: Python<'py>, lo: usize, hi: usize) -> PyResult<Bound<'py, PyDict>> {
+        let inner = &mut self.inner;
+        let p = py.detach(|| inner.emit(lo, hi)).map_err(|e| to_py(py, e))?;
+        packed_to_dict(py, p)
+    }
+}
+
 /// Compiles the samples of a recipe into packed, masked token sequences.
 #[pyclass(module = "mmrecipe._core", name = "Compiler")]
 struct PyCompiler {
@@ -220,44 +298,15 @@ impl PyCompiler {
     fn emit<'py>(&mut self, py: Python<'py>, lo: usize, hi: usize) -> PyResult<Bound<'py, PyDict>> {
         let inner = &mut self.inner;
         let p = py.detach(|| inner.emit(lo, hi)).map_err(|e| to_py(py, e))?;
-        Ok(packed_dict!(
-            py,
-            p,
-            row_offsets,
-            input_ids,
-            loss_mask,
-            segment_offsets,
-            segment_lengths,
-            segment_source,
-            segment_row,
-            segment_part,
-            segment_template,
-            segment_repeat,
-            segment_images,
-            image_offsets,
-            image_positions,
-            image_lengths,
-            image_path_offsets,
-            image_path_data,
-            image_grid_t,
-            image_grid_h,
-            image_grid_w,
-            audio_offsets,
-            audio_positions,
-            audio_lengths,
-            audio_path_offsets,
-            audio_path_data,
-            audio_samples,
-            video_offsets,
-            video_positions,
-            video_lengths,
-            video_path_offsets,
-            video_path_data,
-            video_grid_t,
-            video_grid_h,
-            video_grid_w,
-            video_frames,
-        ))
+        packed_to_dict(py, p)
+    }
+
+    /// The plan of rows lo..hi (after `finish`) that a `ShardEmitter` emits them from in
+    /// another process: the rows' segments and the files holding their token records.
+    fn shard_plan<'py>(&mut self, py: Python<'py>, lo: usize, hi: usize) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let inner = &mut self.inner;
+        let plan = py.detach(|| inner.shard_plan(lo, hi)).map_err(|e| to_py(py, e))?;
+        Ok(pyo3::types::PyBytes::new(py, &plan))
     }
 
     /// Renders and tokenizes conversations given as JSON
@@ -294,15 +343,17 @@ impl PyCompiler {
     /// Loads the token store entry `path` as source `source`'s samples (before any of
     /// its batches): (meta, "") when the entry is whole and holds `key`, else (None, why)
     /// and the source is left empty, to be tokenized.
+    #[pyo3(signature = (source, key, path, attach = false))]
     fn load_source<'py>(
         &mut self,
         py: Python<'py>,
         source: usize,
         key: &str,
         path: std::path::PathBuf,
+        attach: bool,
     ) -> PyResult<(Option<Bound<'py, pyo3::types::PyBytes>>, String)> {
         let inner = &mut self.inner;
-        let loaded = py.detach(|| inner.load_source(source, key, &path)).map_err(|e| to_py(py, e))?;
+        let loaded = py.detach(|| inner.load_source(source, key, &path, records(attach))).map_err(|e| to_py(py, e))?;
         Ok(match loaded {
             Ok(meta) => (Some(pyo3::types::PyBytes::new(py, &meta)), String::new()),
             Err(why) => (None, why),
@@ -312,15 +363,17 @@ impl PyCompiler {
     /// Loads the entry `path` of a work unit of source `source` (the rows after those
     /// loaded so far) and appends its samples: (meta, "") when whole and holding `key`,
     /// else (None, why) and the source is left as it was.
+    #[pyo3(signature = (source, key, path, attach = false))]
     fn load_unit<'py>(
         &mut self,
         py: Python<'py>,
         source: usize,
         key: &str,
         path: std::path::PathBuf,
+        attach: bool,
     ) -> PyResult<(Option<Bound<'py, pyo3::types::PyBytes>>, String)> {
         let inner = &mut self.inner;
-        let loaded = py.detach(|| inner.load_unit(source, key, &path)).map_err(|e| to_py(py, e))?;
+        let loaded = py.detach(|| inner.load_unit(source, key, &path, records(attach))).map_err(|e| to_py(py, e))?;
         Ok(match loaded {
             Ok(meta) => (Some(pyo3::types::PyBytes::new(py, &meta)), String::new()),
             Err(why) => (None, why),
@@ -662,6 +715,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     add_exceptions(m)?;
     m.add_class::<PyCompiler>()?;
     m.add_class::<PyJsonChunks>()?;
+    m.add_class::<PyShardEmitter>()?;
     m.add_function(wrap_pyfunction!(builtin_template, m)?)?;
     m.add_function(wrap_pyfunction!(tar_members, m)?)?;
     m.add_function(wrap_pyfunction!(image_token_count, m)?)?;

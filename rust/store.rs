@@ -184,14 +184,14 @@ fn write_entry(
     // The records in sample order, read in pieces where they lie one after another.
     let mut i = 0;
     while i < store.samples.len() {
-        let start = store.samples[i].record.offset;
+        let (file, start) = (store.samples[i].record.file, store.samples[i].record.offset);
         let (mut end, mut j) = (start, i);
-        while j < store.samples.len() && store.samples[j].record.offset == end && end - start < PIECE {
+        while j < store.samples.len() && store.samples[j].record.file == file && store.samples[j].record.offset == end && end - start < PIECE {
             end += store.samples[j].record.bytes as u64;
             j += 1;
         }
         let piece = u32::try_from(end - start).map_err(|_| Error::internal("a spill piece over 4 GiB"))?;
-        w.put(&spill.raw_range(start, piece)?).map_err(&e)?;
+        w.put(&spill.raw_range(file, start, piece)?).map_err(&e)?;
         i = j;
     }
     let body_len = w.len;
@@ -272,10 +272,22 @@ pub(crate) struct Entry {
     pub meta: Vec<u8>,
 }
 
-/// Reads the entry `path` for `key`, its records appended to `spill`, the store's stats
-/// starting from `stats` (name, weight). A miss (`Err(reason)` inside) uses nothing;
-/// only a failure of the spill itself is an error.
-pub(crate) fn load(stats: &SourceStats, spill: &mut Spill, key: &str, seq_len: u32, path: &Path) -> Result<Miss<Entry>> {
+/// How a loaded entry's token records reach the spill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Records {
+    /// Copied into the spill, each checked to parse and the entry's sha256 checked.
+    Copy,
+    /// Read where they lie in the entry (the spill attaches its file): what the driver of
+    /// a cluster build does with the entries its own tasks just wrote (renamed into place
+    /// whole, so the size check stands for the digest), so that it never reads them; each
+    /// record is checked to parse when it is read back.
+    Attach,
+}
+
+/// Reads the entry `path` for `key`, its records appended to `spill` (or attached), the
+/// store's stats starting from `stats` (name, weight). A miss (`Err(reason)` inside) uses
+/// nothing; only a failure of the spill itself is an error.
+pub(crate) fn load(stats: &SourceStats, spill: &mut Spill, key: &str, seq_len: u32, path: &Path, records: Records) -> Result<Miss<Entry>> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) => return Ok(Err(format!("open: {e}"))),
@@ -303,6 +315,23 @@ pub(crate) fn load(stats: &SourceStats, spill: &mut Spill, key: &str, seq_len: u
         ..Default::default()
     };
     let mut prints = [[0u8; 32]; 3];
+    if records == Records::Attach {
+        let meta = match read_meta(&mut body, &mut fresh, &mut prints, key, seq_len) {
+            Ok(m) => m,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        let total = match records_total(&mut body, &fresh) {
+            Ok(t) => t,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        let file = spill.attach(path, size);
+        let mut offset = size - total; // the records end the entry
+        for s in &mut fresh.samples {
+            s.record = Record { offset, bytes: s.record.bytes, file };
+            offset += s.record.bytes as u64;
+        }
+        return Ok(Ok(Entry { store: fresh, prints, meta }));
+    }
     match read_body(&mut body, &mut fresh, &mut prints, spill, key, seq_len)? {
         Ok(meta) => {
             if body.left != 0 {
@@ -332,14 +361,8 @@ fn read_body<R: Read>(
         Err(reason) => return Ok(Err(reason)),
     };
     // The records: copied to the spill in pieces, each checked to parse as its sample.
-    let total = match b.u64() {
-        Ok(t) if t == b.left => t,
-        Ok(_) => return Ok(Err("the token records do not end the entry".into())),
-        Err(r) => return Ok(Err(r)),
-    };
-    let expected: u64 = store.samples.iter().map(|s| s.record.bytes as u64).sum();
-    if expected != total {
-        return Ok(Err("the token records do not add up to the samples' sizes".into()));
+    if let Err(reason) = records_total(b, store) {
+        return Ok(Err(reason));
     }
     let mut i = 0;
     while i < store.samples.len() {
@@ -364,12 +387,26 @@ fn read_body<R: Read>(
         let base = spill.append_bytes(&bytes)?;
         let mut offset = base;
         for s in &mut store.samples[i..j] {
-            s.record = Record { offset, bytes: s.record.bytes };
+            s.record = Record { offset, ..s.record };
             offset += s.record.bytes as u64;
         }
         i = j;
     }
     Ok(Ok(meta))
+}
+
+/// The size of the token records that end the entry, checked to be what is left of it
+/// and what the samples' records add up to.
+fn records_total<R: Read>(b: &mut Body<R>, store: &Store) -> Miss<u64> {
+    let total = match b.u64()? {
+        t if t == b.left => t,
+        _ => return Err("the token records do not end the entry".into()),
+    };
+    let expected: u64 = store.samples.iter().map(|s| s.record.bytes as u64).sum();
+    if expected != total {
+        return Err("the token records do not add up to the samples' sizes".into());
+    }
+    Ok(total)
 }
 
 fn read_meta<R: Read>(b: &mut Body<R>, store: &mut Store, prints: &mut Fingerprints, key: &str, seq_len: u32) -> Miss<Vec<u8>> {
@@ -415,7 +452,7 @@ fn read_meta<R: Read>(b: &mut Body<R>, store: &mut Store, prints: &mut Fingerpri
             vid: u32_at(r, 34),
             n_vid: u32_at(r, 38),
             template: u32_at(r, 42) as i32,
-            record: Record { offset: 0, bytes: u32_at(r, 46) },
+            record: Record { offset: 0, bytes: u32_at(r, 46), file: 0 },
         })
         .collect();
     (store.image_paths, store.image_path_ends) = b.paths("image")?;
@@ -478,7 +515,7 @@ impl Compiler {
 
     /// Loads the entry `path` as source `source`'s samples when it is whole and holds
     /// `key`: its meta, or why it was not used (the source is then tokenized as usual).
-    pub fn load_source(&mut self, source: usize, key: &str, path: &Path) -> Result<Loaded> {
+    pub fn load_source(&mut self, source: usize, key: &str, path: &Path, records: Records) -> Result<Loaded> {
         if self.layout.is_some() {
             return Err(Error::internal("a source loaded after finish()"));
         }
@@ -486,7 +523,7 @@ impl Compiler {
         if !store.samples.is_empty() || store.stats.rows > 0 {
             return Err(Error::internal("a token store entry loaded into a source that has samples"));
         }
-        let entry = match load(&store.stats, &mut self.spill, key, self.plan.seq_len, path)? {
+        let entry = match load(&store.stats, &mut self.spill, key, self.plan.seq_len, path, records)? {
             Ok(entry) => entry,
             Err(why) => return Ok(Err(why)),
         };
@@ -502,12 +539,12 @@ impl Compiler {
     /// after those loaded so far) and appends its samples to the source's: the source
     /// is then what tokenizing both units' batches into it gives. Its meta, or why it was
     /// not used (the source is then left as it was).
-    pub fn load_unit(&mut self, source: usize, key: &str, path: &Path) -> Result<Loaded> {
+    pub fn load_unit(&mut self, source: usize, key: &str, path: &Path, records: Records) -> Result<Loaded> {
         if self.layout.is_some() {
             return Err(Error::internal("a work unit loaded after finish()"));
         }
         let store = self.stores.get(source).ok_or_else(|| Error::internal(format!("no source with index {source}")))?;
-        let entry = match load(&store.stats, &mut self.spill, key, self.plan.seq_len, path)? {
+        let entry = match load(&store.stats, &mut self.spill, key, self.plan.seq_len, path, records)? {
             Ok(entry) => entry,
             Err(why) => return Ok(Err(why)),
         };
@@ -622,17 +659,17 @@ mod tests {
             let want = release(&mut clean);
             // Source 1 from the store, source 0 tokenized after it: records interleave.
             let mut again = Compiler::new(plan(""), TOKENIZER, 2, spill).unwrap();
-            assert_eq!(again.load_source(1, "k1", &d.join("b.tok")).unwrap(), Ok(b"meta".to_vec()));
+            assert_eq!(again.load_source(1, "k1", &d.join("b.tok"), Records::Copy).unwrap(), Ok(b"meta".to_vec()));
             again.add_batch(0, &batch(&c)).unwrap();
             assert_eq!(release(&mut again), want);
             // Another key, or a smaller seq_len a sample is over: a miss.
             let mut other = Compiler::new(plan(""), TOKENIZER, 2, spill).unwrap();
-            assert!(other.load_source(1, "k2", &d.join("b.tok")).unwrap().is_err());
+            assert!(other.load_source(1, "k2", &d.join("b.tok"), Records::Copy).unwrap().is_err());
             other.plan.seq_len = 8;
-            assert!(other.load_source(1, "k1", &d.join("b.tok")).unwrap().unwrap_err().contains("seq_len"));
+            assert!(other.load_source(1, "k1", &d.join("b.tok"), Records::Copy).unwrap().unwrap_err().contains("seq_len"));
             // A larger one all samples fit in either way: a hit, same samples.
             other.plan.seq_len = 4096;
-            assert!(other.load_source(1, "k1", &d.join("b.tok")).unwrap().is_ok());
+            assert!(other.load_source(1, "k1", &d.join("b.tok"), Records::Copy).unwrap().is_ok());
         }
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -715,14 +752,14 @@ mod tests {
             let mut again = Compiler::new(plan.clone(), TOKENIZER, 2, None).unwrap();
             again.add_batch(0, &batch(&plain)).unwrap();
             for (u, path) in paths.iter().enumerate() {
-                assert_eq!(again.load_unit(1, &format!("k/{u}"), path).unwrap(), Ok(format!("m{u}").into_bytes()));
+                assert_eq!(again.load_unit(1, &format!("k/{u}"), path, Records::Copy).unwrap(), Ok(format!("m{u}").into_bytes()));
             }
             assert_eq!(again.stores[1].stats.skipped_examples, first_skipped, "{cut:?}");
             assert_eq!(again.stores[1].max_len, max_len, "{cut:?}");
             // A damaged unit is a miss that leaves the source as it was.
             let before = again.stores[1].samples.len();
-            assert!(again.load_unit(1, "k/0", &d.join("absent.tok")).unwrap().is_err());
-            assert!(again.load_unit(1, "another key", &paths[0]).unwrap().is_err());
+            assert!(again.load_unit(1, "k/0", &d.join("absent.tok"), Records::Copy).unwrap().is_err());
+            assert!(again.load_unit(1, "another key", &paths[0], Records::Copy).unwrap().is_err());
             assert_eq!(again.stores[1].samples.len(), before);
             assert_eq!(release(&mut again), want, "{cut:?}");
         }
@@ -748,15 +785,15 @@ mod tests {
         for (k, bytes) in damaged.iter().enumerate() {
             std::fs::write(&path, bytes).unwrap();
             let mut fresh = Compiler::new(plan(""), TOKENIZER, 1, None).unwrap();
-            let got = fresh.load_source(0, "k", &path).unwrap();
+            let got = fresh.load_source(0, "k", &path, Records::Copy).unwrap();
             assert!(got.is_err(), "damage {k} went unnoticed");
             assert!(fresh.stores[0].samples.is_empty() && fresh.stores[0].stats.rows == 0);
         }
         let mut fresh = Compiler::new(plan(""), TOKENIZER, 1, None).unwrap();
-        assert!(fresh.load_source(0, "k", &d.join("absent.tok")).unwrap().is_err());
+        assert!(fresh.load_source(0, "k", &d.join("absent.tok"), Records::Copy).unwrap().is_err());
         std::fs::write(&path, &good).unwrap();
-        assert!(fresh.load_source(0, "k", &path).unwrap().is_ok());
-        assert!(fresh.load_source(0, "k", &path).is_err(), "only into an empty source");
+        assert!(fresh.load_source(0, "k", &path, Records::Copy).unwrap().is_ok());
+        assert!(fresh.load_source(0, "k", &path, Records::Copy).is_err(), "only into an empty source");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -781,12 +818,12 @@ mod tests {
         let entry = d.join("e.tok");
         comp.save_source(0, "k", b"", &entry).unwrap();
         let mut again = Compiler::new(plan.clone(), TOKENIZER, 1, None).unwrap();
-        assert!(again.load_source(0, "k", &entry).unwrap().is_ok());
+        assert!(again.load_source(0, "k", &entry, Records::Copy).unwrap().is_ok());
         let mut bytes = std::fs::read(d.join("a.jpg")).unwrap();
         bytes.extend_from_slice(b"trailing");
         std::fs::write(d.join("a.jpg"), bytes).unwrap();
         let mut again = Compiler::new(plan, TOKENIZER, 1, None).unwrap();
-        assert!(again.load_source(0, "k", &entry).unwrap().unwrap_err().contains("image"));
+        assert!(again.load_source(0, "k", &entry, Records::Copy).unwrap().unwrap_err().contains("image"));
         assert!(again.stores[0].samples.is_empty());
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -843,7 +880,7 @@ mod tests {
         assert!(want.3.len() >= 9 && want.6.len() >= 9, "{want:?}");
         comp.save_source(0, "k", b"m", &entry).unwrap();
         let mut again = Compiler::new(plan.clone(), TOKENIZER, 1, None).unwrap();
-        assert_eq!(again.load_source(0, "k", &entry).unwrap(), Ok(b"m".to_vec()));
+        assert_eq!(again.load_source(0, "k", &entry, Records::Copy).unwrap(), Ok(b"m".to_vec()));
         assert_eq!(tables(&again.stores[0]), want);
         // Saved with tables that disagree: whole and hashed, yet a miss.
         type Tamper = fn(&mut Store);
@@ -861,7 +898,7 @@ mod tests {
             tamper(&mut comp.stores[0]);
             comp.save_source(0, "k", b"", &entry).unwrap();
             let mut fresh = Compiler::new(plan.clone(), TOKENIZER, 1, None).unwrap();
-            let got = fresh.load_source(0, "k", &entry).unwrap();
+            let got = fresh.load_source(0, "k", &entry, Records::Copy).unwrap();
             assert!(got.as_ref().is_err_and(|e| e.contains(why)), "{why}: {got:?}");
             assert!(fresh.stores[0].samples.is_empty() && fresh.stores[0].audio_infos.is_empty());
         }
@@ -869,11 +906,11 @@ mod tests {
         for (name, why) in [("b.flac", "an audio file changed"), ("ü.mp4", "a video file changed")] {
             with_clips(&plan, 9).save_source(0, "k", b"", &entry).unwrap();
             let mut fresh = Compiler::new(plan.clone(), TOKENIZER, 1, None).unwrap();
-            assert!(fresh.load_source(0, "k", &entry).unwrap().is_ok());
+            assert!(fresh.load_source(0, "k", &entry, Records::Copy).unwrap().is_ok());
             std::fs::write(d.join(name), b"a longer clip than before").unwrap();
             let mut fresh = Compiler::new(plan.clone(), TOKENIZER, 1, None).unwrap();
-            assert!(fresh.load_source(0, "k", &entry).unwrap().unwrap_err().contains(why), "{name}");
-            assert!(fresh.load_unit(0, "k", &entry).unwrap().unwrap_err().contains(why), "{name}");
+            assert!(fresh.load_source(0, "k", &entry, Records::Copy).unwrap().unwrap_err().contains(why), "{name}");
+            assert!(fresh.load_unit(0, "k", &entry, Records::Copy).unwrap().unwrap_err().contains(why), "{name}");
             assert!(fresh.stores[0].samples.is_empty());
         }
         std::fs::remove_dir_all(&d).unwrap();

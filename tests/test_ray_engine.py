@@ -194,8 +194,8 @@ def test_the_cluster_fills_the_token_store_for_a_local_rebuild(cluster, tmp_path
 
 
 @pytest.mark.parametrize("where, error, text", [
-    ("row_groups", RuntimeError, "interrupted"),  # the driver, emitting a shard after every entry is loaded
-    ("write_shard_file", RayEngineError, r"(?s)shard data/part-00000\.parquet: its task failed on the cluster .*interrupted"),
+    ("shard_ranges", RuntimeError, "interrupted"),  # the driver, planning the shards after every entry is loaded
+    ("write_planned_shard", RayEngineError, r"(?s)shard data/part-00000\.parquet: its task failed on the cluster .*interrupted"),
 ])
 def test_a_driver_failing_after_the_tasks_leaves_nothing(cluster, tmp_path, monkeypatch, where, error, text):
     def fail(*a, **k):

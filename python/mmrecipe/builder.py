@@ -45,7 +45,7 @@ from .recipe.plan import CACHE_ROLE
 from .recipe.pools import BUILTIN_PREFIX, pools_dir
 from .release.format import DATA, FORMAT, MANIFEST, STATS, EpochPart, InputFile, Manifest, Shard, epoch_folder, release_id_of
 from .release.guard import check_destination, lock
-from .release.write import row_groups, shard_ranges, spill_prefix, staging, write_json, write_shard_file, write_shards
+from .release.write import shard_ranges, spill_prefix, staging, write_json, write_planned_shard, write_shards
 from .sources.columns import Normalized
 from .sources.fields import as_text, require, resolve_rows, resolves_on_no_row
 from .sources.layouts import to_internal
@@ -242,8 +242,9 @@ def build(
     token store lacks is read and tokenized by a task on the Ray cluster at `ray_address`
     (None: `$RAY_ADDRESS`, else a new local instance), which writes its token store entry
     to a staging folder the nodes share (`ray_staging`, else the hidden spill folder
-    beside `out`); the entries are loaded here, then mixed, packed and written as by the
-    local engine: the same release, byte for byte. A JSON Lines or JSON array source is cut into work
+    beside `out`); the entries' samples (lengths and media, never their tokens) are loaded
+    here and mixed and packed as by the local engine, and a task per shard writes it from
+    the records where they lie: the same release, byte for byte. A JSON Lines or JSON array source is cut into work
     units, one task each, of at most `ray_unit_bytes` of its files (a task's memory budget
     for its input; default DEFAULT_UNIT_BYTES), at the slices the local build reads; the
     unit size never changes the release. `ray_task_timeout`: seconds the driver waits with
@@ -300,8 +301,9 @@ def build(
         parts: list[EpochPart] = []
         for epoch in range(epochs):
             use.epoch = epoch
-            # Each epoch's compiler spills into a folder of its own (one at a time).
-            epoch_spill = Path(spill) / f"epoch-{epoch}"
+            # Each epoch's compiler spills into a folder of its own (one at a time): on a
+            # cluster, in the shared folder, where the tasks writing shards read it.
+            epoch_spill = (Path(spill) if remote is None else remote.folder) / f"epoch-{epoch}"
             epoch_spill.mkdir()
             compiler = make_compiler(plan, threads, epoch_spill, tokenizer_engine, epoch)
             if epoch == 0:
@@ -322,6 +324,8 @@ def build(
             lap("pack")
             with _progress(summary["sequences"], "write" + label, "seq", progress) as wbar:
                 parts.append(_write_epoch(tmp, epoch, compiler, summary, plan.recipe.output.shard_sequences, wbar, audio, video, remote))
+            if remote is not None:
+                remote.finish_epoch(compiler, plan, use)  # its entries into the store, or removed
             del compiler  # its spill goes before the next epoch's
             shutil.rmtree(epoch_spill, ignore_errors=True)
             if epoch == 0:
@@ -353,7 +357,7 @@ def _write_epoch(tmp: Path, epoch: int, compiler: Any, summary: dict[str, Any], 
     if remote is None:
         shards = write_shards(folder, compiler.emit, summary["sequences"], per_shard, bar, audio, video)
     else:
-        shards = remote.write_shards(folder, epoch, compiler.emit, summary["sequences"], per_shard, bar, audio, video)
+        shards = remote.write_shards(folder, epoch, compiler, summary["sequences"], per_shard, bar, audio, video)
     if prefix:
         shards = [msgspec.structs.replace(sh, path=f"{prefix}/{sh.path}") for sh in shards]
     stats = f"{prefix}/{STATS}" if prefix else STATS
@@ -453,13 +457,13 @@ class _StoreUse:
         key = self.key(source)
         return self.store.path(key, self.plan.recipe.output.seq_len).is_file() or self.store.path(key).is_file()
 
-    def adopt(self, compiler: Any, source: SourcePlan, staged: Path, size: int) -> None:
+    def adopt(self, compiler: Any, source: SourcePlan, staged: Path) -> None:
         """Takes the entry a cluster task saved for `source` (already loaded into
         `compiler`) into the store: moved when it can be, else copied and renamed."""
-        self.tokenized.append(self.named(source))
         if self.store is None:
             return
         try:
+            size = staged.stat().st_size
             path = self.entry_path(compiler, source, self.key(source))
             try:
                 os.replace(staged, path)
@@ -529,10 +533,26 @@ def tokenize_entry(plan: Plan, index: int, key: str, path: str, threads: int, to
     return {"path": path, "rows": rows, "samples": samples, "bytes": size, "max_len": max_len}
 
 
-#: Shards emitted and not yet written by their cluster tasks, at most: the driver emits
-#: rows about four times as fast as a task compresses them, so more would only take memory
-#: (a shard of 4096 rows of 4096 tokens is ~85 MB of columns).
-SHARDS_IN_FLIGHT = 4
+def join_units(plan: Plan, index: int, key: str, paths: list[str], meta: bytes, path: str, tokenizer_engine: str | None,
+               epoch: int = 0) -> int:
+    """Saves at `path` the token store entry of source `index` whose work units' entries
+    are `paths` (in row order): the entry a local build saves for it, byte for byte (what
+    a cluster task runs; the units' records are read where they lie). Returns its size."""
+    with tempfile.TemporaryDirectory(prefix="mmrecipe-task-") as spill:
+        compiler = make_compiler(plan, 1, Path(spill), tokenizer_engine, epoch)
+        for n, unit in enumerate(paths):
+            found, why = compiler.load_unit(index, f"{key}/{n}", unit, attach=True)
+            if found is None:
+                raise ReleaseError(f"source '{plan.sources[index].name}': the entry of work unit {n} at {unit} cannot be loaded ({why})")
+        size = compiler.save_source(index, key, meta, path)
+        del compiler
+    return int(size)
+
+
+#: Shards planned and not yet written by their cluster tasks, at most, per CPU of the
+#: cluster: enough to keep every CPU busy while the driver plans the next (a plan is small:
+#: its rows' segments, never their tokens).
+SHARDS_IN_FLIGHT = 2
 
 
 class _OnCluster:
@@ -548,12 +568,16 @@ class _OnCluster:
         self.cuts: dict[int, list[Unit]] = {}  # each source's units, cut once for every epoch
         #: Per source tokenized on the cluster (by name, epoch included): its tasks' rows and bytes.
         self.tasks: dict[str, list[dict[str, int]]] = {}
+        #: The epoch's entries the driver's compiler reads in place (until its shards are
+        #: written), and those to go into the token store then: (source, entry, merge task).
+        self.held: list[Path] = []
+        self.to_store: list[tuple[SourcePlan, Path, str | None]] = []
 
     def submit(self, plan: Plan, use: _StoreUse) -> None:
         """The tasks for each source without LLM stages (those run here) that the store lacks
         (at the epoch `use` is at: a build submits once per epoch); a source's units each
         submitted as soon as it is cut, so that the cluster works while the driver cuts."""
-        self.sent = {}
+        self.sent, self.plan = {}, plan
         for source in plan.sources:
             if source.lengthen is not None or source.generate is not None or use.stored(source):
                 continue
@@ -576,52 +600,80 @@ class _OnCluster:
         self.cluster.start_bar()
 
     def load(self, compiler: Any, source: SourcePlan, use: _StoreUse, stages: LLMStages) -> list[str]:
-        """Waits for the tasks of `source`, loads the entries they saved (a source's units
-        in order, each appended to what came before) and hands the source to the store;
-        returns the source's notes. An error of the source is the one the local build
-        gives: the first unit's that fails, in row order."""
+        """Waits for the tasks of `source` and loads the entries they saved (a source's units
+        in order, each appended to what came before), their token records attached where
+        they lie: the driver reads only the samples' lengths and media, never their tokens
+        (the tasks writing shards read those). Returns the source's notes. An error of the
+        source is the one the local build gives: the first unit's that fails, in row order.
+        The source goes into the token store after the epoch's shards (`finish_epoch`)."""
         key, units = self.sent[source.index]
+        use.tokenized.append(use.named(source))
         if units is None:
             info = self.cluster.result(key)
-            meta, why = compiler.load_source(source.index, key, info["path"])
+            meta, why = compiler.load_source(source.index, key, info["path"], attach=True)
             if meta is None:
                 raise ReleaseError(f"source '{source.name}': the entry its cluster task saved at {info['path']} cannot be loaded ({why})")
-            use.adopt(compiler, source, Path(info["path"]), int(info["bytes"]))
+            self.held.append(Path(info["path"]))
+            self.to_store.append((source, Path(info["path"]), None))
             read = sum(f.stat().st_size for f in source.all_files if f.is_file())
             self.tasks[use.named(source)] = [{"rows": int(info["rows"]), "bytes": read}]
             return list(msgspec.json.decode(meta)["notes"])
         notes: list[str] = []
         resolved: set[str] = set()
         done = []
+        paths = []
         for n, unit in enumerate(units):
             name = f"{key}/{n}"
             info = self.cluster.result(name)
-            meta, why = compiler.load_unit(source.index, name, info["path"])
+            meta, why = compiler.load_unit(source.index, name, info["path"], attach=True)
             if meta is None:
                 raise ReleaseError(f"source '{source.name}': the entry its cluster task {n} saved at {info['path']} "
                                    f"cannot be loaded ({why})")
-            Path(info["path"]).unlink(missing_ok=True)
+            paths.append(info["path"])
             found = msgspec.json.decode(meta)
             notes += found["notes"]
             resolved |= set(found["resolved"])
             done.append({"rows": unit.records, "bytes": unit.bytes})
+        self.held += map(Path, paths)
         check_resolved(source, resolved)
         self.tasks[use.named(source)] = done
-        # Saved whole, as a local build saves it: a later build, on either engine, loads it.
-        use.save(compiler, source, notes + stages.notes(source.name))
+        if use.store is not None:
+            # Saved whole, as a local build saves it (a later build, on either engine, loads
+            # it), by a task that joins the units' entries: the driver never reads them.
+            merged = self.folder / f"{key}-{source.index}.tok"
+            self.cluster.submit(f"{key}/whole", join_units, self.plan, source.index, key, paths,
+                                entry_meta(notes + stages.notes(source.name)), str(merged), self.engine, use.epoch,
+                                label=f"source '{use.named(source)}' (its token store entry)", counted=False)
+            self.to_store.append((source, merged, f"{key}/whole"))
         return notes
 
-    def write_shards(self, folder: Path, epoch: int, emit: Any, rows: int, per_shard: int, bar: Any,
+    def finish_epoch(self, compiler: Any, plan: Plan, use: _StoreUse) -> None:
+        """After the epoch's shards: its sources' entries into the token store (moved, or
+        copied where the store is on another file system), the rest removed."""
+        for source, path, task in self.to_store:
+            try:
+                if task is not None:
+                    self.cluster.result(task)
+            except MMRecipeError as e:
+                use.warning(f"token store: source '{source.name}' not saved ({e}); the build goes on")
+                continue
+            use.adopt(compiler, source, path)
+        for path in self.held:
+            path.unlink(missing_ok=True)
+        for _, path, _ in self.to_store:
+            path.unlink(missing_ok=True)
+        self.held, self.to_store = [], []
+
+    def write_shards(self, folder: Path, epoch: int, compiler: Any, rows: int, per_shard: int, bar: Any,
                      audio: bool, video: bool) -> list[Shard]:
-        """The shards `write_shards` writes, byte for byte: the driver emits each shard's
-        row groups from its spill, and a task per shard encodes, compresses, hashes and
-        writes it into the staging folder, from where it is moved into `folder`. At most
-        SHARDS_IN_FLIGHT shards (fewer on a smaller cluster) wait in Ray's object store at
-        once: they are what the driver holds beyond its spill."""
+        """The shards `write_shards` writes, byte for byte: the driver plans each shard's
+        rows (`Compiler.shard_plan`: their segments and the files holding their records),
+        and a task per shard emits, encodes, compresses, hashes and writes it into the
+        staging folder, from where it is moved into `folder`. The driver never reads a
+        token; at most SHARDS_IN_FLIGHT plans per CPU wait in Ray's object store."""
         (folder / DATA).mkdir()
         ranges = shard_ranges(rows, per_shard)
         shards: list[Shard] = []
-        tokens: list[int] = []
         bar.set_postfix_str(f"shards written by the cluster's {self.cluster.cpus} CPUs")
 
         def staged(k: int) -> Path:
@@ -629,18 +681,16 @@ class _OnCluster:
 
         def finish(k: int) -> None:
             name, lo, hi = ranges[k]
-            sha256 = self.cluster.result(f"shard/{epoch}/{k}")
+            sha256, tokens = self.cluster.result(f"shard/{epoch}/{k}")
             shutil.move(staged(k), folder / name)
-            shards.append(Shard(path=name, sha256=sha256, sequences=hi - lo, tokens=tokens[k]))
+            shards.append(Shard(path=name, sha256=sha256, sequences=hi - lo, tokens=int(tokens)))
             bar.update(hi - lo)
 
-        limit = max(1, min(self.cluster.cpus, SHARDS_IN_FLIGHT))
+        limit = max(1, self.cluster.cpus * SHARDS_IN_FLIGHT)
         for k, (name, lo, hi) in enumerate(ranges):
             if k >= limit:
                 finish(k - limit)
-            groups = list(row_groups(emit, lo, hi, audio, video))
-            tokens.append(sum(n for _, n in groups))
-            self.cluster.submit(f"shard/{epoch}/{k}", write_shard_file, str(staged(k)), [t for t, _ in groups], audio, video,
+            self.cluster.submit(f"shard/{epoch}/{k}", write_planned_shard, str(staged(k)), compiler.shard_plan(lo, hi), audio, video,
                                 label=f"shard {'/'.join(filter(None, (epoch_folder(epoch), name)))}", counted=False)
         for k in range(max(0, len(ranges) - limit), len(ranges)):
             finish(k)

@@ -9,13 +9,14 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import _core
 from ..errors import ReleaseError
 from ..hashing import file_sha256
 from .format import AUDIO_COLUMNS, COLUMNS, DATA, OFFSETS, ROW_GROUP, VIDEO_COLUMNS, Shard
@@ -145,18 +146,40 @@ def write_shards(folder: Path, emit: Callable[[int, int], dict[str, Any]], rows:
     return shards
 
 
-def write_shard_file(path: str, tables: list[pa.Table], audio: bool = False, video: bool = False) -> str:
+def write_shard_file(path: str, tables: Iterable[pa.Table], audio: bool = False, video: bool = False) -> str:
     """One shard from its row groups' tables, the very bytes `write_shards` writes (where a
     cluster task writes it): written beside its name and renamed into place, so that running
     it again gives the same file. Returns its sha256."""
     target = Path(path)
     part = target.with_name(f".{target.name}.{os.getpid()}.part")
-    writer = _writer(part, tables[0].schema, audio, video)
-    for table in tables:
-        writer.write_table(table, row_group_size=ROW_GROUP)
-    writer.close()
+    writer = None
+    try:
+        for table in tables:
+            if writer is None:
+                writer = _writer(part, table.schema, audio, video)
+            writer.write_table(table, row_group_size=ROW_GROUP)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ReleaseError(f"shard {target.name}: no row group to write")
     os.replace(part, target)
     return file_sha256(target)
+
+
+def write_planned_shard(path: str, plan: bytes, audio: bool = False, video: bool = False) -> tuple[str, int]:
+    """The shard `plan` (`Compiler.shard_plan`) describes, its rows emitted here from the
+    token files the plan names (what a cluster task runs): the bytes `write_shards` writes
+    for those rows, written as `write_shard_file` writes them. Returns (sha256, tokens)."""
+    emitter = _core.ShardEmitter(plan)
+    tokens = [0]
+
+    def tables() -> Iterator[pa.Table]:
+        for table, n in row_groups(emitter.emit, 0, emitter.rows(), audio, video):
+            tokens[0] += n
+            yield table
+
+    return write_shard_file(path, tables(), audio, video), tokens[0]
 
 
 def write_json(path: Path, value: Any) -> None:
