@@ -12,7 +12,8 @@
 //! - `compile`: the per-sample pipeline of each batch, into one store per source.
 //! - `instruct`: instruction templates (`{question}`, `{field}`) and the choice of one per turn.
 //! - `audio`: audio token counts (fixed, or the Whisper rule from the header's length).
-//! - `video`: video token counts (fixed, or the Qwen2-VL rule from the container metadata).
+//! - `video`: video token counts (fixed, or the Qwen2-VL rule from the container metadata);
+//!   `matroska`: the metadata of Matroska and WebM files.
 //! - `media`: image token counts (fixed, or Qwen2-VL's rule from the file header) and placeholders.
 //! - `render`: chat-template rendering (minijinja) with each message's span in the text.
 //! - `tokenize`: tokenization with response-only loss masks and image token runs.
@@ -28,6 +29,7 @@
 //! - `chunks`: large JSON / JSON Lines files read in chunks of records.
 //! - `llm`: the LLM stages' columns: prompts and cache keys (`llm::prompts`), generated
 //!   conversations parsed back (`llm::replies`).
+//! - `shard`: a shard's rows planned on one machine and emitted on another.
 //! - `error`: the one error type; `python`: the binding (`mmrecipe._core`), behind the
 //!   `python` feature so `cargo test` runs without linking Python.
 
@@ -42,6 +44,7 @@ pub mod fuzzing;
 pub mod instruct;
 pub mod layout;
 pub mod llm;
+pub mod matroska;
 pub mod media;
 pub mod mix;
 pub mod overlong;
@@ -50,6 +53,7 @@ pub mod plan;
 pub mod pool;
 pub mod render;
 pub mod rng;
+pub mod shard;
 pub mod spill;
 pub mod store;
 pub mod tar;

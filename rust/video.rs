@@ -6,7 +6,10 @@
 //! under an even share of a total pixel budget, the processor's `cap_pixels_per_frame`),
 //! then `t·h·w / merge²` tokens for the (t, h, w) patch grid.
 //!
-//! MP4 and MOV (ISO base media) containers are read by the `mp4` crate: pure Rust (the
+//! Fragmented MP4 counts the frames of the track's runs in its fragments. Matroska and
+//! WebM are read by `matroska` (the frame count from the duration and the
+//! default frame duration, as FFmpeg's figures give it). MP4 and MOV (ISO base media)
+//! containers are read by the `mp4` crate: pure Rust (the
 //! wheel stays abi3 and self-contained), MIT, and it takes a `Read + Seek` source, so the
 //! media data box is skipped by seeking and only the boxes describing the tracks are read
 //! (Mozilla's `mp4parse` reads through the media data, which a read budget cannot allow).
@@ -171,7 +174,8 @@ pub fn video_info(plan: &VideoPlan, path: &Path) -> std::result::Result<VideoInf
     tokens_for(plan, header).map_err(|m| format!("video {}: {m}", path.display()))
 }
 
-/// The video track's metadata (the first track whose handler is `vide`).
+/// The video track's metadata (MP4/MOV: the first track whose handler is `vide`;
+/// Matroska/WebM: the first video track).
 pub fn read_header(path: &Path) -> std::result::Result<Header, String> {
     let cannot = |m: String| format!("cannot read video {}: {m}", path.display());
     let meta = std::fs::metadata(path).map_err(|e| cannot(e.to_string()))?;
@@ -181,15 +185,18 @@ pub fn read_header(path: &Path) -> std::result::Result<Header, String> {
     let mut file = File::open(path).map_err(|e| cannot(e.to_string()))?;
     let mut head = [0u8; 8];
     let n = file.read(&mut head).map_err(|e| cannot(e.to_string()))?;
-    if n < 8 || !head[4..8].iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
-        return Err(cannot("not an MP4 or MOV file (no ISO base media box at its start)".into()));
-    }
     file.seek(SeekFrom::Start(0)).map_err(|e| cannot(e.to_string()))?;
     let source = Budget { inner: file, left: HEADER_READ_LIMIT };
     let size = meta.len();
-    let parsed = std::panic::catch_unwind(move || mp4::Mp4Reader::read_header(source, size).map(|r| r.moov));
-    let moov = match parsed {
-        Ok(Ok(moov)) => moov,
+    if crate::matroska::is_matroska(&head[..n]) {
+        return crate::matroska::read_header(source, size).map_err(cannot);
+    }
+    if n < 8 || !head[4..8].iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        return Err(cannot("not an MP4, MOV, Matroska or WebM file (no ISO base media box or EBML header at its start)".into()));
+    }
+    let parsed = std::panic::catch_unwind(move || mp4::Mp4Reader::read_header(source, size).map(|r| (r.moov, r.moofs)));
+    let (moov, moofs) = match parsed {
+        Ok(Ok(boxes)) => boxes,
         Ok(Err(e)) => return Err(cannot(format!("not an MP4 or MOV file the metadata reader knows ({e})"))),
         Err(_) => return Err(cannot("the container's metadata is malformed".into())),
     };
@@ -199,12 +206,20 @@ pub fn read_header(path: &Path) -> std::result::Result<Header, String> {
         .find(|t| t.mdia.hdlr.handler_type == mp4::FourCC::from(*b"vide"))
         .ok_or_else(|| cannot("no video track".into()))?;
     let stbl = &trak.mdia.minf.stbl;
-    let frames = stbl.stsz.sample_count as u64;
-    if frames == 0 && moov.mvex.is_some() {
-        return Err(cannot("a fragmented MP4 (its frames are listed in fragments, which the reader does not count)".into()));
-    }
+    let mut frames = stbl.stsz.sample_count as u64;
     let timescale = trak.mdia.mdhd.timescale as u64;
-    let summed: u64 = stbl.stts.entries.iter().map(|e| e.sample_count as u64 * e.sample_delta as u64).sum();
+    let mut summed: u64 = stbl.stts.entries.iter().map(|e| e.sample_count as u64 * e.sample_delta as u64).sum();
+    if frames == 0 {
+        if let Some(mvex) = &moov.mvex {
+            // A fragmented MP4: the frames are the track's runs in the fragments, each
+            // lasting as its run, its fragment or the track's defaults say (FFmpeg's
+            // average rate is then the same ratio of frames to summed durations).
+            (frames, summed) = fragments(&moofs, trak.tkhd.track_id, mvex.trex.default_sample_duration);
+            if frames == 0 {
+                return Err(cannot("a fragmented MP4 whose fragments hold no frame of its video track".into()));
+            }
+        }
+    }
     let duration = if summed > 0 { summed } else { trak.mdia.mdhd.duration };
     if timescale == 0 || duration == 0 {
         return Err(cannot("the header states no frame rate (no timescale or duration)".into()));
@@ -226,6 +241,21 @@ pub fn read_header(path: &Path) -> std::result::Result<Header, String> {
         height: height as u64,
         quarter_turned,
     })
+}
+
+/// The frames and summed durations of track `track`'s runs in the fragments `moofs`.
+fn fragments(moofs: &[mp4::MoofBox], track: u32, default_duration: u32) -> (u64, u64) {
+    let (mut frames, mut summed) = (0u64, 0u64);
+    for traf in moofs.iter().flat_map(|m| &m.trafs).filter(|t| t.tfhd.track_id == track) {
+        let Some(run) = &traf.trun else { continue };
+        frames += run.sample_count as u64;
+        summed += if run.sample_durations.is_empty() {
+            run.sample_count as u64 * traf.tfhd.default_sample_duration.unwrap_or(default_duration) as u64
+        } else {
+            run.sample_durations.iter().map(|&d| d as u64).sum::<u64>()
+        };
+    }
+    (frames, summed)
 }
 
 /// A file that fails once `left` bytes were read from it.

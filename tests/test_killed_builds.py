@@ -85,8 +85,10 @@ def test_killed_build_never_leaves_a_broken_release(big, tmp_path, moment, overw
         report = verify(out)
         assert report.ok, report.problems
         assert report.release_id in (old.manifest.release_id, release_id)
-        if killed:
-            assert report.release_id == old.manifest.release_id  # replaced only once complete
+        if killed and moment != "stats":
+            # Replaced only once complete. (stats.json comes just before the swap: the
+            # signal may land after it, and the new release is then the complete one.)
+            assert report.release_id == old.manifest.release_id
     elif killed:
         assert not out.exists()
     again = build(path, out, progress=False, overwrite=True)

@@ -359,7 +359,9 @@ def test_sampled_frames_equal_qwen2vl_video_processor_sample_frames(frames, fps,
             sampled_indices(info, rule)
         return
     got = sampled_indices(info, rule)
-    assert len(got) > 0 and len(got) % tp == 0
+    # Not always a multiple of tp: the processor's float arange can give one index more
+    # (185 frames, 22 wanted: 23), and the rule follows it.
+    assert len(got) > 0
     assert np.array_equal(got, expected)
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "MMRecipeError",
     "RecipeError",
     "ReleaseError",
+    "ShardEmitter",
     "SourceError",
     "StorageError",
     "TemplateError",
@@ -149,6 +150,11 @@ class Compiler:
         video_positions, video_lengths, video_grid_t/h/w, video_frames and the strings
         (video_path_offsets, video_path_data), empty without video."""
 
+    def shard_plan(self, lo: int, hi: int) -> bytes:
+        """The plan of rows lo..hi (after `finish`) that a `ShardEmitter` emits them from
+        in another process: the rows' segments and the files holding their token records
+        (the spill's file, flushed first, and the entries loaded with `attach`)."""
+
     def tokenizer_engine(self) -> tuple[str, str]:
         """The engine tokenizing this build ("fast" or "hf") and why it was chosen."""
 
@@ -160,15 +166,17 @@ class Compiler:
         `path` for `key`, with `meta` kept beside them; returns the entry's size in bytes.
         Written beside `path` and renamed into place."""
 
-    def load_source(self, source: int, key: str, path: str | os.PathLike[str]) -> tuple[bytes | None, str]:
+    def load_source(self, source: int, key: str, path: str | os.PathLike[str], attach: bool = False) -> tuple[bytes | None, str]:
         """Loads the token store entry `path` as source `source`'s samples (before any of
         its batches): (meta, "") when the entry is whole and holds `key`, else (None, why),
-        the source left empty to be tokenized."""
+        the source left empty to be tokenized. `attach`: the token records are read where
+        they lie in `path` (which must then stay until the rows are emitted), not copied
+        nor hashed (each is checked to parse when read)."""
 
-    def load_unit(self, source: int, key: str, path: str | os.PathLike[str]) -> tuple[bytes | None, str]:
+    def load_unit(self, source: int, key: str, path: str | os.PathLike[str], attach: bool = False) -> tuple[bytes | None, str]:
         """Loads the entry `path` of a work unit of source `source` (the rows after those
         loaded so far) and appends its samples: (meta, "") when whole and holding `key`,
-        else (None, why), the source left as it was."""
+        else (None, why), the source left as it was. `attach` as for `load_source`."""
 
     def source_max_len(self, source: int) -> int:
         """The longest sample of source `source` tokenized so far, before the overlong policy
@@ -176,6 +184,18 @@ class Compiler:
 
     def token_id(self, token: str) -> int | None:
         """The id of a token, or None."""
+
+@final
+class ShardEmitter:
+    """Emits the rows of a shard planned by `Compiler.shard_plan`, reading their token
+    records from the files the plan names (where a cluster task writes the shard)."""
+
+    def __new__(cls, plan: bytes) -> ShardEmitter:
+        """A plan whose files are not all visible here is an `MMRecipeError` naming one."""
+    def rows(self) -> int:
+        """The shard's rows."""
+    def emit(self, lo: int, hi: int) -> dict[str, npt.NDArray[Any]]:
+        """Rows lo..hi of the shard, as `Compiler.emit` gives them."""
 
 @final
 class JsonChunks:
@@ -200,6 +220,8 @@ def image_token_count(
 def video_metadata(path: str | os.PathLike[str]) -> tuple[int, tuple[int, int], int, int, bool]:
     """A clip's container metadata, no frame decoded: (frames, frame rate as (numerator,
     denominator), coded width, coded height, turned a quarter by its display matrix).
+    MP4 and MOV: the track's frame count; Matroska and WebM (no count kept): the file's
+    duration at the track's default frame rate, rounded.
     ValueError naming the file when it cannot be read."""
 
 def video_token_count(

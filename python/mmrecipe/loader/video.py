@@ -98,11 +98,17 @@ class ClipInfo:
                              frames_indices=indices.tolist())
 
 
-def _info(stream: Any) -> ClipInfo:
+def clip_info(container: Any) -> ClipInfo:
+    """The metadata of the container's first video stream. Matroska and WebM keep no frame
+    count (PyAV gives 0): the count is then the file's duration (microseconds) at the
+    average rate, rounded half up, as the build counts it from the same header fields."""
+    stream = container.streams.video[0]
     rate = float(stream.average_rate or 0)
     frames = int(stream.frames or 0)
     if frames == 0 and stream.duration is not None and stream.time_base is not None:
-        frames = round(float(stream.duration * stream.time_base) * rate)  # containers without a frame count
+        frames = round(float(stream.duration * stream.time_base) * rate)  # a stream duration, no frame count
+    elif frames == 0 and container.duration:
+        frames = math.floor(container.duration / 1e6 * rate + 0.5)
     return ClipInfo(frames, rate, int(stream.height), int(stream.width))
 
 
@@ -135,7 +141,7 @@ def load_video(path: str, rule: VideoRule) -> tuple[np.ndarray, ClipInfo, np.nda
 
     with av.open(path) as container:
         stream = container.streams.video[0]
-        info = _info(stream)
+        info = clip_info(container)
         indices = sampled_indices(info, rule)
         wanted, last = set(indices.tolist()), int(indices[-1])
         frames = []
