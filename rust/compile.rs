@@ -111,6 +111,26 @@ impl Store {
         let start = if k == 0 { 0 } else { self.video_path_ends[k - 1] as usize };
         self.video_paths.as_bytes().get(start..self.video_path_ends[k] as usize).unwrap_or_default()
     }
+
+    /// Appends an audio clip's path and info (the next index after those kept).
+    pub fn push_audio(&mut self, path: &str, info: AudioInfo) {
+        self.audio_paths.push_str(path);
+        self.audio_path_ends.push(self.audio_paths.len() as u64);
+        self.audio_infos.push(info);
+    }
+
+    /// Appends a video clip's path and info.
+    pub fn push_video(&mut self, path: &str, info: VideoInfo) {
+        self.video_paths.push_str(path);
+        self.video_path_ends.push(self.video_paths.len() as u64);
+        self.video_infos.push(info);
+    }
+
+    /// Appends an image's path (its grid goes to `image_grids`).
+    pub fn push_image_path(&mut self, path: &str) {
+        self.image_paths.push_str(path);
+        self.image_path_ends.push(self.image_paths.len() as u64);
+    }
 }
 
 impl Store {
@@ -651,22 +671,17 @@ fn append(store: &mut Store, spill: &mut Spill, batch: &Batch, i: usize, done: D
     };
     if let Some((_, paths)) = &batch.video {
         for (k, info) in videos {
-            store.video_paths.push_str(paths.get(k).unwrap_or_default());
-            store.video_path_ends.push(store.video_paths.len() as u64);
-            store.video_infos.push(info);
+            store.push_video(paths.get(k).unwrap_or_default(), info);
         }
     }
     if let Some((_, paths)) = &batch.audio {
         for (k, info) in audios {
-            store.audio_paths.push_str(paths.get(k).unwrap_or_default());
-            store.audio_path_ends.push(store.audio_paths.len() as u64);
-            store.audio_infos.push(info);
+            store.push_audio(paths.get(k).unwrap_or_default(), info);
         }
     }
     for k in image_paths {
         // Validated as UTF-8 when the image was read.
-        store.image_paths.push_str(batch.images.get(k).unwrap_or_default());
-        store.image_path_ends.push(store.image_paths.len() as u64);
+        store.push_image_path(batch.images.get(k).unwrap_or_default());
     }
     store.image_grids.extend(image_grids);
     store.stats.truncated += truncated as u64;

@@ -153,19 +153,14 @@ impl ShardEmitter {
                 template: seg.template,
             });
             for (path, grid) in seg.images {
-                store.image_paths.push_str(&path);
-                store.image_path_ends.push(store.image_paths.len() as u64);
+                store.push_image_path(&path);
                 store.image_grids.push(grid);
             }
             for (path, tokens, samples) in seg.audios {
-                store.audio_paths.push_str(&path);
-                store.audio_path_ends.push(store.audio_paths.len() as u64);
-                store.audio_infos.push(AudioInfo { tokens, samples });
+                store.push_audio(&path, AudioInfo { tokens, samples });
             }
             for (path, tokens, grid, frames) in seg.videos {
-                store.video_paths.push_str(&path);
-                store.video_path_ends.push(store.video_paths.len() as u64);
-                store.video_infos.push(VideoInfo { tokens, grid, frames });
+                store.push_video(&path, VideoInfo { tokens, grid, frames });
             }
             let index = sources.len() as u32;
             sources.push((seg.source, Pick { index, repeat: seg.repeat }));
@@ -230,6 +225,13 @@ mod tests {
         d
     }
 
+    /// `rows` conversations of source `source` tokenized and saved as the entry `path`.
+    fn save_entry(p: &crate::plan::Plan, source: usize, rows: usize, path: &Path) {
+        let mut unit = Compiler::new(p.clone(), TOKENIZER, 1, None).unwrap();
+        unit.add_batch(source, &batch(&cols(&convs(rows)))).unwrap();
+        unit.save_source(source, "k", b"m", path).unwrap();
+    }
+
     /// Repeats (25 of 14) and two sources, one tokenized here and one attached from an
     /// entry: every shard's plan emits the compiler's rows, whatever the shard's bounds and
     /// the pieces it is emitted in (media are covered by the builds on a cluster, which
@@ -239,9 +241,7 @@ mod tests {
         let d = dir("plan");
         let c = cols(&convs(7));
         let p = plan(r#", "packing": "bfd""#);
-        let mut unit = Compiler::new(p.clone(), TOKENIZER, 2, None).unwrap();
-        unit.add_batch(1, &batch(&c)).unwrap();
-        unit.save_source(1, "k", b"m", &d.join("b.tok")).unwrap();
+        save_entry(&p, 1, 7, &d.join("b.tok"));
         let mut comp = Compiler::new(p, TOKENIZER, 2, Some(&d)).unwrap();
         comp.plan.mixture = crate::plan::MixturePlan::Samples(25);
         comp.add_batch(0, &batch(&c)).unwrap();
@@ -272,10 +272,8 @@ mod tests {
         let d = dir("damage");
         let c = cols(&convs(5));
         let p = plan(r#", "packing": "bfd""#);
-        let mut unit = Compiler::new(p.clone(), TOKENIZER, 1, None).unwrap();
-        unit.add_batch(0, &batch(&c)).unwrap();
         let entry = d.join("a.tok");
-        unit.save_source(0, "k", b"m", &entry).unwrap();
+        save_entry(&p, 0, 5, &entry);
         let mut comp = Compiler::new(p, TOKENIZER, 1, Some(&d)).unwrap();
         assert!(comp.load_source(0, "k", &entry, Records::Attach).unwrap().is_ok());
         let mut bytes = std::fs::read(&entry).unwrap();

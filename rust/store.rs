@@ -840,14 +840,11 @@ mod tests {
             let (n_aud, n_vid) = ((k % 3) as u32, ((k + 1) % 3) as u32);
             st.samples[k] = SampleRec { aud, n_aud, vid, n_vid, ..st.samples[k] };
             for j in 0..n_aud {
-                st.audio_paths.push_str(["a.wav", "b.flac"][(k + j as usize) % 2]);
-                st.audio_path_ends.push(st.audio_paths.len() as u64);
-                st.audio_infos.push(AudioInfo { tokens: 10 + k as u32, samples: 16_000 * k as u64 + j as u64 });
+                st.push_audio(["a.wav", "b.flac"][(k + j as usize) % 2], AudioInfo { tokens: 10 + k as u32, samples: 16_000 * k as u64 + j as u64 });
             }
             for j in 0..n_vid {
-                st.video_paths.push_str(["v.mp4", "ü.mp4"][(k + j as usize) % 2]);
-                st.video_path_ends.push(st.video_paths.len() as u64);
-                st.video_infos.push(VideoInfo { tokens: 20 + k as u32, grid: [2, 4 + j, 6 + k as u32], frames: 4 + k as u32 });
+                let info = VideoInfo { tokens: 20 + k as u32, grid: [2, 4 + j, 6 + k as u32], frames: 4 + k as u32 };
+                st.push_video(["v.mp4", "ü.mp4"][(k + j as usize) % 2], info);
             }
         }
         comp
