@@ -325,7 +325,7 @@ def build(
             with _progress(summary["sequences"], "write" + label, "seq", progress) as wbar:
                 parts.append(_write_epoch(tmp, epoch, compiler, summary, plan.recipe.output.shard_sequences, wbar, audio, video, remote))
             if remote is not None:
-                remote.finish_epoch(compiler, plan, use)  # its entries into the store, or removed
+                remote.finish_epoch(compiler, use)  # its entries into the store, or removed
             del compiler  # its spill goes before the next epoch's
             shutil.rmtree(epoch_spill, ignore_errors=True)
             if epoch == 0:
@@ -569,7 +569,7 @@ class _OnCluster:
         #: Per source tokenized on the cluster (by name, epoch included): its tasks' rows and bytes.
         self.tasks: dict[str, list[dict[str, int]]] = {}
         #: The epoch's entries the driver's compiler reads in place (until its shards are
-        #: written), and those to go into the token store then: (source, entry, merge task).
+        #: written), and those to go into the token store then: (source, entry, the task joining it).
         self.held: list[Path] = []
         self.to_store: list[tuple[SourcePlan, Path, str | None]] = []
 
@@ -647,7 +647,7 @@ class _OnCluster:
             self.to_store.append((source, merged, f"{key}/whole"))
         return notes
 
-    def finish_epoch(self, compiler: Any, plan: Plan, use: _StoreUse) -> None:
+    def finish_epoch(self, compiler: Any, use: _StoreUse) -> None:
         """After the epoch's shards: its sources' entries into the token store (moved, or
         copied where the store is on another file system), the rest removed."""
         for source, path, task in self.to_store:
