@@ -310,7 +310,7 @@ def test_a_generated_50k_mix_is_the_same_release_on_the_cluster(cluster, tmp_pat
     assert remote.manifest.release_id == local.manifest.release_id
     assert files(tmp_path / "out" / "ray") == files(tmp_path / "out" / "local")
     assert remote.summary["segments"] == SAMPLES * 9 // 10
-    # More shards than may wait in the object store at once (one per CPU of the cluster's 2).
+    # More shards than are planned ahead at once (SHARDS_IN_FLIGHT per CPU of the cluster's 2).
     assert len(remote.manifest.shards) > 8 or SAMPLES < 50000
     assert sorted(remote.store["tokenized"]) == ["alpaca", "caption", "chat", "qa"]  # all four on the cluster
 
