@@ -11,9 +11,9 @@
 //! bytes are read from one.
 
 use crate::error::Error;
+use crate::media::Budget;
 use crate::plan::{AudioPlan, LongAudio};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use symphonia::core::codecs::audio::well_known::CODEC_ID_OPUS;
 use symphonia::core::codecs::CodecParameters;
@@ -156,7 +156,7 @@ pub fn read_header(path: &Path) -> std::result::Result<Header, String> {
         return Err(cannot("not a regular file".into()));
     }
     let file = File::open(path).map_err(|e| cannot(e.to_string()))?;
-    let source = Budget { inner: file, left: HEADER_READ_LIMIT, len: meta.len() };
+    let source = Budget::new(file, HEADER_READ_LIMIT, "audio header");
     let stream = MediaSourceStream::new(Box::new(source), MediaSourceStreamOptions::default());
     let mut hint = Hint::new();
     if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
@@ -179,38 +179,14 @@ pub fn read_header(path: &Path) -> std::result::Result<Header, String> {
     Ok(Header { frames, sample_rate })
 }
 
-/// A file that fails once `left` bytes were read from it.
-struct Budget {
-    inner: File,
-    left: u64,
-    len: u64,
-}
-
-impl Read for Budget {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.left == 0 {
-            return Err(std::io::Error::other(format!("no audio header found in the first {} MiB read", HEADER_READ_LIMIT >> 20)));
-        }
-        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
-        let n = self.inner.read(&mut buf[..want])?;
-        self.left -= n as u64;
-        Ok(n)
-    }
-}
-
-impl Seek for Budget {
-    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
-        self.inner.seek(to)
-    }
-}
-
-impl MediaSource for Budget {
+/// The budget reader as symphonia's source (its length from the file).
+impl MediaSource for Budget<File> {
     fn is_seekable(&self) -> bool {
         true
     }
 
     fn byte_len(&self) -> Option<u64> {
-        Some(self.len)
+        self.inner.metadata().ok().map(|m| m.len())
     }
 }
 

@@ -156,7 +156,7 @@ pub fn quarter_turned(path: &Path) -> bool {
 
 fn quarter_turned_in(path: &Path, bytes: Option<&[u8]>) -> bool {
     let Ok(file) = open_image(path, bytes) else { return false };
-    let mut reader = BufReader::new(Budget { inner: file, left: HEADER_READ_LIMIT });
+    let mut reader = BufReader::new(Budget::new(file, HEADER_READ_LIMIT, "image header"));
     let raw = match exif_block(&mut reader) {
         Some(raw) => exif::Reader::new().read_raw(raw).ok(),
         None => {
@@ -229,7 +229,7 @@ pub fn image_size(path: &Path) -> std::result::Result<(u64, u64), String> {
 /// `image_size` of the image `path` names, read from `bytes` where given.
 pub fn image_size_in(path: &Path, bytes: Option<&[u8]>) -> std::result::Result<(u64, u64), String> {
     let cannot = |e: std::io::Error| format!("cannot read image {}: {e}", path.display());
-    let reader = BufReader::new(Budget { inner: open_image(path, bytes)?, left: HEADER_READ_LIMIT });
+    let reader = BufReader::new(Budget::new(open_image(path, bytes)?, HEADER_READ_LIMIT, "image header"));
     header_size(reader).map_err(|e| match e {
         imagesize::ImageError::IoError(io) => cannot(io),
         other => format!("cannot read the size of image {}: {other}", path.display()),
@@ -347,19 +347,25 @@ pub fn header_size<R: std::io::BufRead + Seek>(reader: R) -> imagesize::ImageRes
     Ok((size.width as u64, size.height as u64))
 }
 
-/// A reader that fails once it has read `left` bytes.
-struct Budget<R> {
-    inner: R,
+/// A reader that fails once it has read `limit` bytes, naming `what` it was looking for:
+/// every header reader (images, audio, video) reads through one.
+pub(crate) struct Budget<R> {
+    pub inner: R,
     left: u64,
+    limit: u64,
+    what: &'static str,
+}
+
+impl<R> Budget<R> {
+    pub fn new(inner: R, limit: u64, what: &'static str) -> Self {
+        Budget { inner, left: limit, limit, what }
+    }
 }
 
 impl<R: Read> Read for Budget<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.left == 0 {
-            return Err(std::io::Error::other(format!(
-                "no image header found in the first {} MiB read",
-                HEADER_READ_LIMIT >> 20
-            )));
+            return Err(std::io::Error::other(format!("no {} found in the first {} MiB read", self.what, self.limit >> 20)));
         }
         let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
         let n = self.inner.read(&mut buf[..want])?;
@@ -377,6 +383,18 @@ impl<R: Seek> Seek for Budget<R> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The shared header budget: reads stop at the limit with an error naming what was
+    /// looked for; seeking past data costs nothing.
+    #[test]
+    fn the_read_budget_stops_at_its_limit() {
+        let mut b = Budget::new(std::io::Cursor::new(vec![7u8; 5 << 20]), 2 << 20, "video metadata");
+        b.seek(SeekFrom::Start(1 << 20)).unwrap();
+        let mut buf = vec![0u8; 3 << 20];
+        assert_eq!(b.read(&mut buf).unwrap(), 2 << 20, "a read is cut at the budget");
+        let err = b.read(&mut buf).unwrap_err().to_string();
+        assert_eq!(err, "no video metadata found in the first 2 MiB read");
+    }
 
     #[test]
     fn smart_resize_matches_qwen2_vl_examples() {

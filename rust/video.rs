@@ -18,7 +18,7 @@
 //! opened and at most `HEADER_READ_LIMIT` bytes are read from one.
 
 use crate::error::Error;
-use crate::media::smart_resize;
+use crate::media::{smart_resize, Budget};
 use crate::plan::VideoPlan;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -186,7 +186,7 @@ pub fn read_header(path: &Path) -> std::result::Result<Header, String> {
     let mut head = [0u8; 8];
     let n = file.read(&mut head).map_err(|e| cannot(e.to_string()))?;
     file.seek(SeekFrom::Start(0)).map_err(|e| cannot(e.to_string()))?;
-    let source = Budget { inner: file, left: HEADER_READ_LIMIT };
+    let source = Budget::new(file, HEADER_READ_LIMIT, "video metadata");
     let size = meta.len();
     if crate::matroska::is_matroska(&head[..n]) {
         return crate::matroska::read_header(source, size).map_err(cannot);
@@ -256,30 +256,6 @@ fn fragments(moofs: &[mp4::MoofBox], track: u32, default_duration: u32) -> (u64,
         };
     }
     (frames, summed)
-}
-
-/// A file that fails once `left` bytes were read from it.
-struct Budget {
-    inner: File,
-    left: u64,
-}
-
-impl Read for Budget {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.left == 0 {
-            return Err(std::io::Error::other(format!("no video metadata found in the first {} MiB read", HEADER_READ_LIMIT >> 20)));
-        }
-        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
-        let n = self.inner.read(&mut buf[..want])?;
-        self.left -= n as u64;
-        Ok(n)
-    }
-}
-
-impl Seek for Budget {
-    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
-        self.inner.seek(to)
-    }
 }
 
 #[cfg(test)]
