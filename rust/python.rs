@@ -148,6 +148,16 @@ macro_rules! packed_dict {
     }};
 }
 
+/// An entry loaded: (meta, "") or (None, why it was not used).
+type LoadedPy<'py> = (Option<Bound<'py, pyo3::types::PyBytes>>, String);
+
+fn loaded_to_py(py: Python<'_>, loaded: crate::store::Loaded) -> LoadedPy<'_> {
+    match loaded {
+        Ok(meta) => (Some(pyo3::types::PyBytes::new(py, &meta)), String::new()),
+        Err(why) => (None, why),
+    }
+}
+
 fn records(attach: bool) -> crate::store::Records {
     if attach {
         crate::store::Records::Attach
@@ -351,13 +361,10 @@ impl PyCompiler {
         key: &str,
         path: std::path::PathBuf,
         attach: bool,
-    ) -> PyResult<(Option<Bound<'py, pyo3::types::PyBytes>>, String)> {
+    ) -> PyResult<LoadedPy<'py>> {
         let inner = &mut self.inner;
         let loaded = py.detach(|| inner.load_source(source, key, &path, records(attach))).map_err(|e| to_py(py, e))?;
-        Ok(match loaded {
-            Ok(meta) => (Some(pyo3::types::PyBytes::new(py, &meta)), String::new()),
-            Err(why) => (None, why),
-        })
+        Ok(loaded_to_py(py, loaded))
     }
 
     /// Loads the entry `path` of a work unit of source `source` (the rows after those
@@ -371,13 +378,10 @@ impl PyCompiler {
         key: &str,
         path: std::path::PathBuf,
         attach: bool,
-    ) -> PyResult<(Option<Bound<'py, pyo3::types::PyBytes>>, String)> {
+    ) -> PyResult<LoadedPy<'py>> {
         let inner = &mut self.inner;
         let loaded = py.detach(|| inner.load_unit(source, key, &path, records(attach))).map_err(|e| to_py(py, e))?;
-        Ok(match loaded {
-            Ok(meta) => (Some(pyo3::types::PyBytes::new(py, &meta)), String::new()),
-            Err(why) => (None, why),
-        })
+        Ok(loaded_to_py(py, loaded))
     }
 
     /// The longest sample of source `source` tokenized so far, before the overlong policy
