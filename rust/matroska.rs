@@ -4,9 +4,9 @@
 //!
 //! Matroska keeps no frame count. FFmpeg (so PyAV) gives such a track 0 frames, an
 //! average rate of 1e9 / DefaultDuration reduced to terms of at most 30000, and the file
-//! a duration in microseconds; the count is the duration times that rate, rounded, which
-//! the loader computes from PyAV's figures the same way (`loader/video.py`), and
-//! `tests/test_video.py` checks it against the frames PyAV decodes.
+//! a duration in microseconds; the count is the duration times that rate, rounded (the
+//! loader samples from this count too, `loader/video.py`), and `tests/test_video.py`
+//! checks it against the frames PyAV decodes.
 //!
 //! Why our own reader: the Matroska crates on crates.io either demux (read every block,
 //! which a read budget cannot allow for a long clip) or parse the whole file into memory;

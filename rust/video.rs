@@ -209,15 +209,15 @@ pub fn read_header(path: &Path) -> std::result::Result<Header, String> {
     let mut frames = stbl.stsz.sample_count as u64;
     let timescale = trak.mdia.mdhd.timescale as u64;
     let mut summed: u64 = stbl.stts.entries.iter().map(|e| e.sample_count as u64 * e.sample_delta as u64).sum();
-    if frames == 0 {
-        if let Some(mvex) = &moov.mvex {
-            // A fragmented MP4: the frames are the track's runs in the fragments, each
-            // lasting as its run, its fragment or the track's defaults say (FFmpeg's
-            // average rate is then the same ratio of frames to summed durations).
-            (frames, summed) = fragments(&moofs, trak.tkhd.track_id, mvex.trex.default_sample_duration);
-            if frames == 0 {
-                return Err(cannot("a fragmented MP4 whose fragments hold no frame of its video track".into()));
-            }
+    if let Some(mvex) = &moov.mvex {
+        // A fragmented MP4: the frames in the track tables (often none; FFmpeg's own
+        // count stops there) and the track's runs in the fragments, each lasting as its
+        // run, its fragment or the track's defaults say; the rate is the same ratio of
+        // frames to summed durations.
+        let (more, lasting) = fragments(&moofs, trak.tkhd.track_id, mvex.trex.default_sample_duration);
+        (frames, summed) = (frames + more, summed + lasting);
+        if frames == 0 {
+            return Err(cannot("a fragmented MP4 whose fragments hold no frame of its video track".into()));
         }
     }
     let duration = if summed > 0 { summed } else { trak.mdia.mdhd.duration };

@@ -164,8 +164,8 @@ def test_matroska_and_webm_metadata_give_the_frames_pyav_decodes(matroska_clips,
         assert stream.frames == 0
         assert (Fraction(num, den), width, height, turned) == (stream.average_rate, stream.width, stream.height, False)
         assert Fraction(num, den) == rate
-        assert clip_info(c).frames == got
         assert got == sum(1 for _ in c.decode(video=0)) == frames
+    assert clip_info(str(path)).frames == got  # what the loader samples from
 
 
 def test_matroska_grids_and_loaded_frames_match_the_processor(matroska_clips, tmp_path):
@@ -189,21 +189,37 @@ def test_matroska_grids_and_loaded_frames_match_the_processor(matroska_clips, tm
         assert info.frames == len(video)
 
 
-@pytest.mark.parametrize("flags", ["frag_keyframe+empty_moov", "frag_every_frame+empty_moov+default_base_moof"])
-@pytest.mark.parametrize("codec, frames, rate", [("libx264", 30, Fraction(24)), ("mpeg4", 41, Fraction(30000, 1001))])
+@pytest.mark.parametrize("flags", ["frag_keyframe+empty_moov", "frag_every_frame+empty_moov+default_base_moof",
+                                   "frag_keyframe", "dash+frag_keyframe+empty_moov", "faststart"])
+@pytest.mark.parametrize("codec, frames, rate", [("libx264", 37, Fraction(24)), ("mpeg4", 41, Fraction(30000, 1001))])
 def test_fragmented_mp4_counts_the_frames_of_its_fragments(tmp_path, flags, codec, frames, rate):
-    """A fragmented MP4 lists no frame in its track tables (PyAV says 0): the core counts
-    the track's runs in the fragments, the frames PyAV decodes, at PyAV's average rate; the
-    loader's count (from the stream's duration) is the same."""
-    path = encode_clip(tmp_path / "f.mp4", "mp4", codec, frames=frames, rate=rate, options={"movflags": flags})
+    """A fragmented MP4 lists none of its frames in its track tables, or only its first
+    fragment's (PyAV then says 0, or that fragment's count): the core counts the track's
+    runs in the fragments too, the frames PyAV decodes, at the clip's rate. The loader
+    samples from the same count and hands over the decoded frames at the processor's
+    indices. (A faststart MP4, not fragmented, for comparison.)"""
+    path = tmp_path / "f.mp4"
+    with av.open(str(path), "w", format="mp4", options={"movflags": flags}) as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"g": "8"}  # a keyframe, so a fragment, every 8 frames
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 6 % 256, np.uint8), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
     got, (num, den), width, height, turned = _core.video_metadata(path)
-    with av.open(str(path)) as c:
-        stream = c.streams.video[0]
-        assert stream.frames == 0
-        assert (Fraction(num, den), width, height, turned) == (stream.average_rate, 64, 48, False)
-        assert Fraction(num, den) == rate
-        assert clip_info(c).frames == got
-        assert got == sum(1 for _ in c.decode(video=0)) == frames
+    assert (Fraction(num, den), width, height, turned) == (rate, 64, 48, False)
+    video, meta = decoded(path)
+    assert got == len(video) == frames
+    if flags == "frag_keyframe":
+        with av.open(str(path)) as c:
+            assert 0 < c.streams.video[0].frames < frames  # FFmpeg counts the first fragment only
+    rule = video_rule({"video": {"rule": "qwen2-vl"}})
+    loaded, info, at = load_video(str(path), rule)
+    meta.total_num_frames = len(video)
+    assert at.tolist() == [int(i) for i in Qwen2VLVideoProcessor().sample_frames(meta, fps=2.0)]
+    assert np.array_equal(loaded, video[at]) and info.frames == frames
 
 
 def test_other_files_are_refused_by_name(tmp_path):

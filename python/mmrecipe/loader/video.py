@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .. import _core
 from ..errors import DataError, recipe_error
 from .records import media_records, rooted, unreadable
 from .release_info import media_roots
@@ -98,18 +99,14 @@ class ClipInfo:
                              frames_indices=indices.tolist())
 
 
-def clip_info(container: Any) -> ClipInfo:
-    """The metadata of the container's first video stream. Matroska and WebM keep no frame
-    count (PyAV gives 0): the count is then the file's duration (microseconds) at the
-    average rate, rounded half up, as the build counts it from the same header fields."""
-    stream = container.streams.video[0]
-    rate = float(stream.average_rate or 0)
-    frames = int(stream.frames or 0)
-    if frames == 0 and stream.duration is not None and stream.time_base is not None:
-        frames = round(float(stream.duration * stream.time_base) * rate)  # a stream duration, no frame count
-    elif frames == 0 and container.duration:
-        frames = math.floor(container.duration / 1e6 * rate + 0.5)
-    return ClipInfo(frames, rate, int(stream.height), int(stream.width))
+def clip_info(path: str) -> ClipInfo:
+    """The clip's metadata as the build read it (the core's header reader: the frame count,
+    average rate and coded size it counted the clip's tokens from), so that the frames
+    sampled here are the ones the release counted. PyAV's own figures differ where a
+    container keeps no count (Matroska, WebM, fragmented MP4: 0 frames) or keeps only its
+    first fragment's."""
+    frames, (num, den), width, height, _ = _core.video_metadata(path)
+    return ClipInfo(int(frames), num / den if den else 0.0, int(height), int(width))
 
 
 def sampled_indices(info: ClipInfo, rule: VideoRule) -> np.ndarray:
@@ -141,7 +138,7 @@ def load_video(path: str, rule: VideoRule) -> tuple[np.ndarray, ClipInfo, np.nda
 
     with av.open(path) as container:
         stream = container.streams.video[0]
-        info = clip_info(container)
+        info = clip_info(path)
         indices = sampled_indices(info, rule)
         wanted, last = set(indices.tolist()), int(indices[-1])
         frames = []
