@@ -30,7 +30,7 @@ pub const MAX_AUDIO_TOKENS: u64 = 16_384;
 
 /// What a release records of one clip: its tokens and its length in samples at the
 /// model's sampling rate (before the window cuts it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AudioInfo {
     pub tokens: u32,
     pub samples: u64,

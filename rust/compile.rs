@@ -30,7 +30,7 @@ pub type Preview = std::result::Result<(String, Encoded, i32), String>;
 type RowResult<T> = std::result::Result<T, (&'static str, String)>;
 
 /// What the build keeps of one usable sample.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
 pub(crate) struct SampleRec {
     pub row: u64,
     pub part: u16,
@@ -110,6 +110,20 @@ impl Store {
     pub fn video_path(&self, k: usize) -> &[u8] {
         let start = if k == 0 { 0 } else { self.video_path_ends[k - 1] as usize };
         self.video_paths.as_bytes().get(start..self.video_path_ends[k] as usize).unwrap_or_default()
+    }
+
+    /// A sample whose `counts` images, audio clips and videos are the next this store
+    /// keeps (its media fields; the rest default, to be filled in).
+    pub fn next_media(&self, counts: [usize; 3]) -> SampleRec {
+        SampleRec {
+            img: self.image_path_ends.len() as u32,
+            n_img: counts[0] as u32,
+            aud: self.audio_path_ends.len() as u32,
+            n_aud: counts[1] as u32,
+            vid: self.video_path_ends.len() as u32,
+            n_vid: counts[2] as u32,
+            ..Default::default()
+        }
     }
 
     /// Appends an audio clip's path and info (the next index after those kept).
@@ -661,13 +675,8 @@ fn append(store: &mut Store, spill: &mut Spill, batch: &Batch, i: usize, done: D
         record: spill.append(&enc)?,
         len: enc.ids.len() as u32,
         trained: enc.trained() as u32,
-        img: store.image_path_ends.len() as u32,
-        n_img: enc.images.len() as u32,
-        aud: store.audio_path_ends.len() as u32,
-        n_aud: enc.audios.len() as u32,
-        vid: store.video_path_ends.len() as u32,
-        n_vid: enc.videos.len() as u32,
         template,
+        ..store.next_media([enc.images.len(), enc.audios.len(), enc.videos.len()])
     };
     if let Some((_, paths)) = &batch.video {
         for (k, info) in videos {

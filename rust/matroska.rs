@@ -51,6 +51,13 @@ struct Element {
     size: Option<u64>,
 }
 
+impl Element {
+    /// Where its data ends (at its start when its size is unknown: its children unread).
+    fn end(&self) -> u64 {
+        self.start + self.size.unwrap_or(0)
+    }
+}
+
 struct Reader<R> {
     inner: R,
     pos: u64,
@@ -65,14 +72,15 @@ impl<R: Read + Seek> Reader<R> {
         Ok(b[0])
     }
 
-    /// A variable-length integer: (its value without the length marker, its length).
-    fn vint(&mut self) -> Miss<(u64, u32)> {
+    /// A variable-length integer of at most `most` bytes, its length marker kept: (the
+    /// value, its length). An element id is one as it stands; a size drops the marker.
+    fn coded(&mut self, most: u32, what: &str) -> Miss<(u64, u32)> {
         let first = self.byte()?;
         let len = first.leading_zeros() + 1;
-        if len > 8 {
-            return Err("an element header of no valid length".into());
+        if len > most {
+            return Err(format!("an element {what} of no valid length"));
         }
-        let mut v = (first as u64) & (0xFF >> len);
+        let mut v = first as u64;
         for _ in 1..len {
             v = (v << 8) | self.byte()? as u64;
         }
@@ -80,16 +88,9 @@ impl<R: Read + Seek> Reader<R> {
     }
 
     fn element(&mut self) -> Miss<Element> {
-        let first = self.byte()?;
-        let len = first.leading_zeros() + 1;
-        if len > 4 {
-            return Err("an element id of no valid length".into());
-        }
-        let mut id = first as u32;
-        for _ in 1..len {
-            id = (id << 8) | self.byte()? as u32;
-        }
-        let (size, n) = self.vint()?;
+        let id = self.coded(4, "id")?.0 as u32;
+        let (coded, n) = self.coded(8, "header")?;
+        let size = coded & !(1u64 << (7 * n)); // the marker bit dropped
         let unknown = size == (1u64 << (7 * n)) - 1; // all ones: to the end of the parent
         let start = self.pos;
         if !unknown && start.checked_add(size).is_none_or(|end| end > self.len) {
@@ -156,7 +157,7 @@ pub fn read_header<R: Read + Seek>(inner: R, len: u64) -> Miss<Header> {
         return Err("not a Matroska or WebM file".into());
     }
     let mut doc = String::new();
-    r.children(head.start + head.size.unwrap_or(0), |r, e| {
+    r.children(head.end(), |r, e| {
         if e.id == DOC_TYPE {
             doc = String::from_utf8_lossy(&r.bytes(e, 64)?).trim_end_matches('\0').to_string();
         }
@@ -177,7 +178,7 @@ pub fn read_header<R: Read + Seek>(inner: R, len: u64) -> Miss<Header> {
         match e.id {
             INFO => {
                 info = true;
-                r.children(e.start + e.size.unwrap_or(0), |r, f| {
+                r.children(e.end(), |r, f| {
                     match f.id {
                         TIMESTAMP_SCALE => scale = r.uint(f)?,
                         DURATION => duration = Some(r.float(f)?),
@@ -188,9 +189,9 @@ pub fn read_header<R: Read + Seek>(inner: R, len: u64) -> Miss<Header> {
             }
             TRACKS => {
                 tracks = true;
-                r.children(e.start + e.size.unwrap_or(0), |r, t| {
+                r.children(e.end(), |r, t| {
                     if t.id == TRACK_ENTRY && track.is_none() {
-                        track = video_track(r, t.start + t.size.unwrap_or(0))?;
+                        track = video_track(r, t.end())?;
                     }
                     Ok(true)
                 })?;
@@ -234,11 +235,11 @@ fn video_track<R: Read + Seek>(r: &mut Reader<R>, end: u64) -> Miss<Option<Track
         match e.id {
             TRACK_TYPE => kind = r.uint(e)?,
             DEFAULT_DURATION => track.default_duration = r.uint(e)?,
-            VIDEO => r.children(e.start + e.size.unwrap_or(0), |r, v| {
+            VIDEO => r.children(e.end(), |r, v| {
                 match v.id {
                     PIXEL_WIDTH => track.width = r.uint(v)?,
                     PIXEL_HEIGHT => track.height = r.uint(v)?,
-                    PROJECTION => r.children(v.start + v.size.unwrap_or(0), |r, p| {
+                    PROJECTION => r.children(v.end(), |r, p| {
                         if p.id == PROJECTION_POSE_ROLL {
                             track.roll = r.float(p)?;
                         }

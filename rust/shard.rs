@@ -29,25 +29,17 @@ pub struct ShardPlan {
     segments: Vec<Segment>,
 }
 
-/// One segment as `emit` needs it: the sample's record and fields, its pick's repeat, its
-/// media (paths with their grid or info).
+/// One segment as `emit` needs it: the sample as its store keeps it, its source and its
+/// pick's repeat, its media (paths with their grid or info; the sample's media indices are
+/// its store's, renumbered by the emitter).
 #[derive(Debug, Serialize, Deserialize)]
 struct Segment {
     source: u16,
     repeat: u32,
-    row: u64,
-    part: u16,
-    template: i32,
-    len: u32,
-    trained: u32,
-    file: u32,
-    offset: u64,
-    bytes: u32,
+    sample: SampleRec,
     images: Vec<(String, [u32; 3])>,
-    /// (path, tokens, samples)
-    audios: Vec<(String, u32, u64)>,
-    /// (path, tokens, grid, frames)
-    videos: Vec<(String, u32, [u32; 3], u32)>,
+    audios: Vec<(String, AudioInfo)>,
+    videos: Vec<(String, VideoInfo)>,
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -76,24 +68,10 @@ impl Compiler {
                 segments.push(Segment {
                     source: s,
                     repeat: pick.repeat,
-                    row: r.row,
-                    part: r.part,
-                    template: r.template,
-                    len: r.len,
-                    trained: r.trained,
-                    file: r.record.file,
-                    offset: r.record.offset,
-                    bytes: r.record.bytes,
+                    sample: r,
                     images: (img..img + r.n_img as usize).map(|k| (text(store.image_path(k)), store.image_grids[k])).collect(),
-                    audios: (aud..aud + r.n_aud as usize)
-                        .map(|k| (text(store.audio_path(k)), store.audio_infos[k].tokens, store.audio_infos[k].samples))
-                        .collect(),
-                    videos: (vid..vid + r.n_vid as usize)
-                        .map(|k| {
-                            let v = store.video_infos[k];
-                            (text(store.video_path(k)), v.tokens, v.grid, v.frames)
-                        })
-                        .collect(),
+                    audios: (aud..aud + r.n_aud as usize).map(|k| (text(store.audio_path(k)), store.audio_infos[k])).collect(),
+                    videos: (vid..vid + r.n_vid as usize).map(|k| (text(store.video_path(k)), store.video_infos[k])).collect(),
                 });
             }
         }
@@ -134,33 +112,30 @@ impl ShardEmitter {
         let mut store = Store::default();
         let mut sources = Vec::with_capacity(plan.segments.len());
         for seg in plan.segments {
-            if seg.file as usize >= plan.files.len() {
+            let sample = seg.sample;
+            if sample.record.file as usize >= plan.files.len() {
                 return Err(Error::internal("a shard plan's segment names a file it does not list"));
             }
+            let media = store.next_media([seg.images.len(), seg.audios.len(), seg.videos.len()]);
             store.samples.push(SampleRec {
-                row: seg.row,
-                part: seg.part,
                 // The spill's own file is 0: the plan's files are attached from 1.
-                record: Record { offset: seg.offset, bytes: seg.bytes, file: seg.file + 1 },
-                len: seg.len,
-                trained: seg.trained,
-                img: store.image_grids.len() as u32,
-                n_img: seg.images.len() as u32,
-                aud: store.audio_infos.len() as u32,
-                n_aud: seg.audios.len() as u32,
-                vid: store.video_infos.len() as u32,
-                n_vid: seg.videos.len() as u32,
-                template: seg.template,
+                record: Record { file: sample.record.file + 1, ..sample.record },
+                row: sample.row,
+                part: sample.part,
+                len: sample.len,
+                trained: sample.trained,
+                template: sample.template,
+                ..media
             });
             for (path, grid) in seg.images {
                 store.push_image_path(&path);
                 store.image_grids.push(grid);
             }
-            for (path, tokens, samples) in seg.audios {
-                store.push_audio(&path, AudioInfo { tokens, samples });
+            for (path, info) in seg.audios {
+                store.push_audio(&path, info);
             }
-            for (path, tokens, grid, frames) in seg.videos {
-                store.push_video(&path, VideoInfo { tokens, grid, frames });
+            for (path, info) in seg.videos {
+                store.push_video(&path, info);
             }
             let index = sources.len() as u32;
             sources.push((seg.source, Pick { index, repeat: seg.repeat }));

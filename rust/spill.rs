@@ -32,7 +32,7 @@ enum Sink {
 }
 
 /// Where a record lies: in the spill's own file (`file` 0) or an attached one.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Record {
     pub offset: u64,
     pub bytes: u32,
@@ -150,13 +150,7 @@ impl Spill {
             if end > at.len {
                 return Err(Error::Io { path: path.display().to_string(), message: format!("token record {}..{end} past its end {}", rec.offset, at.len) });
             }
-            if at.reader.is_none() {
-                at.reader = Some(File::open(path).map_err(io(path))?);
-            }
-            let r = at.reader.as_mut().unwrap();
-            r.seek(SeekFrom::Start(rec.offset)).map_err(io(path))?;
-            owned.resize(rec.bytes as usize, 0);
-            r.read_exact(owned).map_err(io(path))?;
+            read_at(&mut at.reader, path, rec, owned)?;
             return Ok(owned);
         }
         if end > self.len {
@@ -169,13 +163,7 @@ impl Spill {
                     writer.flush().map_err(io(path))?;
                     self.flushed = self.len;
                 }
-                if reader.is_none() {
-                    *reader = Some(File::open(&*path).map_err(io(path))?);
-                }
-                let r = reader.as_mut().unwrap();
-                r.seek(SeekFrom::Start(rec.offset)).map_err(io(path))?;
-                owned.resize(rec.bytes as usize, 0);
-                r.read_exact(owned).map_err(io(path))?;
+                read_at(reader, path, rec, owned)?;
                 Ok(owned)
             }
         }
@@ -217,6 +205,18 @@ impl Spill {
         }
         Ok(runs)
     }
+}
+
+/// Reads the bytes of `rec` from the file at `path` into `owned`, opening it (once) into
+/// `reader`.
+fn read_at(reader: &mut Option<File>, path: &Path, rec: Record, owned: &mut Vec<u8>) -> Result<()> {
+    if reader.is_none() {
+        *reader = Some(File::open(path).map_err(io(path))?);
+    }
+    let r = reader.as_mut().unwrap();
+    r.seek(SeekFrom::Start(rec.offset)).map_err(io(path))?;
+    owned.resize(rec.bytes as usize, 0);
+    r.read_exact(owned).map_err(io(path))
 }
 
 /// Whether `bytes` is one well-formed record of a sample of `len` tokens: its text

@@ -35,7 +35,7 @@ const MAX_ASPECT: f64 = 200.0;
 /// What a release records of one clip: its tokens, its (t, h, w) patch grid before
 /// merging (of the upright picture) and the frames sampled; grid and frames 0 under a
 /// fixed count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VideoInfo {
     pub tokens: u32,
     pub grid: [u32; 3],

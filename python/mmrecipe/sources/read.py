@@ -112,8 +112,8 @@ def parquet_frames(name: str, path: Path, rows: int, first: int = 0, slices: int
     try:
         scan = pl.scan_parquet(path)
         groups = parquet_row_groups(path)
-        start = first * rows
-        end = groups[-1][1] if slices is None else min(groups[-1][1], start + slices * rows)
+        start, total = first * rows, groups[-1][1] if groups else 0
+        end = total if slices is None else min(total, start + slices * rows)
         held: pl.DataFrame | None = None  # the rows read and not yet given
         for a, b, _ in groups:
             if b <= start or a >= end:
@@ -131,7 +131,7 @@ def parquet_frames(name: str, path: Path, rows: int, first: int = 0, slices: int
 
 def parquet_row_groups(path: Path) -> list[tuple[int, int, int]]:
     """The rows [start, end) and uncompressed bytes of each row group of a parquet file,
-    from its footer (one empty span for a file without row groups)."""
+    from its footer."""
     import pyarrow.parquet as pq
 
     meta = pq.read_metadata(path)
@@ -140,7 +140,7 @@ def parquet_row_groups(path: Path) -> list[tuple[int, int, int]]:
         group = meta.row_group(g)
         spans.append((at, at + group.num_rows, group.total_byte_size))
         at += group.num_rows
-    return spans or [(0, 0, 0)]
+    return spans
 
 
 def json_frames(name: str, path: Path, fmt: str, rows: int, slices: int | None = None,

@@ -115,10 +115,10 @@ def _parquet_pieces(path, rows: int | None) -> list[tuple[int, int]]:
         return []
     spans = parquet_row_groups(path)
     if rows is None:
-        return [(b - a, size) for a, b, size in spans if (a, b, size) != (0, 0, 0)]
-    pieces = []
-    for start in range(0, spans[-1][1], rows):
-        end = min(spans[-1][1], start + rows)
+        return [(b - a, size) for a, b, size in spans]
+    pieces, total = [], spans[-1][1] if spans else 0
+    for start in range(0, total, rows):
+        end = min(total, start + rows)
         # Each row group's bytes spread evenly over its rows.
         size = sum(s * (min(end, b) - max(start, a)) // max(b - a, 1) for a, b, s in spans if a < end and start < b)
         pieces.append((end - start, size))
